@@ -1,0 +1,176 @@
+//! `keel`: run a KVM virtual machine.
+//!
+//! A thin user of `keel-vmm`: flags and an optional JSON file become a
+//! `VmConfig`; the serial console is this process's stdout. Without
+//! `--kernel` it boots Keel's built-in test guest.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use keel_vmm::{ExitReason, VmBuilder, VmConfig};
+
+/// Run a KVM virtual machine.
+///
+/// With no --kernel, boots Keel's built-in test guest (its command line
+/// picks a program: hello, mmio-rw, exit code=N, reset, int3, ...).
+///
+/// Exit status: 0 when the guest resets or powers off, the guest's status
+/// when it writes one to the exit port, 1 on a triple fault or any error.
+#[derive(Parser, Debug)]
+#[command(name = "keel", version)]
+struct Args {
+    /// Kernel image: ELF vmlinux or bzImage. Default: the built-in test guest.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+
+    /// Kernel command line.
+    #[arg(long, value_name = "STR")]
+    cmdline: Option<String>,
+
+    /// Number of vCPUs [default: 1].
+    #[arg(long, value_name = "N")]
+    cpus: Option<u8>,
+
+    /// Guest memory, in MiB unless suffixed with K, M, G or T (e.g. 512M, 2G) [default: 128M].
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_mib)]
+    memory: Option<u64>,
+
+    /// Read settings from a JSON file (keys: vcpus, memory_mib, kernel,
+    /// cmdline); flags given on the command line override it.
+    #[arg(long, value_name = "FILE.json")]
+    config: Option<PathBuf>,
+
+    /// KVM device node.
+    #[arg(long, value_name = "PATH", default_value = keel_vmm::DEFAULT_KVM_DEVICE)]
+    kvm_device: PathBuf,
+
+    /// Log level: error, warn, info, debug, trace (or RUST_LOG).
+    #[arg(long, value_name = "LEVEL", default_value = "warn")]
+    log_level: String,
+}
+
+/// Parses `512`, `512M`, `2G`, `1T`, `65536K` into MiB.
+fn parse_size_mib(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "M"),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("memory size {s:?}: expected a number with an optional K, M, G or T suffix"))?;
+    let overflow = || format!("memory size {s:?}: too large");
+    match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
+        "K" => {
+            if n % 1024 != 0 {
+                return Err(format!("memory size {s:?}: must be a whole number of MiB"));
+            }
+            Ok(n / 1024)
+        }
+        "M" => Ok(n),
+        "G" => n.checked_mul(1024).ok_or_else(overflow),
+        "T" => n.checked_mul(1024 * 1024).ok_or_else(overflow),
+        _ => Err(format!("memory size {s:?}: unknown unit {unit:?} (use K, M, G or T)")),
+    }
+}
+
+fn config_from(args: &Args) -> Result<VmConfig, String> {
+    let mut config = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
+            VmConfig::from_json(&text).map_err(|e| format!("config file {}: {e}", path.display()))?
+        }
+        None => VmConfig::default(),
+    };
+    if let Some(k) = &args.kernel {
+        config.kernel = Some(k.clone());
+    }
+    if let Some(c) = &args.cmdline {
+        config.cmdline = Some(c.clone());
+    }
+    if let Some(n) = args.cpus {
+        config.vcpus = n;
+    }
+    if let Some(m) = args.memory {
+        config.memory_mib = m;
+    }
+    Ok(config)
+}
+
+fn run(args: &Args) -> Result<ExitReason, String> {
+    let config = config_from(args)?;
+    let vm = VmBuilder::new(config)
+        .and_then(|b| b.kvm_device(&args.kvm_device).build())
+        .map_err(|e| e.to_string())?;
+    vm.run().map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    env_logger::Builder::new()
+        .parse_filters(&args.log_level)
+        .parse_env("RUST_LOG")
+        .format_target(false)
+        .init();
+    match run(&args) {
+        Ok(reason) => {
+            eprintln!("keel: VM ended: {reason}");
+            match reason {
+                ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => ExitCode::SUCCESS,
+                ExitReason::GuestExit(status) => ExitCode::from(status),
+                ExitReason::TripleFault { .. } => ExitCode::FAILURE,
+            }
+        }
+        Err(message) => {
+            eprintln!("keel: error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_and_without_units() {
+        assert_eq!(parse_size_mib("512"), Ok(512));
+        assert_eq!(parse_size_mib("512M"), Ok(512));
+        assert_eq!(parse_size_mib("2G"), Ok(2048));
+        assert_eq!(parse_size_mib("2GiB"), Ok(2048));
+        assert_eq!(parse_size_mib("1t"), Ok(1024 * 1024));
+        assert_eq!(parse_size_mib("65536K"), Ok(64));
+    }
+
+    #[test]
+    fn bad_sizes_name_the_value() {
+        assert!(parse_size_mib("lots").unwrap_err().contains("\"lots\""));
+        assert!(parse_size_mib("3X").unwrap_err().contains("unknown unit \"X\""));
+        assert!(parse_size_mib("99999999999999999999T").unwrap_err().contains("99999999999999999999T"));
+        assert!(parse_size_mib("1000K").unwrap_err().contains("whole number of MiB"));
+    }
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("keel-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vm.json");
+        std::fs::write(&file, r#"{"vcpus": 2, "memory_mib": 64, "cmdline": "exit code=3"}"#).unwrap();
+        let args = Args::parse_from(["keel", "--config", file.to_str().unwrap(), "--memory", "1G"]);
+        let config = config_from(&args).unwrap();
+        assert_eq!((config.vcpus, config.memory_mib), (2, 1024));
+        assert_eq!(config.cmdline.as_deref(), Some("exit code=3"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_config_keys_are_named() {
+        let dir = std::env::temp_dir().join(format!("keel-cli-test2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("vm.json");
+        std::fs::write(&file, r#"{"vcpus": 1, "colour": "blue"}"#).unwrap();
+        let args = Args::parse_from(["keel", "--config", file.to_str().unwrap()]);
+        let err = config_from(&args).unwrap_err();
+        assert!(err.contains("unknown field `colour`"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

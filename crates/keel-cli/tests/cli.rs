@@ -1,0 +1,96 @@
+//! The `keel` command as a user runs it.
+
+use std::process::Command;
+
+fn keel(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let (code, out, _) = keel(&["--help"]);
+    assert_eq!(code, 0);
+    for flag in ["--kernel", "--cmdline", "--cpus", "--memory", "--config", "--log-level"] {
+        assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
+    }
+}
+
+#[test]
+fn without_a_kernel_runs_the_built_in_guest() {
+    let (code, out, err) = keel(&["--memory", "32M"]);
+    assert_eq!(code, 0, "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("Keel test guest: hello"), "{out}");
+    assert!(err.contains("guest exited with status 0"), "{err}");
+}
+
+#[test]
+fn guest_status_becomes_the_exit_code() {
+    let (code, _, _) = keel(&["--memory", "32", "--cmdline", "exit code=42"]);
+    assert_eq!(code, 42);
+}
+
+#[test]
+fn guest_reset_exits_zero_and_says_why() {
+    let (code, _, err) = keel(&["--memory", "32", "--cmdline", "reset"]);
+    assert_eq!(code, 0);
+    assert!(err.contains("guest reset"), "{err}");
+}
+
+fn assert_one_line_error(args: &[&str], needle: &str) {
+    let (code, _, err) = keel(args);
+    assert_ne!(code, 0, "{args:?} should fail");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one error line for {args:?}, got:\n{err}");
+    assert!(lines[0].contains(needle), "{:?} lacks {needle:?}", lines[0]);
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn zero_memory_is_one_clear_error() {
+    assert_one_line_error(&["--memory", "0"], "memory size 0");
+}
+
+#[test]
+fn absurd_memory_is_one_clear_error() {
+    assert_one_line_error(&["--memory", "100T"], "memory 104857600 MiB");
+}
+
+#[test]
+fn zero_cpus_is_one_clear_error() {
+    assert_one_line_error(&["--cpus", "0"], "vcpus 0");
+}
+
+#[test]
+fn missing_kernel_is_one_clear_error() {
+    assert_one_line_error(&["--kernel", "/no/such/bzImage"], "/no/such/bzImage");
+}
+
+#[test]
+fn garbage_kernel_is_one_clear_error() {
+    let path = std::env::temp_dir().join(format!("keel-cli-garbage-{}", std::process::id()));
+    std::fs::write(&path, vec![0x5a; 4096]).unwrap();
+    let p = path.to_str().unwrap().to_owned();
+    assert_one_line_error(&["--kernel", &p], "neither an ELF");
+    std::fs::remove_file(path).unwrap();
+}
+
+#[test]
+fn missing_config_file_is_one_clear_error() {
+    assert_one_line_error(&["--config", "/no/such/vm.json"], "/no/such/vm.json");
+}
+
+#[test]
+fn missing_kvm_device_is_one_clear_error() {
+    assert_one_line_error(&["--kvm-device", "/no/such/kvm"], "cannot open /no/such/kvm: No such file or directory");
+}
+
+#[test]
+fn inaccessible_kvm_device_is_one_clear_error() {
+    // A directory cannot be opened read-write: stands in for a node without permission.
+    assert_one_line_error(&["--kvm-device", "/"], "cannot open /: Is a directory");
+}

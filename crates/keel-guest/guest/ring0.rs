@@ -1,0 +1,448 @@
+//! Everything that runs at CPL 0: boot, interrupt and exception handlers.
+//!
+//! On hosts whose KVM emulates ring 0 instruction by instruction (about 1 µs
+//! each, and some instructions not at all), this part is hand-written
+//! assembly kept to the minimum a protected-mode OS needs:
+//!
+//! * `_start` (entered in 64-bit mode on the VMM's page tables and GDT) loads
+//!   the guest's own page tables, GDT, TSS and IDT, enables SSE and `iretq`s
+//!   to ring 3 with IOPL 3. The page tables, GDT and TSS are assembled at
+//!   link time; only the TSS descriptor and the IDT gates, whose address
+//!   fields need bit-splitting a relocation cannot express, are written here.
+//!   About 140 instructions run at CPL 0 before ring 3.
+//! * IRQ stubs (vectors 0x20–0x2f, PIC IRQ 0–15) count the interrupt in
+//!   [`IRQ_COUNTS`] and send the PIC an EOI.
+//! * `#BP` counts in [`BREAKPOINTS`] and returns.
+//! * `#UD` from ring 3 on a `ud2` is the service call (see [`crate::service`]).
+//! * Any other exception is recorded in [`FAULT`]. From ring 3 the handler
+//!   then "returns" into [`report_fault`], which prints the record natively and
+//!   exits with `STATUS_EXCEPTION | vector`; from ring 0 it writes that status
+//!   to the exit port itself and halts.
+//!
+//! Everything ring 3 runs (including memory the handlers write) is mapped
+//! user-accessible, so ring 3 reads the counters directly.
+
+use core::mem::offset_of;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::abi::{EXIT_PORT, STATUS_EXCEPTION};
+
+/// Interrupts taken per PIC IRQ line (index = IRQ, vector = 0x20 + IRQ).
+pub static IRQ_COUNTS: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
+
+/// `#BP` exceptions taken (only ring 0 executes `int3`, through the service call).
+pub static BREAKPOINTS: AtomicU64 = AtomicU64::new(0);
+
+/// What the ring-0 handler saw when an unexpected exception arrived.
+#[repr(C)]
+pub struct FaultRecord {
+    /// Non-zero once a fault is being reported; a fault while reporting one
+    /// goes straight to the exit port instead of recursing.
+    pub reporting: AtomicU64,
+    pub vector: AtomicU64,
+    pub error_code: AtomicU64,
+    pub rip: AtomicU64,
+    pub cs: AtomicU64,
+    pub cr2: AtomicU64,
+}
+
+/// The last unexpected exception (written by ring 0, read by [`report_fault`]).
+pub static FAULT: FaultRecord = FaultRecord {
+    reporting: AtomicU64::new(0),
+    vector: AtomicU64::new(0),
+    error_code: AtomicU64::new(0),
+    rip: AtomicU64::new(0),
+    cs: AtomicU64::new(0),
+    cr2: AtomicU64::new(0),
+};
+
+/// Guest-physical ranges the guest's page tables identity-map (2 MiB pages,
+/// user-accessible): RAM in the first GiB and the 32-bit MMIO gap.
+pub const IDENTITY_MAPPED: [(u64, u64); 2] = [(0, 0x4000_0000), (0xc000_0000, 0x1_0000_0000)];
+
+/// Ring 3's landing point for an exception it caused: print and exit.
+extern "C" fn report_fault() -> ! {
+    let vector = FAULT.vector.load(Ordering::Relaxed);
+    crate::println!(
+        "keel-guest: unexpected exception {} ({}) error=0x{:x} rip=0x{:x} cs=0x{:x} cr2=0x{:x}",
+        vector,
+        exception_name(vector),
+        FAULT.error_code.load(Ordering::Relaxed),
+        FAULT.rip.load(Ordering::Relaxed),
+        FAULT.cs.load(Ordering::Relaxed),
+        FAULT.cr2.load(Ordering::Relaxed),
+    );
+    crate::exit::exit(STATUS_EXCEPTION | (vector as u8 & 0x7f))
+}
+
+fn exception_name(vector: u64) -> &'static str {
+    const NAMES: [&str; 22] = [
+        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "coprocessor overrun",
+        "#TS", "#NP", "#SS", "#GP", "#PF", "reserved", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",
+    ];
+    NAMES.get(vector as usize).copied().unwrap_or("?")
+}
+
+// Selectors of the guest GDT below. Kernel code and data keep the numbers the
+// Linux 64-bit boot protocol uses (0x10/0x18), so nothing the VMM left in the
+// segment registers ever names a different kind of descriptor.
+//
+// Every ring-0 instruction below costs about a microsecond on an emulating
+// host: prefer data assembled at link time over code that computes it.
+core::arch::global_asm!(
+    r#"
+    .set KERNEL_CS, 0x10
+    .set KERNEL_DS, 0x18
+    .set USER_DS, 0x20 | 3
+    .set USER_CS, 0x28 | 3
+    .set TSS_SEL, 0x30
+    .set IDT_VECTORS, 48
+
+    .section .text.boot, "ax"
+    .global _start
+_start:
+    // RSI = boot_params; kept untouched until it is handed to ring 3 in RDI.
+    lea rsp, [rip + kernel_stack_top]
+    lea rax, [rip + pml4]
+    mov cr3, rax
+
+    // 64-bit TSS descriptor: limit 0x67, type 0x89 (present, available),
+    // base bits 0-23 at bit 16. The linker script keeps the image below
+    // 16 MiB, so base bits 24-63 are zero.
+    lea rax, [rip + tss]
+    shl rax, 16
+    or rax, 0x67
+    movabs rcx, 0x0000890000000000
+    or rax, rcx
+    mov [rip + gdt + TSS_SEL], rax
+
+    lgdt [rip + gdtr]
+    push KERNEL_CS
+    lea rax, [rip + 2f]
+    push rax
+    retfq
+2:
+    mov eax, KERNEL_DS
+    mov ss, eax
+    mov ds, eax
+    mov es, eax
+    mov eax, TSS_SEL
+    ltr ax
+
+    // IDT gates for vectors 0..47, one 16-byte stub each: offset bits 0-15,
+    // selector, type 0x8e (present interrupt gate, DPL 0), offset bits 16-31.
+    // The stubs sit in one 1 KiB-aligned block, so bits 16-63 are the same
+    // for all of them and each next gate is the previous one plus 16.
+    lea rax, [rip + vector_stubs]
+    mov rcx, rax
+    and ecx, 0xffff0000
+    shl rcx, 32
+    movzx eax, ax
+    or rax, rcx
+    movabs rcx, 0x00008e0000000000 | (KERNEL_CS << 16)
+    or rax, rcx
+    .set gate, 0
+    .rept IDT_VECTORS
+    mov [rip + idt + gate * 16], rax
+    add rax, 16
+    .set gate, gate + 1
+    .endr
+    lidt [rip + idtr]
+
+    // SSE for compiled Rust in ring 3: CR0 clear CD, NW, TS, EM; set NE, MP.
+    // CR4 = PAE | OSFXSR | OSXMMEXCPT (and nothing else the VMM may have set).
+    mov rax, cr0
+    and rax, ~0x6000000c
+    or rax, 0x22
+    mov cr0, rax
+    mov eax, 0x620
+    mov cr4, rax
+
+    // To ring 3 with IOPL 3 (port I/O, cli/sti) and interrupts still off.
+    push USER_DS
+    lea rax, [rip + user_stack_top]
+    push rax
+    push 0x3002
+    push USER_CS
+    lea rax, [rip + ring3_entry]
+    push rax
+    mov rdi, rsi
+    iretq
+
+    // ---- ring 3 from here on (runs natively) ----
+    .text
+ring3_entry:
+    // Zero .bss: a VMM reusing memory (a reboot) does not clear it for us.
+    mov rbx, rdi
+    lea rdi, [rip + __bss_start]
+    lea rcx, [rip + __bss_end]
+    sub rcx, rdi
+    xor eax, eax
+    rep stosb
+    mov rdi, rbx
+    call {ring3_main}
+    ud2
+
+    // ---- ring 0 handlers ----
+    // Exception stubs push a zero where the CPU pushes no error code, then
+    // the vector, so every frame reads:
+    // [rsp] vector, +8 error, +16 rip, +24 cs, +32 rflags, +40 rsp, +48 ss.
+    .macro exception_stub vector, has_error
+    .balign 16
+    .if \has_error == 0
+    push 0
+    .endif
+    push \vector
+    jmp exception_common
+    .endm
+
+    .macro irq_stub irq
+    .balign 16
+    lock inc qword ptr [rip + {irq_counts} + 8 * \irq]
+    .if \irq < 8
+    jmp irq_eoi_master
+    .else
+    jmp irq_eoi_slave
+    .endif
+    .endm
+
+    .balign 1024
+vector_stubs:
+    exception_stub 0, 0
+    exception_stub 1, 0
+    exception_stub 2, 0
+    exception_stub 3, 0
+    exception_stub 4, 0
+    exception_stub 5, 0
+    exception_stub 6, 0
+    exception_stub 7, 0
+    exception_stub 8, 1
+    exception_stub 9, 0
+    exception_stub 10, 1
+    exception_stub 11, 1
+    exception_stub 12, 1
+    exception_stub 13, 1
+    exception_stub 14, 1
+    exception_stub 15, 0
+    exception_stub 16, 0
+    exception_stub 17, 1
+    exception_stub 18, 0
+    exception_stub 19, 0
+    exception_stub 20, 0
+    exception_stub 21, 1
+    exception_stub 22, 0
+    exception_stub 23, 0
+    exception_stub 24, 0
+    exception_stub 25, 0
+    exception_stub 26, 0
+    exception_stub 27, 0
+    exception_stub 28, 0
+    exception_stub 29, 1
+    exception_stub 30, 1
+    exception_stub 31, 0
+    irq_stub 0
+    irq_stub 1
+    irq_stub 2
+    irq_stub 3
+    irq_stub 4
+    irq_stub 5
+    irq_stub 6
+    irq_stub 7
+    irq_stub 8
+    irq_stub 9
+    irq_stub 10
+    irq_stub 11
+    irq_stub 12
+    irq_stub 13
+    irq_stub 14
+    irq_stub 15
+
+irq_eoi_slave:
+    push rax
+    mov al, 0x20
+    out 0xa0, al
+    out 0x20, al
+    pop rax
+    iretq
+irq_eoi_master:
+    push rax
+    mov al, 0x20
+    out 0x20, al
+    pop rax
+    iretq
+
+exception_common:
+    cmp qword ptr [rsp], 3
+    je breakpoint
+    cmp qword ptr [rsp], 6
+    je service_call
+    jmp fatal
+
+breakpoint:
+    // A trap: the saved RIP already points past the int3.
+    lock inc qword ptr [rip + {breakpoints}]
+    add rsp, 16
+    iretq
+
+service_call:
+    // Only a ud2 executed by ring 3 is a request; anything else is a bug.
+    test byte ptr [rsp + 24], 3
+    jz fatal
+    push rcx
+    mov rcx, [rsp + 24]
+    cmp word ptr [rcx], 0x0b0f
+    pop rcx
+    jne fatal
+    cmp rax, 1
+    je service_int3
+    cmp rax, 2
+    je service_triple_fault
+    cmp rax, 3
+    je service_bad_instruction
+    mov rax, -1
+service_return:
+    add qword ptr [rsp + 16], 2
+    add rsp, 16
+    iretq
+
+service_int3:
+    // Emulating hosts cannot run int3 at CPL 0: the VMM must inject #BP.
+    int3
+    xor eax, eax
+    jmp service_return
+
+service_triple_fault:
+    // #UD with no IDT -> #GP -> #DF -> shutdown.
+    lidt [rip + null_idtr]
+    ud2
+
+service_bad_instruction:
+    // popcnt is one of the instructions KVM's emulator lacks.
+    popcnt rax, rax
+    xor eax, eax
+    jmp service_return
+
+fatal:
+    cmp qword ptr [rip + {fault} + {reporting}], 0
+    jne fatal_halt
+    push rax
+    mov rax, [rsp + 8]
+    mov [rip + {fault} + {vector}], rax
+    mov rax, [rsp + 16]
+    mov [rip + {fault} + {error_code}], rax
+    mov rax, [rsp + 24]
+    mov [rip + {fault} + {rip_off}], rax
+    mov rax, [rsp + 32]
+    mov [rip + {fault} + {cs}], rax
+    mov rax, cr2
+    mov [rip + {fault} + {cr2}], rax
+    pop rax
+    test byte ptr [rsp + 24], 3
+    jz fatal_halt
+    // From ring 3: report natively, on a fresh ring-3 stack (16-byte aligned
+    // minus the return address a call would have pushed).
+    mov qword ptr [rip + {fault} + {reporting}], 1
+    push rax
+    lea rax, [rip + {report_fault}]
+    mov [rsp + 24], rax
+    lea rax, [rip + fault_stack_top - 8]
+    mov [rsp + 48], rax
+    pop rax
+    add rsp, 16
+    iretq
+fatal_halt:
+    mov al, [rsp]
+    or al, {exception}
+    out {exit_port}, al
+3:
+    cli
+    hlt
+    jmp 3b
+
+    // ---- tables (assembled at link time) ----
+    .section .data.ring0, "aw"
+    .balign 4096
+    // Identity map with P|RW|US at every level: the first GiB (RAM) and
+    // 3-4 GiB (MMIO gap, uncached: PWT|PCD), 2 MiB pages.
+pml4:
+    .quad pdpt + 0x7
+    .fill 511, 8, 0
+pdpt:
+    .quad pd_ram + 0x7
+    .quad 0
+    .quad 0
+    .quad pd_mmio + 0x7
+    .fill 508, 8, 0
+pd_ram:
+    .set page, 0
+    .rept 512
+    .quad page + 0x87
+    .set page, page + 0x200000
+    .endr
+pd_mmio:
+    .set page, 0xc0000000
+    .rept 512
+    .quad page + 0x9f
+    .set page, page + 0x200000
+    .endr
+
+    .balign 16
+gdt:
+    .quad 0                     // 0x00 null
+    .quad 0                     // 0x08 unused
+    .quad 0x00af9b000000ffff    // 0x10 kernel code, 64-bit
+    .quad 0x00cf93000000ffff    // 0x18 kernel data
+    .quad 0x00cff3000000ffff    // 0x20 user data (DPL 3)
+    .quad 0x00affb000000ffff    // 0x28 user code, 64-bit (DPL 3)
+    .quad 0, 0                  // 0x30 TSS, filled in by _start
+gdt_end:
+
+    .balign 16
+tss:
+    .long 0
+    .quad kernel_stack_top      // RSP0: the stack ring 3 -> ring 0 switches to
+    .fill 11, 8, 0              // RSP1, RSP2, reserved, IST1-7, reserved
+    .word 0
+    .word 104                   // I/O bitmap offset past the limit: none (IOPL 3)
+
+    .balign 16
+idt:
+    .fill IDT_VECTORS * 16, 1, 0
+
+    .balign 8
+gdtr:
+    .word gdt_end - gdt - 1
+    .quad gdt
+idtr:
+    .word IDT_VECTORS * 16 - 1
+    .quad idt
+null_idtr:
+    .word 0
+    .quad 0
+
+    // Stacks take no space in the image (NOLOAD) and need no zeroing.
+    .section .stack, "aw", @nobits
+    .balign 16
+    .skip 4096
+kernel_stack_top:
+    .skip 16384
+fault_stack_top:
+    .skip 65536
+user_stack_top:
+
+    .text
+"#,
+    ring3_main = sym crate::ring3_main,
+    irq_counts = sym IRQ_COUNTS,
+    breakpoints = sym BREAKPOINTS,
+    fault = sym FAULT,
+    report_fault = sym report_fault,
+    reporting = const offset_of!(FaultRecord, reporting),
+    vector = const offset_of!(FaultRecord, vector),
+    error_code = const offset_of!(FaultRecord, error_code),
+    rip_off = const offset_of!(FaultRecord, rip),
+    cs = const offset_of!(FaultRecord, cs),
+    cr2 = const offset_of!(FaultRecord, cr2),
+    exception = const STATUS_EXCEPTION,
+    exit_port = const EXIT_PORT,
+);

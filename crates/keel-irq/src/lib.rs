@@ -1,0 +1,119 @@
+//! Interrupt plumbing for Keel virtual machines.
+//!
+//! A device model needs exactly one thing from the interrupt controller: a way
+//! to raise its interrupt. This crate gives devices that as an
+//! [`InterruptLine`] handle, so no device ever holds a `VmFd` and every device
+//! can be tested against a [`RecordingLine`] instead of a real VM. Behind the
+//! handle, the policy of how a virtual machine's interrupts are wired lives
+//! here, in one place:
+//!
+//! - [`create_in_kernel_irqchip`] sets up KVM's in-kernel PIC, IOAPIC and
+//!   PIT, the x86 platform's interrupt controllers and timer;
+//! - [`GsiAllocator`] hands out IOAPIC pins (GSIs) to devices, keeping the ISA
+//!   interrupts that legacy devices hardwire for those who ask for them by
+//!   number;
+//! - [`IrqfdLine`] is an [`InterruptLine`] backed by a KVM irqfd: triggering
+//!   it is one `write(2)` to an eventfd, and KVM injects the interrupt without
+//!   the VMM touching the vCPU.
+//!
+//! MSI routing and a userspace IOAPIC come later, behind the same trait.
+//!
+//! # Example
+//!
+//! ```
+//! use keel_irq::{create_in_kernel_irqchip, GsiAllocator, InterruptLine, IrqfdLine};
+//!
+//! let kvm = kvm_ioctls::Kvm::new().unwrap();
+//! let vm = kvm.create_vm().unwrap();
+//! // Before any vCPU exists:
+//! create_in_kernel_irqchip(&vm).unwrap();
+//!
+//! let mut gsis = GsiAllocator::new();
+//! let gsi = gsis.allocate().unwrap();
+//! let line = IrqfdLine::new(&vm, gsi).unwrap();
+//!
+//! // What a device does when it wants the guest's attention:
+//! line.trigger().unwrap();
+//! assert_eq!(line.gsi(), gsi);
+//! ```
+
+#![deny(missing_docs)]
+
+mod gsi;
+mod irqchip;
+mod line;
+
+pub use gsi::{GsiAllocator, IOAPIC_PINS, LEGACY_ISA_GSIS};
+pub use irqchip::create_in_kernel_irqchip;
+pub use line::{InterruptLine, IrqfdLine, RecordingLine};
+
+/// Errors from setting up or raising interrupts.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// KVM refused to create the in-kernel PIC and IOAPIC.
+    #[error(
+        "KVM_CREATE_IRQCHIP failed: {0} (it must be called once per VM, before any vCPU is created)"
+    )]
+    CreateIrqchip(#[source] kvm_ioctls::Error),
+    /// KVM refused to create the in-kernel PIT.
+    #[error("KVM_CREATE_PIT2 with flags {flags:#x} failed: {source}")]
+    CreatePit {
+        /// The `kvm_pit_config` flags that were passed.
+        flags: u32,
+        /// What KVM reported.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Every GSI that [`GsiAllocator::allocate`] may hand out is in use.
+    #[error(
+        "no free GSI: every IOAPIC GSI in 0..={last} outside the legacy ISA set {legacy:?} is in use",
+        last = IOAPIC_PINS - 1,
+        legacy = LEGACY_ISA_GSIS
+    )]
+    GsiExhausted,
+    /// A GSI outside the IOAPIC's pins was asked for.
+    #[error("GSI {gsi} is outside the IOAPIC's range 0..={last}", last = IOAPIC_PINS - 1)]
+    GsiOutOfRange {
+        /// The GSI that was asked for.
+        gsi: u32,
+    },
+    /// A GSI was reserved twice, or reserved after it had been allocated.
+    #[error("GSI {gsi} is already in use")]
+    GsiInUse {
+        /// The GSI that was asked for.
+        gsi: u32,
+    },
+    /// The eventfd behind an irqfd could not be created.
+    #[error("cannot create the eventfd for GSI {gsi}: {source}")]
+    CreateEventFd {
+        /// The GSI the eventfd was for.
+        gsi: u32,
+        /// What the host reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM refused to attach an eventfd to a GSI.
+    #[error("KVM_IRQFD for GSI {gsi} failed: {source} (does the VM have an in-kernel irqchip?)")]
+    RegisterIrqfd {
+        /// The GSI the irqfd was for.
+        gsi: u32,
+        /// What KVM reported.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Signalling an interrupt line's eventfd failed.
+    #[error("cannot trigger GSI {gsi}: writing its eventfd failed: {source}")]
+    Trigger {
+        /// The GSI of the line.
+        gsi: u32,
+        /// What the host reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A [`RecordingLine`] was told to fail, and did.
+    #[error("trigger refused: this RecordingLine was set to fail (RecordingLine::set_failing)")]
+    InjectedFailure,
+}
+
+/// Result of the operations in this crate.
+pub type Result<T> = std::result::Result<T, Error>;

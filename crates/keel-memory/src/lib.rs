@@ -1,0 +1,137 @@
+//! Guest physical memory for Keel virtual machines.
+//!
+//! A VMM needs to agree with itself — and with the guest — on where RAM is.
+//! This crate owns that agreement for x86_64: the [`GuestLayout`] (RAM below
+//! the 32-bit MMIO gap, the rest above 4 GiB, and the fixed low-memory
+//! addresses the boot path uses), building a [`GuestMemoryMmap`] for it, and
+//! registering its regions with KVM as memory slots.
+//!
+//! Guest memory is mapped `MAP_NORESERVE` and never touched here: a 2 GiB
+//! guest costs the host only the pages the guest actually uses.
+//!
+//! # Example
+//!
+//! ```
+//! use keel_memory::{GuestLayout, GuestMemoryMmap, MIB};
+//! use vm_memory::{Bytes, GuestAddress};
+//!
+//! let layout = GuestLayout::new(64 * MIB).unwrap();
+//! let mem: GuestMemoryMmap = layout.create_memory().unwrap();
+//! mem.write_obj(0xdead_beef_u32, GuestAddress(0x1000)).unwrap();
+//! assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+//!
+//! // With KVM available, hand the regions to a VM:
+//! # if std::path::Path::new("/dev/kvm").exists() {
+//! let vm = kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap();
+//! keel_memory::register_with_kvm(&vm, &mem).unwrap();
+//! # }
+//! ```
+
+#![deny(missing_docs)]
+
+mod layout;
+
+pub use layout::*;
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+/// Guest memory backed by anonymous host mappings.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+
+/// One KiB.
+pub const KIB: u64 = 1 << 10;
+/// One MiB.
+pub const MIB: u64 = 1 << 20;
+/// One GiB.
+pub const GIB: u64 = 1 << 30;
+
+/// Errors from building or registering guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The requested memory size is below the minimum.
+    #[error("memory size {size} bytes ({} MiB): must be at least {} MiB", size / MIB, MIN_MEMORY / MIB)]
+    MemoryTooSmall {
+        /// Requested size in bytes.
+        size: u64,
+    },
+    /// The requested memory size is above the maximum.
+    #[error("memory size {size} bytes ({} MiB): must be at most {} MiB", size / MIB, MAX_MEMORY / MIB)]
+    MemoryTooLarge {
+        /// Requested size in bytes.
+        size: u64,
+    },
+    /// The requested memory size is not a multiple of the page size.
+    #[error("memory size {size} bytes: must be a multiple of 4 KiB")]
+    MemoryNotAligned {
+        /// Requested size in bytes.
+        size: u64,
+    },
+    /// The host refused to map guest memory.
+    #[error("cannot map {size} bytes of guest memory: {source}")]
+    Map {
+        /// Requested size in bytes.
+        size: u64,
+        /// What vm-memory reported.
+        source: vm_memory::mmap::FromRangesError,
+    },
+    /// KVM refused a memory slot.
+    #[error("KVM_SET_USER_MEMORY_REGION slot {slot} at {guest_addr:#x} ({size:#x} bytes): {source}")]
+    SetMemoryRegion {
+        /// Slot number.
+        slot: u32,
+        /// Guest physical start.
+        guest_addr: u64,
+        /// Region size.
+        size: u64,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
+    /// More regions than KVM slots.
+    #[error("guest memory has {regions} regions but KVM offers only {max} slots")]
+    TooManyRegions {
+        /// Regions in the guest memory.
+        regions: usize,
+        /// Slots KVM allows.
+        max: usize,
+    },
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Registers every region of `mem` with `vm` as a KVM memory slot, slots
+/// numbered from 0 in address order.
+///
+/// Returns the number of slots used.
+pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<u32> {
+    let mut slot = 0u32;
+    for region in mem.iter() {
+        let memory_region = kvm_userspace_memory_region {
+            slot,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the host range belongs to `mem`'s mapping, which stays alive
+        // for as long as the caller keeps `mem` (it must outlive the VM: the
+        // VMM holds both together), and it is exactly `memory_size` bytes.
+        unsafe { vm.set_user_memory_region(memory_region) }.map_err(|source| {
+            Error::SetMemoryRegion {
+                slot,
+                guest_addr: memory_region.guest_phys_addr,
+                size: memory_region.memory_size,
+                source,
+            }
+        })?;
+        slot += 1;
+    }
+    Ok(slot)
+}
+
+/// Whether `addr` lies in guest RAM (as opposed to the MMIO gap or beyond).
+pub fn is_ram(mem: &GuestMemoryMmap, addr: GuestAddress) -> bool {
+    mem.address_in_range(addr)
+}

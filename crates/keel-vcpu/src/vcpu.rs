@@ -1,0 +1,269 @@
+//! One virtual CPU and its run loop.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use keel_memory::GuestMemoryMmap;
+use kvm_bindings::{CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::boot_state::{boot_fpu, boot_msrs, lint_pins_as_pc, long_mode_regs, long_mode_sregs};
+use crate::kick::{install_kick_handler, RunningGuard};
+use crate::{CpuidConfig, Error, ExitHandler, Result};
+
+/// What one `KVM_RUN` ended with, after the vCPU handled what it could.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// An exit was handled (I/O dispatched, #BP injected, …); run again.
+    Continue,
+    /// `KVM_RUN` was interrupted by a kick or a signal; check why, then run
+    /// again or stop.
+    Interrupted,
+    /// The guest executed `HLT` and KVM (no in-kernel irqchip) handed it
+    /// back.
+    Halted,
+    /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`).
+    TripleFault,
+    /// The guest asked for a reset through a KVM system event (PSCI/ACPI).
+    Reset,
+    /// The guest asked to power off through a KVM system event.
+    PowerOff,
+}
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The stop flag was set (by whoever decided the VM is done).
+    Requested,
+    /// The guest triple-faulted.
+    TripleFault,
+    /// The guest asked for a reset through a KVM system event.
+    Reset,
+    /// The guest asked to power off through a KVM system event.
+    PowerOff,
+}
+
+/// A KVM virtual CPU.
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+    id: u8,
+    mem: GuestMemoryMmap,
+    bp_injections: u64,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` of `vm`. `mem` is used to read the instruction at
+    /// RIP when KVM cannot emulate it.
+    pub fn new(vm: &VmFd, id: u8, mem: GuestMemoryMmap) -> Result<Self> {
+        install_kick_handler()?;
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|source| Error::Kvm { op: "KVM_CREATE_VCPU", vcpu: id, source })?;
+        Ok(Vcpu { fd, id, mem, bp_injections: 0 })
+    }
+
+    /// This vCPU's index (and APIC ID).
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// The underlying `kvm-ioctls` handle, for what this crate does not wrap.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// How many `int3` emulation failures were turned into #BP injections.
+    pub fn bp_injections(&self) -> u64 {
+        self.bp_injections
+    }
+
+    fn kvm<T>(&self, op: &'static str, r: std::result::Result<T, kvm_ioctls::Error>) -> Result<T> {
+        r.map_err(|source| Error::Kvm { op, vcpu: self.id, source })
+    }
+
+    /// Sets CPUID: `supported` (from `KVM_GET_SUPPORTED_CPUID`) transformed
+    /// by `config`.
+    pub fn configure_cpuid(&self, supported: &CpuId, config: &CpuidConfig) -> Result<()> {
+        let mut cpuid = supported.clone();
+        config.apply(&mut cpuid);
+        self.kvm("KVM_SET_CPUID2", self.fd.set_cpuid2(&cpuid))
+    }
+
+    /// Sets the boot MSRs ([`crate::boot_msrs`]).
+    pub fn configure_msrs(&self) -> Result<()> {
+        let msrs = boot_msrs();
+        let set = self.kvm("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
+        if set != msrs.as_slice().len() {
+            let index = msrs.as_slice()[set].index;
+            return Err(Error::MsrRejected { vcpu: self.id, index });
+        }
+        Ok(())
+    }
+
+    /// Routes LINT0 as ExtINT and LINT1 as NMI. Needs the in-kernel irqchip.
+    pub fn configure_lapic(&self) -> Result<()> {
+        let state = self.kvm("KVM_GET_LAPIC", self.fd.get_lapic())?;
+        self.kvm("KVM_SET_LAPIC", self.fd.set_lapic(&lint_pins_as_pc(state)))
+    }
+
+    /// Sets registers for Linux's 64-bit entry at `entry`. The boot tables
+    /// must be in memory ([`crate::write_boot_tables`]).
+    pub fn configure_long_mode_entry(&self, entry: GuestAddress) -> Result<()> {
+        let sregs = self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?;
+        self.kvm("KVM_SET_SREGS", self.fd.set_sregs(&long_mode_sregs(sregs)))?;
+        self.kvm("KVM_SET_REGS", self.fd.set_regs(&long_mode_regs(entry)))?;
+        self.kvm("KVM_SET_FPU", self.fd.set_fpu(&boot_fpu()))
+    }
+
+    /// Runs the guest until the next exit user space must see, handles it,
+    /// and says what happened.
+    pub fn run_once(&mut self, io: &dyn ExitHandler) -> Result<RunOutcome> {
+        let _running = RunningGuard::new(self.fd.get_kvm_run());
+        let id = self.id;
+        let pio = match self.fd.run() {
+            Ok(VcpuExit::IoOut(port, _)) => Some((port, true)),
+            Ok(VcpuExit::IoIn(port, _)) => Some((port, false)),
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                io.mmio_read(addr, data);
+                return Ok(RunOutcome::Continue);
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                io.mmio_write(addr, data);
+                return Ok(RunOutcome::Continue);
+            }
+            Ok(VcpuExit::Hlt) => return Ok(RunOutcome::Halted),
+            Ok(VcpuExit::Shutdown) => return Ok(RunOutcome::TripleFault),
+            Ok(VcpuExit::Intr) => return Ok(self.interrupted()),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return match kind {
+                    KVM_SYSTEM_EVENT_RESET => Ok(RunOutcome::Reset),
+                    KVM_SYSTEM_EVENT_SHUTDOWN => Ok(RunOutcome::PowerOff),
+                    other => Err(Error::UnexpectedExit { vcpu: id, exit: format!("system event {other}") }),
+                };
+            }
+            Ok(VcpuExit::InternalError) => None,
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Err(Error::FailEntry { vcpu: id, reason, cpu });
+            }
+            Ok(other) => return Err(Error::UnexpectedExit { vcpu: id, exit: format!("{other:?}") }),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                return Ok(self.interrupted());
+            }
+            Err(source) => return Err(Error::Kvm { op: "KVM_RUN", vcpu: id, source }),
+        };
+        match pio {
+            Some((port, is_out)) => {
+                self.dispatch_pio(io, port, is_out);
+                Ok(RunOutcome::Continue)
+            }
+            None => self.internal_error(),
+        }
+    }
+
+    fn interrupted(&mut self) -> RunOutcome {
+        self.fd.set_kvm_immediate_exit(0);
+        RunOutcome::Interrupted
+    }
+
+    /// String I/O (`rep outsb` and friends) arrives as `count` items of
+    /// `size` bytes; each goes to the device separately, like on hardware.
+    fn dispatch_pio(&mut self, io: &dyn ExitHandler, port: u16, is_out: bool) {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_IO (we just matched IoIn/IoOut),
+        // so `io` is the active union member.
+        let info = unsafe { run.__bindgen_anon_1.io };
+        let size = usize::from(info.size);
+        let total = size * info.count as usize;
+        // KVM puts the data in the page after kvm_run (KVM_PIO_PAGE_OFFSET)
+        // and never more than that page holds.
+        if size == 0 || total > 4096 {
+            log::warn!("vCPU {}: malformed port I/O exit (size {size}, count {})", self.id, info.count);
+            return;
+        }
+        // SAFETY: KVM places the data `data_offset` bytes into the vCPU's
+        // mapping (as kvm-ioctls also relies on), at most a page of it, and
+        // the mapping outlives this borrow.
+        let data = unsafe {
+            std::slice::from_raw_parts_mut((run as *mut kvm_bindings::kvm_run as *mut u8).add(info.data_offset as usize), total)
+        };
+        for item in data.chunks_mut(size) {
+            if is_out {
+                io.pio_write(port, item);
+            } else {
+                io.pio_read(port, item);
+            }
+        }
+    }
+
+    /// Reads up to 15 bytes of the instruction at the guest's RIP.
+    pub fn instruction_at_rip(&self) -> Result<(u64, Vec<u8>)> {
+        let rip = self.kvm("KVM_GET_REGS", self.fd.get_regs())?.rip;
+        let sregs = self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?;
+        let linear = sregs.cs.base.wrapping_add(rip);
+        let mut bytes = Vec::with_capacity(15);
+        let mut addr = linear;
+        while bytes.len() < 15 {
+            let t = self.kvm("KVM_TRANSLATE", self.fd.translate_gva(addr))?;
+            if t.valid == 0 {
+                break;
+            }
+            let in_page = (4096 - (addr & 0xfff)) as usize;
+            let mut chunk = vec![0u8; in_page.min(15 - bytes.len())];
+            if self.mem.read_slice(&mut chunk, GuestAddress(t.physical_address)).is_err() {
+                break;
+            }
+            addr += chunk.len() as u64;
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok((rip, bytes))
+    }
+
+    fn internal_error(&mut self) -> Result<RunOutcome> {
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal`
+        // is the active union member.
+        let internal = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal };
+        let (rip, bytes) = self.instruction_at_rip()?;
+        if internal.suberror == KVM_INTERNAL_ERROR_EMULATION && bytes.first() == Some(&0xcc) {
+            // A software-emulated ring 0 cannot emulate `int3`; do what the
+            // CPU would: the trap's return address is past the instruction,
+            // then deliver #BP.
+            self.inject_breakpoint(rip)?;
+            return Ok(RunOutcome::Continue);
+        }
+        Err(Error::InternalError { vcpu: self.id, suberror: internal.suberror, rip, bytes })
+    }
+
+    fn inject_breakpoint(&mut self, rip: u64) -> Result<()> {
+        let mut regs = self.kvm("KVM_GET_REGS", self.fd.get_regs())?;
+        regs.rip = rip.wrapping_add(1);
+        self.kvm("KVM_SET_REGS", self.fd.set_regs(&regs))?;
+        let mut events = self.kvm("KVM_GET_VCPU_EVENTS", self.fd.get_vcpu_events())?;
+        events.exception.injected = 1;
+        events.exception.nr = 3;
+        events.exception.has_error_code = 0;
+        events.exception.error_code = 0;
+        self.kvm("KVM_SET_VCPU_EVENTS", self.fd.set_vcpu_events(&events))?;
+        self.bp_injections += 1;
+        Ok(())
+    }
+
+    /// Runs until `stop` is set (then kick the thread with a
+    /// [`crate::VcpuKicker`]) or the guest ends its own life.
+    pub fn run(&mut self, io: &dyn ExitHandler, stop: &AtomicBool) -> Result<VcpuStop> {
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Ok(VcpuStop::Requested);
+            }
+            match self.run_once(io)? {
+                RunOutcome::Continue | RunOutcome::Interrupted => {}
+                // With the in-kernel irqchip KVM handles HLT itself; without
+                // it there is nothing to wake us but a kick, so wait for one.
+                RunOutcome::Halted => std::thread::park_timeout(std::time::Duration::from_millis(1)),
+                RunOutcome::TripleFault => return Ok(VcpuStop::TripleFault),
+                RunOutcome::Reset => return Ok(VcpuStop::Reset),
+                RunOutcome::PowerOff => return Ok(VcpuStop::PowerOff),
+            }
+        }
+    }
+}

@@ -1,0 +1,390 @@
+//! The contract between a virtio device and the transport that exposes it.
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+use crate::{Error, Result};
+
+/// A virtio device, as a transport (MMIO now, PCI later) sees it.
+///
+/// # Lifecycle
+///
+/// 1. While the driver negotiates, the transport reports
+///    [`device_type`](Self::device_type), [`features`](Self::features) and
+///    [`queue_max_sizes`](Self::queue_max_sizes), and calls
+///    [`ack_features`](Self::ack_features) with what the driver accepted.
+/// 2. The driver may access the configuration space at any time:
+///    [`read_config`](Self::read_config) and
+///    [`write_config`](Self::write_config).
+/// 3. When the driver sets `DRIVER_OK`, the transport calls
+///    [`activate`](Self::activate) with guest memory, the queues the driver
+///    configured and the interrupt to signal it with. From then on the device
+///    processes its queues.
+/// 4. When the driver writes 0 to the status, the transport calls
+///    [`reset`](Self::reset); a device that can go back to step 1 returns
+///    `true`.
+///
+/// # Hostile guests
+///
+/// Everything that comes from the guest — config offsets and lengths, the
+/// feature bits it acks, the contents of the queues — is untrusted. A device
+/// must not panic on any of it: out-of-range config accesses read as zero
+/// and are dropped on write ([`read_config_space`] does the reading), and a
+/// bad request gets an error status in the guest's buffer or puts the device
+/// in `DEVICE_NEEDS_RESET`.
+///
+/// Implementations are `Send`: a transport keeps its device behind a mutex
+/// that vCPU threads (register accesses) and the event-loop thread (queue
+/// processing) share.
+pub trait VirtioDevice: Send {
+    /// The device type ID (one of [`crate::device_type`]).
+    fn device_type(&self) -> u32;
+
+    /// The maximum size of each of the device's queues, in queue index order;
+    /// its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+
+    /// The feature bits the device offers, device-independent ones
+    /// ([`crate::features`]) included.
+    fn features(&self) -> u64;
+
+    /// Records the features the driver accepted. The transport calls it when
+    /// the driver sets `FEATURES_OK`; `acked` is what the driver wrote and
+    /// may hold bits the device never offered, which the device must ignore
+    /// (keep `acked & self.features()`).
+    fn ack_features(&mut self, acked: u64);
+
+    /// Fills `data` from the configuration space at `offset`. Bytes past the
+    /// end of the space read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+
+    /// Writes `data` to the configuration space at `offset`. Writes to
+    /// read-only fields or past the end are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+
+    /// Starts the device: from now on it owns `queues` (one per entry of
+    /// [`queue_max_sizes`](Self::queue_max_sizes), in index order, as the
+    /// driver configured them), reads and writes buffers in `mem`, and
+    /// signals the guest through `interrupt`.
+    ///
+    /// Fails if the queues do not match the device
+    /// ([`check_queue_count`]), if it is already active, or if its backend
+    /// cannot start; the transport then reports the device as failed to the
+    /// guest.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+    ) -> Result<()>;
+
+    /// Returns the device to its state before negotiation: drops the queues,
+    /// memory and interrupt it was given and forgets the acked features.
+    /// Returns `false` if the device cannot be reset; the transport then
+    /// keeps it out of service rather than activating it again.
+    fn reset(&mut self) -> bool;
+}
+
+/// How a device signals the guest; provided by the transport.
+///
+/// Over MMIO both signals set a bit in the interrupt status register and
+/// raise the device's interrupt line; over PCI with MSI-X each may be its own
+/// vector. A device only says *why* it interrupts.
+pub trait VirtioInterrupt: Send + Sync {
+    /// Tells the guest that queue `queue` has new used buffers.
+    fn signal_used_queue(&self, queue: u16) -> Result<()>;
+
+    /// Tells the guest that the configuration space changed.
+    fn signal_config_change(&self) -> Result<()>;
+}
+
+/// One signal sent through a [`RecordingInterrupt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtioSignal {
+    /// [`VirtioInterrupt::signal_used_queue`] for this queue.
+    UsedQueue(u16),
+    /// [`VirtioInterrupt::signal_config_change`].
+    ConfigChange,
+}
+
+/// A test double for [`VirtioInterrupt`] that records every signal in order.
+///
+/// # Example
+///
+/// ```
+/// use keel_virtio::{RecordingInterrupt, VirtioInterrupt, VirtioSignal};
+///
+/// let interrupt = RecordingInterrupt::new();
+/// interrupt.signal_used_queue(1).unwrap();
+/// interrupt.signal_config_change().unwrap();
+/// assert_eq!(
+///     interrupt.signals(),
+///     [VirtioSignal::UsedQueue(1), VirtioSignal::ConfigChange]
+/// );
+/// ```
+#[derive(Debug, Default)]
+pub struct RecordingInterrupt {
+    signals: Mutex<Vec<VirtioSignal>>,
+}
+
+impl RecordingInterrupt {
+    /// A recorder with no signals yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every signal so far, oldest first.
+    pub fn signals(&self) -> Vec<VirtioSignal> {
+        self.signals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn record(&self, signal: VirtioSignal) {
+        self.signals
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(signal);
+    }
+}
+
+impl VirtioInterrupt for RecordingInterrupt {
+    fn signal_used_queue(&self, queue: u16) -> Result<()> {
+        self.record(VirtioSignal::UsedQueue(queue));
+        Ok(())
+    }
+
+    fn signal_config_change(&self) -> Result<()> {
+        self.record(VirtioSignal::ConfigChange);
+        Ok(())
+    }
+}
+
+/// Fills `data` from `space` (a device's configuration space) at `offset`,
+/// with zeros for every byte past its end: the read half of
+/// [`VirtioDevice::read_config`] for any offset and length a guest sends.
+///
+/// # Example
+///
+/// ```
+/// let space = [1u8, 2, 3, 4];
+/// let mut data = [0xaa; 4];
+/// keel_virtio::read_config_space(&space, 2, &mut data);
+/// assert_eq!(data, [3, 4, 0, 0]);
+/// keel_virtio::read_config_space(&space, u64::MAX, &mut data);
+/// assert_eq!(data, [0; 4]);
+/// ```
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Some(available) = usize::try_from(offset)
+        .ok()
+        .and_then(|start| space.get(start..))
+    else {
+        return;
+    };
+    let len = available.len().min(data.len());
+    data[..len].copy_from_slice(&available[..len]);
+}
+
+/// Checks that `queues` has one queue per entry of `device`'s
+/// [`queue_max_sizes`](VirtioDevice::queue_max_sizes); for the start of
+/// [`VirtioDevice::activate`].
+pub fn check_queue_count<D: VirtioDevice + ?Sized>(device: &D, queues: &[Queue]) -> Result<()> {
+    let expected = device.queue_max_sizes().len();
+    if queues.len() != expected {
+        return Err(Error::WrongQueueCount {
+            device_type: device.device_type(),
+            expected,
+            provided: queues.len(),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{device_type, features};
+    use virtio_queue::QueueT;
+    use vm_memory::GuestAddress;
+
+    const DEVICE_FEATURE: u64 = 1 << 5;
+
+    /// A two-queue device with a writable 4-byte config field at offset 4.
+    #[derive(Default)]
+    struct TwoQueueDevice {
+        config: [u8; 8],
+        acked: u64,
+        active: Option<(GuestMemoryMmap, Vec<Queue>, Arc<dyn VirtioInterrupt>)>,
+    }
+
+    impl VirtioDevice for TwoQueueDevice {
+        fn device_type(&self) -> u32 {
+            device_type::CONSOLE
+        }
+        fn queue_max_sizes(&self) -> &[u16] {
+            &[64, 128]
+        }
+        fn features(&self) -> u64 {
+            features::VERSION_1 | DEVICE_FEATURE
+        }
+        fn ack_features(&mut self, acked: u64) {
+            self.acked = acked & self.features();
+        }
+        fn read_config(&self, offset: u64, data: &mut [u8]) {
+            read_config_space(&self.config, offset, data);
+        }
+        fn write_config(&mut self, offset: u64, data: &[u8]) {
+            if offset == 4 && data.len() == 4 {
+                self.config[4..].copy_from_slice(data);
+            }
+        }
+        fn activate(
+            &mut self,
+            mem: GuestMemoryMmap,
+            queues: Vec<Queue>,
+            interrupt: Arc<dyn VirtioInterrupt>,
+        ) -> Result<()> {
+            if self.active.is_some() {
+                return Err(Error::AlreadyActive {
+                    device_type: self.device_type(),
+                });
+            }
+            check_queue_count(self, &queues)?;
+            interrupt.signal_config_change()?;
+            self.active = Some((mem, queues, interrupt));
+            Ok(())
+        }
+        fn reset(&mut self) -> bool {
+            self.active = None;
+            self.acked = 0;
+            true
+        }
+    }
+
+    fn memory() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    }
+
+    fn queues(device: &dyn VirtioDevice) -> Vec<Queue> {
+        device
+            .queue_max_sizes()
+            .iter()
+            .map(|&size| Queue::new(size).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn config_reads_inside_the_space_return_its_bytes() {
+        let space = [10u8, 11, 12, 13, 14, 15, 16, 17];
+        let mut data = [0u8; 4];
+        read_config_space(&space, 4, &mut data);
+        assert_eq!(data, [14, 15, 16, 17]);
+        let mut byte = [0u8];
+        read_config_space(&space, 0, &mut byte);
+        assert_eq!(byte, [10]);
+    }
+
+    #[test]
+    fn config_reads_past_the_end_are_zero_filled() {
+        let space = [1u8, 2];
+        let mut data = [0xffu8; 4];
+        read_config_space(&space, 1, &mut data);
+        assert_eq!(data, [2, 0, 0, 0]);
+        read_config_space(&space, 2, &mut data);
+        assert_eq!(data, [0; 4]);
+    }
+
+    #[test]
+    fn config_reads_at_hostile_offsets_and_lengths_do_not_panic() {
+        let space = [1u8; 8];
+        for offset in [8, 9, u64::from(u32::MAX), u64::MAX - 3, u64::MAX] {
+            let mut data = vec![0xffu8; 4096];
+            read_config_space(&space, offset, &mut data);
+            assert!(data.iter().all(|&b| b == 0), "offset {offset:#x}");
+        }
+        read_config_space(&space, 0, &mut []);
+        read_config_space(&[], 0, &mut [0u8; 4]);
+    }
+
+    #[test]
+    fn ack_features_keeps_only_offered_bits() {
+        let mut device = TwoQueueDevice::default();
+        device.ack_features(u64::MAX);
+        assert_eq!(device.acked, features::VERSION_1 | DEVICE_FEATURE);
+    }
+
+    #[test]
+    fn activation_hands_the_device_its_queues_memory_and_interrupt() {
+        let mut device = TwoQueueDevice::default();
+        let interrupt = Arc::new(RecordingInterrupt::new());
+        let queues = queues(&device);
+
+        device
+            .activate(memory(), queues, interrupt.clone())
+            .unwrap();
+
+        let (_, queues, _) = device.active.as_ref().unwrap();
+        let sizes: Vec<u16> = queues.iter().map(|q| q.max_size()).collect();
+        assert_eq!(sizes, [64, 128]);
+        assert_eq!(interrupt.signals(), [VirtioSignal::ConfigChange]);
+    }
+
+    #[test]
+    fn activation_with_the_wrong_number_of_queues_names_both_counts() {
+        let mut device = TwoQueueDevice::default();
+        let err = device
+            .activate(
+                memory(),
+                vec![Queue::new(64).unwrap()],
+                Arc::new(RecordingInterrupt::new()),
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "device type 3 has 2 queues but was activated with 1"
+        );
+        assert!(device.active.is_none());
+    }
+
+    #[test]
+    fn reactivation_needs_a_reset_in_between() {
+        let mut device = TwoQueueDevice::default();
+        let interrupt = Arc::new(RecordingInterrupt::new());
+        let q = queues(&device);
+        device.activate(memory(), q, interrupt.clone()).unwrap();
+
+        let q = queues(&device);
+        let err = device.activate(memory(), q, interrupt.clone()).unwrap_err();
+        assert!(
+            matches!(err, Error::AlreadyActive { device_type: 3 }),
+            "{err:?}"
+        );
+
+        assert!(device.reset());
+        let q = queues(&device);
+        device.activate(memory(), q, interrupt).unwrap();
+    }
+
+    #[test]
+    fn devices_are_usable_as_trait_objects() {
+        let mut device: Box<dyn VirtioDevice> = Box::new(TwoQueueDevice::default());
+        device.write_config(4, &[1, 2, 3, 4]);
+        device.write_config(6, &[9; 100]); // ignored, must not panic
+        let mut data = [0u8; 8];
+        device.read_config(0, &mut data);
+        assert_eq!(data, [0, 0, 0, 0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn interrupt_failures_from_the_irq_layer_convert_into_virtio_errors() {
+        let err: Error = keel_irq::Error::InjectedFailure.into();
+        assert!(
+            err.to_string().starts_with("cannot signal the guest: "),
+            "{err}"
+        );
+    }
+}

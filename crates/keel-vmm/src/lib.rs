@@ -1,0 +1,86 @@
+//! The thin orchestrator: compose Keel's layers into a running VM.
+//!
+//! [`VmConfig`] says what the VM is (as data, from JSON or code);
+//! [`VmBuilder`] validates it, takes the devices and console a caller adds,
+//! and builds a [`Vm`]: KVM objects, guest memory (`keel-memory`), the
+//! in-kernel interrupt controller (`keel-irq`), the platform devices on the
+//! I/O bus (`keel-devices`), the kernel and its boot information
+//! (`keel-boot`) and the vCPUs (`keel-vcpu`). [`Vm::start`] runs one thread
+//! per vCPU and returns a [`VmHandle`] to wait on; [`StopHandle`] stops it
+//! from anywhere. There is no global state and nothing here exits the
+//! process, so one process can run many VMs.
+//!
+//! # Example
+//!
+//! Boot the built-in test guest and capture its serial console:
+//!
+//! ```
+//! # if !std::path::Path::new("/dev/kvm").exists() { return; }
+//! use std::sync::{Arc, Mutex};
+//! use keel_vmm::{ExitReason, VmBuilder, VmConfig};
+//!
+//! #[derive(Clone, Default)]
+//! struct Capture(Arc<Mutex<Vec<u8>>>);
+//! impl std::io::Write for Capture {
+//!     fn write(&mut self, b: &[u8]) -> std::io::Result<usize> { self.0.lock().unwrap().extend_from_slice(b); Ok(b.len()) }
+//!     fn flush(&mut self) -> std::io::Result<()> { Ok(()) }
+//! }
+//!
+//! let console = Capture::default();
+//! let config = VmConfig { memory_mib: 32, ..Default::default() };
+//! let vm = VmBuilder::new(config).unwrap().serial_output(console.clone()).build().unwrap();
+//! assert_eq!(vm.run().unwrap(), ExitReason::GuestExit(0));
+//! let text = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
+//! assert!(text.contains("Keel test guest"), "{text}");
+//! ```
+
+#![deny(missing_docs)]
+
+mod config;
+mod vm;
+
+pub use config::{VmConfig, DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE, MAX_VCPUS};
+pub use vm::{ExitReason, StopHandle, Vm, VmBuilder, VmHandle, DEFAULT_KVM_DEVICE};
+
+/// Errors from building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is wrong.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The KVM device could not be opened.
+    #[error("cannot open {}: {source} (is KVM enabled and may this user open it?)", path.display())]
+    OpenKvm {
+        /// The device node.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The kernel's KVM speaks another API version.
+    #[error("/dev/kvm reports API version {0}; Keel needs {expected}", expected = kvm_bindings::KVM_API_VERSION)]
+    KvmApiVersion(i32),
+    /// A VM-level KVM ioctl failed.
+    #[error("{0}: {1}")]
+    Kvm(&'static str, kvm_ioctls::Error),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] keel_memory::Error),
+    /// The interrupt controller could not be set up.
+    #[error(transparent)]
+    Irq(#[from] keel_irq::Error),
+    /// A device could not be placed on a bus.
+    #[error("device placement: {0}")]
+    DeviceRange(String),
+    /// The kernel or its boot information could not be loaded.
+    #[error("boot: {0}")]
+    Boot(String),
+    /// A vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] keel_vcpu::Error),
+    /// A thread could not be started.
+    #[error("cannot start a VM thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Result type of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
