@@ -73,11 +73,17 @@ impl MutDeviceMmio for ScratchDevice {
 
 fn main() -> ExitCode {
     let device = Arc::new(Mutex::new(ScratchDevice::default()));
-    let config = VmConfig { memory_mib: 64, ..Default::default() };
+    let config = VmConfig {
+        memory_mib: 64,
+        ..Default::default()
+    };
     let result = VmBuilder::new(config).and_then(|mut builder| {
         let addr = builder.add_mmio_device(0x1000, device.clone())?;
         println!("custom_device: scratch device at {addr:#x}");
-        builder.cmdline(format!("mmio-rw mmio={addr:#x}")).build()?.run()
+        builder
+            .cmdline(format!("mmio-rw mmio={addr:#x}"))
+            .build()?
+            .run()
     });
     let device = device.lock().unwrap();
     match result {

@@ -35,15 +35,24 @@ impl DeviceMmio for IdRegister {
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    let config = VmConfig { memory_mib: 128, ..Default::default() };
+    let config = VmConfig {
+        memory_mib: 128,
+        ..Default::default()
+    };
     let result = VmBuilder::new(config).and_then(|mut builder| {
         let addr = builder.add_mmio_device(4, Arc::new(IdRegister))?;
-        builder.cmdline(format!("hello mmio={addr:#x} expect={ID:#x}")).build()?.run()
+        builder
+            .cmdline(format!("hello mmio={addr:#x} expect={ID:#x}"))
+            .build()?
+            .run()
     });
     let elapsed = started.elapsed();
     match result {
         Ok(ExitReason::GuestExit(0)) => {
-            eprintln!("hello: guest passed in {:.1} ms", elapsed.as_secs_f64() * 1e3);
+            eprintln!(
+                "hello: guest passed in {:.1} ms",
+                elapsed.as_secs_f64() * 1e3
+            );
             ExitCode::SUCCESS
         }
         Ok(other) => {

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
-    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest_dir =
+        PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let guest = manifest_dir.join("guest");
@@ -26,7 +27,14 @@ fn main() {
     let mut command = Command::new(&rustc);
     command
         .current_dir(&out_dir)
-        .args(["--edition", "2021", "--crate-type", "bin", "--crate-name", "keel_guest_image"])
+        .args([
+            "--edition",
+            "2021",
+            "--crate-type",
+            "bin",
+            "--crate-name",
+            "keel_guest_image",
+        ])
         .args(["--target", "x86_64-unknown-linux-gnu"])
         .arg(format!("--remap-path-prefix={}=guest", guest.display()))
         .args(codegen_options())
@@ -44,7 +52,10 @@ fn main() {
         panic!("building the guest image failed: {command:?}");
     }
     // Warnings of the guest build surface in cargo's output.
-    for line in String::from_utf8_lossy(&output.stderr).lines().filter(|l| l.starts_with("warning")) {
+    for line in String::from_utf8_lossy(&output.stderr)
+        .lines()
+        .filter(|l| l.starts_with("warning"))
+    {
         println!("cargo:warning=guest: {line}");
     }
 }
@@ -72,7 +83,8 @@ fn codegen_options() -> Vec<String> {
 }
 
 fn rerun_for_every_file(dir: &Path) {
-    let entries = fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
+    let entries =
+        fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
     for entry in entries {
         let path = entry.expect("readable directory entry").path();
         if path.is_dir() {

@@ -58,9 +58,21 @@ mod tests {
         assert_eq!(
             map,
             vec![
-                E820Entry { addr: 0, size: 0x9fc00, kind: E820_RAM },
-                E820Entry { addr: 0x9fc00, size: 0x60400, kind: E820_RESERVED },
-                E820Entry { addr: 0x10_0000, size: 127 * MIB, kind: E820_RAM },
+                E820Entry {
+                    addr: 0,
+                    size: 0x9fc00,
+                    kind: E820_RAM
+                },
+                E820Entry {
+                    addr: 0x9fc00,
+                    size: 0x60400,
+                    kind: E820_RESERVED
+                },
+                E820Entry {
+                    addr: 0x10_0000,
+                    size: 127 * MIB,
+                    kind: E820_RAM
+                },
             ]
         );
     }
@@ -69,8 +81,22 @@ mod tests {
     fn large_guest_map_skips_the_mmio_gap() {
         let map = e820_map(&GuestLayout::new(6 * GIB).unwrap());
         assert_eq!(map.len(), 4);
-        assert_eq!(map[2], E820Entry { addr: 0x10_0000, size: MMIO_GAP_START - 0x10_0000, kind: E820_RAM });
-        assert_eq!(map[3], E820Entry { addr: 4 * GIB, size: 6 * GIB - MMIO_GAP_START, kind: E820_RAM });
+        assert_eq!(
+            map[2],
+            E820Entry {
+                addr: 0x10_0000,
+                size: MMIO_GAP_START - 0x10_0000,
+                kind: E820_RAM
+            }
+        );
+        assert_eq!(
+            map[3],
+            E820Entry {
+                addr: 4 * GIB,
+                size: 6 * GIB - MMIO_GAP_START,
+                kind: E820_RAM
+            }
+        );
     }
 
     #[test]

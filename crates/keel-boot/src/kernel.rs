@@ -15,6 +15,8 @@ use crate::{Error, Result};
 pub enum BootProtocol {
     /// Linux 64-bit boot protocol: long mode, paging on, `RSI` = zero page.
     Linux64,
+    /// PVH: 32-bit protected mode, paging off, `EBX` = `hvm_start_info`.
+    Pvh,
 }
 
 /// A kernel placed in guest memory.
@@ -50,8 +52,11 @@ where
     image.seek(SeekFrom::Start(0)).map_err(Error::ReadImage)?;
 
     if head.starts_with(ELF_MAGIC) {
-        let loaded = Elf::load(mem, None, image, Some(HIMEM_START))
-            .map_err(|source| Error::Load { format: "ELF", source })?;
+        let loaded =
+            Elf::load(mem, None, image, Some(HIMEM_START)).map_err(|source| Error::Load {
+                format: "ELF",
+                source,
+            })?;
         let pvh_entry = match loaded.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(addr) => Some(addr),
             _ => None,
@@ -64,8 +69,11 @@ where
             pvh_entry,
         })
     } else if head.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(BZIMAGE_MAGIC) {
-        let loaded = BzImage::load(mem, None, image, Some(HIMEM_START))
-            .map_err(|source| Error::Load { format: "bzImage", source })?;
+        let loaded =
+            BzImage::load(mem, None, image, Some(HIMEM_START)).map_err(|source| Error::Load {
+                format: "bzImage",
+                source,
+            })?;
         Ok(KernelImage {
             entry: GuestAddress(loaded.kernel_load.0 + BZIMAGE_ENTRY_64_OFFSET),
             protocol: BootProtocol::Linux64,
@@ -76,6 +84,17 @@ where
     } else {
         Err(Error::UnknownImageFormat {
             head: head[..head.len().min(8)].to_vec(),
+        })
+    }
+}
+
+impl KernelImage {
+    /// This kernel entered through PVH, if it has a PVH entry point.
+    pub fn with_pvh_entry(self) -> Option<KernelImage> {
+        self.pvh_entry.map(|entry| KernelImage {
+            entry,
+            protocol: BootProtocol::Pvh,
+            ..self
         })
     }
 }

@@ -35,11 +35,17 @@
 #![deny(missing_docs)]
 
 mod e820;
+mod initrd;
 mod kernel;
+mod mptable;
+mod pvh;
 mod zero_page;
 
 pub use e820::{e820_map, E820Entry, E820_RAM, E820_RESERVED};
+pub use initrd::{initrd_address, load_initrd};
 pub use kernel::{load_kernel, BootProtocol, KernelImage};
+pub use mptable::{mptable_bytes, write_mptable, MAX_MPTABLE_CPUS};
+pub use pvh::{write_pvh_start_info, XEN_HVM_START_MAGIC_VALUE};
 pub use zero_page::BootConfig;
 
 /// Errors from loading a kernel or writing boot information.
@@ -73,6 +79,15 @@ pub enum Error {
     CmdlineNul {
         /// Where.
         offset: usize,
+    },
+    /// The initrd could not be read.
+    #[error("cannot read initrd: {0}")]
+    ReadInitrd(#[source] std::io::Error),
+    /// The MP table cannot describe this many CPUs.
+    #[error("MP table for {cpus} CPUs: must be between 1 and {max}", max = MAX_MPTABLE_CPUS)]
+    MpTableCpus {
+        /// Requested CPUs.
+        cpus: u8,
     },
     /// The initrd does not fit anywhere the kernel can reach.
     #[error("initrd of {size} bytes does not fit below {max_addr:#x} above the kernel (ends at {kernel_end:#x})")]

@@ -38,9 +38,15 @@ impl BootConfig {
         &self.cmdline
     }
 
-    /// Writes the command line at [`CMDLINE_START`] and the zero page at
-    /// [`ZERO_PAGE_START`].
-    pub fn write(&self, mem: &GuestMemoryMmap, layout: &GuestLayout, kernel: &KernelImage) -> Result<()> {
+    /// Writes the command line at [`CMDLINE_START`] and the boot
+    /// information the kernel's protocol wants: the zero page at
+    /// [`ZERO_PAGE_START`] (Linux 64-bit) or `hvm_start_info` (PVH).
+    pub fn write(
+        &self,
+        mem: &GuestMemoryMmap,
+        layout: &GuestLayout,
+        kernel: &KernelImage,
+    ) -> Result<()> {
         let bytes = self.cmdline.as_bytes();
         if let Some(offset) = bytes.iter().position(|&b| b == 0) {
             return Err(Error::CmdlineNul { offset });
@@ -51,7 +57,15 @@ impl BootConfig {
         let mut with_nul = bytes.to_vec();
         with_nul.push(0);
         mem.write_slice(&with_nul, CMDLINE_START)
-            .map_err(|source| Error::GuestMemory { what: "command line", addr: CMDLINE_START.0, source })?;
+            .map_err(|source| Error::GuestMemory {
+                what: "command line",
+                addr: CMDLINE_START.0,
+                source,
+            })?;
+        if kernel.protocol == crate::BootProtocol::Pvh {
+            crate::write_pvh_start_info(mem, layout, self.initrd)?;
+            return Ok(());
+        }
 
         let mut params = boot_params::default();
         if let Some(hdr) = kernel.setup_header {
@@ -69,11 +83,19 @@ impl BootConfig {
         }
         let map = e820_map(layout);
         for (slot, entry) in params.e820_table.iter_mut().zip(&map) {
-            *slot = boot_e820_entry { addr: entry.addr, size: entry.size, r#type: entry.kind };
+            *slot = boot_e820_entry {
+                addr: entry.addr,
+                size: entry.size,
+                r#type: entry.kind,
+            };
         }
         params.e820_entries = map.len().min(params.e820_table.len()) as u8;
         mem.write_obj(params, ZERO_PAGE_START)
-            .map_err(|source| Error::GuestMemory { what: "zero page", addr: ZERO_PAGE_START.0, source })
+            .map_err(|source| Error::GuestMemory {
+                what: "zero page",
+                addr: ZERO_PAGE_START.0,
+                source,
+            })
     }
 }
 
@@ -99,7 +121,9 @@ mod tests {
     #[test]
     fn writes_cmdline_and_zero_page() {
         let (layout, mem, kernel) = setup();
-        BootConfig::new("console=ttyS0 panic=-1").write(&mem, &layout, &kernel).unwrap();
+        BootConfig::new("console=ttyS0 panic=-1")
+            .write(&mem, &layout, &kernel)
+            .unwrap();
         let params: boot_params = mem.read_obj(ZERO_PAGE_START).unwrap();
         let ptr = params.hdr.cmd_line_ptr;
         assert_eq!(ptr as u64, CMDLINE_START.0);
@@ -116,7 +140,10 @@ mod tests {
     #[test]
     fn records_the_initrd() {
         let (layout, mem, kernel) = setup();
-        BootConfig::new("").initrd(GuestAddress(0x300_0000), 4096).write(&mem, &layout, &kernel).unwrap();
+        BootConfig::new("")
+            .initrd(GuestAddress(0x300_0000), 4096)
+            .write(&mem, &layout, &kernel)
+            .unwrap();
         let params: boot_params = mem.read_obj(ZERO_PAGE_START).unwrap();
         assert_eq!({ params.hdr.ramdisk_image }, 0x300_0000);
         assert_eq!({ params.hdr.ramdisk_size }, 4096);
@@ -125,14 +152,18 @@ mod tests {
     #[test]
     fn rejects_a_command_line_that_is_too_long() {
         let (layout, mem, kernel) = setup();
-        let err = BootConfig::new("x".repeat(5000)).write(&mem, &layout, &kernel).unwrap_err();
+        let err = BootConfig::new("x".repeat(5000))
+            .write(&mem, &layout, &kernel)
+            .unwrap_err();
         assert!(err.to_string().contains("5000 bytes"), "{err}");
     }
 
     #[test]
     fn rejects_a_command_line_with_nul() {
         let (layout, mem, kernel) = setup();
-        let err = BootConfig::new("a\0b").write(&mem, &layout, &kernel).unwrap_err();
+        let err = BootConfig::new("a\0b")
+            .write(&mem, &layout, &kernel)
+            .unwrap_err();
         assert!(matches!(err, Error::CmdlineNul { offset: 1 }));
     }
 }

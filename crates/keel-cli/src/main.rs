@@ -57,7 +57,9 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
         Some(i) => s.split_at(i),
         None => (s, "M"),
     };
-    let n: u64 = digits.parse().map_err(|_| format!("memory size {s:?}: expected a number with an optional K, M, G or T suffix"))?;
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("memory size {s:?}: expected a number with an optional K, M, G or T suffix")
+    })?;
     let overflow = || format!("memory size {s:?}: too large");
     match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
         "K" => {
@@ -69,15 +71,19 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
         "M" => Ok(n),
         "G" => n.checked_mul(1024).ok_or_else(overflow),
         "T" => n.checked_mul(1024 * 1024).ok_or_else(overflow),
-        _ => Err(format!("memory size {s:?}: unknown unit {unit:?} (use K, M, G or T)")),
+        _ => Err(format!(
+            "memory size {s:?}: unknown unit {unit:?} (use K, M, G or T)"
+        )),
     }
 }
 
 fn config_from(args: &Args) -> Result<VmConfig, String> {
     let mut config = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
-            VmConfig::from_json(&text).map_err(|e| format!("config file {}: {e}", path.display()))?
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("config file {}: {e}", path.display()))?;
+            VmConfig::from_json(&text)
+                .map_err(|e| format!("config file {}: {e}", path.display()))?
         }
         None => VmConfig::default(),
     };
@@ -115,7 +121,9 @@ fn main() -> ExitCode {
         Ok(reason) => {
             eprintln!("keel: VM ended: {reason}");
             match reason {
-                ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => ExitCode::SUCCESS,
+                ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => {
+                    ExitCode::SUCCESS
+                }
                 ExitReason::GuestExit(status) => ExitCode::from(status),
                 ExitReason::TripleFault { .. } => ExitCode::FAILURE,
             }
@@ -144,9 +152,15 @@ mod tests {
     #[test]
     fn bad_sizes_name_the_value() {
         assert!(parse_size_mib("lots").unwrap_err().contains("\"lots\""));
-        assert!(parse_size_mib("3X").unwrap_err().contains("unknown unit \"X\""));
-        assert!(parse_size_mib("99999999999999999999T").unwrap_err().contains("99999999999999999999T"));
-        assert!(parse_size_mib("1000K").unwrap_err().contains("whole number of MiB"));
+        assert!(parse_size_mib("3X")
+            .unwrap_err()
+            .contains("unknown unit \"X\""));
+        assert!(parse_size_mib("99999999999999999999T")
+            .unwrap_err()
+            .contains("99999999999999999999T"));
+        assert!(parse_size_mib("1000K")
+            .unwrap_err()
+            .contains("whole number of MiB"));
     }
 
     #[test]
@@ -154,7 +168,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("keel-cli-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("vm.json");
-        std::fs::write(&file, r#"{"vcpus": 2, "memory_mib": 64, "cmdline": "exit code=3"}"#).unwrap();
+        std::fs::write(
+            &file,
+            r#"{"vcpus": 2, "memory_mib": 64, "cmdline": "exit code=3"}"#,
+        )
+        .unwrap();
         let args = Args::parse_from(["keel", "--config", file.to_str().unwrap(), "--memory", "1G"]);
         let config = config_from(&args).unwrap();
         assert_eq!((config.vcpus, config.memory_mib), (2, 1024));

@@ -3,7 +3,10 @@
 use std::process::Command;
 
 fn keel(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keel")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -15,7 +18,14 @@ fn keel(args: &[&str]) -> (i32, String, String) {
 fn help_documents_every_flag() {
     let (code, out, _) = keel(&["--help"]);
     assert_eq!(code, 0);
-    for flag in ["--kernel", "--cmdline", "--cpus", "--memory", "--config", "--log-level"] {
+    for flag in [
+        "--kernel",
+        "--cmdline",
+        "--cpus",
+        "--memory",
+        "--config",
+        "--log-level",
+    ] {
         assert!(out.contains(flag), "--help lacks {flag}:\n{out}");
     }
 }
@@ -45,7 +55,11 @@ fn assert_one_line_error(args: &[&str], needle: &str) {
     let (code, _, err) = keel(args);
     assert_ne!(code, 0, "{args:?} should fail");
     let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "expected one error line for {args:?}, got:\n{err}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one error line for {args:?}, got:\n{err}"
+    );
     assert!(lines[0].contains(needle), "{:?} lacks {needle:?}", lines[0]);
     assert!(!err.contains("panicked"), "{err}");
 }
@@ -86,7 +100,10 @@ fn missing_config_file_is_one_clear_error() {
 
 #[test]
 fn missing_kvm_device_is_one_clear_error() {
-    assert_one_line_error(&["--kvm-device", "/no/such/kvm"], "cannot open /no/such/kvm: No such file or directory");
+    assert_one_line_error(
+        &["--kvm-device", "/no/such/kvm"],
+        "cannot open /no/such/kvm: No such file or directory",
+    );
 }
 
 #[test]

@@ -57,6 +57,7 @@
 
 #![deny(missing_docs)]
 
+mod boot_timer;
 mod exit_port;
 mod i8042;
 pub mod ports;
@@ -64,6 +65,7 @@ mod power;
 mod serial;
 mod serial_input;
 
+pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC};
 pub use exit_port::ExitPort;
 pub use i8042::I8042Reset;
 pub use power::{PowerControl, PowerRequest, RecordingPowerControl};

@@ -80,7 +80,9 @@ impl BootParams {
     /// Whether any usable RAM lies in `[addr, addr + len)`.
     pub fn overlaps_ram(&self, addr: u64, len: u64) -> bool {
         self.e820().any(|e| {
-            e.kind == E820_RAM && addr < e.addr.saturating_add(e.size) && e.addr < addr.saturating_add(len)
+            e.kind == E820_RAM
+                && addr < e.addr.saturating_add(e.size)
+                && e.addr < addr.saturating_add(len)
         })
     }
 }

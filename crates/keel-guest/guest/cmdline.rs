@@ -54,19 +54,26 @@ impl<'a> CommandLine<'a> {
     where
         'a: 'k,
     {
-        self.pairs().map(|(k, _)| k).filter(move |k| !known.contains(k))
+        self.pairs()
+            .map(|(k, _)| k)
+            .filter(move |k| !known.contains(k))
     }
 
     /// The value of `key`, if given.
     pub fn value(&self, key: &str) -> Option<&'a str> {
-        self.pairs().filter(|(k, _)| *k == key).map(|(_, v)| v).last()
+        self.pairs()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+            .last()
     }
 
     /// The number `key=N`, if given.
     pub fn number(&self, key: &'a str) -> Result<Option<u64>, ArgError<'a>> {
         match self.value(key) {
             None => Ok(None),
-            Some(value) => parse_number(value).map(Some).ok_or(ArgError::NotANumber(key, value)),
+            Some(value) => parse_number(value)
+                .map(Some)
+                .ok_or(ArgError::NotANumber(key, value)),
         }
     }
 

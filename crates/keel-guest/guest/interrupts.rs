@@ -1,14 +1,13 @@
-//! Enabling interrupts from ring 3 and reading what the ring-0 stubs counted.
+//! Enabling interrupts for ring 3 and reading what the ring-0 stubs counted.
 
-use core::arch::asm;
 use core::sync::atomic::Ordering;
 
 use crate::ring0::{BREAKPOINTS, IRQ_COUNTS};
+use crate::service::{self, Request};
 
-/// Sets RFLAGS.IF; IOPL 3 lets ring 3 do that.
+/// Sets RFLAGS.IF, through ring 0 (see [`Request::EnableInterrupts`]).
 pub fn enable() {
-    // SAFETY: `sti` only changes IF; the IDT is loaded before ring 3 runs.
-    unsafe { asm!("sti", options(nomem, nostack)) }
+    service::call(Request::EnableInterrupts);
 }
 
 /// Interrupts taken so far on PIC IRQ line `irq` (0–15).

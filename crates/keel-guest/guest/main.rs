@@ -46,7 +46,10 @@ extern "C" fn ring3_main(boot_params: *const u8) -> ! {
         exit::exit(STATUS_BAD_ARGS);
     };
     let cmdline = CommandLine::new(text);
-    let status = programs::run(&Context { params: &params, cmdline: &cmdline });
+    let status = programs::run(&Context {
+        params: &params,
+        cmdline: &cmdline,
+    });
     exit::exit(status)
 }
 

@@ -23,7 +23,11 @@ pub fn init(enabled: u16) {
     outb(MASTER_DATA, 0x01); // ICW4: 8086 mode
     outb(SLAVE_DATA, 0x01);
     // The cascade line must be open for any slave IRQ to get through.
-    let enabled = if enabled & 0xff00 != 0 { enabled | 1 << 2 } else { enabled };
+    let enabled = if enabled & 0xff00 != 0 {
+        enabled | 1 << 2
+    } else {
+        enabled
+    };
     outb(MASTER_DATA, !(enabled as u8));
     outb(SLAVE_DATA, !((enabled >> 8) as u8));
 }

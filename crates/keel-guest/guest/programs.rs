@@ -81,7 +81,10 @@ pub fn run(ctx: &Context<'_>) -> u8 {
         Err(Failure::Test) => STATUS_FAIL,
         Err(Failure::BadArgs) => STATUS_BAD_ARGS,
     };
-    println!("keel-guest: {name}: {} (status {status})", if status == 0 { "PASS" } else { "FAIL" });
+    println!(
+        "keel-guest: {name}: {} (status {status})",
+        if status == 0 { "PASS" } else { "FAIL" }
+    );
     status
 }
 
@@ -109,7 +112,10 @@ fn mmio_arg(ctx: &Context<'_>, len: u64) -> Result<Option<MmioRegion>, Failure> 
         bad_args!("mmio={addr:#x} is not 4-byte aligned");
     }
     let end = addr.saturating_add(len);
-    if !IDENTITY_MAPPED.iter().any(|&(start, stop)| start <= addr && end <= stop) {
+    if !IDENTITY_MAPPED
+        .iter()
+        .any(|&(start, stop)| start <= addr && end <= stop)
+    {
         bad_args!("mmio={addr:#x} is outside the guest's identity map (0-1 GiB and 3-4 GiB)");
     }
     if ctx.params.overlaps_ram(addr, len) {
@@ -139,7 +145,10 @@ fn hello(ctx: &Context<'_>) -> Outcome {
             println!("mmio[{:#x}] = {value:#x}", region.base());
             if let Some(expect) = expect {
                 if expect != u64::from(value) {
-                    fail!("mmio[{:#x}] = {value:#x}, expected {expect:#x}", region.base());
+                    fail!(
+                        "mmio[{:#x}] = {value:#x}, expected {expect:#x}",
+                        region.base()
+                    );
                 }
             }
         }
@@ -171,7 +180,10 @@ fn mmio_rw(ctx: &Context<'_>) -> Outcome {
     let magic = device.read32(8);
     println!("mmio-rw: device at {:#x}, magic {magic:#x}", device.base());
     if magic != SCRATCH_MAGIC {
-        fail!("magic at {:#x} is {magic:#x}, expected {SCRATCH_MAGIC:#x}", device.base() + 8);
+        fail!(
+            "magic at {:#x} is {magic:#x}, expected {SCRATCH_MAGIC:#x}",
+            device.base() + 8
+        );
     }
     let start = device.read32(4);
     for pattern in PATTERNS {
@@ -184,14 +196,20 @@ fn mmio_rw(ctx: &Context<'_>) -> Outcome {
     let count = device.read32(4);
     let expected = start.wrapping_add(2 * PATTERNS.len() as u32);
     if count != expected {
-        fail!("access counter is {count}, expected {expected} ({start} + {} accesses)", 2 * PATTERNS.len());
+        fail!(
+            "access counter is {count}, expected {expected} ({start} + {} accesses)",
+            2 * PATTERNS.len()
+        );
     }
     device.write32(4, !count);
     let after = device.read32(4);
     if after != count {
         fail!("access counter changed from {count} to {after} on a write: it must be read-only");
     }
-    println!("mmio-rw: {} patterns read back, access counter {start} -> {count}", PATTERNS.len());
+    println!(
+        "mmio-rw: {} patterns read back, access counter {start} -> {count}",
+        PATTERNS.len()
+    );
     Ok(())
 }
 
@@ -249,7 +267,9 @@ fn pio_loop(ctx: &Context<'_>) -> Outcome {
     const GUEST_PORTS: [(u64, u64); 4] = [(0x20, 0x21), (0xa0, 0xa1), (0x3f8, 0x3ff), (0x64, 0x64)];
     let count = arg(ctx.cmdline.number("count"))?.unwrap_or(1000);
     let port = arg(ctx.cmdline.number("port"))?.unwrap_or(0x80);
-    let used = |p: u64| p == u64::from(EXIT_PORT) || GUEST_PORTS.iter().any(|&(a, b)| (a..=b).contains(&p));
+    let used = |p: u64| {
+        p == u64::from(EXIT_PORT) || GUEST_PORTS.iter().any(|&(a, b)| (a..=b).contains(&p))
+    };
     let Ok(port) = u16::try_from(port) else {
         return arg(Err(ArgError::OutOfRange("port", port)));
     };
@@ -261,7 +281,10 @@ fn pio_loop(ctx: &Context<'_>) -> Outcome {
         port::outb(port, i as u8);
     }
     let ticks = tsc::now().wrapping_sub(start);
-    println!("pio-loop: {count} writes to port {port:#x}, {} TSC ticks each", ticks / count.max(1));
+    println!(
+        "pio-loop: {count} writes to port {port:#x}, {} TSC ticks each",
+        ticks / count.max(1)
+    );
     Ok(())
 }
 
@@ -276,7 +299,11 @@ fn mmio_loop(ctx: &Context<'_>) -> Outcome {
         region.write32(0, i as u32);
     }
     let ticks = tsc::now().wrapping_sub(start);
-    println!("mmio-loop: {count} writes to {:#x}, {} TSC ticks each", region.base(), ticks / count.max(1));
+    println!(
+        "mmio-loop: {count} writes to {:#x}, {} TSC ticks each",
+        region.base(),
+        ticks / count.max(1)
+    );
     Ok(())
 }
 
@@ -291,6 +318,8 @@ fn fault(ctx: &Context<'_>) -> Outcome {
     let value: u8;
     // SAFETY: a one-byte load from ring 3 at any address cannot corrupt
     // memory: it returns a byte or raises an exception, which ends the guest.
-    unsafe { asm!("mov {0}, byte ptr [{1}]", out(reg_byte) value, in(reg) addr, options(nostack, readonly)) }
+    unsafe {
+        asm!("mov {0}, byte ptr [{1}]", out(reg_byte) value, in(reg) addr, options(nostack, readonly))
+    }
     fail!("reading {addr:#x} did not fault (read {value:#x})");
 }

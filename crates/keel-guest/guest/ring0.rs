@@ -6,10 +6,11 @@
 //!
 //! * `_start` (entered in 64-bit mode on the VMM's page tables and GDT) loads
 //!   the guest's own page tables, GDT, TSS and IDT, enables SSE and `iretq`s
-//!   to ring 3 with IOPL 3. The page tables, GDT and TSS are assembled at
-//!   link time; only the TSS descriptor and the IDT gates, whose address
-//!   fields need bit-splitting a relocation cannot express, are written here.
-//!   About 140 instructions run at CPL 0 before ring 3.
+//!   to ring 3 with interrupts off. The page tables, GDT and TSS are
+//!   assembled at link time; only the TSS descriptor and the IDT gates, whose
+//!   address fields need bit-splitting a relocation cannot express, are
+//!   written here. 140 instructions run at CPL 0 before ring 3 (measured by
+//!   single-stepping).
 //! * IRQ stubs (vectors 0x20–0x2f, PIC IRQ 0–15) count the interrupt in
 //!   [`IRQ_COUNTS`] and send the PIC an EOI.
 //! * `#BP` counts in [`BREAKPOINTS`] and returns.
@@ -21,6 +22,15 @@
 //!
 //! Everything ring 3 runs (including memory the handlers write) is mapped
 //! user-accessible, so ring 3 reads the counters directly.
+//!
+//! Two choices are dictated by software hypervisors that run guest ring 3
+//! directly on the host CPU (Linux's PVM, whose "native" mode emulates
+//! ring 0): ring 3 runs on the *host's* GDT there, so the user selectors are
+//! Linux's (data 0x2b, 64-bit code 0x33) or `iretq` to ring 3 faults; and the
+//! host CPU runs the guest at IOPL 0, so ring 3 gets its port access from
+//! the TSS I/O permission bitmap (all ports allowed) rather than from IOPL 3,
+//! and asks ring 0 to set RFLAGS.IF instead of executing `sti`. Both work
+//! the same on hardware virtualization.
 
 use core::mem::offset_of;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -77,15 +87,36 @@ extern "C" fn report_fault() -> ! {
 
 fn exception_name(vector: u64) -> &'static str {
     const NAMES: [&str; 22] = [
-        "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "coprocessor overrun",
-        "#TS", "#NP", "#SS", "#GP", "#PF", "reserved", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",
+        "#DE",
+        "#DB",
+        "NMI",
+        "#BP",
+        "#OF",
+        "#BR",
+        "#UD",
+        "#NM",
+        "#DF",
+        "coprocessor overrun",
+        "#TS",
+        "#NP",
+        "#SS",
+        "#GP",
+        "#PF",
+        "reserved",
+        "#MF",
+        "#AC",
+        "#MC",
+        "#XM",
+        "#VE",
+        "#CP",
     ];
     NAMES.get(vector as usize).copied().unwrap_or("?")
 }
 
-// Selectors of the guest GDT below. Kernel code and data keep the numbers the
-// Linux 64-bit boot protocol uses (0x10/0x18), so nothing the VMM left in the
-// segment registers ever names a different kind of descriptor.
+// Selectors of the guest GDT below: Linux's layout. Kernel code and data
+// keep the numbers of the 64-bit boot protocol (0x10/0x18), so nothing the
+// VMM left in the segment registers names a different kind of descriptor;
+// the user selectors must equal the host's where ring 3 runs on the host GDT.
 //
 // Every ring-0 instruction below costs about a microsecond on an emulating
 // host: prefer data assembled at link time over code that computes it.
@@ -93,10 +124,13 @@ core::arch::global_asm!(
     r#"
     .set KERNEL_CS, 0x10
     .set KERNEL_DS, 0x18
-    .set USER_DS, 0x20 | 3
-    .set USER_CS, 0x28 | 3
-    .set TSS_SEL, 0x30
+    .set USER_DS, 0x28 | 3
+    .set USER_CS, 0x30 | 3
+    .set TSS_SEL, 0x40
     .set IDT_VECTORS, 48
+    // 104-byte TSS, an I/O bitmap for all 65536 ports, and the all-ones
+    // byte the CPU may read past the bitmap's end.
+    .set TSS_LIMIT, 104 + 8192 + 1 - 1
 
     .section .text.boot, "ax"
     .global _start
@@ -106,12 +140,12 @@ _start:
     lea rax, [rip + pml4]
     mov cr3, rax
 
-    // 64-bit TSS descriptor: limit 0x67, type 0x89 (present, available),
-    // base bits 0-23 at bit 16. The linker script keeps the image below
-    // 16 MiB, so base bits 24-63 are zero.
+    // 64-bit TSS descriptor: limit TSS_LIMIT, type 0x89 (present,
+    // available), base bits 0-23 at bit 16. The linker script keeps the
+    // image below 16 MiB, so base bits 24-63 are zero.
     lea rax, [rip + tss]
     shl rax, 16
-    or rax, 0x67
+    or rax, TSS_LIMIT
     movabs rcx, 0x0000890000000000
     or rax, rcx
     mov [rip + gdt + TSS_SEL], rax
@@ -158,11 +192,12 @@ _start:
     mov eax, 0x620
     mov cr4, rax
 
-    // To ring 3 with IOPL 3 (port I/O, cli/sti) and interrupts still off.
+    // To ring 3 with interrupts off and IOPL 0: ports come from the TSS
+    // I/O bitmap, IF from a service call, the same on every host.
     push USER_DS
     lea rax, [rip + user_stack_top]
     push rax
-    push 0x3002
+    push 0x2
     push USER_CS
     lea rax, [rip + ring3_entry]
     push rax
@@ -299,6 +334,8 @@ service_call:
     je service_triple_fault
     cmp rax, 3
     je service_bad_instruction
+    cmp rax, 4
+    je service_enable_interrupts
     mov rax, -1
 service_return:
     add qword ptr [rsp + 16], 2
@@ -315,6 +352,12 @@ service_triple_fault:
     // #UD with no IDT -> #GP -> #DF -> shutdown.
     lidt [rip + null_idtr]
     ud2
+
+service_enable_interrupts:
+    // Set IF in the RFLAGS the iretq below restores.
+    or qword ptr [rsp + 32], 0x200
+    xor eax, eax
+    jmp service_return
 
 service_bad_instruction:
     // popcnt is one of the instructions KVM's emulator lacks.
@@ -389,12 +432,14 @@ pd_mmio:
     .balign 16
 gdt:
     .quad 0                     // 0x00 null
-    .quad 0                     // 0x08 unused
+    .quad 0                     // 0x08 (Linux: 32-bit kernel code) unused
     .quad 0x00af9b000000ffff    // 0x10 kernel code, 64-bit
     .quad 0x00cf93000000ffff    // 0x18 kernel data
-    .quad 0x00cff3000000ffff    // 0x20 user data (DPL 3)
-    .quad 0x00affb000000ffff    // 0x28 user code, 64-bit (DPL 3)
-    .quad 0, 0                  // 0x30 TSS, filled in by _start
+    .quad 0                     // 0x20 (Linux: 32-bit user code) unused
+    .quad 0x00cff3000000ffff    // 0x28 user data (DPL 3)
+    .quad 0x00affb000000ffff    // 0x30 user code, 64-bit (DPL 3)
+    .quad 0                     // 0x38 unused
+    .quad 0, 0                  // 0x40 TSS, filled in by _start
 gdt_end:
 
     .balign 16
@@ -403,7 +448,9 @@ tss:
     .quad kernel_stack_top      // RSP0: the stack ring 3 -> ring 0 switches to
     .fill 11, 8, 0              // RSP1, RSP2, reserved, IST1-7, reserved
     .word 0
-    .word 104                   // I/O bitmap offset past the limit: none (IOPL 3)
+    .word 104                   // I/O bitmap offset: right after this header
+    .fill 8192, 1, 0            // every port allowed to ring 3
+    .byte 0xff
 
     .balign 16
 idt:

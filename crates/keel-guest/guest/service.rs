@@ -18,6 +18,9 @@ pub enum Request {
     TripleFault = 2,
     /// Execute `popcnt` at CPL 0, which KVM's instruction emulator lacks.
     BadInstruction = 3,
+    /// Set RFLAGS.IF for ring 3 (`sti` there needs IOPL 3, which hosts that
+    /// run ring 3 natively under a software hypervisor do not honour).
+    EnableInterrupts = 4,
 }
 
 /// Makes the request; returns ring 0's answer (0 = done, `u64::MAX` = unknown).

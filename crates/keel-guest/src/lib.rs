@@ -26,12 +26,12 @@
 //! * The image is loaded with `linux_loader::loader::Elf::load(mem, None,
 //!   image, Some(GuestAddress(0x10_0000)))`: each `PT_LOAD` at its `p_paddr`
 //!   (equal to `p_vaddr`). RIP is the ELF entry point.
-//! * 64-bit long mode at CPL 0 with paging on, any identity map of the image
-//!   and the zero page (the guest loads its own page tables first thing),
-//!   interrupts off, a usable stack, and **RSI = the address of the zero page**
-//!   (`struct boot_params`). The guest installs its own GDT, TSS and IDT, so
-//!   the VMM's (conventionally CS = 0x10, DS = 0x18, a GDT at 0x500 and an
-//!   empty IDT) only have to last until then.
+//! * 64-bit long mode at CPL 0 with paging on and the image identity-mapped
+//!   (the guest loads its own page tables with its third instruction),
+//!   interrupts off, and **RSI = the address of the zero page**
+//!   (`struct boot_params`). The guest sets up its own stack, GDT, TSS and
+//!   IDT, so the VMM's (conventionally RSP = 0x8ff0, CS = 0x10, DS = 0x18, a
+//!   GDT at 0x500 and an empty IDT) only have to last until then.
 //! * In the zero page the guest reads the command line pointer (`u32` at
 //!   0x228, a NUL-terminated string of at most 2048 bytes), the e820 entry
 //!   count (`u8` at 0x1e8) and the e820 table (20-byte entries at 0x2d0).
@@ -88,6 +88,22 @@
 //!   error=.. rip=.. cs=.. cr2=..` when it happened in ring 3 (an exception in
 //!   ring 0 writes the status without printing).
 //!
+//! # Inside the guest
+//!
+//! Ring 0 is assembly only: `_start` switches to the guest's page tables
+//! (assembled at link time), GDT (Linux's selectors: kernel 0x10/0x18, user
+//! data 0x2b, user code 0x33), a TSS whose I/O permission bitmap gives ring 3
+//! every port, and an IDT for vectors 0–47, enables SSE and `iretq`s to ring
+//! 3 — 140 instructions, measured. Interrupt handlers count per IRQ line and
+//! EOI the PIC; `#BP` counts and returns; any other exception is reported.
+//!
+//! Ring 3 (`guest/*.rs` besides `ring0.rs`) holds the drivers (`port`,
+//! `serial`, `pic`, `mmio`, `boot_params`, `cmdline`, `console`, `exit`) and
+//! the programs. It reaches ring 0 through `ud2` with a request in RAX,
+//! since neither `syscall` nor `int n` from ring 3 works where KVM emulates
+//! ring 0: 1 = execute `int3`, 2 = triple fault, 3 = execute `popcnt`, 4 =
+//! set RFLAGS.IF (`sti` needs IOPL 3, which such hosts do not give ring 3).
+//!
 //! # Example
 //!
 //! ```
@@ -142,11 +158,18 @@ mod tests {
 
     /// (p_type, p_filesz, p_vaddr, p_paddr, p_memsz) of every program header.
     fn program_headers() -> Vec<(u32, u64, u64, u64, u64)> {
-        let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36) as usize, u16_at(0x38));
+        let (phoff, phentsize, phnum) =
+            (u64_at(0x20) as usize, u16_at(0x36) as usize, u16_at(0x38));
         (0..usize::from(phnum))
             .map(|i| {
                 let ph = phoff + i * phentsize;
-                (u32_at(ph), u64_at(ph + 0x20), u64_at(ph + 0x10), u64_at(ph + 0x18), u64_at(ph + 0x28))
+                (
+                    u32_at(ph),
+                    u64_at(ph + 0x20),
+                    u64_at(ph + 0x10),
+                    u64_at(ph + 0x18),
+                    u64_at(ph + 0x28),
+                )
             })
             .collect()
     }
@@ -160,7 +183,10 @@ mod tests {
         assert_eq!(u16_at(0x10), 2, "ET_EXEC, not a PIE");
         assert_eq!(u16_at(0x12), 62, "EM_X86_64");
         for (kind, ..) in program_headers() {
-            assert!(![PT_DYNAMIC, PT_INTERP].contains(&kind), "unexpected program header type {kind}");
+            assert!(
+                ![PT_DYNAMIC, PT_INTERP].contains(&kind),
+                "unexpected program header type {kind}"
+            );
         }
     }
 
@@ -171,13 +197,19 @@ mod tests {
 
     #[test]
     fn segments_are_identity_mapped_from_the_load_address_below_16_mib() {
-        let loads: Vec<_> = program_headers().into_iter().filter(|h| h.0 == PT_LOAD).collect();
+        let loads: Vec<_> = program_headers()
+            .into_iter()
+            .filter(|h| h.0 == PT_LOAD)
+            .collect();
         assert!(!loads.is_empty());
         assert_eq!(loads[0].2, LOAD_ADDR);
         for (_, filesz, vaddr, paddr, memsz) in loads {
             assert_eq!(vaddr, paddr, "p_vaddr == p_paddr");
             assert!(filesz <= memsz);
-            assert!(vaddr >= LOAD_ADDR && vaddr + memsz <= 16 << 20, "segment {vaddr:#x}+{memsz:#x}");
+            assert!(
+                vaddr >= LOAD_ADDR && vaddr + memsz <= 16 << 20,
+                "segment {vaddr:#x}+{memsz:#x}"
+            );
         }
     }
 

@@ -182,10 +182,7 @@ mod tests {
     fn created_memory_matches_the_layout() {
         let layout = GuestLayout::new(4 * GIB).unwrap();
         let mem = layout.create_memory().unwrap();
-        let regions: Vec<(u64, u64)> = mem
-            .iter()
-            .map(|r| (r.start_addr().0, r.len()))
-            .collect();
+        let regions: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         assert_eq!(regions, vec![(0, MMIO_GAP_START), (4 * GIB, GIB)]);
     }
 }

@@ -77,7 +77,9 @@ pub enum Error {
         source: vm_memory::mmap::FromRangesError,
     },
     /// KVM refused a memory slot.
-    #[error("KVM_SET_USER_MEMORY_REGION slot {slot} at {guest_addr:#x} ({size:#x} bytes): {source}")]
+    #[error(
+        "KVM_SET_USER_MEMORY_REGION slot {slot} at {guest_addr:#x} ({size:#x} bytes): {source}"
+    )]
     SetMemoryRegion {
         /// Slot number.
         slot: u32,

@@ -6,7 +6,9 @@ use keel_memory::{
     GuestMemoryMmap, BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START,
     PML4_START, ZERO_PAGE_START,
 };
-use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
+use kvm_bindings::{
+    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::{Error, Result};
@@ -14,11 +16,11 @@ use crate::{Error, Result};
 /// Linux's 64-bit boot protocol wants `__BOOT_CS` = 0x10 and `__BOOT_DS` =
 /// 0x18, so the GDT has two null entries first.
 pub const BOOT_GDT: [u64; 5] = [
-    0,                                  // null
-    0,                                  // null
-    gdt_entry(0xa09b, 0, 0xfffff),      // 0x10: 64-bit code, DPL 0
-    gdt_entry(0xc093, 0, 0xfffff),      // 0x18: data, DPL 0
-    gdt_entry(0x808b, 0, 0xfffff),      // 0x20: busy 64-bit TSS
+    0,                             // null
+    0,                             // null
+    gdt_entry(0xa09b, 0, 0xfffff), // 0x10: 64-bit code, DPL 0
+    gdt_entry(0xc093, 0, 0xfffff), // 0x18: data, DPL 0
+    gdt_entry(0x808b, 0, 0xfffff), // 0x20: busy 64-bit TSS
 ];
 /// Code selector at entry.
 pub const BOOT_CS: u16 = 0x10;
@@ -48,7 +50,11 @@ pub fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
     let base = ((entry >> 16) & 0x00ff_ffff) | ((entry >> 32) & 0xff00_0000);
     let raw_limit = (entry & 0xffff) | ((entry >> 32) & 0x000f_0000);
     let g = ((entry >> 55) & 1) as u8;
-    let limit = if g == 1 { (raw_limit << 12) | 0xfff } else { raw_limit };
+    let limit = if g == 1 {
+        (raw_limit << 12) | 0xfff
+    } else {
+        raw_limit
+    };
     let present = ((entry >> 47) & 1) as u8;
     kvm_segment {
         base,
@@ -73,7 +79,11 @@ pub fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<()> {
     let write = |what: &'static str, addr: GuestAddress, bytes: &[u8]| {
         mem.write_slice(bytes, addr)
-            .map_err(|source| Error::BootTables { what, addr: addr.0, source })
+            .map_err(|source| Error::BootTables {
+                what,
+                addr: addr.0,
+                source,
+            })
     };
     let gdt: Vec<u8> = BOOT_GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
     write("GDT", BOOT_GDT_START, &gdt)?;
@@ -81,7 +91,9 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<()> {
     write("PML4", PML4_START, &(PDPTE_START.0 | 0x03).to_le_bytes())?;
     write("PDPT", PDPTE_START, &(PDE_START.0 | 0x03).to_le_bytes())?;
     // 512 2 MiB pages, present + writable + page size.
-    let pd: Vec<u8> = (0..512u64).flat_map(|i| ((i << 21) | 0x83).to_le_bytes()).collect();
+    let pd: Vec<u8> = (0..512u64)
+        .flat_map(|i| ((i << 21) | 0x83).to_le_bytes())
+        .collect();
     write("page directory", PDE_START, &pd)
 }
 
@@ -109,6 +121,42 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs
 }
 
+/// Special registers for a PVH entry: 32-bit protected mode, flat
+/// segments, paging off (the PVH ABI).
+pub fn pvh_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    let code = segment_from_gdt(gdt_entry(0xc09b, 0, 0xfffff), BOOT_CS);
+    let data = segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), BOOT_DS);
+    let mut tss = segment_from_gdt(gdt_entry(0x008b, 0, 0x67), BOOT_TSS);
+    tss.g = 0;
+    sregs.gdt.base = BOOT_GDT_START.0;
+    sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+    sregs.idt.base = BOOT_IDT_START.0;
+    sregs.idt.limit = 7;
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = tss;
+    sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+    sregs.cr3 = 0;
+    sregs.cr4 = 0;
+    sregs.efer = 0;
+    sregs
+}
+
+/// General registers for a PVH entry at `entry` with `EBX` pointing at
+/// `hvm_start_info`.
+pub fn pvh_regs(entry: GuestAddress, start_info: GuestAddress) -> kvm_regs {
+    kvm_regs {
+        rflags: 0x2,
+        rip: entry.0,
+        rbx: start_info.0,
+        ..Default::default()
+    }
+}
+
 /// General registers for a 64-bit entry at `entry`: boot stack, `RSI` at
 /// the zero page, interrupts off.
 pub fn long_mode_regs(entry: GuestAddress) -> kvm_regs {
@@ -124,7 +172,11 @@ pub fn long_mode_regs(entry: GuestAddress) -> kvm_regs {
 
 /// FPU state at reset as Linux expects it (x87 control word, MXCSR).
 pub fn boot_fpu() -> kvm_fpu {
-    kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() }
+    kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    }
 }
 
 /// MSR indices set at boot.
@@ -157,7 +209,11 @@ pub mod msr_index {
 /// strings on, MTRRs enabled with write-back as the default type.
 pub fn boot_msrs() -> Msrs {
     use msr_index::*;
-    let entry = |index, data| kvm_msr_entry { index, data, ..Default::default() };
+    let entry = |index, data| kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
     Msrs::from_entries(&[
         entry(SYSENTER_CS, 0),
         entry(SYSENTER_ESP, 0),
@@ -198,9 +254,17 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 /// firmware does on a PC.
 pub fn lint_pins_as_pc(mut state: kvm_lapic_state) -> kvm_lapic_state {
     let lvt0 = lapic_reg(&state, APIC_LVT0);
-    set_lapic_reg(&mut state, APIC_LVT0, with_delivery_mode(lvt0, APIC_MODE_EXTINT));
+    set_lapic_reg(
+        &mut state,
+        APIC_LVT0,
+        with_delivery_mode(lvt0, APIC_MODE_EXTINT),
+    );
     let lvt1 = lapic_reg(&state, APIC_LVT1);
-    set_lapic_reg(&mut state, APIC_LVT1, with_delivery_mode(lvt1, APIC_MODE_NMI));
+    set_lapic_reg(
+        &mut state,
+        APIC_LVT1,
+        with_delivery_mode(lvt1, APIC_MODE_NMI),
+    );
     state
 }
 
@@ -212,8 +276,22 @@ mod tests {
     #[test]
     fn gdt_entry_round_trips_through_segment_decoding() {
         let code = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 0x10);
-        assert_eq!((code.base, code.limit, code.selector), (0, 0xffff_ffff, 0x10));
-        assert_eq!((code.type_, code.present, code.dpl, code.s, code.l, code.db, code.g), (0xb, 1, 0, 1, 1, 0, 1));
+        assert_eq!(
+            (code.base, code.limit, code.selector),
+            (0, 0xffff_ffff, 0x10)
+        );
+        assert_eq!(
+            (
+                code.type_,
+                code.present,
+                code.dpl,
+                code.s,
+                code.l,
+                code.db,
+                code.g
+            ),
+            (0xb, 1, 0, 1, 1, 0, 1)
+        );
         let data = segment_from_gdt(gdt_entry(0xc093, 0x1234_5678, 0xfffff), 0x18);
         assert_eq!(data.base, 0x1234_5678);
         assert_eq!((data.type_, data.db, data.l), (0x3, 1, 0));
@@ -255,9 +333,24 @@ mod tests {
     }
 
     #[test]
+    fn pvh_sregs_are_flat_32_bit_protected_mode_without_paging() {
+        let s = pvh_sregs(long_mode_sregs(kvm_sregs::default()));
+        assert_eq!(s.cr0 & (X86_CR0_PE | X86_CR0_PG), X86_CR0_PE);
+        assert_eq!((s.cr4, s.efer), (0, 0));
+        assert_eq!(
+            (s.cs.db, s.cs.l, s.cs.limit, s.cs.base),
+            (1, 0, 0xffff_ffff, 0)
+        );
+        assert_eq!((s.tr.type_, s.tr.limit), (0xb, 0x67));
+    }
+
+    #[test]
     fn long_mode_regs_point_rsi_at_zero_page() {
         let r = long_mode_regs(GuestAddress(0x100_0000));
-        assert_eq!((r.rip, r.rsi, r.rsp, r.rflags), (0x100_0000, 0x7000, 0x8ff0, 2));
+        assert_eq!(
+            (r.rip, r.rsi, r.rsp, r.rflags),
+            (0x100_0000, 0x7000, 0x8ff0, 2)
+        );
     }
 
     #[test]
@@ -272,7 +365,11 @@ mod tests {
     #[test]
     fn boot_msrs_enable_mtrrs_write_back() {
         let msrs = boot_msrs();
-        let mtrr = msrs.as_slice().iter().find(|e| e.index == msr_index::MTRR_DEF_TYPE).unwrap();
+        let mtrr = msrs
+            .as_slice()
+            .iter()
+            .find(|e| e.index == msr_index::MTRR_DEF_TYPE)
+            .unwrap();
         assert_eq!(mtrr.data, 0x806);
     }
 }

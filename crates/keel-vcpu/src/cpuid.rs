@@ -139,8 +139,23 @@ impl CpuidConfig {
 mod tests {
     use super::*;
 
-    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 { function, index, eax, ebx, ecx, edx, ..Default::default() }
+    fn entry(
+        function: u32,
+        index: u32,
+        eax: u32,
+        ebx: u32,
+        ecx: u32,
+        edx: u32,
+    ) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            eax,
+            ebx,
+            ecx,
+            edx,
+            ..Default::default()
+        }
     }
 
     fn cpuid(entries: &[kvm_cpuid_entry2]) -> CpuId {
@@ -148,7 +163,10 @@ mod tests {
     }
 
     fn find(c: &CpuId, function: u32, index: u32) -> kvm_cpuid_entry2 {
-        *c.as_slice().iter().find(|e| e.function == function && e.index == index).unwrap()
+        *c.as_slice()
+            .iter()
+            .find(|e| e.function == function && e.index == index)
+            .unwrap()
     }
 
     #[test]
@@ -217,7 +235,11 @@ mod tests {
 
     #[test]
     fn topology_leaf_reports_cores_and_x2apic_id() {
-        let mut c = cpuid(&[entry(0xb, 0, 9, 9, 9, 9), entry(0xb, 1, 9, 9, 9, 9), entry(0xb, 2, 9, 9, 9, 9)]);
+        let mut c = cpuid(&[
+            entry(0xb, 0, 9, 9, 9, 9),
+            entry(0xb, 1, 9, 9, 9, 9),
+            entry(0xb, 2, 9, 9, 9, 9),
+        ]);
         CpuidConfig::new(1, 4).apply(&mut c);
         let smt = find(&c, 0xb, 0);
         assert_eq!((smt.eax, smt.ebx, smt.ecx, smt.edx), (0, 1, 0x100, 1));

@@ -86,7 +86,9 @@ impl VcpuKicker {
     /// A kicker for the calling thread.
     pub fn current() -> Self {
         // SAFETY: pthread_self has no preconditions.
-        VcpuKicker { thread: unsafe { libc::pthread_self() } }
+        VcpuKicker {
+            thread: unsafe { libc::pthread_self() },
+        }
     }
 
     /// Interrupts the thread's `KVM_RUN` (or makes its next one return at

@@ -63,15 +63,17 @@ mod boot_state;
 mod cpuid;
 mod exit_handler;
 mod kick;
+mod probe;
 mod vcpu;
 
 pub use boot_state::{
     boot_fpu, boot_msrs, gdt_entry, lint_pins_as_pc, long_mode_regs, long_mode_sregs, msr_index,
-    segment_from_gdt, write_boot_tables, BOOT_CS, BOOT_DS, BOOT_GDT, BOOT_TSS,
+    pvh_regs, pvh_sregs, segment_from_gdt, write_boot_tables, BOOT_CS, BOOT_DS, BOOT_GDT, BOOT_TSS,
 };
 pub use cpuid::{CpuidConfig, KVM_CPUID_FEATURES, KVM_FEATURES_WITHOUT_HYPERCALLS};
 pub use exit_handler::ExitHandler;
 pub use kick::{install_kick_handler, kick_signal, VcpuKicker, KICK_SIGNAL_OFFSET};
+pub use probe::{probe_ring0_execution, Ring0Execution};
 pub use vcpu::{RunOutcome, Vcpu, VcpuStop};
 
 /// Errors from configuring or running a vCPU.
@@ -136,6 +138,9 @@ pub enum Error {
         /// vm-memory's error.
         source: vm_memory::GuestMemoryError,
     },
+    /// The ring-0 execution probe could not run.
+    #[error("ring-0 execution probe: {0}")]
+    Probe(String),
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler: {0}")]
     KickHandler(std::io::Error),

@@ -3,11 +3,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use keel_memory::GuestMemoryMmap;
-use kvm_bindings::{CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::boot_state::{boot_fpu, boot_msrs, lint_pins_as_pc, long_mode_regs, long_mode_sregs};
+use crate::boot_state::{
+    boot_fpu, boot_msrs, lint_pins_as_pc, long_mode_regs, long_mode_sregs, pvh_regs, pvh_sregs,
+};
 use crate::kick::{install_kick_handler, RunningGuard};
 use crate::{CpuidConfig, Error, ExitHandler, Result};
 
@@ -57,10 +61,17 @@ impl Vcpu {
     /// RIP when KVM cannot emulate it.
     pub fn new(vm: &VmFd, id: u8, mem: GuestMemoryMmap) -> Result<Self> {
         install_kick_handler()?;
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|source| Error::Kvm { op: "KVM_CREATE_VCPU", vcpu: id, source })?;
-        Ok(Vcpu { fd, id, mem, bp_injections: 0 })
+        let fd = vm.create_vcpu(u64::from(id)).map_err(|source| Error::Kvm {
+            op: "KVM_CREATE_VCPU",
+            vcpu: id,
+            source,
+        })?;
+        Ok(Vcpu {
+            fd,
+            id,
+            mem,
+            bp_injections: 0,
+        })
     }
 
     /// This vCPU's index (and APIC ID).
@@ -79,7 +90,11 @@ impl Vcpu {
     }
 
     fn kvm<T>(&self, op: &'static str, r: std::result::Result<T, kvm_ioctls::Error>) -> Result<T> {
-        r.map_err(|source| Error::Kvm { op, vcpu: self.id, source })
+        r.map_err(|source| Error::Kvm {
+            op,
+            vcpu: self.id,
+            source,
+        })
     }
 
     /// Sets CPUID: `supported` (from `KVM_GET_SUPPORTED_CPUID`) transformed
@@ -96,7 +111,10 @@ impl Vcpu {
         let set = self.kvm("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
         if set != msrs.as_slice().len() {
             let index = msrs.as_slice()[set].index;
-            return Err(Error::MsrRejected { vcpu: self.id, index });
+            return Err(Error::MsrRejected {
+                vcpu: self.id,
+                index,
+            });
         }
         Ok(())
     }
@@ -113,6 +131,17 @@ impl Vcpu {
         let sregs = self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?;
         self.kvm("KVM_SET_SREGS", self.fd.set_sregs(&long_mode_sregs(sregs)))?;
         self.kvm("KVM_SET_REGS", self.fd.set_regs(&long_mode_regs(entry)))?;
+        self.kvm("KVM_SET_FPU", self.fd.set_fpu(&boot_fpu()))
+    }
+
+    /// Sets registers for a PVH entry at `entry`, `EBX` = `start_info`.
+    pub fn configure_pvh_entry(&self, entry: GuestAddress, start_info: GuestAddress) -> Result<()> {
+        let sregs = self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?;
+        self.kvm("KVM_SET_SREGS", self.fd.set_sregs(&pvh_sregs(sregs)))?;
+        self.kvm(
+            "KVM_SET_REGS",
+            self.fd.set_regs(&pvh_regs(entry, start_info)),
+        )?;
         self.kvm("KVM_SET_FPU", self.fd.set_fpu(&boot_fpu()))
     }
 
@@ -139,18 +168,36 @@ impl Vcpu {
                 return match kind {
                     KVM_SYSTEM_EVENT_RESET => Ok(RunOutcome::Reset),
                     KVM_SYSTEM_EVENT_SHUTDOWN => Ok(RunOutcome::PowerOff),
-                    other => Err(Error::UnexpectedExit { vcpu: id, exit: format!("system event {other}") }),
+                    other => Err(Error::UnexpectedExit {
+                        vcpu: id,
+                        exit: format!("system event {other}"),
+                    }),
                 };
             }
             Ok(VcpuExit::InternalError) => None,
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
-                return Err(Error::FailEntry { vcpu: id, reason, cpu });
+                return Err(Error::FailEntry {
+                    vcpu: id,
+                    reason,
+                    cpu,
+                });
             }
-            Ok(other) => return Err(Error::UnexpectedExit { vcpu: id, exit: format!("{other:?}") }),
+            Ok(other) => {
+                return Err(Error::UnexpectedExit {
+                    vcpu: id,
+                    exit: format!("{other:?}"),
+                })
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 return Ok(self.interrupted());
             }
-            Err(source) => return Err(Error::Kvm { op: "KVM_RUN", vcpu: id, source }),
+            Err(source) => {
+                return Err(Error::Kvm {
+                    op: "KVM_RUN",
+                    vcpu: id,
+                    source,
+                })
+            }
         };
         match pio {
             Some((port, is_out)) => {
@@ -178,14 +225,21 @@ impl Vcpu {
         // KVM puts the data in the page after kvm_run (KVM_PIO_PAGE_OFFSET)
         // and never more than that page holds.
         if size == 0 || total > 4096 {
-            log::warn!("vCPU {}: malformed port I/O exit (size {size}, count {})", self.id, info.count);
+            log::warn!(
+                "vCPU {}: malformed port I/O exit (size {size}, count {})",
+                self.id,
+                info.count
+            );
             return;
         }
         // SAFETY: KVM places the data `data_offset` bytes into the vCPU's
         // mapping (as kvm-ioctls also relies on), at most a page of it, and
         // the mapping outlives this borrow.
         let data = unsafe {
-            std::slice::from_raw_parts_mut((run as *mut kvm_bindings::kvm_run as *mut u8).add(info.data_offset as usize), total)
+            std::slice::from_raw_parts_mut(
+                (run as *mut kvm_bindings::kvm_run as *mut u8).add(info.data_offset as usize),
+                total,
+            )
         };
         for item in data.chunks_mut(size) {
             if is_out {
@@ -210,7 +264,11 @@ impl Vcpu {
             }
             let in_page = (4096 - (addr & 0xfff)) as usize;
             let mut chunk = vec![0u8; in_page.min(15 - bytes.len())];
-            if self.mem.read_slice(&mut chunk, GuestAddress(t.physical_address)).is_err() {
+            if self
+                .mem
+                .read_slice(&mut chunk, GuestAddress(t.physical_address))
+                .is_err()
+            {
                 break;
             }
             addr += chunk.len() as u64;
@@ -231,7 +289,12 @@ impl Vcpu {
             self.inject_breakpoint(rip)?;
             return Ok(RunOutcome::Continue);
         }
-        Err(Error::InternalError { vcpu: self.id, suberror: internal.suberror, rip, bytes })
+        Err(Error::InternalError {
+            vcpu: self.id,
+            suberror: internal.suberror,
+            rip,
+            bytes,
+        })
     }
 
     fn inject_breakpoint(&mut self, rip: u64) -> Result<()> {
@@ -259,7 +322,9 @@ impl Vcpu {
                 RunOutcome::Continue | RunOutcome::Interrupted => {}
                 // With the in-kernel irqchip KVM handles HLT itself; without
                 // it there is nothing to wake us but a kick, so wait for one.
-                RunOutcome::Halted => std::thread::park_timeout(std::time::Duration::from_millis(1)),
+                RunOutcome::Halted => {
+                    std::thread::park_timeout(std::time::Duration::from_millis(1))
+                }
                 RunOutcome::TripleFault => return Ok(VcpuStop::TripleFault),
                 RunOutcome::Reset => return Ok(VcpuStop::Reset),
                 RunOutcome::PowerOff => return Ok(VcpuStop::PowerOff),

@@ -34,6 +34,75 @@ pub struct VmConfig {
     /// for the built-in guest, a serial-console Linux line otherwise.
     #[serde(default)]
     pub cmdline: Option<String>,
+    /// Initial RAM disk (initramfs) for a Linux kernel.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// How to enter the kernel.
+    #[serde(default)]
+    pub boot_protocol: BootProtocolChoice,
+    /// Whether this host's KVM runs guest ring 0 in its emulator; `auto`
+    /// probes at start. Decides the guest workarounds (see
+    /// `host-kvm-notes.md`); they are only applied to a Linux kernel.
+    #[serde(default)]
+    pub ring0: Ring0Choice,
+    /// Where the 16550 serial console goes.
+    #[serde(default)]
+    pub serial: SerialMode,
+}
+
+/// How to enter the kernel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootProtocolChoice {
+    /// PVH when the ELF has a PVH entry point, the Linux 64-bit entry
+    /// otherwise.
+    #[default]
+    Auto,
+    /// Linux's 64-bit boot protocol (zero page).
+    Linux64,
+    /// PVH (`hvm_start_info`); the kernel must have a PVH note.
+    Pvh,
+}
+
+/// What the host's KVM does with guest ring 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Ring0Choice {
+    /// Probe the host at start.
+    #[default]
+    Auto,
+    /// Assume VT-x / AMD-V: no workarounds.
+    Hardware,
+    /// Assume a software-emulated ring 0: apply the workarounds.
+    Emulated,
+}
+
+/// Where the serial console's output goes (and, for `stdio`, where its
+/// input comes from when the embedder wires one).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SerialMode {
+    /// Discard output.
+    None,
+    /// This process's standard output.
+    #[default]
+    Stdio,
+    /// Append to a file.
+    File(PathBuf),
+}
+
+impl std::str::FromStr for SerialMode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "none" => Ok(SerialMode::None),
+            "stdio" => Ok(SerialMode::Stdio),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(SerialMode::File(PathBuf::from(p))),
+                _ => Err(format!("serial {s:?}: expected none, stdio or file:PATH")),
+            },
+        }
+    }
 }
 
 fn default_vcpus() -> u8 {
@@ -45,7 +114,8 @@ fn default_memory_mib() -> u64 {
 }
 
 /// Command line given to a Linux kernel when none is set.
-pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux";
+pub const DEFAULT_LINUX_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux";
 /// Command line given to the built-in guest when none is set.
 pub const DEFAULT_GUEST_CMDLINE: &str = "hello";
 
@@ -56,6 +126,10 @@ impl Default for VmConfig {
             memory_mib: default_memory_mib(),
             kernel: None,
             cmdline: None,
+            initrd: None,
+            boot_protocol: BootProtocolChoice::Auto,
+            ring0: Ring0Choice::Auto,
+            serial: SerialMode::Stdio,
         }
     }
 }
@@ -69,7 +143,10 @@ impl VmConfig {
     /// Checks every value, naming the first bad one.
     pub fn validate(&self) -> Result<()> {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
-            return Err(Error::Config(format!("vcpus {}: must be between 1 and {MAX_VCPUS}", self.vcpus)));
+            return Err(Error::Config(format!(
+                "vcpus {}: must be between 1 and {MAX_VCPUS}",
+                self.vcpus
+            )));
         }
         let bytes = self
             .memory_mib
@@ -85,14 +162,15 @@ impl VmConfig {
                 )));
             }
         }
-        if let Some(kernel) = &self.kernel {
-            if !kernel.is_file() {
-                let why = match std::fs::metadata(kernel) {
-                    Ok(_) => "not a regular file".to_string(),
-                    Err(e) => e.to_string(),
-                };
-                return Err(Error::Config(format!("kernel {}: {why}", kernel.display())));
+        for (what, path) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
+            if let Some(path) = path {
+                check_readable_file(what, path)?;
             }
+        }
+        if self.initrd.is_some() && self.kernel.is_none() {
+            return Err(Error::Config(
+                "initrd: needs --kernel (the built-in guest takes none)".into(),
+            ));
         }
         Ok(())
     }
@@ -105,6 +183,18 @@ impl VmConfig {
             (None, Some(_)) => DEFAULT_LINUX_CMDLINE,
         }
     }
+}
+
+fn check_readable_file(what: &str, path: &std::path::Path) -> Result<()> {
+    let why = match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => match std::fs::File::open(path) {
+            Ok(_) => return Ok(()),
+            Err(e) => e.to_string(),
+        },
+        Ok(_) => "not a regular file".to_string(),
+        Err(e) => e.to_string(),
+    };
+    Err(Error::Config(format!("{what} {}: {why}", path.display())))
 }
 
 fn host_memory_bytes() -> Option<u64> {
@@ -129,53 +219,125 @@ mod tests {
 
     #[test]
     fn rejects_zero_vcpus_naming_the_value() {
-        let c = VmConfig { vcpus: 0, ..Default::default() };
-        assert_eq!(c.validate().unwrap_err().to_string(), "invalid configuration: vcpus 0: must be between 1 and 254");
+        let c = VmConfig {
+            vcpus: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "invalid configuration: vcpus 0: must be between 1 and 254"
+        );
     }
 
     #[test]
     fn rejects_zero_memory_naming_the_value() {
-        let c = VmConfig { memory_mib: 0, ..Default::default() };
+        let c = VmConfig {
+            memory_mib: 0,
+            ..Default::default()
+        };
         let msg = c.validate().unwrap_err().to_string();
-        assert!(msg.contains("memory size 0 bytes (0 MiB): must be at least 2 MiB"), "{msg}");
+        assert!(
+            msg.contains("memory size 0 bytes (0 MiB): must be at least 2 MiB"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn rejects_memory_beyond_the_host() {
-        let c = VmConfig { memory_mib: 512 * 1024, ..Default::default() };
+        let c = VmConfig {
+            memory_mib: 512 * 1024,
+            ..Default::default()
+        };
         let msg = c.validate().unwrap_err().to_string();
         assert!(msg.contains("memory 524288 MiB"), "{msg}");
     }
 
     #[test]
     fn rejects_overflowing_memory() {
-        let c = VmConfig { memory_mib: u64::MAX, ..Default::default() };
-        assert!(c.validate().unwrap_err().to_string().contains(&u64::MAX.to_string()));
+        let c = VmConfig {
+            memory_mib: u64::MAX,
+            ..Default::default()
+        };
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains(&u64::MAX.to_string()));
     }
 
     #[test]
     fn rejects_a_missing_kernel_naming_the_path() {
-        let c = VmConfig { kernel: Some("/nonexistent/vmlinux".into()), ..Default::default() };
+        let c = VmConfig {
+            kernel: Some("/nonexistent/vmlinux".into()),
+            ..Default::default()
+        };
         let msg = c.validate().unwrap_err().to_string();
-        assert!(msg.contains("/nonexistent/vmlinux: No such file or directory"), "{msg}");
+        assert!(
+            msg.contains("/nonexistent/vmlinux: No such file or directory"),
+            "{msg}"
+        );
     }
 
     #[test]
     fn rejects_unknown_json_keys_naming_them() {
-        let msg = VmConfig::from_json(r#"{"vcpu": 1}"#).unwrap_err().to_string();
+        let msg = VmConfig::from_json(r#"{"vcpu": 1}"#)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("unknown field `vcpu`"), "{msg}");
     }
 
     #[test]
     fn rejects_bad_json_values_naming_them() {
-        let msg = VmConfig::from_json(r#"{"vcpus": 1000}"#).unwrap_err().to_string();
+        let msg = VmConfig::from_json(r#"{"vcpus": 1000}"#)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("1000"), "{msg}");
+    }
+
+    #[test]
+    fn rejects_a_missing_initrd_naming_the_path() {
+        let c = VmConfig {
+            kernel: Some("/proc/self/exe".into()),
+            initrd: Some("/no/initrd.cpio".into()),
+            ..Default::default()
+        };
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("initrd /no/initrd.cpio"), "{msg}");
+    }
+
+    #[test]
+    fn serial_modes_parse_and_name_bad_values() {
+        assert_eq!("none".parse::<SerialMode>(), Ok(SerialMode::None));
+        assert_eq!(
+            "file:/tmp/x".parse::<SerialMode>(),
+            Ok(SerialMode::File("/tmp/x".into()))
+        );
+        assert!("tty".parse::<SerialMode>().unwrap_err().contains("\"tty\""));
+        assert!("file:".parse::<SerialMode>().is_err());
+    }
+
+    #[test]
+    fn json_takes_every_setting() {
+        let c = VmConfig::from_json(
+            r#"{"vcpus":2,"memory_mib":256,"kernel":"/k","cmdline":"x","initrd":"/i","boot_protocol":"pvh","ring0":"emulated","serial":{"file":"/tmp/s"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.boot_protocol, BootProtocolChoice::Pvh);
+        assert_eq!(c.ring0, Ring0Choice::Emulated);
+        assert_eq!(c.serial, SerialMode::File("/tmp/s".into()));
+        assert!(VmConfig::from_json(r#"{"boot_protocol":"uefi"}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("uefi"));
     }
 
     #[test]
     fn default_cmdline_depends_on_the_kernel() {
         assert_eq!(VmConfig::default().effective_cmdline(), "hello");
-        let linux = VmConfig { kernel: Some("/k".into()), ..Default::default() };
+        let linux = VmConfig {
+            kernel: Some("/k".into()),
+            ..Default::default()
+        };
         assert!(linux.effective_cmdline().contains("console=ttyS0"));
     }
 }

@@ -39,7 +39,10 @@
 mod config;
 mod vm;
 
-pub use config::{VmConfig, DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE, MAX_VCPUS};
+pub use config::{
+    BootProtocolChoice, Ring0Choice, SerialMode, VmConfig, DEFAULT_GUEST_CMDLINE,
+    DEFAULT_LINUX_CMDLINE, MAX_VCPUS,
+};
 pub use vm::{ExitReason, StopHandle, Vm, VmBuilder, VmHandle, DEFAULT_KVM_DEVICE};
 
 /// Errors from building or running a VM.

@@ -71,7 +71,12 @@ impl Control {
             }
         }
         self.stop.store(true, Ordering::Release);
-        for kicker in self.kickers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        for kicker in self
+            .kickers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
             // A thread that already left its loop no longer needs a kick.
             let _ = kicker.kick();
         }
@@ -102,7 +107,9 @@ pub struct VmBuilder {
 
 impl std::fmt::Debug for VmBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmBuilder").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("VmBuilder")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -110,8 +117,9 @@ impl VmBuilder {
     /// Starts from `config`, which must be valid.
     pub fn new(config: VmConfig) -> Result<Self> {
         config.validate()?;
-        let mmio_allocator = AddressAllocator::new(MMIO_DEVICES_START, MMIO_DEVICES_END - MMIO_DEVICES_START)
-            .expect("the MMIO device window is a valid range");
+        let mmio_allocator =
+            AddressAllocator::new(MMIO_DEVICES_START, MMIO_DEVICES_END - MMIO_DEVICES_START)
+                .expect("the MMIO device window is a valid range");
         Ok(VmBuilder {
             config,
             kvm_device: std::path::PathBuf::from(DEFAULT_KVM_DEVICE),
@@ -147,7 +155,11 @@ impl VmBuilder {
 
     /// Registers a device on the MMIO bus at an address chosen from the
     /// 32-bit device window, page aligned, and returns that address.
-    pub fn add_mmio_device(&mut self, size: u64, device: Arc<dyn DeviceMmio + Send + Sync>) -> Result<u64> {
+    pub fn add_mmio_device(
+        &mut self,
+        size: u64,
+        device: Arc<dyn DeviceMmio + Send + Sync>,
+    ) -> Result<u64> {
         let range = self
             .mmio_allocator
             .allocate(size.max(1), 4096, AllocPolicy::FirstMatch)
@@ -157,18 +169,31 @@ impl VmBuilder {
     }
 
     /// Registers a device on the MMIO bus at `base`.
-    pub fn add_mmio_device_at(&mut self, base: u64, size: u64, device: Arc<dyn DeviceMmio + Send + Sync>) -> Result<()> {
+    pub fn add_mmio_device_at(
+        &mut self,
+        base: u64,
+        size: u64,
+        device: Arc<dyn DeviceMmio + Send + Sync>,
+    ) -> Result<()> {
         if (MMIO_DEVICES_START..MMIO_DEVICES_END).contains(&base) {
             self.mmio_allocator
                 .allocate(size.max(1), 1, AllocPolicy::ExactMatch(base))
-                .map_err(|e| Error::DeviceRange(format!("MMIO device at {base:#x} ({size:#x} bytes): {e}")))?;
+                .map_err(|e| {
+                    Error::DeviceRange(format!("MMIO device at {base:#x} ({size:#x} bytes): {e}"))
+                })?;
         }
         self.push_mmio(base, size, device)
     }
 
-    fn push_mmio(&mut self, base: u64, size: u64, device: Arc<dyn DeviceMmio + Send + Sync>) -> Result<()> {
-        let range = MmioRange::new(MmioAddress(base), size)
-            .map_err(|e| Error::DeviceRange(format!("MMIO device at {base:#x} ({size:#x} bytes): {e}")))?;
+    fn push_mmio(
+        &mut self,
+        base: u64,
+        size: u64,
+        device: Arc<dyn DeviceMmio + Send + Sync>,
+    ) -> Result<()> {
+        let range = MmioRange::new(MmioAddress(base), size).map_err(|e| {
+            Error::DeviceRange(format!("MMIO device at {base:#x} ({size:#x} bytes): {e}"))
+        })?;
         if let Some((r, _)) = self.mmio_devices.iter().find(|(r, _)| r.overlaps(&range)) {
             return Err(Error::DeviceRange(format!(
                 "MMIO device at {base:#x} ({size:#x} bytes) overlaps the device at {:#x}",
@@ -180,9 +205,15 @@ impl VmBuilder {
     }
 
     /// Registers a device on the port I/O bus at `base`.
-    pub fn add_pio_device(&mut self, base: u16, size: u16, device: Arc<dyn DevicePio + Send + Sync>) -> Result<()> {
-        let range = PioRange::new(PioAddress(base), size)
-            .map_err(|e| Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}")))?;
+    pub fn add_pio_device(
+        &mut self,
+        base: u16,
+        size: u16,
+        device: Arc<dyn DevicePio + Send + Sync>,
+    ) -> Result<()> {
+        let range = PioRange::new(PioAddress(base), size).map_err(|e| {
+            Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}"))
+        })?;
         self.pio_devices.push((range, device));
         Ok(())
     }
@@ -206,7 +237,9 @@ pub struct Vm {
 
 impl std::fmt::Debug for Vm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vm").field("vcpus", &self.vcpus.len()).finish_non_exhaustive()
+        f.debug_struct("Vm")
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -214,10 +247,14 @@ impl std::fmt::Debug for Vm {
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
 fn open_kvm(path: &std::path::Path) -> Result<Kvm> {
-    let open_error = |source: std::io::Error| Error::OpenKvm { path: path.to_owned(), source };
+    let open_error = |source: std::io::Error| Error::OpenKvm {
+        path: path.to_owned(),
+        source,
+    };
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| open_error(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-    let kvm = Kvm::new_with_path(&c_path).map_err(|e| open_error(std::io::Error::from_raw_os_error(e.errno())))?;
+    let kvm = Kvm::new_with_path(&c_path)
+        .map_err(|e| open_error(std::io::Error::from_raw_os_error(e.errno())))?;
     let version = kvm.get_api_version();
     if version != kvm_bindings::KVM_API_VERSION as i32 {
         return Err(Error::KvmApiVersion(version));
@@ -235,9 +272,14 @@ impl Vm {
         let kvm = open_kvm(&builder.kvm_device)?;
         let max_vcpus = kvm.get_max_vcpus();
         if usize::from(config.vcpus) > max_vcpus {
-            return Err(Error::Config(format!("vcpus {}: this host's KVM allows at most {max_vcpus}", config.vcpus)));
+            return Err(Error::Config(format!(
+                "vcpus {}: this host's KVM allows at most {max_vcpus}",
+                config.vcpus
+            )));
         }
-        let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
@@ -256,24 +298,46 @@ impl Vm {
         let power: Arc<dyn PowerControl> = control.clone();
 
         let mut io = IoManager::new();
-        let serial_irq: Arc<dyn InterruptLine> = Arc::new(IrqfdLine::new(&vm_fd, u32::from(keel_devices::ports::COM1_IRQ))?);
-        let serial_out = builder.serial_out.unwrap_or_else(|| Box::new(std::io::stdout()));
-        let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, serial_out).map_err(|e| Error::DeviceRange(format!("serial console: {e}")))?));
-        let register_pio = |io: &mut IoManager, base: u16, size: u16, dev: Arc<dyn DevicePio + Send + Sync>| {
-            let range = PioRange::new(PioAddress(base), size)
-                .map_err(|e| Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}")))?;
-            io.register_pio(range, dev)
-                .map_err(|e| Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}")))
-        };
+        let serial_irq: Arc<dyn InterruptLine> = Arc::new(IrqfdLine::new(
+            &vm_fd,
+            u32::from(keel_devices::ports::COM1_IRQ),
+        )?);
+        let serial_out = builder
+            .serial_out
+            .unwrap_or_else(|| Box::new(std::io::stdout()));
+        let serial = Arc::new(Mutex::new(
+            SerialConsole::new(serial_irq, serial_out)
+                .map_err(|e| Error::DeviceRange(format!("serial console: {e}")))?,
+        ));
+        let register_pio =
+            |io: &mut IoManager, base: u16, size: u16, dev: Arc<dyn DevicePio + Send + Sync>| {
+                let range = PioRange::new(PioAddress(base), size).map_err(|e| {
+                    Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}"))
+                })?;
+                io.register_pio(range, dev).map_err(|e| {
+                    Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}"))
+                })
+            };
         register_pio(&mut io, keel_devices::ports::COM1, 8, serial)?;
-        register_pio(&mut io, keel_devices::ports::I8042, 5, Arc::new(Mutex::new(I8042Reset::new(power.clone()))))?;
-        register_pio(&mut io, keel_devices::ports::EXIT_PORT, 1, Arc::new(Mutex::new(ExitPort::new(power))))?;
+        register_pio(
+            &mut io,
+            keel_devices::ports::I8042,
+            5,
+            Arc::new(Mutex::new(I8042Reset::new(power.clone()))),
+        )?;
+        register_pio(
+            &mut io,
+            keel_devices::ports::EXIT_PORT,
+            1,
+            Arc::new(Mutex::new(ExitPort::new(power))),
+        )?;
         for (range, dev) in builder.pio_devices {
             register_pio(&mut io, range.base().0, range.size(), dev)?;
         }
         for (range, dev) in builder.mmio_devices {
-            io.register_mmio(range, dev)
-                .map_err(|e| Error::DeviceRange(format!("MMIO device at {:#x}: {e}", range.base().0)))?;
+            io.register_mmio(range, dev).map_err(|e| {
+                Error::DeviceRange(format!("MMIO device at {:#x}: {e}", range.base().0))
+            })?;
         }
 
         let kernel = match &config.kernel {
@@ -304,7 +368,13 @@ impl Vm {
             vcpus.push(vcpu);
         }
 
-        Ok(Vm { control, io: Arc::new(io), vcpus, mem, _vm_fd: vm_fd })
+        Ok(Vm {
+            control,
+            io: Arc::new(io),
+            vcpus,
+            mem,
+            _vm_fd: vm_fd,
+        })
     }
 
     /// The guest's memory.
@@ -314,7 +384,13 @@ impl Vm {
 
     /// Starts one thread per vCPU.
     pub fn start(self) -> Result<VmHandle> {
-        let Vm { control, io, vcpus, mem, _vm_fd } = self;
+        let Vm {
+            control,
+            io,
+            vcpus,
+            mem,
+            _vm_fd,
+        } = self;
         let mut threads = Vec::with_capacity(vcpus.len());
         for mut vcpu in vcpus {
             let control_for_thread = control.clone();
@@ -352,7 +428,12 @@ impl Vm {
         if control.stop.load(Ordering::Acquire) {
             control.finish(Ok(ExitReason::Stopped));
         }
-        Ok(VmHandle { control, threads, _mem: mem, _vm_fd })
+        Ok(VmHandle {
+            control,
+            threads,
+            _mem: mem,
+            _vm_fd,
+        })
     }
 
     /// Starts the VM and waits for it to end.
@@ -386,7 +467,9 @@ pub struct VmHandle {
 
 impl std::fmt::Debug for VmHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VmHandle").field("vcpu_threads", &self.threads.len()).finish_non_exhaustive()
+        f.debug_struct("VmHandle")
+            .field("vcpu_threads", &self.threads.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -413,12 +496,18 @@ impl StopHandle {
 impl VmHandle {
     /// A handle that stops this VM from another thread.
     pub fn stop_handle(&self) -> StopHandle {
-        StopHandle { control: self.control.clone() }
+        StopHandle {
+            control: self.control.clone(),
+        }
     }
 
     /// Whether the VM has ended (wait would not block).
     pub fn is_finished(&self) -> bool {
-        self.control.outcome.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+        self.control
+            .outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
     }
 
     /// Waits for the VM to end and says why.
@@ -428,7 +517,10 @@ impl VmHandle {
 
     /// Like [`VmHandle::wait`], but gives the handle back if the VM is still
     /// running after `timeout`.
-    pub fn wait_timeout(mut self, timeout: Duration) -> std::result::Result<Result<ExitReason>, VmHandle> {
+    pub fn wait_timeout(
+        mut self,
+        timeout: Duration,
+    ) -> std::result::Result<Result<ExitReason>, VmHandle> {
         match self.wait_inner(Some(timeout)) {
             Some(r) => Ok(r),
             None => Err(self),
@@ -437,16 +529,28 @@ impl VmHandle {
 
     fn wait_inner(&mut self, timeout: Option<Duration>) -> Option<Result<ExitReason>> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
-        let mut slot = self.control.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self
+            .control
+            .outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         while slot.is_none() {
             slot = match deadline {
-                None => self.control.finished.wait(slot).unwrap_or_else(|e| e.into_inner()),
+                None => self
+                    .control
+                    .finished
+                    .wait(slot)
+                    .unwrap_or_else(|e| e.into_inner()),
                 Some(d) => {
                     let left = d.saturating_duration_since(std::time::Instant::now());
                     if left.is_zero() {
                         return None;
                     }
-                    self.control.finished.wait_timeout(slot, left).unwrap_or_else(|e| e.into_inner()).0
+                    self.control
+                        .finished
+                        .wait_timeout(slot, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
                 }
             };
         }

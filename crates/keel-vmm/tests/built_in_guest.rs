@@ -31,13 +31,20 @@ impl Console {
 }
 
 fn config() -> VmConfig {
-    VmConfig { memory_mib: 32, ..Default::default() }
+    VmConfig {
+        memory_mib: 32,
+        ..Default::default()
+    }
 }
 
 /// Runs the guest program `cmdline`, failing the test if it hangs.
 fn run_guest(builder: VmBuilder, cmdline: &str) -> (keel_vmm::Result<ExitReason>, String) {
     let console = Console::default();
-    let vm = builder.cmdline(cmdline).serial_output(console.clone()).build().unwrap();
+    let vm = builder
+        .cmdline(cmdline)
+        .serial_output(console.clone())
+        .build()
+        .unwrap();
     let handle = vm.start().unwrap();
     let result = match handle.wait_timeout(Duration::from_secs(20)) {
         Ok(r) => r,
@@ -96,8 +103,13 @@ impl MutDeviceMmio for ScratchDevice {
 #[test]
 fn guest_reads_a_user_registered_mmio_device() {
     let mut builder = VmBuilder::new(config()).unwrap();
-    let addr = builder.add_mmio_device(0x1000, Arc::new(Mutex::new(ScratchDevice::default()))).unwrap();
-    let (result, console) = run_guest(builder, &format!("hello mmio={:#x} expect=0x4b45454c", addr + 8));
+    let addr = builder
+        .add_mmio_device(0x1000, Arc::new(Mutex::new(ScratchDevice::default())))
+        .unwrap();
+    let (result, console) = run_guest(
+        builder,
+        &format!("hello mmio={:#x} expect=0x4b45454c", addr + 8),
+    );
     assert_eq!(result.unwrap(), ExitReason::GuestExit(0), "{console}");
     assert!(console.contains("0x4b45454c"), "{console}");
 }
@@ -115,8 +127,13 @@ fn guest_drives_a_user_defined_read_write_device() {
 #[test]
 fn wrong_mmio_value_makes_the_guest_fail() {
     let mut builder = VmBuilder::new(config()).unwrap();
-    let addr = builder.add_mmio_device(0x1000, Arc::new(Mutex::new(ScratchDevice::default()))).unwrap();
-    let (result, console) = run_guest(builder, &format!("hello mmio={:#x} expect=0x1234", addr + 8));
+    let addr = builder
+        .add_mmio_device(0x1000, Arc::new(Mutex::new(ScratchDevice::default())))
+        .unwrap();
+    let (result, console) = run_guest(
+        builder,
+        &format!("hello mmio={:#x} expect=0x1234", addr + 8),
+    );
     assert_eq!(result.unwrap(), ExitReason::GuestExit(1), "{console}");
 }
 
@@ -141,13 +158,21 @@ fn int3_in_ring0_reaches_the_guest_breakpoint_handler() {
 #[test]
 fn triple_fault_is_reported_with_the_vcpu() {
     let (result, console) = run("triple-fault");
-    assert_eq!(result.unwrap(), ExitReason::TripleFault { vcpu: 0 }, "{console}");
+    assert_eq!(
+        result.unwrap(),
+        ExitReason::TripleFault { vcpu: 0 },
+        "{console}"
+    );
 }
 
 #[test]
 fn guest_page_fault_is_reported_by_the_guest() {
     let (result, console) = run("fault");
-    assert_eq!(result.unwrap(), ExitReason::GuestExit(0x80 | 14), "{console}");
+    assert_eq!(
+        result.unwrap(),
+        ExitReason::GuestExit(0x80 | 14),
+        "{console}"
+    );
 }
 
 #[test]
@@ -181,13 +206,26 @@ fn two_vms_run_at_once_in_one_process() {
         })
         .collect();
     let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap().0).collect();
-    assert_eq!(results, vec![ExitReason::GuestExit(10), ExitReason::GuestExit(11)]);
+    assert_eq!(
+        results,
+        vec![ExitReason::GuestExit(10), ExitReason::GuestExit(11)]
+    );
 }
 
 #[test]
 fn two_vms_started_together_both_finish() {
-    let a = VmBuilder::new(config()).unwrap().cmdline("hello").serial_output(Console::default()).build().unwrap();
-    let b = VmBuilder::new(config()).unwrap().cmdline("exit code=5").serial_output(Console::default()).build().unwrap();
+    let a = VmBuilder::new(config())
+        .unwrap()
+        .cmdline("hello")
+        .serial_output(Console::default())
+        .build()
+        .unwrap();
+    let b = VmBuilder::new(config())
+        .unwrap()
+        .cmdline("exit code=5")
+        .serial_output(Console::default())
+        .build()
+        .unwrap();
     let (ha, hb) = (a.start().unwrap(), b.start().unwrap());
     assert_eq!(hb.wait().unwrap(), ExitReason::GuestExit(5));
     assert_eq!(ha.wait().unwrap(), ExitReason::GuestExit(0));
@@ -225,7 +263,11 @@ fn dropping_a_running_vm_stops_its_threads() {
 
 #[test]
 fn guest_with_two_vcpus_runs_on_the_boot_cpu() {
-    let config = VmConfig { vcpus: 2, memory_mib: 32, ..Default::default() };
+    let config = VmConfig {
+        vcpus: 2,
+        memory_mib: 32,
+        ..Default::default()
+    };
     let (result, console) = run_guest(VmBuilder::new(config).unwrap(), "hello");
     assert_eq!(result.unwrap(), ExitReason::GuestExit(0), "{console}");
 }
@@ -234,7 +276,10 @@ fn guest_with_two_vcpus_runs_on_the_boot_cpu() {
 fn large_guest_memory_is_not_touched_at_build() {
     // 2 GiB of guest RAM must cost almost nothing until the guest uses it.
     let before = rss_kib();
-    let config = VmConfig { memory_mib: 2048, ..Default::default() };
+    let config = VmConfig {
+        memory_mib: 2048,
+        ..Default::default()
+    };
     let (result, console) = run_guest(VmBuilder::new(config).unwrap(), "exit code=0");
     assert_eq!(result.unwrap(), ExitReason::GuestExit(0), "{console}");
     let grown = rss_kib().saturating_sub(before);
@@ -252,7 +297,10 @@ fn rss_kib() -> u64 {
 
 #[test]
 fn missing_kernel_file_is_a_clear_error() {
-    let config = VmConfig { kernel: Some("/no/such/vmlinux".into()), ..config() };
+    let config = VmConfig {
+        kernel: Some("/no/such/vmlinux".into()),
+        ..config()
+    };
     let err = VmBuilder::new(config).unwrap_err();
     assert!(err.to_string().contains("/no/such/vmlinux"), "{err}");
 }
@@ -261,9 +309,15 @@ fn missing_kernel_file_is_a_clear_error() {
 fn garbage_kernel_file_is_a_clear_error() {
     let path = std::env::temp_dir().join(format!("keel-garbage-kernel-{}", std::process::id()));
     std::fs::write(&path, b"this is not a kernel").unwrap();
-    let config = VmConfig { kernel: Some(path.clone()), ..config() };
+    let config = VmConfig {
+        kernel: Some(path.clone()),
+        ..config()
+    };
     let err = VmBuilder::new(config).unwrap().build().unwrap_err();
     std::fs::remove_file(&path).unwrap();
     let msg = err.to_string();
-    assert!(msg.contains(path.to_str().unwrap()) && msg.contains("neither an ELF"), "{msg}");
+    assert!(
+        msg.contains(path.to_str().unwrap()) && msg.contains("neither an ELF"),
+        "{msg}"
+    );
 }
