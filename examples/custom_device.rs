@@ -80,10 +80,7 @@ fn main() -> ExitCode {
     let result = VmBuilder::new(config).and_then(|mut builder| {
         let addr = builder.add_mmio_device(0x1000, device.clone())?;
         println!("custom_device: scratch device at {addr:#x}");
-        builder
-            .cmdline(format!("mmio-rw mmio={addr:#x}"))
-            .build()?
-            .run()
+        builder.cmdline(format!("mmio-rw mmio={addr:#x}")).build()?.run()
     });
     let device = device.lock().unwrap();
     match result {

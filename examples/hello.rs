@@ -49,10 +49,7 @@ fn main() -> ExitCode {
     let elapsed = started.elapsed();
     match result {
         Ok(ExitReason::GuestExit(0)) => {
-            eprintln!(
-                "hello: guest passed in {:.1} ms",
-                elapsed.as_secs_f64() * 1e3
-            );
+            eprintln!("hello: guest passed in {:.1} ms", elapsed.as_secs_f64() * 1e3);
             ExitCode::SUCCESS
         }
         Ok(other) => {

@@ -83,8 +83,7 @@ fn codegen_options() -> Vec<String> {
 }
 
 fn rerun_for_every_file(dir: &Path) {
-    let entries =
-        fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
+    let entries = fs::read_dir(dir).unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()));
     for entry in entries {
         let path = entry.expect("readable directory entry").path();
         if path.is_dir() {

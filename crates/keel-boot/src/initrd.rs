@@ -14,11 +14,7 @@ const DEFAULT_INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
 /// Where an initrd of `size` bytes goes: as high as possible, page aligned,
 /// below the RAM top under 4 GiB and the kernel's `initrd_addr_max`, and
 /// above the kernel.
-pub fn initrd_address(
-    layout: &GuestLayout,
-    kernel: &KernelImage,
-    size: u64,
-) -> Result<GuestAddress> {
+pub fn initrd_address(layout: &GuestLayout, kernel: &KernelImage, size: u64) -> Result<GuestAddress> {
     let addr_max = kernel
         .setup_header
         .map(|h| u64::from(h.initrd_addr_max))

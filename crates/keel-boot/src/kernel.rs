@@ -52,11 +52,10 @@ where
     image.seek(SeekFrom::Start(0)).map_err(Error::ReadImage)?;
 
     if head.starts_with(ELF_MAGIC) {
-        let loaded =
-            Elf::load(mem, None, image, Some(HIMEM_START)).map_err(|source| Error::Load {
-                format: "ELF",
-                source,
-            })?;
+        let loaded = Elf::load(mem, None, image, Some(HIMEM_START)).map_err(|source| Error::Load {
+            format: "ELF",
+            source,
+        })?;
         let pvh_entry = match loaded.pvh_boot_cap {
             PvhBootCapability::PvhEntryPresent(addr) => Some(addr),
             _ => None,
@@ -69,11 +68,10 @@ where
             pvh_entry,
         })
     } else if head.get(BZIMAGE_MAGIC_OFFSET..BZIMAGE_MAGIC_OFFSET + 4) == Some(BZIMAGE_MAGIC) {
-        let loaded =
-            BzImage::load(mem, None, image, Some(HIMEM_START)).map_err(|source| Error::Load {
-                format: "bzImage",
-                source,
-            })?;
+        let loaded = BzImage::load(mem, None, image, Some(HIMEM_START)).map_err(|source| Error::Load {
+            format: "bzImage",
+            source,
+        })?;
         Ok(KernelImage {
             entry: GuestAddress(loaded.kernel_load.0 + BZIMAGE_ENTRY_64_OFFSET),
             protocol: BootProtocol::Linux64,

@@ -90,7 +90,9 @@ pub enum Error {
         cpus: u8,
     },
     /// The initrd does not fit anywhere the kernel can reach.
-    #[error("initrd of {size} bytes does not fit below {max_addr:#x} above the kernel (ends at {kernel_end:#x})")]
+    #[error(
+        "initrd of {size} bytes does not fit below {max_addr:#x} above the kernel (ends at {kernel_end:#x})"
+    )]
     InitrdTooLarge {
         /// Initrd size.
         size: u64,

@@ -29,10 +29,7 @@ const INT_TYPE_EXTINT: u8 = 3;
 const BUS_ID_ISA: u8 = 0;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes
-        .iter()
-        .fold(0u8, |a, b| a.wrapping_add(*b))
-        .wrapping_neg()
+    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
 }
 
 /// The table for `cpus` CPUs, as bytes to be placed at `addr`: the
@@ -61,11 +58,7 @@ pub fn mptable_bytes(cpus: u8, addr: GuestAddress) -> Result<Vec<u8>> {
     // The 8259's output reaches IOAPIC pin 0 as ExtINT; every other ISA IRQ
     // goes to the pin of the same number with the bus's default polarity.
     for irq in 0..IOAPIC_PINS {
-        let kind = if irq == 0 {
-            INT_TYPE_EXTINT
-        } else {
-            INT_TYPE_INT
-        };
+        let kind = if irq == 0 { INT_TYPE_EXTINT } else { INT_TYPE_INT };
         entries.extend_from_slice(&[ENTRY_IOINT, kind, 0, 0, BUS_ID_ISA, irq, ioapic_id, irq]);
         count += 1;
     }
@@ -162,10 +155,7 @@ mod tests {
     fn ioapic_follows_the_cpus_and_isa_irqs_map_to_their_pins() {
         let t = mptable_bytes(2, EBDA_START).unwrap();
         let rest = &t[16 + 44 + 2 * 20..];
-        assert_eq!(
-            &rest[..8],
-            &[ENTRY_BUS, 0, b'I', b'S', b'A', b' ', b' ', b' ']
-        );
+        assert_eq!(&rest[..8], &[ENTRY_BUS, 0, b'I', b'S', b'A', b' ', b' ', b' ']);
         assert_eq!(rest[8..12], [ENTRY_IOAPIC, 2, IOAPIC_VERSION, 1]);
         let irq4 = &rest[16 + 4 * 8..16 + 5 * 8];
         assert_eq!(irq4, &[ENTRY_IOINT, INT_TYPE_INT, 0, 0, 0, 4, 2, 4]);

@@ -2,9 +2,7 @@
 //! page for kernels with a `XEN_ELFNOTE_PHYS32_ENTRY` note.
 
 use keel_memory::{GuestLayout, GuestMemoryMmap, CMDLINE_START, PVH_INFO_START};
-use linux_loader::loader::elf::start_info::{
-    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
-};
+use linux_loader::loader::elf::start_info::{hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::{e820_map, Error, Result};
@@ -42,8 +40,7 @@ pub fn write_pvh_start_info(
             })?;
         start_info.nr_modules = 1;
         start_info.modlist_paddr = modlist_addr.0;
-        memmap_addr =
-            GuestAddress(modlist_addr.0 + std::mem::size_of::<hvm_modlist_entry>() as u64);
+        memmap_addr = GuestAddress(modlist_addr.0 + std::mem::size_of::<hvm_modlist_entry>() as u64);
     }
     let map = e820_map(layout);
     for (i, entry) in map.iter().enumerate() {
@@ -53,9 +50,7 @@ pub fn write_pvh_start_info(
             type_: entry.kind,
             reserved: 0,
         };
-        let at = GuestAddress(
-            memmap_addr.0 + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64,
-        );
+        let at = GuestAddress(memmap_addr.0 + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64);
         mem.write_obj(e, at).map_err(|source| Error::GuestMemory {
             what: "PVH memory map",
             addr: at.0,
@@ -82,8 +77,7 @@ mod tests {
     fn start_info_points_at_cmdline_memmap_and_initrd() {
         let layout = GuestLayout::new(64 * MIB).unwrap();
         let mem = layout.create_memory().unwrap();
-        let at =
-            write_pvh_start_info(&mem, &layout, Some((GuestAddress(0x300_0000), 1234))).unwrap();
+        let at = write_pvh_start_info(&mem, &layout, Some((GuestAddress(0x300_0000), 1234))).unwrap();
         let info: hvm_start_info = mem.read_obj(at).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.cmdline_paddr, CMDLINE_START.0);
@@ -91,9 +85,7 @@ mod tests {
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x300_0000, 1234));
         assert_eq!(info.memmap_entries, 3);
-        let last: hvm_memmap_table_entry = mem
-            .read_obj(GuestAddress(info.memmap_paddr + 2 * 24))
-            .unwrap();
+        let last: hvm_memmap_table_entry = mem.read_obj(GuestAddress(info.memmap_paddr + 2 * 24)).unwrap();
         assert_eq!((last.addr, last.size, last.type_), (0x10_0000, 63 * MIB, 1));
     }
 

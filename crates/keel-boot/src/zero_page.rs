@@ -41,12 +41,7 @@ impl BootConfig {
     /// Writes the command line at [`CMDLINE_START`] and the boot
     /// information the kernel's protocol wants: the zero page at
     /// [`ZERO_PAGE_START`] (Linux 64-bit) or `hvm_start_info` (PVH).
-    pub fn write(
-        &self,
-        mem: &GuestMemoryMmap,
-        layout: &GuestLayout,
-        kernel: &KernelImage,
-    ) -> Result<()> {
+    pub fn write(&self, mem: &GuestMemoryMmap, layout: &GuestLayout, kernel: &KernelImage) -> Result<()> {
         let bytes = self.cmdline.as_bytes();
         if let Some(offset) = bytes.iter().position(|&b| b == 0) {
             return Err(Error::CmdlineNul { offset });
@@ -161,9 +156,7 @@ mod tests {
     #[test]
     fn rejects_a_command_line_with_nul() {
         let (layout, mem, kernel) = setup();
-        let err = BootConfig::new("a\0b")
-            .write(&mem, &layout, &kernel)
-            .unwrap_err();
+        let err = BootConfig::new("a\0b").write(&mem, &layout, &kernel).unwrap_err();
         assert!(matches!(err, Error::CmdlineNul { offset: 1 }));
     }
 }

@@ -4,11 +4,16 @@
 //! `VmConfig`; the serial console is this process's stdout. Without
 //! `--kernel` it boots Keel's built-in test guest.
 
+mod terminal;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use clap::Parser;
-use keel_vmm::{ExitReason, VmBuilder, VmConfig};
+use keel_vmm::{BootProtocolChoice, ExitReason, Ring0Choice, SerialMode, VmBuilder, VmConfig};
+use terminal::{EscapeFilter, RawMode, StdinFd};
 
 /// Run a KVM virtual machine.
 ///
@@ -27,6 +32,25 @@ struct Args {
     /// Kernel command line.
     #[arg(long, value_name = "STR")]
     cmdline: Option<String>,
+
+    /// Initial RAM disk (initramfs) for a Linux kernel.
+    #[arg(long, value_name = "PATH")]
+    initrd: Option<PathBuf>,
+
+    /// Serial console: none, stdio (output to stdout, input from stdin;
+    /// on a terminal, Ctrl-A x quits) or file:PATH [default: stdio].
+    #[arg(long, value_name = "MODE")]
+    serial: Option<SerialMode>,
+
+    /// How to enter the kernel: auto (PVH when the ELF has a PVH note),
+    /// linux64 or pvh [default: auto].
+    #[arg(long, value_name = "PROTOCOL", value_parser = parse_boot_protocol)]
+    boot_protocol: Option<BootProtocolChoice>,
+
+    /// Whether this host's KVM emulates guest ring 0 (then Linux gets
+    /// workarounds): auto (probe), hardware or emulated [default: auto].
+    #[arg(long, value_name = "MODE", value_parser = parse_ring0)]
+    ring0: Option<Ring0Choice>,
 
     /// Number of vCPUs [default: 1].
     #[arg(long, value_name = "N")]
@@ -50,6 +74,24 @@ struct Args {
     log_level: String,
 }
 
+fn parse_boot_protocol(s: &str) -> Result<BootProtocolChoice, String> {
+    match s {
+        "auto" => Ok(BootProtocolChoice::Auto),
+        "linux64" => Ok(BootProtocolChoice::Linux64),
+        "pvh" => Ok(BootProtocolChoice::Pvh),
+        _ => Err(format!("boot protocol {s:?}: expected auto, linux64 or pvh")),
+    }
+}
+
+fn parse_ring0(s: &str) -> Result<Ring0Choice, String> {
+    match s {
+        "auto" => Ok(Ring0Choice::Auto),
+        "hardware" => Ok(Ring0Choice::Hardware),
+        "emulated" => Ok(Ring0Choice::Emulated),
+        _ => Err(format!("ring0 {s:?}: expected auto, hardware or emulated")),
+    }
+}
+
 /// Parses `512`, `512M`, `2G`, `1T`, `65536K` into MiB.
 fn parse_size_mib(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -57,9 +99,9 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
         Some(i) => s.split_at(i),
         None => (s, "M"),
     };
-    let n: u64 = digits.parse().map_err(|_| {
-        format!("memory size {s:?}: expected a number with an optional K, M, G or T suffix")
-    })?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("memory size {s:?}: expected a number with an optional K, M, G or T suffix"))?;
     let overflow = || format!("memory size {s:?}: too large");
     match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
         "K" => {
@@ -80,10 +122,9 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
 fn config_from(args: &Args) -> Result<VmConfig, String> {
     let mut config = match &args.config {
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("config file {}: {e}", path.display()))?;
-            VmConfig::from_json(&text)
-                .map_err(|e| format!("config file {}: {e}", path.display()))?
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
+            VmConfig::from_json(&text).map_err(|e| format!("config file {}: {e}", path.display()))?
         }
         None => VmConfig::default(),
     };
@@ -99,31 +140,55 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
     if let Some(m) = args.memory {
         config.memory_mib = m;
     }
+    if let Some(i) = &args.initrd {
+        config.initrd = Some(i.clone());
+    }
+    if let Some(s) = &args.serial {
+        config.serial = s.clone();
+    }
+    if let Some(p) = args.boot_protocol {
+        config.boot_protocol = p;
+    }
+    if let Some(r) = args.ring0 {
+        config.ring0 = r;
+    }
     Ok(config)
 }
 
-fn run(args: &Args) -> Result<ExitReason, String> {
+fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
     let config = config_from(args)?;
-    let vm = VmBuilder::new(config)
-        .and_then(|b| b.kvm_device(&args.kvm_device).build())
+    let stdio = config.serial == SerialMode::Stdio;
+    let mut builder = VmBuilder::new(config)
+        .map_err(|e| e.to_string())?
+        .kvm_device(&args.kvm_device)
+        .start_time(process_start);
+    let stop = Arc::new(OnceLock::new());
+    let mut _raw_mode = None;
+    if stdio && terminal::stdin_is_pollable() {
+        _raw_mode = RawMode::enable(libc::STDIN_FILENO);
+        builder = builder.serial_input(EscapeFilter::new(StdinFd, stop.clone()));
+    }
+    let handle = builder
+        .build()
+        .and_then(|vm| vm.start())
         .map_err(|e| e.to_string())?;
-    vm.run().map_err(|e| e.to_string())
+    let _ = stop.set(handle.stop_handle());
+    handle.wait().map_err(|e| e.to_string())
 }
 
 fn main() -> ExitCode {
+    let process_start = Instant::now();
     let args = Args::parse();
     env_logger::Builder::new()
         .parse_filters(&args.log_level)
         .parse_env("RUST_LOG")
         .format_target(false)
         .init();
-    match run(&args) {
+    match run(&args, process_start) {
         Ok(reason) => {
             eprintln!("keel: VM ended: {reason}");
             match reason {
-                ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => {
-                    ExitCode::SUCCESS
-                }
+                ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => ExitCode::SUCCESS,
                 ExitReason::GuestExit(status) => ExitCode::from(status),
                 ExitReason::TripleFault { .. } => ExitCode::FAILURE,
             }
@@ -152,9 +217,7 @@ mod tests {
     #[test]
     fn bad_sizes_name_the_value() {
         assert!(parse_size_mib("lots").unwrap_err().contains("\"lots\""));
-        assert!(parse_size_mib("3X")
-            .unwrap_err()
-            .contains("unknown unit \"X\""));
+        assert!(parse_size_mib("3X").unwrap_err().contains("unknown unit \"X\""));
         assert!(parse_size_mib("99999999999999999999T")
             .unwrap_err()
             .contains("99999999999999999999T"));

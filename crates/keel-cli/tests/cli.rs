@@ -71,7 +71,7 @@ fn zero_memory_is_one_clear_error() {
 
 #[test]
 fn absurd_memory_is_one_clear_error() {
-    assert_one_line_error(&["--memory", "100T"], "memory 104857600 MiB");
+    assert_one_line_error(&["--memory", "100T"], "(104857600 MiB)");
 }
 
 #[test]

@@ -21,10 +21,7 @@ pub struct BootTimer {
 impl BootTimer {
     /// A timer counting from `start`.
     pub fn new(start: Instant) -> Self {
-        BootTimer {
-            start,
-            reached: None,
-        }
+        BootTimer { start, reached: None }
     }
 
     /// How long after `start` the guest signalled, if it has.

@@ -57,10 +57,7 @@ impl MutDevicePio for ExitPort {
     fn pio_read(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         data.fill(UNDECODED_READ);
         self.ignored_accesses += 1;
-        log::debug!(
-            "exit port: ignored {}-byte read at offset {offset}",
-            data.len()
-        );
+        log::debug!("exit port: ignored {}-byte read at offset {offset}", data.len());
     }
 
     fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {

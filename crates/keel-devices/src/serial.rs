@@ -158,10 +158,7 @@ impl<W: Write + Send> SerialConsole<W> {
     /// lock the guest's accesses go through, after finding the FIFO full, so
     /// the notification cannot be missed.
     pub(crate) fn notify_when_input_drained(&self) {
-        self.uart
-            .events()
-            .drain_wanted
-            .store(true, Ordering::SeqCst);
+        self.uart.events().drain_wanted.store(true, Ordering::SeqCst);
     }
 
     /// A handle on the eventfd that
@@ -188,9 +185,7 @@ impl<W: Write + Send> SerialConsole<W> {
             UartError::IOError(e) => {
                 // Already counted by `ConsoleEvents::tx_lost_byte`.
                 if self.lost_output_bytes() == 1 {
-                    log::warn!(
-                        "serial: output byte lost: {e} (further losses are logged at debug level)"
-                    );
+                    log::warn!("serial: output byte lost: {e} (further losses are logged at debug level)");
                 } else {
                     log::debug!("serial: output byte lost: {e}");
                 }
@@ -355,10 +350,7 @@ mod tests {
 
         write(&mut console, IER, IER_THRE);
         let after_enable = irq.count();
-        assert_eq!(
-            after_enable, 1,
-            "enabling THRE with an empty THR interrupts"
-        );
+        assert_eq!(after_enable, 1, "enabling THRE with an empty THR interrupts");
         assert_eq!(read(&mut console, IIR) & 0x0f, IIR_THRE);
 
         write(&mut console, DATA, b'b');
@@ -460,16 +452,9 @@ mod tests {
 
         let failures = console.interrupt_failures();
         let err = console.enqueue_input(b"in").unwrap_err();
-        assert!(
-            matches!(err, Error::InputInterrupt { queued: 2, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, Error::InputInterrupt { queued: 2, .. }), "{err:?}");
         assert_eq!(console.interrupt_failures(), failures + 1);
-        assert_eq!(
-            read(&mut console, DATA),
-            b'i',
-            "the input was queued anyway"
-        );
+        assert_eq!(read(&mut console, DATA), b'i', "the input was queued anyway");
     }
 
     #[test]
@@ -491,11 +476,7 @@ mod tests {
             assert!(data.iter().all(|&b| b == 0xff), "{len}-byte read: {data:?}");
         }
         assert_eq!(console.ignored_accesses(), 4);
-        assert_eq!(
-            read(&mut console, DATA),
-            b'x',
-            "ignored reads consume nothing"
-        );
+        assert_eq!(read(&mut console, DATA), b'x', "ignored reads consume nothing");
     }
 
     #[test]

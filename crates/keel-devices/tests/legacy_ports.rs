@@ -3,9 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use keel_devices::{
-    ports, ExitPort, I8042Reset, PowerRequest, RecordingPowerControl, SerialConsole,
-};
+use keel_devices::{ports, ExitPort, I8042Reset, PowerRequest, RecordingPowerControl, SerialConsole};
 use keel_irq::RecordingLine;
 use vm_device::bus::{self, PioAddress};
 use vm_device::device_manager::{IoManager, PioManager};
@@ -25,8 +23,7 @@ fn machine() -> Machine {
     ));
 
     let mut io = IoManager::new();
-    io.register_pio(ports::com1_range(), console.clone())
-        .unwrap();
+    io.register_pio(ports::com1_range(), console.clone()).unwrap();
     io.register_pio(
         ports::i8042_range(),
         Arc::new(Mutex::new(I8042Reset::new(power.clone()))),

@@ -158,8 +158,7 @@ mod tests {
 
     /// (p_type, p_filesz, p_vaddr, p_paddr, p_memsz) of every program header.
     fn program_headers() -> Vec<(u32, u64, u64, u64, u64)> {
-        let (phoff, phentsize, phnum) =
-            (u64_at(0x20) as usize, u16_at(0x36) as usize, u16_at(0x38));
+        let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36) as usize, u16_at(0x38));
         (0..usize::from(phnum))
             .map(|i| {
                 let ph = phoff + i * phentsize;
@@ -197,10 +196,7 @@ mod tests {
 
     #[test]
     fn segments_are_identity_mapped_from_the_load_address_below_16_mib() {
-        let loads: Vec<_> = program_headers()
-            .into_iter()
-            .filter(|h| h.0 == PT_LOAD)
-            .collect();
+        let loads: Vec<_> = program_headers().into_iter().filter(|h| h.0 == PT_LOAD).collect();
         assert!(!loads.is_empty());
         assert_eq!(loads[0].2, LOAD_ADDR);
         for (_, filesz, vaddr, paddr, memsz) in loads {

@@ -20,8 +20,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use keel_guest::{
-    exception_status, EXIT_PORT, LOAD_ADDR, SCRATCH_MAGIC, STATUS_BAD_ARGS, STATUS_FAIL,
-    STATUS_PASS,
+    exception_status, EXIT_PORT, LOAD_ADDR, SCRATCH_MAGIC, STATUS_BAD_ARGS, STATUS_FAIL, STATUS_PASS,
 };
 use kvm_bindings::{
     kvm_guest_debug, kvm_pit_config, kvm_segment, kvm_userspace_memory_region, KVM_GUESTDBG_ENABLE,
@@ -61,11 +60,7 @@ enum Outcome {
     /// `KVM_EXIT_SHUTDOWN`: a triple fault.
     Shutdown,
     /// KVM could not emulate the instruction at `rip`.
-    EmulationFailure {
-        suberror: u32,
-        rip: u64,
-        bytes: Vec<u8>,
-    },
+    EmulationFailure { suberror: u32, rip: u64, bytes: Vec<u8> },
     /// The watchdog stopped a guest that ran too long.
     Timeout,
     /// Anything this harness does not expect.
@@ -193,11 +188,9 @@ impl Vm {
         let vm = kvm.create_vm().expect("create VM");
         vm.set_tss_address(0xfffb_d000).expect("set TSS address");
         vm.create_irq_chip().expect("create irqchip");
-        vm.create_pit2(kvm_pit_config::default())
-            .expect("create PIT");
+        vm.create_pit2(kvm_pit_config::default()).expect("create PIT");
 
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
-            .expect("guest memory");
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
         let host_addr = mem
             .get_host_address(GuestAddress(0))
             .expect("host address of RAM");
@@ -280,18 +273,14 @@ impl Vm {
                     data.fill(value);
                 }
                 VcpuExit::MmioRead(addr, data) => {
-                    if (SCRATCH_BASE..SCRATCH_BASE + SCRATCH_SIZE).contains(&addr)
-                        && data.len() == 4
-                    {
+                    if (SCRATCH_BASE..SCRATCH_BASE + SCRATCH_SIZE).contains(&addr) && data.len() == 4 {
                         data.copy_from_slice(&self.scratch.read(addr - SCRATCH_BASE).to_le_bytes());
                     } else {
                         data.fill(0xff);
                     }
                 }
                 VcpuExit::MmioWrite(addr, data) => {
-                    if (SCRATCH_BASE..SCRATCH_BASE + SCRATCH_SIZE).contains(&addr)
-                        && data.len() == 4
-                    {
+                    if (SCRATCH_BASE..SCRATCH_BASE + SCRATCH_SIZE).contains(&addr) && data.len() == 4 {
                         let value = u32::from_le_bytes(data.try_into().expect("4 bytes"));
                         self.scratch.write(addr - SCRATCH_BASE, value);
                     }
@@ -300,8 +289,7 @@ impl Vm {
                 VcpuExit::InternalError => {
                     // SAFETY: on KVM_EXIT_INTERNAL_ERROR the kernel filled
                     // the `internal` member of the exit union.
-                    let suberror =
-                        unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
+                    let suberror = unsafe { self.vcpu.get_kvm_run().__bindgen_anon_1.internal.suberror };
                     match self.emulation_failure(suberror) {
                         Ok(()) => continue,
                         Err(outcome) => return outcome,
@@ -493,8 +481,7 @@ impl Watchdog {
     fn arm(timeout: Duration) -> Self {
         static HANDLER: Once = Once::new();
         HANDLER.call_once(|| {
-            register_signal_handler(SIGRTMIN(), interrupt_kvm_run)
-                .expect("install SIGRTMIN handler")
+            register_signal_handler(SIGRTMIN(), interrupt_kvm_run).expect("install SIGRTMIN handler")
         });
         // SAFETY: pthread_self has no preconditions.
         let target = unsafe { libc::pthread_self() };
@@ -556,10 +543,7 @@ fn hello_prints_banner_with_interrupt_driven_serial_and_passes() {
     eprintln!("{run:?}");
     assert_eq!(run.outcome, Outcome::Exited(STATUS_PASS), "{run:?}");
     assert!(run.serial.contains("Keel test guest: hello\r\n"), "{run:?}");
-    assert!(
-        run.serial.contains("RAM: 31 MiB in 2 e820 entries"),
-        "{run:?}"
-    );
+    assert!(run.serial.contains("RAM: 31 MiB in 2 e820 entries"), "{run:?}");
     assert!(serial_count(&run, " interrupts") > 0, "{run:?}");
     assert!(
         run.serial.contains("keel-guest: hello: PASS (status 0)"),
@@ -571,10 +555,7 @@ fn hello_prints_banner_with_interrupt_driven_serial_and_passes() {
 fn hello_reads_the_mmio_magic_it_is_told_to_expect() {
     let run = run_guest("hello mmio=0xd0000008 expect=0x4b45454c");
     assert_eq!(run.outcome, Outcome::Exited(STATUS_PASS), "{run:?}");
-    assert!(
-        run.serial.contains("mmio[0xd0000008] = 0x4b45454c"),
-        "{run:?}"
-    );
+    assert!(run.serial.contains("mmio[0xd0000008] = 0x4b45454c"), "{run:?}");
 }
 
 #[test]
@@ -605,8 +586,7 @@ fn unknown_program_is_bad_arguments() {
     let run = run_guest("no-such-program");
     assert_eq!(run.outcome, Outcome::Exited(STATUS_BAD_ARGS), "{run:?}");
     assert!(
-        run.serial
-            .contains("FAIL: unknown program \"no-such-program\""),
+        run.serial.contains("FAIL: unknown program \"no-such-program\""),
         "{run:?}"
     );
 }
@@ -634,10 +614,7 @@ fn reset_goes_through_the_i8042() {
 fn int3_in_ring_0_reaches_the_breakpoint_handler() {
     let run = run_guest("int3");
     assert_eq!(run.outcome, Outcome::Exited(STATUS_PASS), "{run:?}");
-    assert!(
-        run.serial.contains("int3: #BP handler ran 1 time(s)"),
-        "{run:?}"
-    );
+    assert!(run.serial.contains("int3: #BP handler ran 1 time(s)"), "{run:?}");
 }
 
 #[test]
@@ -661,14 +638,9 @@ fn bad_instruction_stops_an_emulating_host_or_runs_on_hardware() {
 #[test]
 fn fault_in_ring_3_is_reported_as_a_page_fault() {
     let run = run_guest("fault");
-    assert_eq!(
-        run.outcome,
-        Outcome::Exited(exception_status(14)),
-        "{run:?}"
-    );
+    assert_eq!(run.outcome, Outcome::Exited(exception_status(14)), "{run:?}");
     assert!(
-        run.serial
-            .contains("unexpected exception 14 (#PF) error=0x4"),
+        run.serial.contains("unexpected exception 14 (#PF) error=0x4"),
         "{run:?}"
     );
     assert!(run.serial.contains("cr2=0x700000000000"), "{run:?}");

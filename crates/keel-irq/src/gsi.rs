@@ -92,20 +92,14 @@ mod tests {
     fn allocates_lowest_free_non_legacy_gsis_in_order() {
         let mut gsis = GsiAllocator::new();
         let all: Vec<u32> = std::iter::from_fn(|| gsis.allocate().ok()).collect();
-        assert_eq!(
-            all,
-            [5, 6, 7, 9, 10, 11, 13, 16, 17, 18, 19, 20, 21, 22, 23]
-        );
+        assert_eq!(all, [5, 6, 7, 9, 10, 11, 13, 16, 17, 18, 19, 20, 21, 22, 23]);
     }
 
     #[test]
     fn never_allocates_a_legacy_isa_gsi() {
         let mut gsis = GsiAllocator::new();
         while let Ok(gsi) = gsis.allocate() {
-            assert!(
-                !LEGACY_ISA_GSIS.contains(&gsi),
-                "allocated legacy GSI {gsi}"
-            );
+            assert!(!LEGACY_ISA_GSIS.contains(&gsi), "allocated legacy GSI {gsi}");
         }
         for gsi in LEGACY_ISA_GSIS {
             assert!(!gsis.is_in_use(gsi), "GSI {gsi}");
@@ -122,10 +116,7 @@ mod tests {
         assert!(matches!(err, Error::GsiExhausted), "{err:?}");
         let message = err.to_string();
         assert!(message.contains("0..=23"), "{message}");
-        assert!(
-            message.contains("[0, 1, 2, 3, 4, 8, 12, 14, 15]"),
-            "{message}"
-        );
+        assert!(message.contains("[0, 1, 2, 3, 4, 8, 12, 14, 15]"), "{message}");
     }
 
     #[test]
@@ -164,10 +155,7 @@ mod tests {
         let mut gsis = GsiAllocator::new();
         let err = gsis.reserve(24).unwrap_err();
         assert!(matches!(err, Error::GsiOutOfRange { gsi: 24 }), "{err:?}");
-        assert_eq!(
-            err.to_string(),
-            "GSI 24 is outside the IOAPIC's range 0..=23"
-        );
+        assert_eq!(err.to_string(), "GSI 24 is outside the IOAPIC's range 0..=23");
         assert!(gsis.reserve(u32::MAX).is_err());
         assert!(!gsis.is_in_use(u32::MAX));
     }

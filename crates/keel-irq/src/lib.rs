@@ -51,9 +51,7 @@ pub use line::{InterruptLine, IrqfdLine, RecordingLine};
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// KVM refused to create the in-kernel PIC and IOAPIC.
-    #[error(
-        "KVM_CREATE_IRQCHIP failed: {0} (it must be called once per VM, before any vCPU is created)"
-    )]
+    #[error("KVM_CREATE_IRQCHIP failed: {0} (it must be called once per VM, before any vCPU is created)")]
     CreateIrqchip(#[source] kvm_ioctls::Error),
     /// KVM refused to create the in-kernel PIT.
     #[error("KVM_CREATE_PIT2 with flags {flags:#x} failed: {source}")]

@@ -93,8 +93,8 @@ impl IrqfdLine {
     /// Creates a non-blocking eventfd and attaches it to `gsi` with
     /// `KVM_IRQFD`.
     pub fn new(vm: &VmFd, gsi: u32) -> Result<Self> {
-        let eventfd = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|source| Error::CreateEventFd { gsi, source })?;
+        let eventfd =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|source| Error::CreateEventFd { gsi, source })?;
         vm.register_irqfd(&eventfd, gsi)
             .map_err(|source| Error::RegisterIrqfd { gsi, source })?;
         log::debug!("irqfd attached to GSI {gsi}");
@@ -228,10 +228,7 @@ mod tests {
     fn irqfd_line_requires_an_in_kernel_irqchip() {
         let vm = Kvm::new().unwrap().create_vm().unwrap();
         let err = IrqfdLine::new(&vm, 5).unwrap_err();
-        assert!(
-            matches!(err, Error::RegisterIrqfd { gsi: 5, .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, Error::RegisterIrqfd { gsi: 5, .. }), "{err:?}");
         assert!(err.to_string().contains("GSI 5"), "{err}");
     }
 

@@ -134,10 +134,7 @@ mod tests {
         let layout = GuestLayout::new(4 * GIB).unwrap();
         assert_eq!(
             layout.ram_ranges(),
-            vec![
-                (GuestAddress(0), MMIO_GAP_START),
-                (GuestAddress(4 * GIB), GIB)
-            ]
+            vec![(GuestAddress(0), MMIO_GAP_START), (GuestAddress(4 * GIB), GIB)]
         );
         assert_eq!(layout.ram_end(), GuestAddress(5 * GIB));
         assert_eq!(layout.low_ram_end(), GuestAddress(MMIO_GAP_START));

@@ -77,9 +77,7 @@ pub enum Error {
         source: vm_memory::mmap::FromRangesError,
     },
     /// KVM refused a memory slot.
-    #[error(
-        "KVM_SET_USER_MEMORY_REGION slot {slot} at {guest_addr:#x} ({size:#x} bytes): {source}"
-    )]
+    #[error("KVM_SET_USER_MEMORY_REGION slot {slot} at {guest_addr:#x} ({size:#x} bytes): {source}")]
     SetMemoryRegion {
         /// Slot number.
         slot: u32,
@@ -120,13 +118,11 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<u32> {
         // SAFETY: the host range belongs to `mem`'s mapping, which stays alive
         // for as long as the caller keeps `mem` (it must outlive the VM: the
         // VMM holds both together), and it is exactly `memory_size` bytes.
-        unsafe { vm.set_user_memory_region(memory_region) }.map_err(|source| {
-            Error::SetMemoryRegion {
-                slot,
-                guest_addr: memory_region.guest_phys_addr,
-                size: memory_region.memory_size,
-                source,
-            }
+        unsafe { vm.set_user_memory_region(memory_region) }.map_err(|source| Error::SetMemoryRegion {
+            slot,
+            guest_addr: memory_region.guest_phys_addr,
+            size: memory_region.memory_size,
+            source,
         })?;
         slot += 1;
     }

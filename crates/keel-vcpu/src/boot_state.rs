@@ -3,12 +3,10 @@
 //! general registers, FPU, MSRs and the local APIC's LINT pins.
 
 use keel_memory::{
-    GuestMemoryMmap, BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START,
-    PML4_START, ZERO_PAGE_START,
+    GuestMemoryMmap, BOOT_GDT_START, BOOT_IDT_START, BOOT_STACK_POINTER, PDE_START, PDPTE_START, PML4_START,
+    ZERO_PAGE_START,
 };
-use kvm_bindings::{
-    kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs,
-};
+use kvm_bindings::{kvm_fpu, kvm_lapic_state, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, Msrs};
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::{Error, Result};
@@ -78,12 +76,11 @@ pub fn segment_from_gdt(entry: u64, selector: u16) -> kvm_segment {
 /// enters.
 pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<()> {
     let write = |what: &'static str, addr: GuestAddress, bytes: &[u8]| {
-        mem.write_slice(bytes, addr)
-            .map_err(|source| Error::BootTables {
-                what,
-                addr: addr.0,
-                source,
-            })
+        mem.write_slice(bytes, addr).map_err(|source| Error::BootTables {
+            what,
+            addr: addr.0,
+            source,
+        })
     };
     let gdt: Vec<u8> = BOOT_GDT.iter().flat_map(|e| e.to_le_bytes()).collect();
     write("GDT", BOOT_GDT_START, &gdt)?;
@@ -254,17 +251,9 @@ fn with_delivery_mode(reg: u32, mode: u32) -> u32 {
 /// firmware does on a PC.
 pub fn lint_pins_as_pc(mut state: kvm_lapic_state) -> kvm_lapic_state {
     let lvt0 = lapic_reg(&state, APIC_LVT0);
-    set_lapic_reg(
-        &mut state,
-        APIC_LVT0,
-        with_delivery_mode(lvt0, APIC_MODE_EXTINT),
-    );
+    set_lapic_reg(&mut state, APIC_LVT0, with_delivery_mode(lvt0, APIC_MODE_EXTINT));
     let lvt1 = lapic_reg(&state, APIC_LVT1);
-    set_lapic_reg(
-        &mut state,
-        APIC_LVT1,
-        with_delivery_mode(lvt1, APIC_MODE_NMI),
-    );
+    set_lapic_reg(&mut state, APIC_LVT1, with_delivery_mode(lvt1, APIC_MODE_NMI));
     state
 }
 
@@ -276,10 +265,7 @@ mod tests {
     #[test]
     fn gdt_entry_round_trips_through_segment_decoding() {
         let code = segment_from_gdt(gdt_entry(0xa09b, 0, 0xfffff), 0x10);
-        assert_eq!(
-            (code.base, code.limit, code.selector),
-            (0, 0xffff_ffff, 0x10)
-        );
+        assert_eq!((code.base, code.limit, code.selector), (0, 0xffff_ffff, 0x10));
         assert_eq!(
             (
                 code.type_,
@@ -337,20 +323,14 @@ mod tests {
         let s = pvh_sregs(long_mode_sregs(kvm_sregs::default()));
         assert_eq!(s.cr0 & (X86_CR0_PE | X86_CR0_PG), X86_CR0_PE);
         assert_eq!((s.cr4, s.efer), (0, 0));
-        assert_eq!(
-            (s.cs.db, s.cs.l, s.cs.limit, s.cs.base),
-            (1, 0, 0xffff_ffff, 0)
-        );
+        assert_eq!((s.cs.db, s.cs.l, s.cs.limit, s.cs.base), (1, 0, 0xffff_ffff, 0));
         assert_eq!((s.tr.type_, s.tr.limit), (0xb, 0x67));
     }
 
     #[test]
     fn long_mode_regs_point_rsi_at_zero_page() {
         let r = long_mode_regs(GuestAddress(0x100_0000));
-        assert_eq!(
-            (r.rip, r.rsi, r.rsp, r.rflags),
-            (0x100_0000, 0x7000, 0x8ff0, 2)
-        );
+        assert_eq!((r.rip, r.rsi, r.rsp, r.rflags), (0x100_0000, 0x7000, 0x8ff0, 2));
     }
 
     #[test]

@@ -139,14 +139,7 @@ impl CpuidConfig {
 mod tests {
     use super::*;
 
-    fn entry(
-        function: u32,
-        index: u32,
-        eax: u32,
-        ebx: u32,
-        ecx: u32,
-        edx: u32,
-    ) -> kvm_cpuid_entry2 {
+    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
             function,
             index,

@@ -67,8 +67,8 @@ mod probe;
 mod vcpu;
 
 pub use boot_state::{
-    boot_fpu, boot_msrs, gdt_entry, lint_pins_as_pc, long_mode_regs, long_mode_sregs, msr_index,
-    pvh_regs, pvh_sregs, segment_from_gdt, write_boot_tables, BOOT_CS, BOOT_DS, BOOT_GDT, BOOT_TSS,
+    boot_fpu, boot_msrs, gdt_entry, lint_pins_as_pc, long_mode_regs, long_mode_sregs, msr_index, pvh_regs,
+    pvh_sregs, segment_from_gdt, write_boot_tables, BOOT_CS, BOOT_DS, BOOT_GDT, BOOT_TSS,
 };
 pub use cpuid::{CpuidConfig, KVM_CPUID_FEATURES, KVM_FEATURES_WITHOUT_HYPERCALLS};
 pub use exit_handler::ExitHandler;

@@ -29,11 +29,7 @@ const PROBE_CODE: [u8; 7] = [0xf3, 0x0f, 0xb8, 0xc1, 0xe6, 0x80, 0xf4];
 const PROBE_ADDR: u64 = 0x1000;
 
 fn probe_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> Error {
-    move |source| Error::Kvm {
-        op,
-        vcpu: 0,
-        source,
-    }
+    move |source| Error::Kvm { op, vcpu: 0, source }
 }
 
 /// Runs the probe in a throw-away VM. Takes about a millisecond.

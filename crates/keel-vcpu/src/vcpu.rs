@@ -3,9 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use keel_memory::GuestMemoryMmap;
-use kvm_bindings::{
-    CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
-};
+use kvm_bindings::{CpuId, KVM_INTERNAL_ERROR_EMULATION, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -111,10 +109,7 @@ impl Vcpu {
         let set = self.kvm("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
         if set != msrs.as_slice().len() {
             let index = msrs.as_slice()[set].index;
-            return Err(Error::MsrRejected {
-                vcpu: self.id,
-                index,
-            });
+            return Err(Error::MsrRejected { vcpu: self.id, index });
         }
         Ok(())
     }
@@ -138,10 +133,7 @@ impl Vcpu {
     pub fn configure_pvh_entry(&self, entry: GuestAddress, start_info: GuestAddress) -> Result<()> {
         let sregs = self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?;
         self.kvm("KVM_SET_SREGS", self.fd.set_sregs(&pvh_sregs(sregs)))?;
-        self.kvm(
-            "KVM_SET_REGS",
-            self.fd.set_regs(&pvh_regs(entry, start_info)),
-        )?;
+        self.kvm("KVM_SET_REGS", self.fd.set_regs(&pvh_regs(entry, start_info)))?;
         self.kvm("KVM_SET_FPU", self.fd.set_fpu(&boot_fpu()))
     }
 
@@ -322,9 +314,7 @@ impl Vcpu {
                 RunOutcome::Continue | RunOutcome::Interrupted => {}
                 // With the in-kernel irqchip KVM handles HLT itself; without
                 // it there is nothing to wake us but a kick, so wait for one.
-                RunOutcome::Halted => {
-                    std::thread::park_timeout(std::time::Duration::from_millis(1))
-                }
+                RunOutcome::Halted => std::thread::park_timeout(std::time::Duration::from_millis(1)),
                 RunOutcome::TripleFault => return Ok(VcpuStop::TripleFault),
                 RunOutcome::Reset => return Ok(VcpuStop::Reset),
                 RunOutcome::PowerOff => return Ok(VcpuStop::PowerOff),

@@ -1,9 +1,11 @@
 //! The contract between a virtio device and the transport that exposes it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Error, Result};
 
@@ -18,13 +20,22 @@ use crate::{Error, Result};
 /// 2. The driver may access the configuration space at any time:
 ///    [`read_config`](Self::read_config) and
 ///    [`write_config`](Self::write_config).
-/// 3. When the driver sets `DRIVER_OK`, the transport calls
-///    [`activate`](Self::activate) with guest memory, the queues the driver
-///    configured and the interrupt to signal it with. From then on the device
-///    processes its queues.
+/// 3. When the driver sets `DRIVER_OK`, the transport checks the queues the
+///    driver configured and calls [`activate`](Self::activate) with guest
+///    memory, those queues, one notification eventfd per queue and the
+///    interrupt to signal the guest with. From then on the device processes
+///    its queues.
 /// 4. When the driver writes 0 to the status, the transport calls
 ///    [`reset`](Self::reset); a device that can go back to step 1 returns
 ///    `true`.
+///
+/// # Threads
+///
+/// A transport calls these methods on a vCPU thread, with the device behind a
+/// mutex that the event-loop thread also takes to process the queues. So
+/// [`activate`](Self::activate) and [`reset`](Self::reset) only hand state
+/// over and return; the devices in this crate pick the activation up on the
+/// event loop (see [`crate::Block`] for the pattern).
 ///
 /// # Hostile guests
 ///
@@ -33,11 +44,7 @@ use crate::{Error, Result};
 /// must not panic on any of it: out-of-range config accesses read as zero
 /// and are dropped on write ([`read_config_space`] does the reading), and a
 /// bad request gets an error status in the guest's buffer or puts the device
-/// in `DEVICE_NEEDS_RESET`.
-///
-/// Implementations are `Send`: a transport keeps its device behind a mutex
-/// that vCPU threads (register accesses) and the event-loop thread (queue
-/// processing) share.
+/// in `DEVICE_NEEDS_RESET` ([`VirtioInterrupt::signal_needs_reset`]).
 pub trait VirtioDevice: Send {
     /// The device type ID (one of [`crate::device_type`]).
     fn device_type(&self) -> u32;
@@ -47,13 +54,12 @@ pub trait VirtioDevice: Send {
     fn queue_max_sizes(&self) -> &[u16];
 
     /// The feature bits the device offers, device-independent ones
-    /// ([`crate::features`]) included.
+    /// ([`crate::features`]) included. Constant for the device's lifetime.
     fn features(&self) -> u64;
 
     /// Records the features the driver accepted. The transport calls it when
-    /// the driver sets `FEATURES_OK`; `acked` is what the driver wrote and
-    /// may hold bits the device never offered, which the device must ignore
-    /// (keep `acked & self.features()`).
+    /// the driver sets `FEATURES_OK` and the transport accepted the set;
+    /// implementations still keep only `acked & self.features()`.
     fn ack_features(&mut self, acked: u64);
 
     /// Fills `data` from the configuration space at `offset`. Bytes past the
@@ -64,32 +70,94 @@ pub trait VirtioDevice: Send {
     /// read-only fields or past the end are ignored.
     fn write_config(&mut self, offset: u64, data: &[u8]);
 
-    /// Starts the device: from now on it owns `queues` (one per entry of
-    /// [`queue_max_sizes`](Self::queue_max_sizes), in index order, as the
-    /// driver configured them), reads and writes buffers in `mem`, and
-    /// signals the guest through `interrupt`.
+    /// Starts the device with what the driver set up; see [`Activation`].
     ///
-    /// Fails if the queues do not match the device
-    /// ([`check_queue_count`]), if it is already active, or if its backend
-    /// cannot start; the transport then reports the device as failed to the
-    /// guest.
-    fn activate(
-        &mut self,
-        mem: GuestMemoryMmap,
-        queues: Vec<Queue>,
-        interrupt: Arc<dyn VirtioInterrupt>,
-    ) -> Result<()>;
+    /// Fails if the activation does not match the device
+    /// ([`check_queue_count`]), if the device is already active, or if its
+    /// backend cannot start; the transport then puts the device in
+    /// `DEVICE_NEEDS_RESET`.
+    fn activate(&mut self, activation: Activation) -> Result<()>;
 
     /// Returns the device to its state before negotiation: drops the queues,
-    /// memory and interrupt it was given and forgets the acked features.
-    /// Returns `false` if the device cannot be reset; the transport then
-    /// keeps it out of service rather than activating it again.
+    /// memory, eventfds and interrupt it was given and forgets the acked
+    /// features. When this returns, the device no longer touches guest
+    /// memory. Returns `false` if the device cannot be reset; the transport
+    /// then keeps it out of service rather than activating it again.
     fn reset(&mut self) -> bool;
+}
+
+/// What a transport hands a device when the driver sets `DRIVER_OK`.
+pub struct Activation {
+    /// Guest memory, for the rings and the buffers in them.
+    pub mem: GuestMemoryMmap,
+    /// One queue per entry of [`VirtioDevice::queue_max_sizes`], in index
+    /// order, as the driver configured them (size, ring addresses, `EVENT_IDX`
+    /// enabled if negotiated), already checked against `mem`.
+    pub queues: Vec<Queue>,
+    /// One eventfd per queue, signalled when the driver notifies the queue
+    /// (through a KVM ioeventfd, or by the transport itself).
+    pub queue_events: Vec<EventFd>,
+    /// How the device signals the guest.
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    /// Raised by the transport while the driver is resetting the device.
+    pub stop: StopSignal,
+}
+
+impl std::fmt::Debug for Activation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Activation")
+            .field("queues", &self.queues.len())
+            .field("queue_events", &self.queue_events.len())
+            .field("stop", &self.stop)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A flag a transport raises while it waits to reset a device, so that a
+/// device busy with a long batch of requests stops between two requests and
+/// lets the reset in, instead of finishing the whole batch first.
+///
+/// # Example
+///
+/// ```
+/// use keel_virtio::StopSignal;
+///
+/// let transport_side = StopSignal::new();
+/// let device_side = transport_side.clone();
+/// assert!(!device_side.is_raised());
+/// transport_side.raise();
+/// assert!(device_side.is_raised());
+/// transport_side.lower();
+/// assert!(!device_side.is_raised());
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct StopSignal(Arc<AtomicBool>);
+
+impl StopSignal {
+    /// A lowered signal.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the device to stop taking new requests.
+    pub fn raise(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets the device take requests again.
+    pub fn lower(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+
+    /// Whether the device should stop taking new requests.
+    pub fn is_raised(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
 }
 
 /// How a device signals the guest; provided by the transport.
 ///
-/// Over MMIO both signals set a bit in the interrupt status register and
+/// Over MMIO all signals set a bit in the interrupt status register and
 /// raise the device's interrupt line; over PCI with MSI-X each may be its own
 /// vector. A device only says *why* it interrupts.
 pub trait VirtioInterrupt: Send + Sync {
@@ -98,6 +166,12 @@ pub trait VirtioInterrupt: Send + Sync {
 
     /// Tells the guest that the configuration space changed.
     fn signal_config_change(&self) -> Result<()>;
+
+    /// Puts the device in `DEVICE_NEEDS_RESET` and tells the guest (with a
+    /// configuration change notification): the device hit an error it cannot
+    /// recover from without a reset, such as a driver breaking the ring's
+    /// rules.
+    fn signal_needs_reset(&self) -> Result<()>;
 }
 
 /// One signal sent through a [`RecordingInterrupt`].
@@ -107,6 +181,8 @@ pub enum VirtioSignal {
     UsedQueue(u16),
     /// [`VirtioInterrupt::signal_config_change`].
     ConfigChange,
+    /// [`VirtioInterrupt::signal_needs_reset`].
+    NeedsReset,
 }
 
 /// A test double for [`VirtioInterrupt`] that records every signal in order.
@@ -161,6 +237,11 @@ impl VirtioInterrupt for RecordingInterrupt {
         self.record(VirtioSignal::ConfigChange);
         Ok(())
     }
+
+    fn signal_needs_reset(&self) -> Result<()> {
+        self.record(VirtioSignal::NeedsReset);
+        Ok(())
+    }
 }
 
 /// Fills `data` from `space` (a device's configuration space) at `offset`,
@@ -179,26 +260,24 @@ impl VirtioInterrupt for RecordingInterrupt {
 /// ```
 pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
     data.fill(0);
-    let Some(available) = usize::try_from(offset)
-        .ok()
-        .and_then(|start| space.get(start..))
-    else {
+    let Some(available) = usize::try_from(offset).ok().and_then(|start| space.get(start..)) else {
         return;
     };
     let len = available.len().min(data.len());
     data[..len].copy_from_slice(&available[..len]);
 }
 
-/// Checks that `queues` has one queue per entry of `device`'s
-/// [`queue_max_sizes`](VirtioDevice::queue_max_sizes); for the start of
-/// [`VirtioDevice::activate`].
-pub fn check_queue_count<D: VirtioDevice + ?Sized>(device: &D, queues: &[Queue]) -> Result<()> {
+/// Checks that `activation` has one queue and one queue eventfd per entry of
+/// `device`'s [`queue_max_sizes`](VirtioDevice::queue_max_sizes); for the
+/// start of [`VirtioDevice::activate`].
+pub fn check_queue_count<D: VirtioDevice + ?Sized>(device: &D, activation: &Activation) -> Result<()> {
     let expected = device.queue_max_sizes().len();
-    if queues.len() != expected {
+    let provided = activation.queues.len().min(activation.queue_events.len());
+    if activation.queues.len() != expected || activation.queue_events.len() != expected {
         return Err(Error::WrongQueueCount {
             device_type: device.device_type(),
             expected,
-            provided: queues.len(),
+            provided,
         });
     }
     Ok(())
@@ -218,7 +297,7 @@ mod tests {
     struct TwoQueueDevice {
         config: [u8; 8],
         acked: u64,
-        active: Option<(GuestMemoryMmap, Vec<Queue>, Arc<dyn VirtioInterrupt>)>,
+        active: Option<Activation>,
     }
 
     impl VirtioDevice for TwoQueueDevice {
@@ -242,20 +321,15 @@ mod tests {
                 self.config[4..].copy_from_slice(data);
             }
         }
-        fn activate(
-            &mut self,
-            mem: GuestMemoryMmap,
-            queues: Vec<Queue>,
-            interrupt: Arc<dyn VirtioInterrupt>,
-        ) -> Result<()> {
+        fn activate(&mut self, activation: Activation) -> Result<()> {
             if self.active.is_some() {
                 return Err(Error::AlreadyActive {
                     device_type: self.device_type(),
                 });
             }
-            check_queue_count(self, &queues)?;
-            interrupt.signal_config_change()?;
-            self.active = Some((mem, queues, interrupt));
+            check_queue_count(self, &activation)?;
+            activation.interrupt.signal_config_change()?;
+            self.active = Some(activation);
             Ok(())
         }
         fn reset(&mut self) -> bool {
@@ -265,16 +339,14 @@ mod tests {
         }
     }
 
-    fn memory() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
-    }
-
-    fn queues(device: &dyn VirtioDevice) -> Vec<Queue> {
-        device
-            .queue_max_sizes()
-            .iter()
-            .map(|&size| Queue::new(size).unwrap())
-            .collect()
+    fn activation(sizes: &[u16], interrupt: Arc<dyn VirtioInterrupt>) -> Activation {
+        Activation {
+            mem: GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap(),
+            queues: sizes.iter().map(|&s| Queue::new(s).unwrap()).collect(),
+            queue_events: sizes.iter().map(|_| EventFd::new(0).unwrap()).collect(),
+            interrupt,
+            stop: StopSignal::new(),
+        }
     }
 
     #[test]
@@ -321,14 +393,13 @@ mod tests {
     fn activation_hands_the_device_its_queues_memory_and_interrupt() {
         let mut device = TwoQueueDevice::default();
         let interrupt = Arc::new(RecordingInterrupt::new());
-        let queues = queues(&device);
 
         device
-            .activate(memory(), queues, interrupt.clone())
+            .activate(activation(&[64, 128], interrupt.clone()))
             .unwrap();
 
-        let (_, queues, _) = device.active.as_ref().unwrap();
-        let sizes: Vec<u16> = queues.iter().map(|q| q.max_size()).collect();
+        let active = device.active.as_ref().unwrap();
+        let sizes: Vec<u16> = active.queues.iter().map(|q| q.max_size()).collect();
         assert_eq!(sizes, [64, 128]);
         assert_eq!(interrupt.signals(), [VirtioSignal::ConfigChange]);
     }
@@ -337,11 +408,7 @@ mod tests {
     fn activation_with_the_wrong_number_of_queues_names_both_counts() {
         let mut device = TwoQueueDevice::default();
         let err = device
-            .activate(
-                memory(),
-                vec![Queue::new(64).unwrap()],
-                Arc::new(RecordingInterrupt::new()),
-            )
+            .activate(activation(&[64], Arc::new(RecordingInterrupt::new())))
             .unwrap_err();
         assert_eq!(
             err.to_string(),
@@ -351,22 +418,29 @@ mod tests {
     }
 
     #[test]
+    fn activation_without_an_eventfd_per_queue_is_refused() {
+        let mut device = TwoQueueDevice::default();
+        let mut activation = activation(&[64, 128], Arc::new(RecordingInterrupt::new()));
+        activation.queue_events.pop();
+        let err = device.activate(activation).unwrap_err();
+        assert!(matches!(err, Error::WrongQueueCount { provided: 1, .. }));
+    }
+
+    #[test]
     fn reactivation_needs_a_reset_in_between() {
         let mut device = TwoQueueDevice::default();
-        let interrupt = Arc::new(RecordingInterrupt::new());
-        let q = queues(&device);
-        device.activate(memory(), q, interrupt.clone()).unwrap();
+        let interrupt: Arc<dyn VirtioInterrupt> = Arc::new(RecordingInterrupt::new());
+        device
+            .activate(activation(&[64, 128], interrupt.clone()))
+            .unwrap();
 
-        let q = queues(&device);
-        let err = device.activate(memory(), q, interrupt.clone()).unwrap_err();
-        assert!(
-            matches!(err, Error::AlreadyActive { device_type: 3 }),
-            "{err:?}"
-        );
+        let err = device
+            .activate(activation(&[64, 128], interrupt.clone()))
+            .unwrap_err();
+        assert!(matches!(err, Error::AlreadyActive { device_type: 3 }), "{err:?}");
 
         assert!(device.reset());
-        let q = queues(&device);
-        device.activate(memory(), q, interrupt).unwrap();
+        device.activate(activation(&[64, 128], interrupt)).unwrap();
     }
 
     #[test]
@@ -382,9 +456,13 @@ mod tests {
     #[test]
     fn interrupt_failures_from_the_irq_layer_convert_into_virtio_errors() {
         let err: Error = keel_irq::Error::InjectedFailure.into();
-        assert!(
-            err.to_string().starts_with("cannot signal the guest: "),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("cannot signal the guest: "), "{err}");
+    }
+
+    #[test]
+    fn recording_interrupt_records_needs_reset() {
+        let interrupt = RecordingInterrupt::new();
+        interrupt.signal_needs_reset().unwrap();
+        assert_eq!(interrupt.signals(), [VirtioSignal::NeedsReset]);
     }
 }

@@ -1,105 +1,231 @@
-//! Virtio for Keel virtual machines: the device model, independent of how the
-//! device is attached.
+//! Virtio for Keel virtual machines: the device model, the MMIO transport,
+//! and block, entropy and console devices.
 //!
-//! A virtio device (block, net, vsock, rng, console, balloon) is the same
-//! device whether the guest finds it through MMIO registers or on a PCI bus.
-//! This crate separates the two: a device implements [`VirtioDevice`] —
-//! its type, the features it offers, its configuration space, and what it
-//! does once the driver hands it memory and queues — and a transport drives
-//! that trait from the guest's register accesses. Devices signal the guest
-//! through a [`VirtioInterrupt`] the transport provides, so they never know
-//! which interrupt mechanism is behind it.
+//! A virtio device is the same device whether the guest finds it through
+//! MMIO registers or on a PCI bus, and whatever stores its bytes. This crate
+//! keeps those three concerns apart so each can be replaced alone:
 //!
-//! Queues are `virtio-queue`'s [`Queue`], guest memory is `vm-memory`'s
-//! [`GuestMemoryMmap`]; both are handed over at activation.
+//! - **Devices** implement [`VirtioDevice`]: their type, the features they
+//!   offer, their configuration space, and what they do once the driver
+//!   hands them memory and queues ([`Activation`]). [`Block`], [`Rng`] and
+//!   [`Console`] are the devices so far.
+//! - **Transports** drive that trait from the guest's accesses.
+//!   [`MmioTransport`] is virtio-mmio version 2; a PCI transport can come
+//!   later without touching a device. Devices signal the guest through the
+//!   [`VirtioInterrupt`] the transport provides, so they never know which
+//!   interrupt mechanism is behind it.
+//! - **Backends** hold the bytes: [`BlockBackend`] ([`FileBackend`],
+//!   [`MemoryBackend`], or your own) for disks, [`ConsoleBackend`]
+//!   ([`StreamBackend`], [`UnixSocketBackend`]) for consoles.
 //!
-//! For now the crate holds the model only: the MMIO transport comes next, a
-//! PCI transport after it, then the devices, each behind a backend trait.
+//! Queues are `virtio-queue`'s split rings with `EVENT_IDX` and indirect
+//! descriptors; guest memory is `vm-memory`'s [`GuestMemoryMmap`].
+//!
+//! # Threads
+//!
+//! Register accesses arrive on vCPU threads; queue processing runs on one
+//! event-loop thread (`event-manager`). A device is therefore shared as
+//! `Arc<Mutex<_>>` between its transport and the `EventManager` (every device
+//! here is an [`event_manager::MutEventSubscriber`]). Activation happens on a
+//! vCPU thread, so it only hands state over and signals an eventfd the
+//! device watches; the event loop then starts watching the queues. The
+//! transport keeps interrupt status outside the device's lock, so a device
+//! busy with I/O never stalls a vCPU taking an interrupt.
+//!
+//! # Hostile guests
+//!
+//! Every address, length and chain shape comes from the guest. A descriptor
+//! chain is walked once and checked before a device uses it: every buffer
+//! inside guest RAM, readable buffers before writable ones, no loops, no
+//! more descriptors than the queue size. A chain that breaks those rules
+//! puts the device in `DEVICE_NEEDS_RESET` (with a configuration change
+//! interrupt) and the device leaves its queues alone until the driver resets
+//! it; a well-formed chain carrying a bad request gets an error status. A
+//! queue set up outside RAM, misaligned or with a bad size gets
+//! `DEVICE_NEEDS_RESET` at `DRIVER_OK`. Nothing the guest does panics the
+//! VMM, and devices write only into the writable buffers of the request they
+//! are answering.
 //!
 //! # Example
 //!
-//! A device with one queue and an 8-byte configuration space (a disk
-//! capacity, as virtio-blk has), driven the way a transport drives it:
+//! A block device on a [`MemoryBackend`] behind an [`MmioTransport`], driven
+//! through its registers the way a guest driver does, with a
+//! [`RecordingLine`](keel_irq::RecordingLine) standing in for the interrupt:
 //!
 //! ```
-//! use std::sync::Arc;
-//! use keel_virtio::{
-//!     device_type, features, read_config_space, RecordingInterrupt, VirtioDevice,
-//!     VirtioInterrupt, VirtioSignal,
+//! use std::sync::{Arc, Mutex};
+//! use event_manager::{EventManager, SubscriberOps};
+//! use keel_irq::RecordingLine;
+//! use keel_virtio::device_status::{ACKNOWLEDGE, DRIVER, DRIVER_OK, FEATURES_OK};
+//! use keel_virtio::{features, Block, BlockOptions, MemoryBackend, MmioSlot, MmioTransport};
+//! use vm_device::bus::MmioAddress;
+//! use vm_device::MutDeviceMmio;
+//! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//!
+//! // 1 MiB of guest RAM, and a 64 KiB disk whose sector 1 says hello.
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+//! let mut image = vec![0u8; 64 * 1024];
+//! image[512..517].copy_from_slice(b"hello");
+//! let backend = MemoryBackend::from_bytes(image);
+//! let disk = Arc::new(Mutex::new(Block::new(backend, BlockOptions::default()).unwrap()));
+//!
+//! let line = Arc::new(RecordingLine::new());
+//! let slot = MmioSlot { base: 0xd000_0000, gsi: 5 };
+//! let mut regs = MmioTransport::new(disk.clone(), mem.clone(), line.clone(), slot).unwrap();
+//! let mut event_loop = EventManager::new().unwrap();
+//! event_loop.add_subscriber(disk.clone());
+//!
+//! // What the guest's 32-bit register accesses look like on the bus.
+//! let base = MmioAddress(slot.base);
+//! let write = |t: &mut MmioTransport, offset, value: u32| {
+//!     t.mmio_write(base, offset, &value.to_le_bytes())
 //! };
-//! use virtio_queue::{Queue, QueueT};
+//! let read = |t: &mut MmioTransport, offset| {
+//!     let mut value = [0u8; 4];
+//!     t.mmio_read(base, offset, &mut value);
+//!     u32::from_le_bytes(value)
+//! };
+//! assert_eq!(read(&mut regs, 0x000), 0x7472_6976); // MagicValue: "virt"
+//! assert_eq!(read(&mut regs, 0x008), 2); // DeviceID: block
+//!
+//! // Negotiate: accept VERSION_1 (feature page 1, bit 0) and nothing else.
+//! write(&mut regs, 0x070, ACKNOWLEDGE);
+//! write(&mut regs, 0x070, ACKNOWLEDGE | DRIVER);
+//! write(&mut regs, 0x024, 1); // DriverFeaturesSel
+//! write(&mut regs, 0x020, (features::VERSION_1 >> 32) as u32); // DriverFeatures
+//! write(&mut regs, 0x070, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+//! assert_ne!(read(&mut regs, 0x070) & FEATURES_OK, 0, "features accepted");
+//!
+//! // Queue 0: 16 entries; descriptor table, available and used ring.
+//! write(&mut regs, 0x030, 0); // QueueSel
+//! write(&mut regs, 0x038, 16); // QueueNum
+//! write(&mut regs, 0x080, 0x1000); // QueueDescLow
+//! write(&mut regs, 0x090, 0x2000); // QueueDriverLow
+//! write(&mut regs, 0x0a0, 0x3000); // QueueDeviceLow
+//! write(&mut regs, 0x044, 1); // QueueReady
+//! write(&mut regs, 0x070, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+//! event_loop.run_with_timeout(100).unwrap(); // the device takes its queue
+//!
+//! // A read of sector 1: a 16-byte header the device reads, then 512 bytes
+//! // of data and a status byte it writes, as a chain of three descriptors.
+//! mem.write_obj(0u32, GuestAddress(0x1_0000)).unwrap(); // type: VIRTIO_BLK_T_IN
+//! mem.write_obj(1u64, GuestAddress(0x1_0008)).unwrap(); // sector
+//! let chain = [(0x1_0000u64, 16u32, 1u16), (0x1_0100, 512, 1 | 2), (0x1_0300, 1, 2)];
+//! for (i, &(addr, len, flags)) in chain.iter().enumerate() {
+//!     let desc = 0x1000 + 16 * i as u64; // flags: 1 = NEXT, 2 = WRITE
+//!     mem.write_obj(addr, GuestAddress(desc)).unwrap();
+//!     mem.write_obj(len, GuestAddress(desc + 8)).unwrap();
+//!     mem.write_obj(flags, GuestAddress(desc + 12)).unwrap();
+//!     mem.write_obj(i as u16 + 1, GuestAddress(desc + 14)).unwrap(); // next
+//! }
+//! mem.write_obj(0u16, GuestAddress(0x2004)).unwrap(); // avail ring[0] = head 0
+//! mem.write_obj(1u16, GuestAddress(0x2002)).unwrap(); // avail idx = 1
+//! write(&mut regs, 0x050, 0); // QueueNotify (a VMM would use an ioeventfd)
+//! event_loop.run_with_timeout(100).unwrap();
+//!
+//! let mut data = [0u8; 5];
+//! mem.read_slice(&mut data, GuestAddress(0x1_0100)).unwrap();
+//! assert_eq!(&data, b"hello");
+//! assert_eq!(mem.read_obj::<u8>(GuestAddress(0x1_0300)).unwrap(), 0); // VIRTIO_BLK_S_OK
+//! assert_eq!(mem.read_obj::<u16>(GuestAddress(0x3002)).unwrap(), 1); // used idx
+//! assert_eq!(mem.read_obj::<u32>(GuestAddress(0x3008)).unwrap(), 513); // bytes written
+//!
+//! // The interrupt: InterruptStatus says "used buffer", the guest acks it.
+//! assert_eq!(line.count(), 1);
+//! assert_eq!(read(&mut regs, 0x060), 1);
+//! write(&mut regs, 0x064, 1);
+//! assert_eq!(read(&mut regs, 0x060), 0);
+//! ```
+//!
+//! # Wiring a device into a VMM
+//!
+//! For each virtio-mmio device a VMM:
+//!
+//! 1. allocates an MMIO window of [`MMIO_WINDOW_SIZE`] (4 KiB) and a GSI —
+//!    an [`MmioSlot`];
+//! 2. creates the device in an `Arc<Mutex<_>>` and an [`MmioTransport`] for
+//!    it with guest memory and an [`IrqfdLine`](keel_irq::IrqfdLine) for the
+//!    GSI, and registers the transport on its MMIO bus at
+//!    [`MmioSlot::range`];
+//! 3. registers each queue's eventfd as a KVM ioeventfd on the `QueueNotify`
+//!    register with the queue index as datamatch
+//!    ([`MmioTransport::queue_notifiers`]), so notifications never exit to
+//!    the VMM;
+//! 4. adds the device to the `EventManager` that runs on its event-loop
+//!    thread;
+//! 5. appends [`MmioSlot::cmdline_entry`] —
+//!    `virtio_mmio.device=4K@0x<base>:<gsi>` — to the kernel command line.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::{Arc, Mutex};
+//! use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+//! use keel_irq::{create_in_kernel_irqchip, GsiAllocator, IrqfdLine};
+//! use keel_virtio::{Block, BlockOptions, FileBackend, MmioSlot, MmioTransport};
+//! use kvm_ioctls::{IoEventAddress, Kvm};
+//! use vm_device::device_manager::{IoManager, MmioManager};
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //!
-//! struct TinyDisk {
-//!     capacity_sectors: u64,
-//!     acked_features: u64,
-//!     interrupt: Option<Arc<dyn VirtioInterrupt>>,
+//! let vm = Kvm::new()?.create_vm()?;
+//! create_in_kernel_irqchip(&vm)?;
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 256 << 20)])?;
+//! // ... register `mem` with KVM (keel-memory), create vCPUs ...
+//!
+//! let slot = MmioSlot { base: 0xd000_0000, gsi: GsiAllocator::new().allocate()? };
+//! let backend = FileBackend::open("disk.img", false)?;
+//! let disk = Arc::new(Mutex::new(Block::new(backend, BlockOptions::default())?));
+//! let line = Arc::new(IrqfdLine::new(&vm, slot.gsi)?);
+//! let transport = MmioTransport::new(disk.clone(), mem.clone(), line, slot)?;
+//!
+//! for notifier in transport.queue_notifiers() {
+//!     let address = IoEventAddress::Mmio(notifier.address);
+//!     vm.register_ioevent(notifier.event, &address, notifier.datamatch)?;
 //! }
+//! let mut bus = IoManager::new();
+//! bus.register_mmio(slot.range()?, Arc::new(Mutex::new(transport)))
+//!     .map_err(|e| format!("{e:?}"))?;
 //!
-//! impl VirtioDevice for TinyDisk {
-//!     fn device_type(&self) -> u32 {
-//!         device_type::BLOCK
-//!     }
-//!     fn queue_max_sizes(&self) -> &[u16] {
-//!         &[256]
-//!     }
-//!     fn features(&self) -> u64 {
-//!         features::VERSION_1
-//!     }
-//!     fn ack_features(&mut self, acked: u64) {
-//!         self.acked_features = acked & self.features();
-//!     }
-//!     fn read_config(&self, offset: u64, data: &mut [u8]) {
-//!         read_config_space(&self.capacity_sectors.to_le_bytes(), offset, data);
-//!     }
-//!     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
-//!         // The capacity is read-only.
-//!     }
-//!     fn activate(
-//!         &mut self,
-//!         _mem: GuestMemoryMmap,
-//!         queues: Vec<Queue>,
-//!         interrupt: Arc<dyn VirtioInterrupt>,
-//!     ) -> keel_virtio::Result<()> {
-//!         keel_virtio::check_queue_count(self, &queues)?;
-//!         self.interrupt = Some(interrupt);
-//!         Ok(())
-//!     }
-//!     fn reset(&mut self) -> bool {
-//!         self.interrupt = None;
-//!         self.acked_features = 0;
-//!         true
-//!     }
-//! }
+//! let mut event_loop = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+//!     .map_err(|e| format!("{e:?}"))?;
+//! event_loop.add_subscriber(disk);
 //!
-//! let mut disk = TinyDisk { capacity_sectors: 2048, acked_features: 0, interrupt: None };
-//!
-//! // The driver reads the capacity, byte by byte if it likes.
-//! let mut capacity = [0u8; 8];
-//! disk.read_config(0, &mut capacity);
-//! assert_eq!(u64::from_le_bytes(capacity), 2048);
-//!
-//! // It accepts the features, sets up the queue, and sets DRIVER_OK.
-//! disk.ack_features(features::VERSION_1);
-//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
-//! let interrupt = Arc::new(RecordingInterrupt::new());
-//! disk.activate(mem, vec![Queue::new(256).unwrap()], interrupt.clone()).unwrap();
-//!
-//! // Later, having completed a request, the device tells the guest.
-//! disk.interrupt.as_ref().unwrap().signal_used_queue(0).unwrap();
-//! assert_eq!(interrupt.signals(), [VirtioSignal::UsedQueue(0)]);
+//! let cmdline = format!("console=hvc0 {}", slot.cmdline_entry());
+//! # let _ = cmdline;
+//! # Ok(())
+//! # }
 //! ```
 
 #![deny(missing_docs)]
 
+mod activation;
+mod block;
+mod chain;
+mod console;
 mod device;
+#[cfg(test)]
+mod guest_driver;
+mod mmio;
+mod rng;
 
-pub use device::{
-    check_queue_count, read_config_space, RecordingInterrupt, VirtioDevice, VirtioInterrupt,
-    VirtioSignal,
+pub use block::{
+    Block, BlockBackend, BlockOptions, FileBackend, MemoryBackend, DISCARD_SECTOR_ALIGNMENT, ID_BYTES,
+    MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE,
 };
+pub use console::{Console, ConsoleBackend, StreamBackend, UnixSocketBackend};
+pub use device::{
+    check_queue_count, read_config_space, Activation, RecordingInterrupt, StopSignal, VirtioDevice,
+    VirtioInterrupt, VirtioSignal,
+};
+pub use mmio::{
+    interrupt_status, MmioSlot, MmioTransport, QueueNotifier, CONFIG_SPACE_OFFSET, MMIO_MAGIC_VALUE,
+    MMIO_VENDOR_ID, MMIO_VERSION, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
+};
+pub use rng::{Rng, MAX_RNG_REQUEST_BYTES};
 pub use virtio_queue::Queue;
 pub use vm_memory::GuestMemoryMmap;
+
+/// The largest queue a split virtqueue may have.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
 
 /// Device type IDs, as the guest reads them from the transport (virtio 1.2,
 /// section 5).
@@ -148,11 +274,11 @@ pub mod device_status {
     pub const FAILED: u32 = 128;
 }
 
-/// Errors from activating or signalling a virtio device.
+/// Errors from creating, activating or signalling a virtio device.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The transport handed over a different number of queues than the
-    /// device has.
+    /// The transport handed over a different number of queues (or queue
+    /// eventfds) than the device has.
     #[error("device type {device_type} has {expected} queues but was activated with {provided}")]
     WrongQueueCount {
         /// The device's type ID.
@@ -168,17 +294,97 @@ pub enum Error {
         /// The device's type ID.
         device_type: u32,
     },
+    /// The device refused an earlier reset and stays out of service.
+    #[error("device type {device_type} could not be reset and cannot be activated again")]
+    DeviceUnresettable {
+        /// The device's type ID.
+        device_type: u32,
+    },
+    /// A queue the driver set up cannot be used.
+    #[error("queue {index} cannot be activated: {reason}")]
+    InvalidQueue {
+        /// The queue's index.
+        index: usize,
+        /// What is wrong, with the values the driver wrote.
+        reason: String,
+    },
     /// The interrupt behind a [`VirtioInterrupt`] could not be raised.
     #[error("cannot signal the guest: {0}")]
     Interrupt(#[from] keel_irq::Error),
-    /// A device's backend (its disk, tap, socket) failed during activation.
-    #[error("device type {device_type} cannot start its backend: {source}")]
-    Backend {
-        /// The device's type ID.
-        device_type: u32,
-        /// What the backend reported.
+    /// An eventfd (queue notification, activation) could not be created or
+    /// duplicated.
+    #[error("cannot create an eventfd: {0}")]
+    CreateEventFd(#[source] std::io::Error),
+    /// An MMIO window that does not fit in the address space.
+    #[error("MMIO window of {size:#x} bytes at {base:#x} overflows the address space", size = MMIO_WINDOW_SIZE)]
+    InvalidMmioWindow {
+        /// The window's base address.
+        base: u64,
+    },
+    /// A device with more queues than a transport can number.
+    #[error("{count} queues are more than a transport can address")]
+    TooManyQueues {
+        /// How many queues the device has.
+        count: usize,
+    },
+    /// A queue size a device was configured with is unusable.
+    #[error("queue size {size} is not a power of two between 4 and {MAX_QUEUE_SIZE}")]
+    InvalidQueueSize {
+        /// The size asked for.
+        size: u16,
+    },
+    /// A block device ID longer than `GET_ID` can return.
+    #[error("block device id {id:?} is {len} bytes; at most {ID_BYTES} fit")]
+    BlockIdTooLong {
+        /// The ID asked for.
+        id: String,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A block device's `size_max` smaller than a sector.
+    #[error("maximum segment size {size} is smaller than a {SECTOR_SIZE}-byte sector")]
+    InvalidSegmentSize {
+        /// The size asked for.
+        size: u32,
+    },
+    /// A disk image could not be opened.
+    #[error("cannot open disk image {path}: {source}", path = path.display())]
+    OpenDisk {
+        /// The image's path.
+        path: std::path::PathBuf,
+        /// What the host reported.
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: std::io::Error,
+    },
+    /// A disk image's size could not be determined.
+    #[error("cannot find the size of disk image {path}: {source}", path = path.display())]
+    DiskSize {
+        /// The image's path.
+        path: std::path::PathBuf,
+        /// What the host reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Standard input could not be duplicated for a console.
+    #[error("cannot use stdin as console input: {0}")]
+    ConsoleStdin(#[source] std::io::Error),
+    /// A console output file could not be opened.
+    #[error("cannot open console output file {path}: {source}", path = path.display())]
+    ConsoleFile {
+        /// The file's path.
+        path: std::path::PathBuf,
+        /// What the host reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A console socket could not be set up.
+    #[error("cannot set up console socket {path}: {source}", path = path.display())]
+    ConsoleSocket {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// What the host reported.
+        #[source]
+        source: std::io::Error,
     },
 }
 

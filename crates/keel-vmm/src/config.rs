@@ -114,8 +114,7 @@ fn default_memory_mib() -> u64 {
 }
 
 /// Command line given to a Linux kernel when none is set.
-pub const DEFAULT_LINUX_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux";
+pub const DEFAULT_LINUX_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux";
 /// Command line given to the built-in guest when none is set.
 pub const DEFAULT_GUEST_CMDLINE: &str = "hello";
 
@@ -280,17 +279,13 @@ mod tests {
 
     #[test]
     fn rejects_unknown_json_keys_naming_them() {
-        let msg = VmConfig::from_json(r#"{"vcpu": 1}"#)
-            .unwrap_err()
-            .to_string();
+        let msg = VmConfig::from_json(r#"{"vcpu": 1}"#).unwrap_err().to_string();
         assert!(msg.contains("unknown field `vcpu`"), "{msg}");
     }
 
     #[test]
     fn rejects_bad_json_values_naming_them() {
-        let msg = VmConfig::from_json(r#"{"vcpus": 1000}"#)
-            .unwrap_err()
-            .to_string();
+        let msg = VmConfig::from_json(r#"{"vcpus": 1000}"#).unwrap_err().to_string();
         assert!(msg.contains("1000"), "{msg}");
     }
 

@@ -36,14 +36,19 @@
 
 #![deny(missing_docs)]
 
+mod boot_progress;
 mod config;
 mod vm;
 
+pub use boot_progress::{ConsoleWatcher, RUN_INIT_MARKER};
 pub use config::{
-    BootProtocolChoice, Ring0Choice, SerialMode, VmConfig, DEFAULT_GUEST_CMDLINE,
-    DEFAULT_LINUX_CMDLINE, MAX_VCPUS,
+    BootProtocolChoice, Ring0Choice, SerialMode, VmConfig, DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE,
+    MAX_VCPUS,
 };
-pub use vm::{ExitReason, StopHandle, Vm, VmBuilder, VmHandle, DEFAULT_KVM_DEVICE};
+pub use vm::{
+    ExitReason, SerialSource, StopHandle, Vm, VmBuilder, VmHandle, BOOT_TIMER_ADDR, DEFAULT_KVM_DEVICE,
+    EMULATED_RING0_CMDLINE,
+};
 
 /// Errors from building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +85,9 @@ pub enum Error {
     /// A vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] keel_vcpu::Error),
+    /// The event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(std::io::Error),
     /// A thread could not be started.
     #[error("cannot start a VM thread: {0}")]
     Thread(std::io::Error),

@@ -7,17 +7,69 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use keel_devices::{ExitPort, I8042Reset, PowerControl, SerialConsole};
+use std::os::unix::io::AsRawFd;
+use std::time::Instant;
+
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use keel_boot::BootProtocol;
+use keel_devices::{BootTimer, ExitPort, I8042Reset, PowerControl, SerialConsole, SerialInput};
 use keel_irq::{InterruptLine, IrqfdLine};
 use keel_memory::{GuestLayout, GuestMemoryMmap, MMIO_DEVICES_END, MMIO_DEVICES_START};
-use keel_vcpu::{CpuidConfig, Vcpu, VcpuKicker, VcpuStop};
+use keel_vcpu::{CpuidConfig, Ring0Execution, Vcpu, VcpuKicker, VcpuStop};
 use kvm_ioctls::{Kvm, VmFd};
 use vm_allocator::{AddressAllocator, AllocPolicy};
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_device::{DeviceMmio, DevicePio};
+use vmm_sys_util::eventfd::EventFd;
 
-use crate::{Error, Result, VmConfig};
+use crate::boot_progress::ConsoleWatcher;
+use crate::{BootProtocolChoice, Error, Result, Ring0Choice, SerialMode, VmConfig};
+
+/// Where the boot timer sits: the first page of the device window. A guest
+/// writes 123 there when it reaches user space (`devmem 0xd0000000 8 123`).
+pub const BOOT_TIMER_ADDR: u64 = MMIO_DEVICES_START;
+
+/// Kernel parameters that keep Linux off what a software-emulated ring 0
+/// cannot run (see `host-kvm-notes.md`): XSAVE, and the instructions whose
+/// CPUID bits KVM cannot hide there.
+pub const EMULATED_RING0_CMDLINE: &str = "noxsave clearcpuid=smap,smep,umip,pku,fsgsbase,rdpid,cx16,avx,avx2,xsave,popcnt,rdrand,rdseed,movbe,bmi1,bmi2,abm,erms,fsrm";
+
+/// Host input for the serial console: anything readable that epoll can watch.
+pub trait SerialSource: std::io::Read + AsRawFd + Send {}
+impl<T: std::io::Read + AsRawFd + Send> SerialSource for T {}
+
+type Console = Box<dyn Write + Send>;
+
+/// A boxed [`SerialSource`] (std implements `AsRawFd` only for sized boxes).
+struct BoxedSource(Box<dyn SerialSource>);
+
+impl std::io::Read for BoxedSource {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+impl AsRawFd for BoxedSource {
+    fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// Serial output: the configured sink behind a boot-progress watcher.
+fn serial_sink(mode: &SerialMode) -> Result<Console> {
+    Ok(match mode {
+        SerialMode::None => Box::new(std::io::sink()),
+        SerialMode::Stdio => Box::new(std::io::stdout()),
+        SerialMode::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| Error::Config(format!("serial file {}: {e}", path.display())))?,
+        ),
+    })
+}
 
 /// Why a VM stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,6 +108,8 @@ struct Control {
     finished: Condvar,
     stop: AtomicBool,
     kickers: Mutex<Vec<VcpuKicker>>,
+    /// Wakes the event loop so it sees `stop`.
+    wake_event_loop: EventFd,
 }
 
 impl Control {
@@ -71,15 +125,11 @@ impl Control {
             }
         }
         self.stop.store(true, Ordering::Release);
-        for kicker in self
-            .kickers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-        {
+        for kicker in self.kickers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             // A thread that already left its loop no longer needs a kick.
             let _ = kicker.kick();
         }
+        let _ = self.wake_event_loop.write(1);
         self.finished.notify_all();
     }
 }
@@ -99,7 +149,9 @@ impl PowerControl for Control {
 pub struct VmBuilder {
     config: VmConfig,
     kvm_device: std::path::PathBuf,
-    serial_out: Option<Box<dyn Write + Send>>,
+    start: Instant,
+    serial_out: Option<Console>,
+    serial_in: Option<Box<dyn SerialSource>>,
     mmio_allocator: AddressAllocator,
     mmio_devices: Vec<(MmioRange, Arc<dyn DeviceMmio + Send + Sync>)>,
     pio_devices: Vec<(PioRange, Arc<dyn DevicePio + Send + Sync>)>,
@@ -117,13 +169,18 @@ impl VmBuilder {
     /// Starts from `config`, which must be valid.
     pub fn new(config: VmConfig) -> Result<Self> {
         config.validate()?;
-        let mmio_allocator =
+        let mut mmio_allocator =
             AddressAllocator::new(MMIO_DEVICES_START, MMIO_DEVICES_END - MMIO_DEVICES_START)
                 .expect("the MMIO device window is a valid range");
+        mmio_allocator
+            .allocate(0x1000, 0x1000, AllocPolicy::ExactMatch(BOOT_TIMER_ADDR))
+            .expect("the device window is empty");
         Ok(VmBuilder {
             config,
             kvm_device: std::path::PathBuf::from(DEFAULT_KVM_DEVICE),
+            start: Instant::now(),
             serial_out: None,
+            serial_in: None,
             mmio_allocator,
             mmio_devices: Vec::new(),
             pio_devices: Vec::new(),
@@ -147,19 +204,30 @@ impl VmBuilder {
         self
     }
 
-    /// Where the 16550 serial console's output goes (default: stdout).
+    /// Where the 16550 serial console's output goes, overriding
+    /// [`VmConfig::serial`].
     pub fn serial_output(mut self, out: impl Write + Send + 'static) -> Self {
         self.serial_out = Some(Box::new(out));
         self
     }
 
+    /// Feeds the serial console from `input` (a terminal, pipe or socket),
+    /// on the VM's event-loop thread, with backpressure.
+    pub fn serial_input(mut self, input: impl SerialSource + 'static) -> Self {
+        self.serial_in = Some(Box::new(input));
+        self
+    }
+
+    /// The instant boot milestones are measured from (default: when the
+    /// builder was made). A command-line VMM passes its process start.
+    pub fn start_time(mut self, start: Instant) -> Self {
+        self.start = start;
+        self
+    }
+
     /// Registers a device on the MMIO bus at an address chosen from the
     /// 32-bit device window, page aligned, and returns that address.
-    pub fn add_mmio_device(
-        &mut self,
-        size: u64,
-        device: Arc<dyn DeviceMmio + Send + Sync>,
-    ) -> Result<u64> {
+    pub fn add_mmio_device(&mut self, size: u64, device: Arc<dyn DeviceMmio + Send + Sync>) -> Result<u64> {
         let range = self
             .mmio_allocator
             .allocate(size.max(1), 4096, AllocPolicy::FirstMatch)
@@ -185,15 +253,9 @@ impl VmBuilder {
         self.push_mmio(base, size, device)
     }
 
-    fn push_mmio(
-        &mut self,
-        base: u64,
-        size: u64,
-        device: Arc<dyn DeviceMmio + Send + Sync>,
-    ) -> Result<()> {
-        let range = MmioRange::new(MmioAddress(base), size).map_err(|e| {
-            Error::DeviceRange(format!("MMIO device at {base:#x} ({size:#x} bytes): {e}"))
-        })?;
+    fn push_mmio(&mut self, base: u64, size: u64, device: Arc<dyn DeviceMmio + Send + Sync>) -> Result<()> {
+        let range = MmioRange::new(MmioAddress(base), size)
+            .map_err(|e| Error::DeviceRange(format!("MMIO device at {base:#x} ({size:#x} bytes): {e}")))?;
         if let Some((r, _)) = self.mmio_devices.iter().find(|(r, _)| r.overlaps(&range)) {
             return Err(Error::DeviceRange(format!(
                 "MMIO device at {base:#x} ({size:#x} bytes) overlaps the device at {:#x}",
@@ -211,9 +273,8 @@ impl VmBuilder {
         size: u16,
         device: Arc<dyn DevicePio + Send + Sync>,
     ) -> Result<()> {
-        let range = PioRange::new(PioAddress(base), size).map_err(|e| {
-            Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}"))
-        })?;
+        let range = PioRange::new(PioAddress(base), size)
+            .map_err(|e| Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}")))?;
         self.pio_devices.push((range, device));
         Ok(())
     }
@@ -229,6 +290,7 @@ impl VmBuilder {
 pub struct Vm {
     control: Arc<Control>,
     io: Arc<IoManager>,
+    subscribers: Vec<Subscriber>,
     vcpus: Vec<Vcpu>,
     // Kept alive as long as the VM: the vCPUs and slots refer to them.
     mem: GuestMemoryMmap,
@@ -253,8 +315,8 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm> {
     };
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| open_error(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
-    let kvm = Kvm::new_with_path(&c_path)
-        .map_err(|e| open_error(std::io::Error::from_raw_os_error(e.errno())))?;
+    let kvm =
+        Kvm::new_with_path(&c_path).map_err(|e| open_error(std::io::Error::from_raw_os_error(e.errno())))?;
     let version = kvm.get_api_version();
     if version != kvm_bindings::KVM_API_VERSION as i32 {
         return Err(Error::KvmApiVersion(version));
@@ -277,9 +339,7 @@ impl Vm {
                 config.vcpus
             )));
         }
-        let vm_fd = kvm
-            .create_vm()
-            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
@@ -294,29 +354,36 @@ impl Vm {
             finished: Condvar::new(),
             stop: AtomicBool::new(false),
             kickers: Mutex::new(Vec::new()),
+            wake_event_loop: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventLoop)?,
         });
+        let is_linux = config.kernel.is_some();
         let power: Arc<dyn PowerControl> = control.clone();
 
         let mut io = IoManager::new();
-        let serial_irq: Arc<dyn InterruptLine> = Arc::new(IrqfdLine::new(
-            &vm_fd,
-            u32::from(keel_devices::ports::COM1_IRQ),
-        )?);
-        let serial_out = builder
-            .serial_out
-            .unwrap_or_else(|| Box::new(std::io::stdout()));
+        let serial_irq: Arc<dyn InterruptLine> =
+            Arc::new(IrqfdLine::new(&vm_fd, u32::from(keel_devices::ports::COM1_IRQ))?);
+        let serial_out = match builder.serial_out {
+            Some(out) => out,
+            None => serial_sink(&config.serial)?,
+        };
+        let serial_out: Console = Box::new(ConsoleWatcher::new(serial_out, builder.start));
         let serial = Arc::new(Mutex::new(
             SerialConsole::new(serial_irq, serial_out)
                 .map_err(|e| Error::DeviceRange(format!("serial console: {e}")))?,
         ));
+        let mut subscribers: Vec<Subscriber> = Vec::new();
+        if let Some(input) = builder.serial_in {
+            let input = SerialInput::new(BoxedSource(input), serial.clone())
+                .map_err(|e| Error::DeviceRange(format!("serial input: {e}")))?;
+            subscribers.push(Arc::new(Mutex::new(input)));
+        }
         let register_pio =
             |io: &mut IoManager, base: u16, size: u16, dev: Arc<dyn DevicePio + Send + Sync>| {
                 let range = PioRange::new(PioAddress(base), size).map_err(|e| {
                     Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}"))
                 })?;
-                io.register_pio(range, dev).map_err(|e| {
-                    Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}"))
-                })
+                io.register_pio(range, dev)
+                    .map_err(|e| Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}")))
             };
         register_pio(&mut io, keel_devices::ports::COM1, 8, serial)?;
         register_pio(
@@ -334,10 +401,12 @@ impl Vm {
         for (range, dev) in builder.pio_devices {
             register_pio(&mut io, range.base().0, range.size(), dev)?;
         }
+        let boot_timer = MmioRange::new(MmioAddress(BOOT_TIMER_ADDR), 0x1000).expect("valid range");
+        io.register_mmio(boot_timer, Arc::new(Mutex::new(BootTimer::new(builder.start))))
+            .map_err(|e| Error::DeviceRange(format!("boot timer: {e}")))?;
         for (range, dev) in builder.mmio_devices {
-            io.register_mmio(range, dev).map_err(|e| {
-                Error::DeviceRange(format!("MMIO device at {:#x}: {e}", range.base().0))
-            })?;
+            io.register_mmio(range, dev)
+                .map_err(|e| Error::DeviceRange(format!("MMIO device at {:#x}: {e}", range.base().0)))?;
         }
 
         let kernel = match &config.kernel {
@@ -350,9 +419,41 @@ impl Vm {
             None => keel_boot::load_kernel(&mem, &mut std::io::Cursor::new(keel_guest::elf()))
                 .map_err(|e| Error::Boot(format!("built-in guest: {e}")))?,
         };
-        keel_boot::BootConfig::new(config.effective_cmdline())
-            .write(&mem, &layout, &kernel)
+        let kernel = match config.boot_protocol {
+            BootProtocolChoice::Auto => kernel.with_pvh_entry().unwrap_or(kernel),
+            BootProtocolChoice::Linux64 => kernel,
+            BootProtocolChoice::Pvh => kernel
+                .with_pvh_entry()
+                .ok_or_else(|| Error::Boot("boot protocol pvh: the kernel has no PVH entry note".into()))?,
+        };
+        let emulated_ring0 = match config.ring0 {
+            Ring0Choice::Hardware => false,
+            Ring0Choice::Emulated => true,
+            // Only a Linux kernel needs the workarounds; the built-in
+            // guest's ring 0 avoids the instructions itself.
+            Ring0Choice::Auto if !is_linux => false,
+            Ring0Choice::Auto => keel_vcpu::probe_ring0_execution(&kvm)? == Ring0Execution::Emulated,
+        };
+        let mut cmdline = config.effective_cmdline().to_string();
+        if emulated_ring0 && is_linux {
+            log::warn!(
+                "this host's KVM emulates guest ring 0: Linux is steered off the instructions it cannot emulate, \
+                 and guest user space cannot make system calls here, so init will die at its first one"
+            );
+            cmdline.push(' ');
+            cmdline.push_str(EMULATED_RING0_CMDLINE);
+        }
+        let mut boot = keel_boot::BootConfig::new(cmdline);
+        if let Some(path) = &config.initrd {
+            let mut file = std::fs::File::open(path)
+                .map_err(|e| Error::Config(format!("initrd {}: {e}", path.display())))?;
+            let (addr, size) = keel_boot::load_initrd(&mem, &layout, &kernel, &mut file)
+                .map_err(|e| Error::Boot(format!("initrd {}: {e}", path.display())))?;
+            boot = boot.initrd(addr, size);
+        }
+        boot.write(&mem, &layout, &kernel)
             .map_err(|e| Error::Boot(e.to_string()))?;
+        keel_boot::write_mptable(&mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))?;
         keel_vcpu::write_boot_tables(&mem)?;
 
         let supported = kvm
@@ -361,9 +462,15 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         for id in 0..config.vcpus {
             let vcpu = Vcpu::new(&vm_fd, id, mem.clone())?;
-            vcpu.configure_cpuid(&supported, &CpuidConfig::new(id, config.vcpus))?;
+            let mut cpuid = CpuidConfig::new(id, config.vcpus);
+            cpuid.no_pv_hypercalls = emulated_ring0;
+            cpuid.hide_unemulated_instructions = emulated_ring0;
+            vcpu.configure_cpuid(&supported, &cpuid)?;
             vcpu.configure_msrs()?;
-            vcpu.configure_long_mode_entry(kernel.entry)?;
+            match kernel.protocol {
+                BootProtocol::Linux64 => vcpu.configure_long_mode_entry(kernel.entry)?,
+                BootProtocol::Pvh => vcpu.configure_pvh_entry(kernel.entry, keel_memory::PVH_INFO_START)?,
+            }
             vcpu.configure_lapic()?;
             vcpus.push(vcpu);
         }
@@ -371,6 +478,7 @@ impl Vm {
         Ok(Vm {
             control,
             io: Arc::new(io),
+            subscribers,
             vcpus,
             mem,
             _vm_fd: vm_fd,
@@ -387,11 +495,15 @@ impl Vm {
         let Vm {
             control,
             io,
+            subscribers,
             vcpus,
             mem,
             _vm_fd,
         } = self;
-        let mut threads = Vec::with_capacity(vcpus.len());
+        let mut threads = Vec::with_capacity(vcpus.len() + 1);
+        if !subscribers.is_empty() {
+            threads.push(spawn_event_loop(control.clone(), subscribers)?);
+        }
         for mut vcpu in vcpus {
             let control_for_thread = control.clone();
             let io = io.clone();
@@ -442,6 +554,48 @@ impl Vm {
     }
 }
 
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// Wakes the event loop when the VM stops.
+struct StopWatcher {
+    control: Arc<Control>,
+}
+
+impl MutEventSubscriber for StopWatcher {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.control.wake_event_loop.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.control.wake_event_loop, EventSet::IN)) {
+            log::error!("event loop: cannot watch the stop event: {e:?}");
+        }
+    }
+}
+
+/// The device I/O thread: serial input now, virtio queues later.
+fn spawn_event_loop(control: Arc<Control>, subscribers: Vec<Subscriber>) -> Result<JoinHandle<()>> {
+    let mut manager: EventManager<Subscriber> =
+        EventManager::new().map_err(|e| Error::EventLoop(std::io::Error::other(format!("{e:?}"))))?;
+    manager.add_subscriber(Arc::new(Mutex::new(StopWatcher {
+        control: control.clone(),
+    })));
+    for s in subscribers {
+        manager.add_subscriber(s);
+    }
+    std::thread::Builder::new()
+        .name("keel-events".into())
+        .spawn(move || {
+            while !control.stop.load(Ordering::Acquire) {
+                if let Err(e) = manager.run() {
+                    control.finish(Err(Error::EventLoop(std::io::Error::other(format!("{e:?}")))));
+                    return;
+                }
+            }
+        })
+        .map_err(Error::Thread)
+}
+
 /// Stops and joins the vCPU threads. The kickers are taken out first, under
 /// their lock, so no kick can ever target a joined thread.
 fn halt_threads(control: &Control, threads: Vec<JoinHandle<()>>) {
@@ -450,6 +604,7 @@ fn halt_threads(control: &Control, threads: Vec<JoinHandle<()>>) {
     for k in &kickers {
         let _ = k.kick();
     }
+    let _ = control.wake_event_loop.write(1);
     for t in threads {
         if t.join().is_err() {
             log::error!("a vCPU thread panicked");
@@ -517,10 +672,7 @@ impl VmHandle {
 
     /// Like [`VmHandle::wait`], but gives the handle back if the VM is still
     /// running after `timeout`.
-    pub fn wait_timeout(
-        mut self,
-        timeout: Duration,
-    ) -> std::result::Result<Result<ExitReason>, VmHandle> {
+    pub fn wait_timeout(mut self, timeout: Duration) -> std::result::Result<Result<ExitReason>, VmHandle> {
         match self.wait_inner(Some(timeout)) {
             Some(r) => Ok(r),
             None => Err(self),
@@ -529,11 +681,7 @@ impl VmHandle {
 
     fn wait_inner(&mut self, timeout: Option<Duration>) -> Option<Result<ExitReason>> {
         let deadline = timeout.map(|t| std::time::Instant::now() + t);
-        let mut slot = self
-            .control
-            .outcome
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.control.outcome.lock().unwrap_or_else(|e| e.into_inner());
         while slot.is_none() {
             slot = match deadline {
                 None => self

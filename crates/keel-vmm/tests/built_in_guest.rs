@@ -106,10 +106,7 @@ fn guest_reads_a_user_registered_mmio_device() {
     let addr = builder
         .add_mmio_device(0x1000, Arc::new(Mutex::new(ScratchDevice::default())))
         .unwrap();
-    let (result, console) = run_guest(
-        builder,
-        &format!("hello mmio={:#x} expect=0x4b45454c", addr + 8),
-    );
+    let (result, console) = run_guest(builder, &format!("hello mmio={:#x} expect=0x4b45454c", addr + 8));
     assert_eq!(result.unwrap(), ExitReason::GuestExit(0), "{console}");
     assert!(console.contains("0x4b45454c"), "{console}");
 }
@@ -130,10 +127,7 @@ fn wrong_mmio_value_makes_the_guest_fail() {
     let addr = builder
         .add_mmio_device(0x1000, Arc::new(Mutex::new(ScratchDevice::default())))
         .unwrap();
-    let (result, console) = run_guest(
-        builder,
-        &format!("hello mmio={:#x} expect=0x1234", addr + 8),
-    );
+    let (result, console) = run_guest(builder, &format!("hello mmio={:#x} expect=0x1234", addr + 8));
     assert_eq!(result.unwrap(), ExitReason::GuestExit(1), "{console}");
 }
 
@@ -158,21 +152,13 @@ fn int3_in_ring0_reaches_the_guest_breakpoint_handler() {
 #[test]
 fn triple_fault_is_reported_with_the_vcpu() {
     let (result, console) = run("triple-fault");
-    assert_eq!(
-        result.unwrap(),
-        ExitReason::TripleFault { vcpu: 0 },
-        "{console}"
-    );
+    assert_eq!(result.unwrap(), ExitReason::TripleFault { vcpu: 0 }, "{console}");
 }
 
 #[test]
 fn guest_page_fault_is_reported_by_the_guest() {
     let (result, console) = run("fault");
-    assert_eq!(
-        result.unwrap(),
-        ExitReason::GuestExit(0x80 | 14),
-        "{console}"
-    );
+    assert_eq!(result.unwrap(), ExitReason::GuestExit(0x80 | 14), "{console}");
 }
 
 #[test]

@@ -1,0 +1,482 @@
+//! The hand-over between a transport (on a vCPU thread) and a device's queue
+//! processing (on the event-loop thread), shared by the devices in this
+//! crate.
+//!
+//! A transport activates and resets a device on a vCPU thread, where there is
+//! no `EventOps` to start or stop watching the queue eventfds. So
+//! [`ActivationState`] stores what the transport handed over and signals a
+//! `changed` eventfd that the device's subscriber watches from `init`; on the
+//! event loop, [`ActivationState::sync`] then watches the new queue eventfds
+//! and forgets the old ones. An eventfd is only closed after it has left the
+//! epoll set, so `event-manager`'s bookkeeping never holds a stale fd.
+
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::Arc;
+
+use event_manager::{EventOps, EventSet, Events};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::chain::{ChainError, RequestBuffers};
+use crate::device::{Activation, StopSignal, VirtioInterrupt};
+use crate::{Error, Result};
+
+/// What a device owns between activation and reset.
+pub(crate) struct Active {
+    pub mem: GuestMemoryMmap,
+    pub queues: Vec<Queue>,
+    pub interrupt: Arc<dyn VirtioInterrupt>,
+    pub stop: StopSignal,
+    /// Set once the device has signalled `DEVICE_NEEDS_RESET`: it then leaves
+    /// the queues alone until the driver resets it.
+    pub failed: bool,
+}
+
+/// Where an event the subscriber received came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EventSource {
+    /// The transport activated or reset the device.
+    Changed,
+    /// The driver notified this queue.
+    Queue(usize),
+    /// Not one of ours: the device's own fds (console input).
+    Other,
+}
+
+pub(crate) struct ActivationState {
+    device: &'static str,
+    changed: EventFd,
+    active: Option<Active>,
+    /// Queue eventfds from the latest activation, not watched yet.
+    incoming_events: Vec<EventFd>,
+    /// Queue eventfds in the epoll set, by queue index.
+    watched_events: Vec<EventFd>,
+}
+
+impl ActivationState {
+    pub fn new(device: &'static str) -> Result<Self> {
+        let changed = EventFd::new(libc::EFD_NONBLOCK).map_err(Error::CreateEventFd)?;
+        Ok(Self {
+            device,
+            changed,
+            active: None,
+            incoming_events: Vec::new(),
+            watched_events: Vec::new(),
+        })
+    }
+
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    pub fn active_mut(&mut self) -> Option<&mut Active> {
+        self.active.as_mut().filter(|a| !a.failed)
+    }
+
+    /// Called on the transport's thread: keeps the activation for the event
+    /// loop.
+    pub fn activate(&mut self, device_type: u32, activation: Activation) -> Result<()> {
+        if self.active.is_some() {
+            return Err(Error::AlreadyActive { device_type });
+        }
+        let Activation {
+            mem,
+            queues,
+            queue_events,
+            interrupt,
+            stop,
+        } = activation;
+        self.incoming_events = queue_events;
+        self.active = Some(Active {
+            mem,
+            queues,
+            interrupt,
+            stop,
+            failed: false,
+        });
+        self.notify_changed();
+        Ok(())
+    }
+
+    /// Called on the transport's thread: drops the activation. The device is
+    /// behind a mutex the event loop holds while it processes, so when this
+    /// runs no request is in flight, and none will start.
+    pub fn reset(&mut self) {
+        self.active = None;
+        self.incoming_events.clear();
+        self.notify_changed();
+    }
+
+    fn notify_changed(&self) {
+        if let Err(e) = self.changed.write(1) {
+            log::error!("{}: cannot wake the event loop: {e}", self.device);
+        }
+    }
+
+    /// From the subscriber's `init`.
+    pub fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.changed, EventSet::IN)) {
+            log::error!("{}: cannot watch the activation eventfd: {e:?}", self.device);
+        }
+    }
+
+    pub fn classify(&self, fd: RawFd) -> EventSource {
+        if fd == self.changed.as_raw_fd() {
+            return EventSource::Changed;
+        }
+        match self.watched_events.iter().position(|e| e.as_raw_fd() == fd) {
+            Some(index) => EventSource::Queue(index),
+            None => EventSource::Other,
+        }
+    }
+
+    /// On the event loop, after [`EventSource::Changed`]: watch the queue
+    /// eventfds of the current activation, if any, and only those.
+    pub fn sync(&mut self, ops: &mut EventOps) {
+        // Reset the counter; several changes may have been folded into one.
+        let _ = self.changed.read();
+        let replace = !self.incoming_events.is_empty() || self.active.is_none();
+        if !replace {
+            return;
+        }
+        self.unwatch_queues(ops);
+        if self.active.is_some() {
+            for event in std::mem::take(&mut self.incoming_events) {
+                if let Err(e) = ops.add(Events::new(&event, EventSet::IN)) {
+                    log::error!("{}: cannot watch a queue eventfd: {e:?}", self.device);
+                }
+                self.watched_events.push(event);
+            }
+        }
+    }
+
+    fn unwatch_queues(&mut self, ops: &mut EventOps) {
+        for event in self.watched_events.drain(..) {
+            // Fails only if it was never added, which was logged then.
+            let _ = ops.remove(Events::new(&event, EventSet::IN));
+        }
+    }
+
+    /// Consumes a queue notification (the eventfd's counter).
+    pub fn take_queue_event(&self, index: usize) {
+        if let Some(event) = self.watched_events.get(index) {
+            let _ = event.read();
+        }
+    }
+
+    /// Makes the event loop come back to queue `index` later: for a device
+    /// that stopped mid-queue to let other work in.
+    pub fn requeue(&self, index: usize) {
+        if let Some(event) = self.watched_events.get(index) {
+            if let Err(e) = event.write(1) {
+                log::error!("{}: cannot re-arm queue {index}: {e}", self.device);
+            }
+        }
+    }
+
+    /// Puts the device in `DEVICE_NEEDS_RESET` after the driver broke the
+    /// rules, and stops listening to its notifications until the reset.
+    pub fn fail(&mut self, ops: &mut EventOps, error: &QueueError) {
+        log::warn!(
+            "{}: the driver broke the virtqueue rules, device needs reset: {error}",
+            self.device
+        );
+        self.unwatch_queues(ops);
+        if let Some(active) = self.active.as_mut() {
+            active.failed = true;
+            if let Err(e) = active.interrupt.signal_needs_reset() {
+                log::error!("{}: cannot signal DEVICE_NEEDS_RESET: {e}", self.device);
+            }
+        }
+    }
+}
+
+/// A queue-level failure: the device cannot go on without a reset.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum QueueError {
+    #[error("queue {queue}: cannot read the available ring: {source}")]
+    AvailRing {
+        queue: usize,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("queue {queue}: cannot write used entry for head {head}: {source}")]
+    UsedRing {
+        queue: usize,
+        head: u16,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("queue {queue}: cannot update notification suppression: {source}")]
+    Notification {
+        queue: usize,
+        #[source]
+        source: virtio_queue::Error,
+    },
+    #[error("queue {queue}: descriptor chain at head {head}: {source}")]
+    Chain {
+        queue: usize,
+        head: u16,
+        #[source]
+        source: ChainError,
+    },
+    #[error("queue {queue}: request at head {head} cannot be answered: {reason}")]
+    Unanswerable {
+        queue: usize,
+        head: u16,
+        reason: &'static str,
+    },
+}
+
+/// How a run over a queue ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum QueueRun {
+    /// The available ring is empty and notifications are enabled again.
+    Drained,
+    /// The budget ran out with chains left; come back later.
+    BudgetSpent,
+    /// The transport is resetting the device.
+    Stopped,
+}
+
+/// What a device does with one request.
+pub(crate) enum Handled {
+    /// Return the chain with this many bytes written into it.
+    Used(u32),
+    /// The request cannot be answered (for instance no room for a status);
+    /// the device needs a reset.
+    Unanswerable(&'static str),
+}
+
+/// Takes the next chain off a queue, if there is one.
+pub(crate) fn pop_chain(
+    active: &mut Active,
+    queue: usize,
+) -> std::result::Result<Option<RequestBuffers>, QueueError> {
+    let Active { mem, queues, .. } = active;
+    let q = &mut queues[queue];
+    let max = q.size();
+    let chain = q
+        .iter(&*mem)
+        .map_err(|source| QueueError::AvailRing { queue, source })?
+        .next();
+    let Some(chain) = chain else {
+        return Ok(None);
+    };
+    let head = chain.head_index();
+    RequestBuffers::parse(chain, mem, max)
+        .map(Some)
+        .map_err(|source| QueueError::Chain { queue, head, source })
+}
+
+/// Puts a chain in the used ring.
+pub(crate) fn complete(
+    active: &mut Active,
+    queue: usize,
+    head: u16,
+    len: u32,
+) -> std::result::Result<(), QueueError> {
+    active.queues[queue]
+        .add_used(&active.mem, head, len)
+        .map_err(|source| QueueError::UsedRing { queue, head, source })
+}
+
+/// Interrupts the guest for `queue` if the driver asked to be told now
+/// (`EVENT_IDX`), or always without it.
+pub(crate) fn notify_guest(active: &mut Active, queue: usize) -> std::result::Result<(), QueueError> {
+    let needed = active.queues[queue]
+        .needs_notification(&active.mem)
+        .map_err(|source| QueueError::Notification { queue, source })?;
+    if needed {
+        // Queue indices fit in u16: transports have at most 65536 queues.
+        if let Err(e) = active.interrupt.signal_used_queue(queue as u16) {
+            log::warn!("cannot signal used buffers on queue {queue}: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Asks the driver to notify again once it adds buffers; returns whether
+/// some arrived meanwhile (then the caller should look again).
+pub(crate) fn rearm_notification(active: &mut Active, queue: usize) -> std::result::Result<bool, QueueError> {
+    active.queues[queue]
+        .enable_notification(&active.mem)
+        .map_err(|source| QueueError::Notification { queue, source })
+}
+
+/// Processes up to `budget` chains of `queue` with `handle`, the usual way:
+/// notifications off while working, back on when the ring looks empty, and
+/// one interrupt for the batch if the driver wants it.
+pub(crate) fn process_queue<F>(
+    active: &mut Active,
+    queue: usize,
+    budget: usize,
+    mut handle: F,
+) -> std::result::Result<QueueRun, QueueError>
+where
+    F: FnMut(&GuestMemoryMmap, &RequestBuffers) -> Handled,
+{
+    // Chains handled, plus rounds of re-checking the ring.
+    let mut processed = 0usize;
+    let mut used = 0usize;
+    let run = 'run: loop {
+        active.queues[queue]
+            .disable_notification(&active.mem)
+            .map_err(|source| QueueError::Notification { queue, source })?;
+        loop {
+            if active.stop.is_raised() {
+                break 'run QueueRun::Stopped;
+            }
+            if processed == budget {
+                break 'run QueueRun::BudgetSpent;
+            }
+            let Some(buffers) = pop_chain(active, queue)? else {
+                break;
+            };
+            let head = buffers.head();
+            match handle(&active.mem, &buffers) {
+                Handled::Used(len) => complete(active, queue, head, len)?,
+                Handled::Unanswerable(reason) => {
+                    return Err(QueueError::Unanswerable { queue, head, reason })
+                }
+            }
+            processed += 1;
+            used += 1;
+        }
+        if !rearm_notification(active, queue)? {
+            break QueueRun::Drained;
+        }
+        // More arrived while notifications were off. Each such round counts
+        // against the budget, so a driver that keeps moving its index
+        // without adding chains cannot keep the device spinning here.
+        if processed == budget {
+            break QueueRun::BudgetSpent;
+        }
+        processed += 1;
+    };
+    if used > 0 {
+        notify_guest(active, queue)?;
+    }
+    Ok(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::{RecordingInterrupt, VirtioSignal};
+    use crate::guest_driver::{Buf, DriverQueue};
+
+    fn active(mem: &GuestMemoryMmap, queue: Queue, interrupt: Arc<RecordingInterrupt>) -> Active {
+        Active {
+            mem: mem.clone(),
+            queues: vec![queue],
+            interrupt,
+            stop: StopSignal::new(),
+            failed: false,
+        }
+    }
+
+    #[test]
+    fn processing_stops_at_the_budget_and_leaves_the_rest_for_later() {
+        let mem = crate::guest_driver::memory();
+        let mut driver = DriverQueue::new(&mem, 16);
+        for _ in 0..5 {
+            driver.add(&[Buf::writable(0x8_0000, 4)]);
+        }
+        let interrupt = Arc::new(RecordingInterrupt::new());
+        let mut active = active(&mem, driver.queue(), interrupt.clone());
+
+        let run = process_queue(&mut active, 0, 3, |_, _| Handled::Used(0)).unwrap();
+        assert_eq!(run, QueueRun::BudgetSpent);
+        assert_eq!(driver.used().len(), 3);
+        assert_eq!(interrupt.signals(), [VirtioSignal::UsedQueue(0)]);
+
+        let run = process_queue(&mut active, 0, 3, |_, _| Handled::Used(0)).unwrap();
+        assert_eq!(run, QueueRun::Drained);
+        assert_eq!(driver.used().len(), 5);
+    }
+
+    #[test]
+    fn a_raised_stop_signal_ends_processing_before_the_next_request() {
+        let mem = crate::guest_driver::memory();
+        let mut driver = DriverQueue::new(&mem, 16);
+        driver.add(&[Buf::writable(0x8_0000, 4)]);
+        driver.add(&[Buf::writable(0x8_0000, 4)]);
+        let mut active = active(&mem, driver.queue(), Arc::new(RecordingInterrupt::new()));
+        let stop = active.stop.clone();
+
+        let run = process_queue(&mut active, 0, 16, |_, _| {
+            stop.raise();
+            Handled::Used(0)
+        })
+        .unwrap();
+        assert_eq!(run, QueueRun::Stopped);
+        assert_eq!(driver.used().len(), 1);
+    }
+
+    #[test]
+    fn rejects_available_index_more_than_a_queue_size_ahead() {
+        let mem = crate::guest_driver::memory();
+        let driver = DriverQueue::new(&mem, 16);
+        driver.set_avail_idx(17);
+        let mut active = active(&mem, driver.queue(), Arc::new(RecordingInterrupt::new()));
+        let err = process_queue(&mut active, 0, 16, |_, _| Handled::Used(0)).unwrap_err();
+        assert!(matches!(err, QueueError::AvailRing { queue: 0, .. }), "{err}");
+    }
+
+    #[test]
+    fn with_event_idx_the_guest_is_interrupted_only_when_it_asked() {
+        let mem = crate::guest_driver::memory();
+        let mut driver = DriverQueue::new(&mem, 16);
+        let mut queue = driver.queue();
+        queue.set_event_idx(true);
+        let interrupt = Arc::new(RecordingInterrupt::new());
+        let mut active = active(&mem, queue, interrupt.clone());
+
+        // used_event = 1: interrupt when the second used entry appears.
+        driver.set_used_event(1);
+        driver.add(&[Buf::writable(0x8_0000, 4)]);
+        process_queue(&mut active, 0, 16, |_, _| Handled::Used(0)).unwrap();
+        assert!(interrupt.signals().is_empty());
+        // The device asked to be notified of the next buffer.
+        assert_eq!(driver.avail_event(), 1);
+
+        driver.add(&[Buf::writable(0x8_0000, 4)]);
+        process_queue(&mut active, 0, 16, |_, _| Handled::Used(0)).unwrap();
+        assert_eq!(interrupt.signals(), [VirtioSignal::UsedQueue(0)]);
+        assert_eq!(driver.avail_event(), 2);
+    }
+
+    #[test]
+    fn without_event_idx_notifications_are_off_only_while_processing() {
+        let mem = crate::guest_driver::memory();
+        let mut driver = DriverQueue::new(&mem, 16);
+        driver.add(&[Buf::writable(0x8_0000, 4)]);
+        let interrupt = Arc::new(RecordingInterrupt::new());
+        let mut active = active(&mem, driver.queue(), interrupt.clone());
+        let mut flags_while_working = None;
+        process_queue(&mut active, 0, 16, |_, _| {
+            flags_while_working = Some(driver.used_flags());
+            Handled::Used(0)
+        })
+        .unwrap();
+        assert_eq!(flags_while_working, Some(1), "VRING_USED_F_NO_NOTIFY");
+        assert_eq!(driver.used_flags(), 0);
+        assert_eq!(interrupt.signals(), [VirtioSignal::UsedQueue(0)]);
+    }
+
+    #[test]
+    fn unanswerable_request_is_a_queue_error_naming_its_head() {
+        let mem = crate::guest_driver::memory();
+        let mut driver = DriverQueue::new(&mem, 16);
+        let head = driver.add(&[Buf::readable(0x8_0000, 4)]);
+        let mut active = active(&mem, driver.queue(), Arc::new(RecordingInterrupt::new()));
+        let err = process_queue(&mut active, 0, 16, |_, _| Handled::Unanswerable("no status")).unwrap_err();
+        assert!(
+            matches!(err, QueueError::Unanswerable { head: h, .. } if h == head),
+            "{err}"
+        );
+        assert!(driver.used().is_empty());
+    }
+}

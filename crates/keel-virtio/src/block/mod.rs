@@ -1,0 +1,516 @@
+//! virtio-blk (virtio 1.2, section 5.2): a disk for the guest, on any
+//! [`BlockBackend`].
+
+mod backend;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestMemoryMmap};
+
+pub use backend::{BlockBackend, FileBackend, MemoryBackend};
+
+use crate::activation::{process_queue, ActivationState, EventSource, Handled, QueueRun};
+use crate::chain::RequestBuffers;
+use crate::device::{read_config_space, Activation, VirtioDevice};
+use crate::{check_queue_count, device_type, features, Error, Result};
+
+/// Bytes per sector: the unit of every offset and length in the protocol.
+pub const SECTOR_SIZE: u64 = 512;
+/// Length of the `GET_ID` string.
+pub const ID_BYTES: usize = VIRTIO_BLK_ID_BYTES as usize;
+/// Most sectors one discard or write-zeroes segment may cover (128 MiB):
+/// bounds the time one request holds the event loop when a file system
+/// needs zeros written by hand.
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 18;
+/// Most segments in one discard or write-zeroes request.
+pub const MAX_DISCARD_SEGMENTS: u32 = 32;
+/// Discard granularity advertised to the guest, in sectors (4 KiB).
+pub const DISCARD_SECTOR_ALIGNMENT: u32 = 8;
+
+/// Size of the bounce buffer data moves through between guest memory and
+/// the backend.
+const BOUNCE_BUFFER_SIZE: usize = 128 * 1024;
+/// Size of the configuration space up to `unused1` (virtio 1.2, 5.2.4).
+const CONFIG_SPACE_SIZE: usize = 60;
+/// Size of a discard / write-zeroes segment: sector, num_sectors, flags.
+const DISCARD_SEGMENT_SIZE: u64 = 16;
+/// Size of the request header: type, reserved, sector.
+const HEADER_SIZE: usize = 16;
+
+const fn bit(feature: u32) -> u64 {
+    1 << feature
+}
+
+/// How a [`Block`] device presents itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockOptions {
+    /// Refuse writes (offers `VIRTIO_BLK_F_RO`, and no discard or
+    /// write-zeroes).
+    pub read_only: bool,
+    /// The serial the guest reads with `GET_ID` (Linux:
+    /// `/sys/block/vda/serial`), at most [`ID_BYTES`] bytes.
+    pub id: String,
+    /// Entries in the request queue: a power of two from 4 to 32768. Chains may
+    /// have at most this many descriptors, so the advertised `seg_max` is
+    /// this minus two (header and status).
+    pub queue_size: u16,
+    /// Largest single buffer (descriptor) a request may use, advertised as
+    /// `size_max`; requests with a larger one fail with `IOERR`.
+    pub max_segment_size: u32,
+}
+
+impl Default for BlockOptions {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            id: String::new(),
+            queue_size: 256,
+            max_segment_size: 1 << 20,
+        }
+    }
+}
+
+/// A virtio block device.
+///
+/// Requests are served on the event-loop thread in the order the driver
+/// makes them available, one at a time, so a `FLUSH` completes only after
+/// every earlier write completed and the backend's flush returned. Each
+/// request is checked before the backend sees it: its header must be
+/// readable, its status byte (the last writable byte) present, its data a
+/// whole number of sectors inside the disk and its buffers no longer than
+/// `size_max`. A request that fails those checks gets `IOERR` (or `UNSUPP`
+/// for an unknown type or flag) and nothing is read or written; a chain that
+/// breaks the virtqueue rules puts the device in `DEVICE_NEEDS_RESET`.
+///
+/// Features offered: `VERSION_1`, `RING_INDIRECT_DESC`, `RING_EVENT_IDX`,
+/// `SIZE_MAX`, `SEG_MAX`, `FLUSH`, and either `RO` or `DISCARD` and
+/// `WRITE_ZEROES`. If the driver does not accept `FLUSH`, every write is
+/// flushed before it completes (the spec's write-through case).
+///
+/// The device is shared by the transport (vCPU threads) and the event loop:
+/// put it in an `Arc<Mutex<_>>`, hand a clone to [`crate::MmioTransport`]
+/// and add another to the `EventManager`. See the crate documentation for
+/// the wiring.
+pub struct Block<B: BlockBackend> {
+    disk: Disk<B>,
+    activation: ActivationState,
+    features: u64,
+    queue_sizes: [u16; 1],
+    config: [u8; CONFIG_SPACE_SIZE],
+}
+
+impl<B: BlockBackend> std::fmt::Debug for Block<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("capacity_sectors", &self.disk.capacity_sectors)
+            .field("read_only", &self.disk.read_only)
+            .field("active", &self.activation.is_active())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: BlockBackend> Block<B> {
+    /// A block device on `backend`.
+    pub fn new(backend: B, options: BlockOptions) -> Result<Self> {
+        if options.id.len() > ID_BYTES {
+            return Err(Error::BlockIdTooLong {
+                len: options.id.len(),
+                id: options.id,
+            });
+        }
+        let size = options.queue_size;
+        if size < 4 || !size.is_power_of_two() || size > crate::MAX_QUEUE_SIZE {
+            return Err(Error::InvalidQueueSize { size });
+        }
+        if options.max_segment_size < SECTOR_SIZE as u32 {
+            return Err(Error::InvalidSegmentSize {
+                size: options.max_segment_size,
+            });
+        }
+        let mut id = [0u8; ID_BYTES];
+        id[..options.id.len()].copy_from_slice(options.id.as_bytes());
+        let capacity_sectors = backend.capacity() / SECTOR_SIZE;
+
+        let mut features = features::VERSION_1
+            | features::RING_INDIRECT_DESC
+            | features::RING_EVENT_IDX
+            | bit(VIRTIO_BLK_F_SIZE_MAX)
+            | bit(VIRTIO_BLK_F_SEG_MAX)
+            | bit(VIRTIO_BLK_F_FLUSH);
+        if options.read_only {
+            features |= bit(VIRTIO_BLK_F_RO);
+        } else {
+            features |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
+        }
+
+        let seg_max = u32::from(size) - 2;
+        let mut config = [0u8; CONFIG_SPACE_SIZE];
+        put(&mut config, 0, &capacity_sectors.to_le_bytes());
+        put(&mut config, 8, &options.max_segment_size.to_le_bytes());
+        put(&mut config, 12, &seg_max.to_le_bytes());
+        put(&mut config, 20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        put(&mut config, 34, &1u16.to_le_bytes()); // num_queues
+        put(&mut config, 36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(&mut config, 40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(&mut config, 44, &DISCARD_SECTOR_ALIGNMENT.to_le_bytes());
+        put(&mut config, 48, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(&mut config, 52, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        config[56] = 1; // write_zeroes_may_unmap
+
+        Ok(Self {
+            disk: Disk {
+                backend,
+                capacity_sectors,
+                read_only: options.read_only,
+                id,
+                max_segment_size: options.max_segment_size,
+                acked_features: 0,
+                bounce: vec![0; BOUNCE_BUFFER_SIZE],
+            },
+            activation: ActivationState::new("virtio-blk")?,
+            features,
+            queue_sizes: [size],
+            config,
+        })
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.disk.backend
+    }
+
+    /// The backend, mutably.
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.disk.backend
+    }
+
+    /// The disk size the guest sees, in 512-byte sectors.
+    pub fn capacity_sectors(&self) -> u64 {
+        self.disk.capacity_sectors
+    }
+
+    /// Whether the driver has activated the device (and not reset it).
+    pub fn is_active(&self) -> bool {
+        self.activation.is_active()
+    }
+
+    fn process_requests(&mut self, ops: &mut EventOps) {
+        let Some(active) = self.activation.active_mut() else {
+            return;
+        };
+        let budget = usize::from(active.queues[0].size());
+        let disk = &mut self.disk;
+        match process_queue(active, 0, budget, |mem, buffers| disk.execute(mem, buffers)) {
+            Ok(QueueRun::BudgetSpent) => self.activation.requeue(0),
+            Ok(QueueRun::Drained | QueueRun::Stopped) => {}
+            Err(e) => self.activation.fail(ops, &e),
+        }
+    }
+}
+
+fn put(config: &mut [u8], offset: usize, bytes: &[u8]) {
+    config[offset..offset + bytes.len()].copy_from_slice(bytes);
+}
+
+impl<B: BlockBackend> VirtioDevice for Block<B> {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn ack_features(&mut self, acked: u64) {
+        self.disk.acked_features = acked & self.features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_space(&self.config, offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Without VIRTIO_BLK_F_CONFIG_WCE nothing in the space is writable.
+        log::debug!(
+            "virtio-blk: ignored {}-byte config write at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<()> {
+        check_queue_count(self, &activation)?;
+        self.activation.activate(device_type::BLOCK, activation)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.activation.reset();
+        self.disk.acked_features = 0;
+        true
+    }
+}
+
+impl<B: BlockBackend> MutEventSubscriber for Block<B> {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.activation.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match self.activation.classify(events.fd()) {
+            EventSource::Changed => {
+                self.activation.sync(ops);
+                self.process_requests(ops);
+            }
+            EventSource::Queue(index) => {
+                self.activation.take_queue_event(index);
+                self.process_requests(ops);
+            }
+            EventSource::Other => log::warn!("virtio-blk: event on unknown fd {}", events.fd()),
+        }
+    }
+}
+
+/// The part of the device that executes requests.
+struct Disk<B> {
+    backend: B,
+    capacity_sectors: u64,
+    read_only: bool,
+    id: [u8; ID_BYTES],
+    max_segment_size: u32,
+    acked_features: u64,
+    bounce: Vec<u8>,
+}
+
+/// A request's result: its status byte.
+type Status = u8;
+const OK: Status = VIRTIO_BLK_S_OK as Status;
+const IOERR: Status = VIRTIO_BLK_S_IOERR as Status;
+const UNSUPP: Status = VIRTIO_BLK_S_UNSUPP as Status;
+
+impl<B: BlockBackend> Disk<B> {
+    fn has(&self, feature: u32) -> bool {
+        self.acked_features & bit(feature) != 0
+    }
+
+    /// Without a negotiated FLUSH every write must be stable on completion.
+    fn write_through(&mut self) -> Status {
+        if self.has(VIRTIO_BLK_F_FLUSH) {
+            return OK;
+        }
+        let result = self.backend.flush();
+        self.backend_result("flush", result)
+    }
+
+    fn backend_result(&self, what: &str, result: std::io::Result<()>) -> Status {
+        match result {
+            Ok(()) => OK,
+            Err(e) => {
+                log::warn!("virtio-blk: backend {what} failed: {e}");
+                IOERR
+            }
+        }
+    }
+
+    /// The byte offset of `len` bytes at `sector`, if they are all on the disk.
+    fn byte_range(&self, sector: u64, len: u64) -> Option<u64> {
+        let offset = sector.checked_mul(SECTOR_SIZE)?;
+        let end = offset.checked_add(len)?;
+        (end <= self.capacity_sectors * SECTOR_SIZE).then_some(offset)
+    }
+
+    fn execute(&mut self, mem: &GuestMemoryMmap, buffers: &RequestBuffers) -> Handled {
+        let Some(status_addr) = buffers.last_writable_byte() else {
+            return Handled::Unanswerable("no device-writable byte for the status");
+        };
+        let data_len = buffers.writable_len() - 1;
+        let (status, written) = self.run(mem, buffers, data_len);
+        if mem.write_obj(status, status_addr).is_err() {
+            // Cannot happen: parse checked the buffer is in guest memory.
+            return Handled::Unanswerable("status byte not writable");
+        }
+        // The chain is at most 4 GiB in total, so this fits.
+        Handled::Used(u32::try_from(written + 1).unwrap_or(u32::MAX))
+    }
+
+    /// Executes one request; returns its status and the data bytes written
+    /// into the guest's buffers.
+    fn run(&mut self, mem: &GuestMemoryMmap, buffers: &RequestBuffers, data_len: u64) -> (Status, u64) {
+        let mut reader = buffers.reader(mem);
+        let mut header = [0u8; HEADER_SIZE];
+        if reader.read_exact(&mut header).is_err() {
+            log::warn!("virtio-blk: request shorter than its 16-byte header");
+            return (IOERR, 0);
+        }
+        let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+        let sector = u64::from_le_bytes([
+            header[8], header[9], header[10], header[11], header[12], header[13], header[14], header[15],
+        ]);
+        if buffers.longest_segment() > self.max_segment_size {
+            log::warn!(
+                "virtio-blk: a buffer of {} bytes exceeds size_max {}",
+                buffers.longest_segment(),
+                self.max_segment_size
+            );
+            return (IOERR, 0);
+        }
+
+        match request_type {
+            VIRTIO_BLK_T_IN => {
+                let mut writer = buffers.writer(mem, data_len);
+                let status = self.read(sector, &mut writer);
+                (status, writer.written())
+            }
+            VIRTIO_BLK_T_OUT => (self.write(sector, &mut reader), 0),
+            VIRTIO_BLK_T_FLUSH => {
+                let result = self.backend.flush();
+                (self.backend_result("flush", result), 0)
+            }
+            VIRTIO_BLK_T_GET_ID => {
+                let mut writer = buffers.writer(mem, data_len);
+                let take = ID_BYTES.min(data_len as usize);
+                match writer.write(&self.id[..take]) {
+                    Ok(_) => (OK, writer.written()),
+                    Err(_) => (IOERR, writer.written()),
+                }
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                (self.discard_or_zero(request_type, &mut reader), 0)
+            }
+            other => {
+                log::debug!("virtio-blk: unsupported request type {other}");
+                (UNSUPP, 0)
+            }
+        }
+    }
+
+    fn read(&mut self, sector: u64, writer: &mut crate::chain::GuestWriter<'_>) -> Status {
+        let len = writer.remaining();
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            log::warn!("virtio-blk: read of {len} bytes is not a whole number of sectors");
+            return IOERR;
+        }
+        let Some(offset) = self.byte_range(sector, len) else {
+            log::warn!(
+                "virtio-blk: read of {len} bytes at sector {sector} is past the end ({} sectors)",
+                self.capacity_sectors
+            );
+            return IOERR;
+        };
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(self.bounce.len() as u64) as usize;
+            if let Err(e) = self.backend.read_at(offset + done, &mut self.bounce[..n]) {
+                log::warn!("virtio-blk: backend read at {} failed: {e}", offset + done);
+                return IOERR;
+            }
+            if writer.write(&self.bounce[..n]).is_err() {
+                return IOERR;
+            }
+            done += n as u64;
+        }
+        OK
+    }
+
+    fn write(&mut self, sector: u64, reader: &mut crate::chain::GuestReader<'_>) -> Status {
+        if self.read_only {
+            log::debug!("virtio-blk: write to a read-only disk refused");
+            return IOERR;
+        }
+        let len = reader.remaining();
+        if !len.is_multiple_of(SECTOR_SIZE) {
+            log::warn!("virtio-blk: write of {len} bytes is not a whole number of sectors");
+            return IOERR;
+        }
+        let Some(offset) = self.byte_range(sector, len) else {
+            log::warn!(
+                "virtio-blk: write of {len} bytes at sector {sector} is past the end ({} sectors)",
+                self.capacity_sectors
+            );
+            return IOERR;
+        };
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(self.bounce.len() as u64) as usize;
+            if reader.read_exact(&mut self.bounce[..n]).is_err() {
+                return IOERR;
+            }
+            if let Err(e) = self.backend.write_at(offset + done, &self.bounce[..n]) {
+                log::warn!("virtio-blk: backend write at {} failed: {e}", offset + done);
+                return IOERR;
+            }
+            done += n as u64;
+        }
+        self.write_through()
+    }
+
+    fn discard_or_zero(&mut self, request_type: u32, reader: &mut crate::chain::GuestReader<'_>) -> Status {
+        let discard = request_type == VIRTIO_BLK_T_DISCARD;
+        if self.read_only {
+            return IOERR;
+        }
+        let feature = if discard {
+            VIRTIO_BLK_F_DISCARD
+        } else {
+            VIRTIO_BLK_F_WRITE_ZEROES
+        };
+        if !self.has(feature) {
+            return UNSUPP;
+        }
+        let payload = reader.remaining();
+        let count = payload / DISCARD_SEGMENT_SIZE;
+        if !payload.is_multiple_of(DISCARD_SEGMENT_SIZE)
+            || count == 0
+            || count > u64::from(MAX_DISCARD_SEGMENTS)
+        {
+            log::warn!("virtio-blk: discard/write-zeroes payload of {payload} bytes is malformed");
+            return IOERR;
+        }
+        let mut ranges = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let mut raw = [0u8; DISCARD_SEGMENT_SIZE as usize];
+            if reader.read_exact(&mut raw).is_err() {
+                return IOERR;
+            }
+            let sector = u64::from_le_bytes(raw[0..8].try_into().unwrap_or_default());
+            let sectors = u32::from_le_bytes(raw[8..12].try_into().unwrap_or_default());
+            let flags = u32::from_le_bytes(raw[12..16].try_into().unwrap_or_default());
+            let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+            if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || (discard && unmap) {
+                return UNSUPP;
+            }
+            if sectors > MAX_DISCARD_SECTORS {
+                return IOERR;
+            }
+            let len = u64::from(sectors) * SECTOR_SIZE;
+            let Some(offset) = self.byte_range(sector, len) else {
+                return IOERR;
+            };
+            ranges.push((offset, len, unmap));
+        }
+        for (offset, len, unmap) in ranges {
+            let result = if discard {
+                self.backend.discard(offset, len)
+            } else {
+                self.backend.write_zeroes(offset, len, unmap)
+            };
+            let what = if discard { "discard" } else { "write-zeroes" };
+            let status = self.backend_result(what, result);
+            if status != OK {
+                return status;
+            }
+        }
+        self.write_through()
+    }
+}
+
+#[cfg(test)]
+mod tests;

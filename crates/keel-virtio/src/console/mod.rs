@@ -1,0 +1,319 @@
+//! virtio-console (virtio 1.2, section 5.3): one port, the guest's `hvc0`.
+
+mod backend;
+
+use std::io::ErrorKind;
+use std::os::unix::io::RawFd;
+use std::path::Path;
+
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use virtio_queue::QueueT;
+
+pub use backend::{ConsoleBackend, StreamBackend, UnixSocketBackend};
+
+use crate::activation::{
+    complete, notify_guest, pop_chain, process_queue, rearm_notification, ActivationState, EventSource,
+    Handled, QueueError, QueueRun,
+};
+use crate::device::{read_config_space, Activation, VirtioDevice};
+use crate::{check_queue_count, device_type, features, Result};
+
+/// The port 0 receive queue (host to guest).
+const RECEIVEQ: usize = 0;
+/// The port 0 transmit queue (guest to host).
+const TRANSMITQ: usize = 1;
+const QUEUE_SIZE: u16 = 256;
+/// How much host input is read at once.
+const INPUT_CHUNK: usize = 4096;
+/// How much guest output is copied to the backend at once.
+const OUTPUT_CHUNK: usize = 4096;
+/// `cols`, `rows`, `max_nr_ports`, `emerg_wr`: all zero, as no feature that
+/// makes them valid is offered.
+const CONFIG_SPACE: [u8; 12] = [0; 12];
+
+/// A virtio console with a single port (no `MULTIPORT`, no `SIZE`): what a
+/// Linux guest uses as `hvc0`.
+///
+/// Guest output (the transmit queue) goes to the backend as it arrives.
+/// Host input is read from the backend's input fd only when the guest has
+/// receive buffers to take it: when they run out, the console stops watching
+/// the input (it waits in the kernel, and a writer to a pipe or socket
+/// eventually blocks) and watches it again once the driver adds buffers and
+/// notifies. Nothing is dropped and nothing spins.
+///
+/// Like every device here it is shared by its transport and the event loop:
+/// see the crate documentation.
+pub struct Console {
+    backend: Box<dyn ConsoleBackend>,
+    activation: ActivationState,
+    queue_sizes: [u16; 2],
+    /// Input read from the backend that the guest has no buffers for yet.
+    pending: Vec<u8>,
+    watched_input: Option<RawFd>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for Console {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Console")
+            .field("active", &self.activation.is_active())
+            .field("pending_input", &self.pending.len())
+            .field("watched_input", &self.watched_input)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Console {
+    /// A console on `backend`.
+    pub fn new(backend: Box<dyn ConsoleBackend>) -> Result<Self> {
+        Ok(Self {
+            backend,
+            activation: ActivationState::new("virtio-console")?,
+            queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
+            pending: Vec::new(),
+            watched_input: None,
+            scratch: vec![0; INPUT_CHUNK.max(OUTPUT_CHUNK)],
+        })
+    }
+
+    /// A console on the VMM's stdin and stdout
+    /// ([`StreamBackend::stdio`]).
+    pub fn stdio() -> Result<Self> {
+        Self::new(Box::new(StreamBackend::stdio()?))
+    }
+
+    /// A console whose output is appended to the file at `path`; no input.
+    pub fn file(path: impl AsRef<Path>) -> Result<Self> {
+        Self::new(Box::new(StreamBackend::file(path)?))
+    }
+
+    /// A console served on a Unix socket at `path`, one client at a time.
+    pub fn unix_listener(path: impl AsRef<Path>) -> Result<Self> {
+        Self::new(Box::new(UnixSocketBackend::listen(path)?))
+    }
+
+    /// A console connected to a Unix socket server at `path`.
+    pub fn unix_connect(path: impl AsRef<Path>) -> Result<Self> {
+        Self::new(Box::new(UnixSocketBackend::connect(path)?))
+    }
+
+    /// Whether the driver has activated the device (and not reset it).
+    pub fn is_active(&self) -> bool {
+        self.activation.is_active()
+    }
+
+    /// Whether host input is waiting for the guest to add receive buffers
+    /// (and the input is not watched meanwhile).
+    pub fn is_input_paused(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Bytes of host input read but not yet given to the guest.
+    pub fn pending_input(&self) -> usize {
+        self.pending.len()
+    }
+
+    fn fail(&mut self, ops: &mut EventOps, error: &QueueError) {
+        self.activation.fail(ops, error);
+        self.sync_input(ops);
+    }
+
+    /// Copies guest output to the backend.
+    fn transmit(&mut self, ops: &mut EventOps) {
+        let Some(active) = self.activation.active_mut() else {
+            return;
+        };
+        let budget = usize::from(active.queues[TRANSMITQ].size());
+        let backend = &mut self.backend;
+        let scratch = &mut self.scratch[..OUTPUT_CHUNK];
+        let run = process_queue(active, TRANSMITQ, budget, |mem, chain| {
+            let mut reader = chain.reader(mem);
+            loop {
+                match reader.read(scratch) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if let Err(e) = backend.write_output(&scratch[..n]) {
+                            log::debug!("virtio-console: output dropped: {e}");
+                        }
+                    }
+                }
+            }
+            // The device writes nothing into transmit buffers.
+            Handled::Used(0)
+        });
+        match run {
+            Ok(QueueRun::BudgetSpent) => self.activation.requeue(TRANSMITQ),
+            Ok(QueueRun::Drained | QueueRun::Stopped) => {}
+            Err(e) => self.fail(ops, &e),
+        }
+    }
+
+    /// Moves pending input into the guest's receive buffers, as far as they
+    /// go.
+    fn receive(&mut self, ops: &mut EventOps) {
+        match self.deliver_pending() {
+            Ok(true) => self.activation.requeue(RECEIVEQ),
+            Ok(false) => {}
+            Err(e) => self.fail(ops, &e),
+        }
+    }
+
+    /// Returns whether it stopped at its budget with buffers left.
+    fn deliver_pending(&mut self) -> std::result::Result<bool, QueueError> {
+        let Some(active) = self.activation.active_mut() else {
+            return Ok(false);
+        };
+        let budget = usize::from(active.queues[RECEIVEQ].size());
+        let mut used = 0usize;
+        // Chains used plus rounds of re-checking the ring: bounded, so a
+        // driver moving its index without adding buffers cannot spin us.
+        let mut rounds = 0usize;
+        while !self.pending.is_empty() && rounds < budget {
+            rounds += 1;
+            let Some(chain) = pop_chain(active, RECEIVEQ)? else {
+                if rearm_notification(active, RECEIVEQ)? {
+                    continue; // buffers arrived meanwhile
+                }
+                break; // wait for the driver's notification
+            };
+            let mut writer = chain.writer(&active.mem, self.pending.len() as u64);
+            let written = writer.write(&self.pending).unwrap_or(0);
+            self.pending.drain(..written);
+            // At most INPUT_CHUNK bytes.
+            complete(active, RECEIVEQ, chain.head(), written as u32)?;
+            used += 1;
+        }
+        if used > 0 {
+            notify_guest(active, RECEIVEQ)?;
+        }
+        Ok(rounds == budget && !self.pending.is_empty())
+    }
+
+    fn on_input(&mut self, ops: &mut EventOps) {
+        if self.pending.is_empty() {
+            let chunk = &mut self.scratch[..INPUT_CHUNK];
+            match self.backend.read_input(chunk) {
+                Ok(0) => self.end_input(ops, "end of input"),
+                Ok(n) => {
+                    self.pending.extend_from_slice(&chunk[..n]);
+                    self.receive(ops);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}
+                Err(e) => self.end_input(ops, &format!("read error: {e}")),
+            }
+        }
+        self.sync_input(ops);
+    }
+
+    fn end_input(&mut self, ops: &mut EventOps, reason: &str) {
+        log::info!("virtio-console: input stopped: {reason}");
+        // Out of the epoll set before the backend may close it.
+        self.unwatch_input(ops);
+        self.backend.input_ended();
+    }
+
+    fn unwatch_input(&mut self, ops: &mut EventOps) {
+        if let Some(fd) = self.watched_input.take() {
+            let _ = ops.remove(Events::new_raw(fd, EventSet::IN));
+        }
+    }
+
+    /// Watches the backend's input exactly when the guest can take more.
+    fn sync_input(&mut self, ops: &mut EventOps) {
+        // A backend may offer another fd after an unwatchable one ends; two
+        // rounds settle it.
+        for _ in 0..2 {
+            let wanted = if self.activation.active_mut().is_some() && self.pending.is_empty() {
+                self.backend.input_fd()
+            } else {
+                None
+            };
+            if wanted == self.watched_input {
+                return;
+            }
+            self.unwatch_input(ops);
+            let Some(fd) = wanted else {
+                return;
+            };
+            match ops.add(Events::new_raw(fd, EventSet::IN)) {
+                Ok(()) => {
+                    self.watched_input = Some(fd);
+                    return;
+                }
+                Err(e) => {
+                    log::warn!("virtio-console: cannot watch input fd {fd} (is it pollable?): {e:?}");
+                    self.backend.input_ended();
+                }
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Console {
+    fn device_type(&self) -> u32 {
+        device_type::CONSOLE
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        features::VERSION_1 | features::RING_INDIRECT_DESC | features::RING_EVENT_IDX
+    }
+
+    fn ack_features(&mut self, _acked: u64) {
+        // No console features are offered.
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_space(&CONFIG_SPACE, offset, data);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {
+        // emerg_wr is only writable with VIRTIO_CONSOLE_F_EMERG_WRITE.
+    }
+
+    fn activate(&mut self, activation: Activation) -> Result<()> {
+        check_queue_count(self, &activation)?;
+        self.activation.activate(device_type::CONSOLE, activation)
+    }
+
+    fn reset(&mut self) -> bool {
+        // Pending input is kept for the next activation: it is the user's.
+        self.activation.reset();
+        true
+    }
+}
+
+impl MutEventSubscriber for Console {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.activation.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        let fd = events.fd();
+        match self.activation.classify(fd) {
+            EventSource::Changed => {
+                self.activation.sync(ops);
+                self.transmit(ops);
+                self.receive(ops);
+                self.sync_input(ops);
+            }
+            EventSource::Queue(RECEIVEQ) => {
+                self.activation.take_queue_event(RECEIVEQ);
+                self.receive(ops);
+                self.sync_input(ops);
+            }
+            EventSource::Queue(_) => {
+                self.activation.take_queue_event(TRANSMITQ);
+                self.transmit(ops);
+            }
+            EventSource::Other if Some(fd) == self.watched_input => self.on_input(ops),
+            EventSource::Other => log::warn!("virtio-console: event on unknown fd {fd}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,203 @@
+//! A pretend guest driver for unit tests: split queues laid out in a
+//! `GuestMemoryMmap` with `virtio-queue`'s mock rings, chains added the way a
+//! driver adds them (or the way a hostile one does), and the used ring read
+//! back.
+//!
+//! The rings are placed here rather than by `MockSplitQueue::create`, whose
+//! layout (virtio-queue 0.18) puts the used ring over the tail of the
+//! available ring — harmless for its own tests, but it clobbers `used_event`
+//! and late available entries.
+
+use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Guest RAM for tests: 16 MiB at 0. Rings live below 1 MiB, data above.
+pub const MEM_SIZE: u64 = 0x100_0000;
+/// Where tests put their buffers.
+pub const DATA: u64 = 0x10_0000;
+
+pub fn memory() -> GuestMemoryMmap {
+    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
+}
+
+/// One buffer of a chain.
+#[derive(Debug, Clone, Copy)]
+pub struct Buf {
+    pub addr: u64,
+    pub len: u32,
+    pub writable: bool,
+}
+
+impl Buf {
+    pub fn readable(addr: u64, len: u32) -> Self {
+        Self {
+            addr,
+            len,
+            writable: false,
+        }
+    }
+
+    pub fn writable(addr: u64, len: u32) -> Self {
+        Self {
+            addr,
+            len,
+            writable: true,
+        }
+    }
+}
+
+pub fn raw_desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+    RawDescriptor::from(Descriptor::new(addr, len, flags, next))
+}
+
+/// The driver's side of one split queue.
+pub struct DriverQueue<'a> {
+    mem: &'a GuestMemoryMmap,
+    desc_table: DescriptorTable<'a, GuestMemoryMmap>,
+    avail: AvailRing<'a, GuestMemoryMmap>,
+    used: UsedRing<'a, GuestMemoryMmap>,
+    addrs: [u64; 3],
+    size: u16,
+    next_desc: u16,
+}
+
+impl<'a> DriverQueue<'a> {
+    /// A queue of `size` entries with its rings at 0x1000.
+    pub fn new(mem: &'a GuestMemoryMmap, size: u16) -> Self {
+        Self::at(mem, GuestAddress(0x1000), size)
+    }
+
+    /// A queue of `size` entries with its rings at `base`.
+    pub fn at(mem: &'a GuestMemoryMmap, base: GuestAddress, size: u16) -> Self {
+        let n = u64::from(size);
+        let desc = base.0;
+        let avail = desc + 16 * n;
+        let used = (avail + 6 + 2 * n + 3) & !3;
+        Self {
+            mem,
+            desc_table: DescriptorTable::new(mem, GuestAddress(desc), size),
+            avail: AvailRing::new(mem, GuestAddress(avail), size),
+            used: UsedRing::new(mem, GuestAddress(used), size),
+            addrs: [desc, avail, used],
+            size,
+            next_desc: 0,
+        }
+    }
+
+    /// The device's view, as a transport would configure it.
+    pub fn queue(&self) -> Queue {
+        let mut queue = Queue::new(self.size).unwrap();
+        queue.set_size(self.size);
+        queue
+            .try_set_desc_table_address(GuestAddress(self.addrs[0]))
+            .unwrap();
+        queue
+            .try_set_avail_ring_address(GuestAddress(self.addrs[1]))
+            .unwrap();
+        queue
+            .try_set_used_ring_address(GuestAddress(self.addrs[2]))
+            .unwrap();
+        queue.set_ready(true);
+        queue
+    }
+
+    pub fn desc_table_addr(&self) -> u64 {
+        self.addrs[0]
+    }
+
+    pub fn avail_addr(&self) -> u64 {
+        self.addrs[1]
+    }
+
+    pub fn used_addr(&self) -> u64 {
+        self.addrs[2]
+    }
+
+    /// Writes `bufs` as a chain into free descriptor slots and makes it
+    /// available; returns its head index.
+    pub fn add(&mut self, bufs: &[Buf]) -> u16 {
+        let indices: Vec<u16> = (0..bufs.len() as u16)
+            .map(|i| (self.next_desc + i) % self.size)
+            .collect();
+        self.next_desc = (self.next_desc + bufs.len() as u16) % self.size;
+        for (pos, buf) in bufs.iter().enumerate() {
+            let mut flags = 0u16;
+            if buf.writable {
+                flags |= VRING_DESC_F_WRITE as u16;
+            }
+            let next = if pos + 1 < bufs.len() {
+                flags |= VRING_DESC_F_NEXT as u16;
+                indices[pos + 1]
+            } else {
+                0
+            };
+            self.store(indices[pos], raw_desc(buf.addr, buf.len, flags, next));
+        }
+        self.publish(indices[0]);
+        indices[0]
+    }
+
+    /// Stores one raw descriptor, hostile or not.
+    pub fn store(&self, index: u16, desc: RawDescriptor) {
+        self.desc_table.store(index, desc).unwrap();
+    }
+
+    /// Puts `head` in the available ring and bumps its index.
+    pub fn publish(&self, head: u16) {
+        let idx = self.avail.idx().load();
+        self.avail
+            .ring()
+            .ref_at(usize::from(idx % self.size))
+            .unwrap()
+            .store(head);
+        self.avail.idx().store(idx.wrapping_add(1));
+    }
+
+    pub fn set_avail_idx(&self, idx: u16) {
+        self.avail.idx().store(idx);
+    }
+
+    /// `used_event` (EVENT_IDX): the used index the driver wants an
+    /// interrupt after.
+    pub fn set_used_event(&self, value: u16) {
+        let addr = self.avail_addr() + 4 + 2 * u64::from(self.size);
+        self.mem.write_obj(value, GuestAddress(addr)).unwrap();
+    }
+
+    /// `avail_event` (EVENT_IDX): the available index the device wants a
+    /// notification after.
+    pub fn avail_event(&self) -> u16 {
+        let addr = self.used_addr() + 4 + 8 * u64::from(self.size);
+        self.mem.read_obj(GuestAddress(addr)).unwrap()
+    }
+
+    /// The used ring's flags (VRING_USED_F_NO_NOTIFY).
+    pub fn used_flags(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(self.used_addr())).unwrap()
+    }
+
+    /// Every (head, length) the device has returned, oldest first (at most
+    /// one ring's worth).
+    pub fn used(&self) -> Vec<(u32, u32)> {
+        let idx = self.used.idx().load();
+        (0..idx.min(self.size))
+            .map(|i| {
+                let elem = self
+                    .used
+                    .ring()
+                    .ref_at(usize::from(i % self.size))
+                    .unwrap()
+                    .load();
+                (elem.id(), elem.len())
+            })
+            .collect()
+    }
+
+    pub fn used_idx(&self) -> u16 {
+        self.used.idx().load()
+    }
+}

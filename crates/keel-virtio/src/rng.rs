@@ -1,0 +1,269 @@
+//! virtio-rng, the entropy device (virtio 1.2, section 5.4): random bytes
+//! from the host's `getrandom(2)` into the guest's buffers.
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_queue::QueueT;
+use vm_memory::GuestMemoryMmap;
+
+use crate::activation::{process_queue, ActivationState, EventSource, Handled, QueueRun};
+use crate::chain::RequestBuffers;
+use crate::device::{Activation, VirtioDevice};
+use crate::{check_queue_count, device_type, features, Result};
+
+/// Most random bytes one request gets. The spec lets the device fill less
+/// than the whole buffer; capping keeps one guest request from holding the
+/// event loop (and the host's entropy source) for long.
+pub const MAX_RNG_REQUEST_BYTES: usize = 64 * 1024;
+
+const QUEUE_SIZE: u16 = 256;
+
+/// A virtio entropy device.
+///
+/// Each chain in its one queue gets `min(writable bytes, 64 KiB)` bytes
+/// from `getrandom(2)`; readable buffers in a chain are ignored. Offers
+/// `VERSION_1`, `RING_INDIRECT_DESC` and `RING_EVENT_IDX`.
+///
+/// Like every device here it is shared by its transport and the event loop:
+/// see the crate documentation.
+pub struct Rng {
+    activation: ActivationState,
+    queue_sizes: [u16; 1],
+    buffer: Vec<u8>,
+}
+
+impl std::fmt::Debug for Rng {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rng")
+            .field("active", &self.activation.is_active())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Rng {
+    /// An entropy device.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            activation: ActivationState::new("virtio-rng")?,
+            queue_sizes: [QUEUE_SIZE],
+            buffer: vec![0; MAX_RNG_REQUEST_BYTES],
+        })
+    }
+
+    /// Whether the driver has activated the device (and not reset it).
+    pub fn is_active(&self) -> bool {
+        self.activation.is_active()
+    }
+
+    fn process_requests(&mut self, ops: &mut EventOps) {
+        let Some(active) = self.activation.active_mut() else {
+            return;
+        };
+        let budget = usize::from(active.queues[0].size());
+        let buffer = &mut self.buffer;
+        match process_queue(active, 0, budget, |mem, chain| fill(buffer, mem, chain)) {
+            Ok(QueueRun::BudgetSpent) => self.activation.requeue(0),
+            Ok(QueueRun::Drained | QueueRun::Stopped) => {}
+            Err(e) => self.activation.fail(ops, &e),
+        }
+    }
+}
+
+fn fill(buffer: &mut [u8], mem: &GuestMemoryMmap, chain: &RequestBuffers) -> Handled {
+    let want = chain.writable_len().min(buffer.len() as u64) as usize;
+    if let Err(e) = getrandom(&mut buffer[..want]) {
+        log::warn!("virtio-rng: getrandom failed: {e}");
+        return Handled::Used(0);
+    }
+    let mut writer = chain.writer(mem, want as u64);
+    match writer.write(&buffer[..want]) {
+        // `want` is at most 64 KiB.
+        Ok(written) => Handled::Used(written as u32),
+        Err(_) => Handled::Used(writer.written() as u32),
+    }
+}
+
+/// Fills `buf` from the kernel's random source, retrying short reads and
+/// interruptions.
+fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: the pointer and length describe `rest`, a live, writable
+        // slice; getrandom writes at most `rest.len()` bytes into it.
+        let ret = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if ret < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        // ret is non-negative and at most rest.len().
+        done += ret as usize;
+    }
+    Ok(())
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        device_type::RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn features(&self) -> u64 {
+        features::VERSION_1 | features::RING_INDIRECT_DESC | features::RING_EVENT_IDX
+    }
+
+    fn ack_features(&mut self, _acked: u64) {
+        // Nothing device-specific to negotiate.
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        // No configuration space.
+        data.fill(0);
+    }
+
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+
+    fn activate(&mut self, activation: Activation) -> Result<()> {
+        check_queue_count(self, &activation)?;
+        self.activation.activate(device_type::RNG, activation)
+    }
+
+    fn reset(&mut self) -> bool {
+        self.activation.reset();
+        true
+    }
+}
+
+impl MutEventSubscriber for Rng {
+    fn init(&mut self, ops: &mut EventOps) {
+        self.activation.init(ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match self.activation.classify(events.fd()) {
+            EventSource::Changed => {
+                self.activation.sync(ops);
+                self.process_requests(ops);
+            }
+            EventSource::Queue(index) => {
+                self.activation.take_queue_event(index);
+                self.process_requests(ops);
+            }
+            EventSource::Other => log::warn!("virtio-rng: event on unknown fd {}", events.fd()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use event_manager::{EventManager, SubscriberOps};
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+    use crate::device::{RecordingInterrupt, StopSignal, VirtioSignal};
+    use crate::guest_driver::{memory, Buf, DriverQueue, DATA};
+
+    struct Harness<'a> {
+        driver: DriverQueue<'a>,
+        interrupt: Arc<RecordingInterrupt>,
+        notify: EventFd,
+        event_loop: EventManager<Arc<Mutex<Rng>>>,
+    }
+
+    fn activated(mem: &GuestMemoryMmap) -> Harness<'_> {
+        let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
+        let driver = DriverQueue::new(mem, 16);
+        let interrupt = Arc::new(RecordingInterrupt::new());
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut event_loop = EventManager::new().unwrap();
+        event_loop.add_subscriber(rng.clone());
+        rng.lock()
+            .unwrap()
+            .activate(Activation {
+                mem: mem.clone(),
+                queues: vec![driver.queue()],
+                queue_events: vec![notify.try_clone().unwrap()],
+                interrupt: interrupt.clone(),
+                stop: StopSignal::new(),
+            })
+            .unwrap();
+        event_loop.run_with_timeout(100).unwrap();
+        Harness {
+            driver,
+            interrupt,
+            notify,
+            event_loop,
+        }
+    }
+
+    #[test]
+    fn fills_writable_buffers_with_random_bytes() {
+        let mem = memory();
+        let mut h = activated(&mem);
+        let head = h
+            .driver
+            .add(&[Buf::writable(DATA, 100), Buf::writable(DATA + 0x1000, 28)]);
+        h.notify.write(1).unwrap();
+        h.event_loop.run_with_timeout(100).unwrap();
+
+        assert_eq!(h.driver.used(), [(u32::from(head), 128)]);
+        let mut bytes = [0u8; 100];
+        mem.read_slice(&mut bytes, GuestAddress(DATA)).unwrap();
+        assert!(bytes.iter().any(|&b| b != 0), "100 random bytes are not all zero");
+        assert_eq!(h.interrupt.signals(), [VirtioSignal::UsedQueue(0)]);
+    }
+
+    #[test]
+    fn caps_one_request_at_64_kib() {
+        let mem = memory();
+        let mut h = activated(&mem);
+        h.driver.add(&[Buf::writable(DATA, 1 << 20)]);
+        h.notify.write(1).unwrap();
+        h.event_loop.run_with_timeout(100).unwrap();
+        assert_eq!(h.driver.used()[0].1, MAX_RNG_REQUEST_BYTES as u32);
+        let mut past = [0xffu8; 16];
+        mem.read_slice(&mut past, GuestAddress(DATA + MAX_RNG_REQUEST_BYTES as u64))
+            .unwrap();
+        assert_eq!(past, [0; 16], "nothing written past the cap");
+    }
+
+    #[test]
+    fn a_chain_without_writable_buffers_is_returned_empty() {
+        let mem = memory();
+        let mut h = activated(&mem);
+        mem.write_slice(&[7; 8], GuestAddress(DATA)).unwrap();
+        let head = h.driver.add(&[Buf::readable(DATA, 8)]);
+        h.notify.write(1).unwrap();
+        h.event_loop.run_with_timeout(100).unwrap();
+        assert_eq!(h.driver.used(), [(u32::from(head), 0)]);
+        let mut bytes = [0u8; 8];
+        mem.read_slice(&mut bytes, GuestAddress(DATA)).unwrap();
+        assert_eq!(bytes, [7; 8], "readable buffers are never written");
+    }
+
+    #[test]
+    fn a_chain_outside_guest_memory_puts_the_device_in_needs_reset() {
+        let mem = memory();
+        let mut h = activated(&mem);
+        h.driver
+            .add(&[Buf::writable(crate::guest_driver::MEM_SIZE - 4, 8)]);
+        h.notify.write(1).unwrap();
+        h.event_loop.run_with_timeout(100).unwrap();
+        assert!(h.driver.used().is_empty());
+        assert_eq!(h.interrupt.signals(), [VirtioSignal::NeedsReset]);
+
+        // The device no longer listens to the queue: no wake-ups, no work.
+        h.driver.add(&[Buf::writable(DATA, 8)]);
+        h.notify.write(1).unwrap();
+        assert_eq!(h.event_loop.run_with_timeout(50).unwrap(), 0);
+        assert!(h.driver.used().is_empty());
+    }
+}

@@ -1,0 +1,935 @@
+//! `cargo xtask guest`: fetch, configure, build and cache the Linux guest.
+//!
+//! The steps that touch the host (apt, make, the file system) live here; the
+//! decisions they rely on are pure functions in the sibling modules.
+
+use crate::cache::{self, Artifacts, Inputs, KernelSource};
+use crate::cpio::{self, Entry};
+use crate::deps::{self, GUEST_DEPS};
+use crate::fnv::Fnv1a64;
+use crate::{elf, kconfig, GuestOpts};
+use std::fs;
+use std::io::Read;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+/// Debian package with the kernel sources.
+pub const KERNEL_PACKAGE: &str = "linux-source-6.1";
+/// Debian package with a statically linked BusyBox.
+pub const BUSYBOX_PACKAGE: &str = "busybox-static";
+
+/// Progress on stderr, with the time since the start.
+struct Log {
+    start: Instant,
+}
+
+impl Log {
+    fn say(&self, msg: impl AsRef<str>) {
+        eprintln!(
+            "xtask guest [{:7.1}s] {}",
+            self.start.elapsed().as_secs_f64(),
+            msg.as_ref()
+        );
+    }
+}
+
+/// The workspace root (this crate lives in `<root>/xtask`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+fn io<T>(what: impl FnOnce() -> String, r: std::io::Result<T>) -> Result<T, String> {
+    r.map_err(|e| format!("{}: {e}", what()))
+}
+
+/// Runs `cmd`; its output goes to `log` (appended) unless `verbose`.
+fn run(cmd: &mut Command, log: Option<&Path>, verbose: bool) -> Result<(), String> {
+    let desc = format!("{cmd:?}");
+    if let (Some(log), false) = (log, verbose) {
+        let f = io(
+            || format!("cannot open {}", log.display()),
+            fs::OpenOptions::new().create(true).append(true).open(log),
+        )?;
+        let f2 = io(|| "dup log".into(), f.try_clone())?;
+        cmd.stdout(Stdio::from(f)).stderr(Stdio::from(f2));
+    } else if !verbose {
+        cmd.stdout(Stdio::null());
+    } else {
+        // stdout is reserved for the name=path lines.
+        cmd.stdout(Stdio::from(io(
+            || "dup stderr".into(),
+            std::io::stderr().as_fd().try_clone_to_owned(),
+        )?));
+    }
+    let status = io(|| format!("cannot run {desc}"), cmd.stdin(Stdio::null()).status())?;
+    if status.success() {
+        return Ok(());
+    }
+    let mut msg = format!("command failed ({status}): {desc}");
+    if let (Some(log), false) = (log, verbose) {
+        let text = fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(25).collect();
+        msg.push_str(&format!("\n--- last lines of {} ---\n", log.display()));
+        for l in tail.into_iter().rev() {
+            msg.push_str(l);
+            msg.push('\n');
+        }
+    }
+    Err(msg)
+}
+
+/// Runs `cmd` and returns its stdout.
+fn output(cmd: &mut Command) -> Result<String, String> {
+    let desc = format!("{cmd:?}");
+    let out = io(
+        || format!("cannot run {desc}"),
+        cmd.stdin(Stdio::null()).stderr(Stdio::inherit()).output(),
+    )?;
+    if !out.status.success() {
+        return Err(format!("command failed ({}): {desc}", out.status));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn is_root() -> bool {
+    // The effective uid without libc: /proc/self/status, line "Uid: r e s f".
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+fn apt_update(log: &Log) -> Result<(), String> {
+    log.say("apt-get update");
+    run(Command::new("apt-get").args(["update", "-q"]), None, false)
+        .map_err(|e| format!("apt-get update failed: {e}"))
+}
+
+/// Checks the host tools; installs the missing ones with `--install-deps`.
+fn ensure_deps(opts: &GuestOpts, log: &Log) -> Result<(), String> {
+    let missing = deps::missing(GUEST_DEPS, deps::present);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !opts.install_deps {
+        return Err(deps::missing_message(&missing));
+    }
+    if deps::which("apt-get").is_none() {
+        return Err(format!(
+            "`apt-get` not found: cannot install {}; this task needs a Debian-based host",
+            deps::packages(&missing).join(" ")
+        ));
+    }
+    if !is_root() {
+        return Err(format!(
+            "--install-deps needs root: run `sudo apt-get install {}`",
+            deps::packages(&missing).join(" ")
+        ));
+    }
+    let pkgs = deps::packages(&missing);
+    apt_update(log)?;
+    log.say(format!("apt-get install {}", pkgs.join(" ")));
+    run(
+        Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&pkgs)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+        None,
+        opts.verbose,
+    )?;
+    let still = deps::missing(GUEST_DEPS, deps::present);
+    if still.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "after apt-get install: {}",
+            deps::missing_message(&still)
+        ))
+    }
+}
+
+/// The versions apt would download for `pkgs` (one `apt-cache policy`
+/// call: each takes ~0.5 s, and a cached run should return at once).
+fn apt_candidates(pkgs: &[&str], opts: &GuestOpts, log: &Log) -> Result<Vec<String>, String> {
+    let policy = || -> Result<Vec<Option<String>>, String> {
+        if deps::which("apt-cache").is_none() {
+            return Err(format!(
+                "`apt-cache` not found: this task takes {} from Debian's archive",
+                pkgs.join(" and ")
+            ));
+        }
+        let out = output(Command::new("apt-cache").arg("policy").args(pkgs))?;
+        Ok(pkgs.iter().map(|p| deps::parse_candidate(&out, p)).collect())
+    };
+    let mut found = policy()?;
+    if found.iter().any(Option::is_none) && opts.install_deps && is_root() {
+        apt_update(log)?;
+        found = policy()?;
+    }
+    pkgs.iter()
+        .zip(found)
+        .map(|(p, v)| {
+            v.ok_or_else(|| {
+                format!(
+                    "apt knows no version of package `{p}`: run `apt-get update` (or pass --install-deps)"
+                )
+            })
+        })
+        .collect()
+}
+
+fn gcc_version() -> String {
+    Command::new("gcc")
+        .arg("-dumpfullversion")
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "none".into())
+}
+
+/// FNV-1a 64 over a file's bytes, streamed.
+fn hash_file(path: &Path) -> Result<u64, String> {
+    let mut f = io(|| format!("cannot open {}", path.display()), fs::File::open(path))?;
+    let mut h = Fnv1a64::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = io(|| format!("cannot read {}", path.display()), f.read(&mut buf))?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.write(&buf[..n]);
+    }
+}
+
+/// `VERSION.PATCHLEVEL.SUBLEVEL EXTRAVERSION` from a kernel Makefile.
+pub fn makefile_version(makefile: &str) -> Option<String> {
+    let get = |k: &str| {
+        makefile.lines().take(20).find_map(|l| {
+            let (name, v) = l.split_once('=')?;
+            (name.trim() == k).then(|| v.trim().to_string())
+        })
+    };
+    let v = format!(
+        "{}.{}.{}{}",
+        get("VERSION")?,
+        get("PATCHLEVEL")?,
+        get("SUBLEVEL")?,
+        get("EXTRAVERSION").unwrap_or_default()
+    );
+    Some(v)
+}
+
+/// Where the kernel tree comes from, resolved enough to hash it.
+enum KernelOrigin {
+    Debian { version: String },
+    Tarball { path: PathBuf, hash: u64 },
+    Tree { path: PathBuf },
+}
+
+fn resolve_kernel(
+    opts: &GuestOpts,
+    debian_version: Option<String>,
+    log: &Log,
+) -> Result<(KernelOrigin, KernelSource), String> {
+    match &opts.kernel_source {
+        None => {
+            let version = debian_version.expect("apt-cache was asked for the kernel package");
+            Ok((
+                KernelOrigin::Debian {
+                    version: version.clone(),
+                },
+                KernelSource::Debian {
+                    package: KERNEL_PACKAGE.into(),
+                    version,
+                },
+            ))
+        }
+        Some(p) => {
+            let path = io(|| format!("--kernel-source {}", p.display()), fs::canonicalize(p))?;
+            if path.is_dir() {
+                let mk = fs::read_to_string(path.join("Makefile"))
+                    .map_err(|e| format!("--kernel-source {}: no kernel Makefile: {e}", path.display()))?;
+                let version = makefile_version(&mk).ok_or_else(|| {
+                    format!("--kernel-source {}: no VERSION in its Makefile", path.display())
+                })?;
+                Ok((
+                    KernelOrigin::Tree { path: path.clone() },
+                    KernelSource::Tree { path, version },
+                ))
+            } else {
+                log.say(format!("hashing {}", path.display()));
+                let hash = hash_file(&path)?;
+                Ok((
+                    KernelOrigin::Tarball { path, hash },
+                    KernelSource::Tarball { content_hash: hash },
+                ))
+            }
+        }
+    }
+}
+
+/// Removes `<dir>/<prefix><pid>...` entries whose process is gone (left by an
+/// interrupted run).
+fn clean_stale(dir: &Path, prefix: &str) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let pid = rest.split('-').next().unwrap_or("");
+        if pid.parse::<u32>().is_ok()
+            && pid != std::process::id().to_string()
+            && !Path::new("/proc").join(pid).exists()
+        {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// A fresh `<dir>/<prefix><pid>-<tag>` directory.
+fn fresh_tmp(dir: &Path, prefix: &str, tag: &str) -> Result<PathBuf, String> {
+    io(
+        || format!("cannot create {}", dir.display()),
+        fs::create_dir_all(dir),
+    )?;
+    clean_stale(dir, prefix);
+    let tmp = dir.join(format!("{prefix}{}-{tag}", std::process::id()));
+    if tmp.exists() {
+        io(
+            || format!("cannot remove {}", tmp.display()),
+            fs::remove_dir_all(&tmp),
+        )?;
+    }
+    io(
+        || format!("cannot create {}", tmp.display()),
+        fs::create_dir_all(&tmp),
+    )?;
+    Ok(tmp)
+}
+
+/// Moves a finished `tmp` into place; if another run got there first, keeps
+/// theirs.
+fn publish(tmp: &Path, dest: &Path) -> Result<(), String> {
+    match fs::rename(tmp, dest) {
+        Ok(()) => Ok(()),
+        Err(_) if dest.exists() => {
+            let _ = fs::remove_dir_all(tmp);
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "cannot rename {} to {}: {e}",
+            tmp.display(),
+            dest.display()
+        )),
+    }
+}
+
+fn single_entry(dir: &Path, ext: Option<&str>) -> Result<Option<PathBuf>, String> {
+    let mut found = Vec::new();
+    for e in io(|| format!("cannot list {}", dir.display()), fs::read_dir(dir))?.flatten() {
+        let p = e.path();
+        if ext.is_none_or(|x| p.extension().is_some_and(|e| e == x)) {
+            found.push(p);
+        }
+    }
+    match found.len() {
+        0 => Ok(None),
+        1 => Ok(found.pop()),
+        _ => Err(format!("{} has more than one candidate entry", dir.display())),
+    }
+}
+
+/// Downloads `pkg=version` once into `<root>/downloads/<pkg>_<version>/`.
+fn fetch_deb(root: &Path, pkg: &str, version: &str, log: &Log) -> Result<PathBuf, String> {
+    let downloads = root.join("downloads");
+    let dir = downloads.join(format!("{pkg}_{}", version.replace(':', "%3a")));
+    if dir.is_dir() {
+        if let Some(deb) = single_entry(&dir, Some("deb"))? {
+            log.say(format!("using {}", deb.display()));
+            return Ok(deb);
+        }
+    }
+    log.say(format!("apt-get download {pkg}={version}"));
+    let tmp = fresh_tmp(&downloads, ".tmp-", pkg)?;
+    run(
+        Command::new("apt-get")
+            // As root, apt would try to drop to `_apt`, which cannot write
+            // into the cache directory: download as the caller.
+            .args(["download", "-q", "-o", "APT::Sandbox::User=root"])
+            .arg(format!("{pkg}={version}"))
+            .current_dir(&tmp),
+        None,
+        false,
+    )
+    .map_err(|e| format!("cannot download Debian package `{pkg}`: {e}"))?;
+    single_entry(&tmp, Some("deb"))?.ok_or_else(|| format!("apt-get download {pkg} produced no .deb"))?;
+    publish(&tmp, &dir)?;
+    single_entry(&dir, Some("deb"))?.ok_or_else(|| format!("{} has no .deb", dir.display()))
+}
+
+/// Unpacks a kernel tarball into `<root>/src/<name>/` once; returns the tree.
+fn unpack_tarball(root: &Path, name: &str, tarball: &Path, log: &Log) -> Result<PathBuf, String> {
+    let srcs = root.join("src");
+    let dir = srcs.join(name);
+    let tree_in = |dir: &Path| -> Result<Option<PathBuf>, String> {
+        Ok(single_entry(dir, None)?.filter(|t| t.join("Makefile").is_file()))
+    };
+    if dir.is_dir() {
+        if let Some(t) = tree_in(&dir)? {
+            return Ok(t);
+        }
+    }
+    log.say(format!("unpacking {}", tarball.display()));
+    let tmp = fresh_tmp(&srcs, ".tmp-", name)?;
+    run(
+        Command::new("tar").arg("-xf").arg(tarball).arg("-C").arg(&tmp),
+        None,
+        false,
+    )?;
+    tree_in(&tmp)?.ok_or_else(|| {
+        format!(
+            "{} does not hold one top-level kernel directory",
+            tarball.display()
+        )
+    })?;
+    publish(&tmp, &dir)?;
+    tree_in(&dir)?.ok_or_else(|| format!("{} has no kernel tree", dir.display()))
+}
+
+/// Gets a kernel source tree ready to build with `O=`.
+fn kernel_tree(root: &Path, origin: &KernelOrigin, work: &Path, log: &Log) -> Result<PathBuf, String> {
+    match origin {
+        KernelOrigin::Tree { path } => Ok(path.clone()),
+        KernelOrigin::Tarball { path, hash } => {
+            unpack_tarball(root, &format!("tarball-{hash:016x}"), path, log)
+        }
+        KernelOrigin::Debian { version } => {
+            let name = format!("{KERNEL_PACKAGE}_{}", version.replace(':', "%3a"));
+            let dir = root.join("src").join(&name);
+            if let Some(t) = single_entry(&dir, None)
+                .ok()
+                .flatten()
+                .filter(|t| t.join("Makefile").is_file())
+            {
+                log.say(format!("using kernel tree {}", t.display()));
+                return Ok(t);
+            }
+            let deb = fetch_deb(root, KERNEL_PACKAGE, version, log)?;
+            let x = work.join("linux-source-deb");
+            log.say(format!("extracting {}", deb.display()));
+            run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x), None, false)?;
+            let tarball = single_entry(&x.join("usr/src"), Some("xz"))?
+                .ok_or_else(|| format!("{} holds no usr/src/*.tar.xz", deb.display()))?;
+            let tree = unpack_tarball(root, &name, &tarball, log)?;
+            let _ = fs::remove_dir_all(&x);
+            Ok(tree)
+        }
+    }
+}
+
+fn make(src: &Path, build: &Path, jobs: usize) -> Command {
+    let mut c = Command::new("nice");
+    c.args(["-n", "10", "make"])
+        .arg("-C")
+        .arg(src)
+        .arg(format!("O={}", build.display()))
+        .arg("ARCH=x86_64")
+        .arg(format!("-j{jobs}"))
+        // Reproducible version banner.
+        .env("KBUILD_BUILD_USER", "keel")
+        .env("KBUILD_BUILD_HOST", "keel")
+        .env("KBUILD_BUILD_TIMESTAMP", "1970-01-01")
+        .env("ARCH", "x86_64");
+    c
+}
+
+/// Paths and parallelism of one kernel build.
+#[derive(Clone, Copy)]
+struct KernelBuild<'a> {
+    /// Kernel source tree (left untouched: the build uses `O=`).
+    src: &'a Path,
+    /// Output directory (`O=`).
+    build: &'a Path,
+    /// The fragment to merge (a copy of guest/linux/keel.config).
+    fragment_path: &'a Path,
+    /// `make -j`.
+    jobs: usize,
+    /// Where make's output goes.
+    klog: &'a Path,
+}
+
+/// Configures (tinyconfig + fragment), verifies and builds the kernel into
+/// `build`; returns `(vmlinux, bzImage)`.
+fn build_kernel(
+    kb: &KernelBuild<'_>,
+    fragment: &[kconfig::Setting],
+    opts: &GuestOpts,
+    log: &Log,
+) -> Result<(PathBuf, PathBuf), String> {
+    let KernelBuild {
+        src,
+        build,
+        fragment_path,
+        jobs,
+        klog,
+    } = *kb;
+    io(
+        || format!("cannot create {}", build.display()),
+        fs::create_dir_all(build),
+    )?;
+    log.say(format!("make tinyconfig (log: {})", klog.display()));
+    run(make(src, build, jobs).arg("tinyconfig"), Some(klog), opts.verbose)?;
+
+    // Merge the fragment over tinyconfig's .config and re-resolve with
+    // allnoconfig: anything neither file asks for stays off (olddefconfig
+    // would instead turn on every new symbol's default, e.g. IPV6 with INET).
+    log.say("merging guest/linux/keel.config (merge_config.sh -n)");
+    let config = build.join(".config");
+    run(
+        Command::new("sh")
+            .arg(src.join("scripts/kconfig/merge_config.sh"))
+            .arg("-n")
+            .arg("-O")
+            .arg(build)
+            .arg(&config)
+            .arg(fragment_path)
+            .current_dir(src)
+            .env("ARCH", "x86_64"),
+        Some(klog),
+        opts.verbose,
+    )?;
+    run(
+        make(src, build, jobs).arg("olddefconfig"),
+        Some(klog),
+        opts.verbose,
+    )?;
+
+    let final_config =
+        fs::read_to_string(&config).map_err(|e| format!("cannot read {}: {e}", config.display()))?;
+    let parsed = kconfig::parse(&final_config).map_err(|e| format!("{}: {e}", config.display()))?;
+    let bad = kconfig::check(fragment, &parsed);
+    if !bad.is_empty() {
+        let mut msg = format!(
+            "{} option(s) of guest/linux/keel.config did not survive tinyconfig + merge_config.sh -n + olddefconfig (see {}):",
+            bad.len(),
+            config.display()
+        );
+        for m in &bad {
+            msg.push_str("\n  ");
+            msg.push_str(&m.to_string());
+        }
+        return Err(msg);
+    }
+    log.say(format!(
+        "kernel config verified: all {} fragment options present",
+        fragment.len()
+    ));
+
+    log.say(format!(
+        "make -j{jobs} vmlinux bzImage (several minutes; log: {})",
+        klog.display()
+    ));
+    let t = Instant::now();
+    run(
+        make(src, build, jobs).args(["vmlinux", "bzImage"]),
+        Some(klog),
+        opts.verbose,
+    )?;
+    log.say(format!("kernel built in {:.0}s", t.elapsed().as_secs_f64()));
+    Ok((build.join("vmlinux"), build.join("arch/x86/boot/bzImage")))
+}
+
+/// Directories of the initramfs, parents first.
+pub const INITRAMFS_DIRS: &[&str] = &[
+    "bin", "dev", "etc", "mnt", "proc", "root", "run", "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin",
+];
+
+/// The initramfs members: directories, `/dev/console` (so `/init` has a
+/// console before devtmpfs is mounted) and `/dev/null`, BusyBox with one
+/// symlink per applet, and `/init`.
+///
+/// `applets` is the output of `busybox --list-full` (`bin/sh`,
+/// `usr/bin/awk`, ...); applets outside the directories above are skipped.
+pub fn initramfs_entries(busybox: Vec<u8>, init: Vec<u8>, applets: &str) -> Vec<Entry> {
+    let mut e: Vec<Entry> = INITRAMFS_DIRS
+        .iter()
+        .map(|d| Entry::Dir {
+            path: (*d).into(),
+            perm: if *d == "tmp" { 0o1777 } else { 0o755 },
+        })
+        .collect();
+    e.push(Entry::CharDev {
+        path: "dev/console".into(),
+        perm: 0o600,
+        major: 5,
+        minor: 1,
+    });
+    e.push(Entry::CharDev {
+        path: "dev/null".into(),
+        perm: 0o666,
+        major: 1,
+        minor: 3,
+    });
+    e.push(Entry::File {
+        path: "bin/busybox".into(),
+        perm: 0o755,
+        data: busybox,
+    });
+    let mut links: Vec<&str> = applets
+        .lines()
+        .map(|l| l.trim().trim_start_matches('/'))
+        .filter(|l| {
+            l.rsplit_once('/')
+                .is_some_and(|(dir, name)| INITRAMFS_DIRS.contains(&dir) && !name.is_empty())
+        })
+        .filter(|l| *l != "bin/busybox")
+        .collect();
+    links.sort_unstable();
+    links.dedup();
+    e.extend(links.into_iter().map(|l| Entry::Symlink {
+        path: l.into(),
+        target: "/bin/busybox".into(),
+    }));
+    e.push(Entry::File {
+        path: "init".into(),
+        perm: 0o755,
+        data: init,
+    });
+    e
+}
+
+/// Builds the initramfs; returns the cpio bytes.
+fn build_initramfs(
+    root: &Path,
+    busybox_version: &str,
+    init: &[u8],
+    work: &Path,
+    log: &Log,
+) -> Result<Vec<u8>, String> {
+    let deb = fetch_deb(root, BUSYBOX_PACKAGE, busybox_version, log)?;
+    let x = work.join("busybox-deb");
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&x), None, false)?;
+    let bb = x.join("bin/busybox");
+    let busybox = read(&bb)?;
+    if busybox.get(..4) != Some(b"\x7fELF") {
+        return Err(format!("{} is not an ELF binary", bb.display()));
+    }
+    // The static x86-64 binary runs on the host: ask it for its applets.
+    let applets = output(Command::new(&bb).arg("--list-full"))?;
+    let entries = initramfs_entries(busybox, init.to_vec(), &applets);
+    let bytes = cpio::write(&entries);
+    // Read it back: catches a writer bug before a guest fails to boot.
+    let back = cpio::read(&bytes)?;
+    if back != entries {
+        return Err("initramfs does not read back as written".into());
+    }
+    log.say(format!(
+        "initramfs: {} members, {} KiB, uncompressed",
+        entries.len(),
+        bytes.len() / 1024
+    ));
+    Ok(bytes)
+}
+
+/// What `<root>/kernels/<kernel_key>/` must hold to be reused.
+const KERNEL_FILES: [&str; 4] = ["vmlinux", "bzImage", "System.map", "config"];
+
+/// Hard-links `from` to `to` (both live in the cache), copying if the file
+/// system refuses.
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), String> {
+    fs::hard_link(from, to).or_else(|_| copy(from, to))
+}
+
+fn copy(from: &Path, to: &Path) -> Result<(), String> {
+    fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))
+}
+
+/// `cargo xtask guest`.
+pub fn run_guest(opts: &GuestOpts) -> Result<(), String> {
+    let log = Log {
+        start: Instant::now(),
+    };
+    let repo = repo_root();
+    let fragment_path = repo.join("guest/linux/keel.config");
+    let init_path = repo.join("guest/linux/init");
+    let fragment_text = read(&fragment_path)?;
+    let init = read(&init_path)?;
+    let fragment = kconfig::parse(&String::from_utf8_lossy(&fragment_text))
+        .map_err(|e| format!("{}: {e}", fragment_path.display()))?;
+    let root = cache::guest_cache_root(
+        std::env::var_os("KEEL_CACHE_DIR"),
+        std::env::var_os("XDG_CACHE_HOME"),
+        std::env::var_os("HOME"),
+    )?;
+
+    let mut pkgs = vec![BUSYBOX_PACKAGE];
+    if opts.kernel_source.is_none() {
+        pkgs.push(KERNEL_PACKAGE);
+    }
+    let mut versions = apt_candidates(&pkgs, opts, &log)?.into_iter();
+    let busybox_version = versions.next().expect("one version per package");
+    let (origin, kernel_source) = resolve_kernel(opts, versions.next(), &log)?;
+    let mut inputs = Inputs {
+        logic_version: cache::BUILD_LOGIC_VERSION.into(),
+        kernel_fragment: fragment_text.clone(),
+        init_script: init.clone(),
+        kernel_source,
+        busybox_version,
+        compiler: gcc_version(),
+    };
+    let mut key = inputs.key();
+    let mut artifacts = Artifacts::new(&root, &key);
+    let cached = |artifacts: &Artifacts| {
+        log.say(format!("cached: {}", artifacts.dir.display()));
+        print!("{}", cache::format_outputs(&artifacts.outputs()));
+    };
+
+    if artifacts.complete() && !opts.rebuild {
+        cached(&artifacts);
+        return Ok(());
+    }
+    if opts.print {
+        return Err(format!(
+            "guest artifacts are not cached (no {}): run `cargo xtask guest` first",
+            artifacts.dir.display()
+        ));
+    }
+    // Only a build needs the build tools (a cached run works without them).
+    ensure_deps(opts, &log)?;
+    let compiler = gcc_version();
+    if compiler != inputs.compiler {
+        // gcc was just installed: it is part of the key.
+        inputs.compiler = compiler;
+        key = inputs.key();
+        artifacts = Artifacts::new(&root, &key);
+        if artifacts.complete() && !opts.rebuild {
+            cached(&artifacts);
+            return Ok(());
+        }
+    }
+    if artifacts.dir.exists() {
+        log.say(format!("removing {}", artifacts.dir.display()));
+        io(
+            || format!("cannot remove {}", artifacts.dir.display()),
+            fs::remove_dir_all(&artifacts.dir),
+        )?;
+    }
+
+    log.say(format!("building guest {key} into {}", root.display()));
+    let jobs = opts
+        .jobs
+        .unwrap_or_else(|| std::thread::available_parallelism().map(usize::from).unwrap_or(1));
+    let work = fresh_tmp(&root, "tmp-", &key)?;
+    let out = work.join("out");
+    io(
+        || format!("cannot create {}", out.display()),
+        fs::create_dir_all(&out),
+    )?;
+    // What is built is exactly what was hashed.
+    let frag_copy = work.join("keel.config");
+    io(
+        || "cannot write fragment copy".into(),
+        fs::write(&frag_copy, &fragment_text),
+    )?;
+    let klog = work.join("kernel-build.log");
+
+    // The initramfs first: it takes seconds, and a problem with it should
+    // not wait for the kernel.
+    let cpio_bytes = build_initramfs(&root, &inputs.busybox_version, &init, &work, &log)?;
+    io(
+        || "cannot write initramfs".into(),
+        fs::write(out.join("initramfs.cpio"), &cpio_bytes),
+    )?;
+
+    // The kernel: reused from `<root>/kernels/<kernel_key>/` when only the
+    // user space changed, else built and published there first.
+    let kdir = root.join("kernels").join(inputs.kernel_key());
+    if opts.rebuild && kdir.exists() {
+        io(
+            || format!("cannot remove {}", kdir.display()),
+            fs::remove_dir_all(&kdir),
+        )?;
+    }
+    if KERNEL_FILES.iter().all(|f| kdir.join(f).is_file()) {
+        log.say(format!("reusing kernel {}", kdir.display()));
+    } else {
+        let src = kernel_tree(&root, &origin, &work, &log)?;
+        let build = work.join("kbuild");
+        let (vmlinux, bzimage) = build_kernel(
+            &KernelBuild {
+                src: &src,
+                build: &build,
+                fragment_path: &frag_copy,
+                jobs,
+                klog: &klog,
+            },
+            &fragment,
+            opts,
+            &log,
+        )?;
+        let kout = work.join("kernel");
+        io(
+            || format!("cannot create {}", kout.display()),
+            fs::create_dir_all(&kout),
+        )?;
+        copy(&vmlinux, &kout.join("vmlinux"))?;
+        copy(&bzimage, &kout.join("bzImage"))?;
+        copy(&build.join("System.map"), &kout.join("System.map"))?;
+        copy(&build.join(".config"), &kout.join("config"))?;
+        let _ = fs::copy(&klog, kout.join("kernel-build.log"));
+        if let Some(parent) = kdir.parent() {
+            io(
+                || format!("cannot create {}", parent.display()),
+                fs::create_dir_all(parent),
+            )?;
+        }
+        publish(&kout, &kdir)?;
+    }
+    let vmlinux = kdir.join("vmlinux");
+    let entry = elf::pvh_entry(&read(&vmlinux)?)
+        .map_err(|e| format!("{}: {e}", vmlinux.display()))?
+        .ok_or_else(|| {
+            format!(
+                "{} has no XEN_ELFNOTE_PHYS32_ENTRY note: is CONFIG_PVH=y?",
+                vmlinux.display()
+            )
+        })?;
+    log.say(format!(
+        "vmlinux PVH entry (XEN_ELFNOTE_PHYS32_ENTRY) at {entry:#x}"
+    ));
+    for f in KERNEL_FILES.iter().chain(["kernel-build.log"].iter()) {
+        let from = kdir.join(f);
+        if from.exists() {
+            link_or_copy(&from, &out.join(f))?;
+        }
+    }
+    let mut manifest = inputs.manifest();
+    manifest.push_str(&format!("key={key}\npvh_entry={entry:#x}\n"));
+    io(
+        || "cannot write inputs.txt".into(),
+        fs::write(out.join("inputs.txt"), manifest),
+    )?;
+
+    publish(&out, &artifacts.dir)?;
+    let _ = fs::remove_dir_all(&work);
+    if !artifacts.complete() {
+        return Err(format!(
+            "{} is incomplete after the build",
+            artifacts.dir.display()
+        ));
+    }
+    log.say(format!("done: {}", artifacts.dir.display()));
+    print!("{}", cache::format_outputs(&artifacts.outputs()));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn makefile_version_parsing() {
+        let mk = "# SPDX\nVERSION = 6\nPATCHLEVEL = 1\nSUBLEVEL = 192\nEXTRAVERSION =\nNAME = Curry Ramen\n";
+        assert_eq!(makefile_version(mk).as_deref(), Some("6.1.192"));
+        let rc = "VERSION = 6\nPATCHLEVEL = 12\nSUBLEVEL = 0\nEXTRAVERSION = -rc3\n";
+        assert_eq!(makefile_version(rc).as_deref(), Some("6.12.0-rc3"));
+        assert_eq!(makefile_version("all:\n"), None);
+    }
+
+    #[test]
+    fn initramfs_layout() {
+        let applets = "bin/sh\nbin/busybox\nsbin/reboot\nusr/bin/awk\nlinuxrc\nweird/dir/x\nbin/sh\n";
+        let e = initramfs_entries(b"\x7fELFbusybox".to_vec(), b"#!/bin/sh\n".to_vec(), applets);
+        let paths: Vec<&str> = e.iter().map(Entry::path).collect();
+        // Every parent directory comes before its children.
+        for (i, p) in paths.iter().enumerate() {
+            if let Some((parent, _)) = p.rsplit_once('/') {
+                let at = paths.iter().position(|q| *q == parent).expect(parent);
+                assert!(at < i, "{parent} after {p}");
+            }
+        }
+        assert!(e.contains(&Entry::CharDev {
+            path: "dev/console".into(),
+            perm: 0o600,
+            major: 5,
+            minor: 1
+        }));
+        assert_eq!(
+            e.last(),
+            Some(&Entry::File {
+                path: "init".into(),
+                perm: 0o755,
+                data: b"#!/bin/sh\n".to_vec()
+            })
+        );
+        let links: Vec<&str> = e
+            .iter()
+            .filter_map(|x| match x {
+                Entry::Symlink { path, target } => {
+                    assert_eq!(target, "/bin/busybox");
+                    Some(path.as_str())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(links, ["bin/sh", "sbin/reboot", "usr/bin/awk"]);
+        // And it serializes.
+        assert_eq!(cpio::read(&cpio::write(&e)).unwrap(), e);
+    }
+
+    #[test]
+    fn repo_files_parse() {
+        // The shipped fragment must parse, and the init script must be a
+        // shell script that prints the marker the tests look for.
+        let root = repo_root();
+        let frag = fs::read_to_string(root.join("guest/linux/keel.config")).unwrap();
+        let s = kconfig::parse(&frag).unwrap();
+        let has = |n: &str, v: kconfig::Value| s.iter().any(|x| x.name == n && x.value == v);
+        use kconfig::Value::{No, Yes};
+        for y in [
+            "64BIT",
+            "SMP",
+            "PVH",
+            "KVM_GUEST",
+            "VIRTIO_MMIO_CMDLINE_DEVICES",
+            "SERIAL_8250_CONSOLE",
+            "BLK_DEV_INITRD",
+            "HZ_100",
+            "X86_MPPARSE",
+        ] {
+            assert!(has(y, Yes), "CONFIG_{y}=y missing from keel.config");
+        }
+        for n in [
+            "PTP_1588_CLOCK_KVM",
+            "PCI",
+            "MODULES",
+            "ACPI",
+            "INPUT",
+            "RTC_CLASS",
+        ] {
+            assert!(has(n, No), "`# CONFIG_{n} is not set` missing from keel.config");
+        }
+        let init = fs::read_to_string(root.join("guest/linux/init")).unwrap();
+        assert!(init.starts_with("#!/bin/sh\n"));
+        assert!(init.contains("KEEL-INIT: userspace up"));
+        assert!(init.contains("reboot -f"));
+    }
+}

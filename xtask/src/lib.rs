@@ -1,0 +1,229 @@
+//! Keel's developer tasks, run as `cargo xtask <task>` (the alias lives in
+//! `.cargo/config.toml`).
+//!
+//! # `cargo xtask guest`
+//!
+//! Builds, from Debian packages and without any other network access, the
+//! Linux guest that Keel's end-to-end tests boot, and caches it outside the
+//! checkout:
+//!
+//! * `vmlinux`: an uncompressed ELF kernel with the PVH entry note
+//!   (`XEN_ELFNOTE_PHYS32_ENTRY`), built from Debian's `linux-source-6.1`
+//!   (or `--kernel-source PATH`) with `make tinyconfig` plus the fragment
+//!   `guest/linux/keel.config`;
+//! * `bzImage`: the same kernel in the Linux boot protocol format;
+//! * `initramfs`: an uncompressed `newc` cpio with Debian's static BusyBox
+//!   and `guest/linux/init` as `/init`.
+//!
+//! On success it prints exactly four `name=path` lines on stdout
+//! (`vmlinux=`, `bzImage=`, `initramfs=`, `cache=`) and nothing else;
+//! progress goes to stderr. Artifacts live in
+//! `<cache>/<key>/`, where `<cache>` is `$KEEL_CACHE_DIR/guest`,
+//! `$XDG_CACHE_HOME/keel/guest` or `~/.cache/keel/guest`, and `<key>` is an
+//! FNV-1a 64 hash of every input ([`cache::Inputs`]: the fragment, the init
+//! script, the Debian package versions or the tarball's content, gcc's
+//! version and [`cache::BUILD_LOGIC_VERSION`]). A second run with the same
+//! inputs finds the entry and returns at once.
+//!
+//! Every build happens in a `tmp-<pid>-<key>` directory inside the cache and
+//! becomes visible by one `rename`, so an interrupted build never leaves a
+//! half-written entry (the next run deletes the leftover directory). The
+//! kernel is also kept in `<cache>/kernels/<kernel key>/`, keyed by the
+//! kernel's inputs only, so editing `guest/linux/init` rebuilds just the
+//! initramfs. Downloaded `.deb`s (`<cache>/downloads/`) and the unpacked
+//! kernel tree (`<cache>/src/`) are kept for later builds.
+//!
+//! Options:
+//!
+//! * `--install-deps`: `apt-get install` missing host tools (needs root);
+//! * `--print`: print the paths if cached, else fail; never builds;
+//! * `--rebuild`: delete the cache entry and build again;
+//! * `--kernel-source PATH`: a kernel tarball or unpacked tree instead of
+//!   Debian's `linux-source-6.1`;
+//! * `--jobs N`: parallel make jobs (default: number of CPUs);
+//! * `--verbose`: show make's output instead of only logging it.
+//!
+//! See `guest/linux/README.md` for the configuration choices and timings.
+//!
+//! The crate has no dependencies; the pure parts (hashing, Kconfig
+//! checking, cpio writing, ELF notes, cache paths) are unit-tested, and
+//! `cargo test` never builds a kernel.
+
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod cpio;
+pub mod deps;
+pub mod elf;
+pub mod fnv;
+pub mod guest;
+pub mod kconfig;
+
+use std::path::PathBuf;
+
+/// Options of `cargo xtask guest`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GuestOpts {
+    /// `apt-get install` missing host dependencies.
+    pub install_deps: bool,
+    /// Only print cached paths; fail if not cached.
+    pub print: bool,
+    /// Throw away the cache entry and build again.
+    pub rebuild: bool,
+    /// Kernel tarball or tree instead of Debian's `linux-source-6.1`.
+    pub kernel_source: Option<PathBuf>,
+    /// `make -j` value; `None` means the number of CPUs.
+    pub jobs: Option<usize>,
+    /// Stream make's output to stderr.
+    pub verbose: bool,
+}
+
+/// A parsed command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    /// `cargo xtask guest ...`
+    Guest(GuestOpts),
+    /// `cargo xtask help` / `--help`
+    Help,
+}
+
+/// Usage text.
+pub const USAGE: &str = "\
+usage: cargo xtask <task>
+
+tasks:
+  guest [options]   build (or find cached) Linux guest artifacts and print
+                    vmlinux=, bzImage=, initramfs=, cache= lines on stdout
+      --install-deps        apt-get install missing host tools (root)
+      --print               print the cached paths; fail if not cached
+      --rebuild             rebuild even if cached
+      --kernel-source PATH  kernel tarball or unpacked tree to build instead
+                            of Debian's linux-source-6.1
+      --jobs N              make -j N (default: number of CPUs)
+      --verbose             show make output
+  help              this text
+
+cache: $KEEL_CACHE_DIR/guest, else $XDG_CACHE_HOME/keel/guest, else
+       ~/.cache/keel/guest
+";
+
+/// Parses the arguments after `cargo xtask`.
+pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String> {
+    let mut args = args.into_iter();
+    let task = match args.next() {
+        None => return Ok(Command::Help),
+        Some(t) => t,
+    };
+    match task.as_str() {
+        "help" | "-h" | "--help" => Ok(Command::Help),
+        "guest" => {
+            let mut o = GuestOpts::default();
+            while let Some(a) = args.next() {
+                let (flag, inline) = match a.split_once('=') {
+                    Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+                    _ => (a.clone(), None),
+                };
+                let mut value = |name: &str| -> Result<String, String> {
+                    inline
+                        .clone()
+                        .or_else(|| args.next())
+                        .ok_or_else(|| format!("{name} needs a value"))
+                };
+                match flag.as_str() {
+                    "--install-deps" => o.install_deps = true,
+                    "--print" => o.print = true,
+                    "--rebuild" => o.rebuild = true,
+                    "--verbose" | "-v" => o.verbose = true,
+                    "--kernel-source" => o.kernel_source = Some(PathBuf::from(value("--kernel-source")?)),
+                    "--jobs" | "-j" => {
+                        let v = value("--jobs")?;
+                        let n: usize = v
+                            .parse()
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| format!("--jobs: not a positive number: `{v}`"))?;
+                        o.jobs = Some(n);
+                    }
+                    "-h" | "--help" => return Ok(Command::Help),
+                    other => {
+                        return Err(format!(
+                            "guest: unknown option `{other}` (see `cargo xtask help`)"
+                        ))
+                    }
+                }
+            }
+            if o.print && (o.rebuild || o.install_deps) {
+                return Err("--print cannot be combined with --rebuild or --install-deps".into());
+            }
+            Ok(Command::Guest(o))
+        }
+        other => Err(format!("unknown task `{other}` (see `cargo xtask help`)")),
+    }
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
+    match parse_args(args) {
+        Ok(Command::Help) => {
+            print!("{USAGE}");
+            0
+        }
+        Ok(Command::Guest(opts)) => match guest::run_guest(&opts) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
+        Err(e) => {
+            eprintln!("error: {e}");
+            2
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(v: &[&str]) -> Result<Command, String> {
+        parse_args(v.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn guest_defaults() {
+        assert_eq!(parse(&["guest"]), Ok(Command::Guest(GuestOpts::default())));
+        assert_eq!(parse(&[]), Ok(Command::Help));
+        assert_eq!(parse(&["help"]), Ok(Command::Help));
+    }
+
+    #[test]
+    fn guest_flags() {
+        let Ok(Command::Guest(o)) = parse(&[
+            "guest",
+            "--install-deps",
+            "--kernel-source",
+            "/src/linux-6.1.tar.xz",
+            "--jobs=3",
+            "-v",
+        ]) else {
+            panic!("parse failed");
+        };
+        assert!(o.install_deps && o.verbose && !o.print && !o.rebuild);
+        assert_eq!(o.kernel_source, Some(PathBuf::from("/src/linux-6.1.tar.xz")));
+        assert_eq!(o.jobs, Some(3));
+        let Ok(Command::Guest(o)) = parse(&["guest", "--print"]) else {
+            panic!()
+        };
+        assert!(o.print);
+    }
+
+    #[test]
+    fn guest_errors() {
+        assert!(parse(&["guest", "--bogus"]).unwrap_err().contains("--bogus"));
+        assert!(parse(&["guest", "--jobs", "0"]).is_err());
+        assert!(parse(&["guest", "--kernel-source"]).is_err());
+        assert!(parse(&["guest", "--print", "--rebuild"]).is_err());
+        assert!(parse(&["kernel"]).unwrap_err().contains("unknown task"));
+    }
+}
