@@ -37,6 +37,18 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
 
+    /// A virtio-blk disk: PATH[,ro][,id=NAME]. Repeat for more (vda, vdb, …).
+    #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
+    disk: Vec<keel_vmm::DiskConfig>,
+
+    /// Add a virtio-rng device fed by the host's getrandom.
+    #[arg(long)]
+    rng: bool,
+
+    /// A virtio-console (hvc0): stdio (output), file:PATH or socket:PATH.
+    #[arg(long, value_name = "MODE")]
+    console: Option<keel_vmm::ConsoleConfig>,
+
     /// Serial console: none, stdio (output to stdout, input from stdin;
     /// on a terminal, Ctrl-A x quits) or file:PATH [default: stdio].
     #[arg(long, value_name = "MODE")]
@@ -61,7 +73,8 @@ struct Args {
     memory: Option<u64>,
 
     /// Read settings from a JSON file (keys: vcpus, memory_mib, kernel,
-    /// cmdline); flags given on the command line override it.
+    /// cmdline, initrd, boot_protocol, ring0, serial, disks, rng, console);
+    /// flags given on the command line override it (--disk adds disks).
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
 
@@ -151,6 +164,13 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
     }
     if let Some(r) = args.ring0 {
         config.ring0 = r;
+    }
+    config.disks.extend(args.disk.iter().cloned());
+    if args.rng {
+        config.rng = true;
+    }
+    if let Some(c) = &args.console {
+        config.console = Some(c.clone());
     }
     Ok(config)
 }

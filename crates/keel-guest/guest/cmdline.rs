@@ -67,6 +67,15 @@ impl<'a> CommandLine<'a> {
             .last()
     }
 
+    /// Every value of `key`, in order (for keys that may repeat, such as
+    /// `virtio_mmio.device=`).
+    pub fn values<'k>(&self, key: &'k str) -> impl Iterator<Item = &'a str> + 'k
+    where
+        'a: 'k,
+    {
+        self.pairs().filter(move |(k, _)| *k == key).map(|(_, v)| v)
+    }
+
     /// The number `key=N`, if given.
     pub fn number(&self, key: &'a str) -> Result<Option<u64>, ArgError<'a>> {
         match self.value(key) {

@@ -1,7 +1,7 @@
 //! The 8259A pair: remapped past the exception vectors, everything masked
 //! but the lines the guest uses.
 
-use crate::port::outb;
+use crate::port::{inb, outb};
 
 const MASTER_CMD: u16 = 0x20;
 const MASTER_DATA: u16 = 0x21;
@@ -30,4 +30,16 @@ pub fn init(enabled: u16) {
     };
     outb(MASTER_DATA, !(enabled as u8));
     outb(SLAVE_DATA, !((enabled >> 8) as u8));
+}
+
+/// Unmasks IRQ line `irq` (0–15) on top of what is already unmasked,
+/// opening the cascade line for a slave IRQ.
+pub fn unmask(irq: u8) {
+    let irq = irq & 15;
+    if irq < 8 {
+        outb(MASTER_DATA, inb(MASTER_DATA) & !(1 << irq));
+    } else {
+        outb(SLAVE_DATA, inb(SLAVE_DATA) & !(1 << (irq - 8)));
+        outb(MASTER_DATA, inb(MASTER_DATA) & !(1 << 2));
+    }
 }

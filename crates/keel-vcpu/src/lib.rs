@@ -10,10 +10,11 @@
 //! A vCPU runs on its own thread; another thread stops it by setting a flag
 //! and kicking it with a [`VcpuKicker`] (a signal plus `immediate_exit`).
 //!
-//! On hosts whose KVM emulates ring 0 in software, `int3` cannot be
-//! emulated; the run loop injects #BP itself, as the CPU would. Any other
-//! emulation failure is an [`Error::InternalError`] naming RIP and the
-//! instruction bytes.
+//! On hosts whose KVM emulates ring 0 in software, `int3` and `fwait`
+//! cannot be emulated; the run loop completes them as the CPU would (#BP
+//! after `int3`; `fwait` is a no-op unless an unmasked x87 exception is
+//! pending, then #MF). Any other emulation failure is an
+//! [`Error::InternalError`] naming RIP and the instruction bytes.
 //!
 //! # Example
 //!

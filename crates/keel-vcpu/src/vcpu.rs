@@ -52,6 +52,7 @@ pub struct Vcpu {
     id: u8,
     mem: GuestMemoryMmap,
     bp_injections: u64,
+    emulated_fwaits: u64,
 }
 
 impl Vcpu {
@@ -69,6 +70,7 @@ impl Vcpu {
             id,
             mem,
             bp_injections: 0,
+            emulated_fwaits: 0,
         })
     }
 
@@ -93,6 +95,11 @@ impl Vcpu {
             vcpu: self.id,
             source,
         })
+    }
+
+    /// How many `fwait` emulation failures were completed by the VMM.
+    pub fn emulated_fwaits(&self) -> u64 {
+        self.emulated_fwaits
     }
 
     /// Sets CPUID: `supported` (from `KVM_GET_SUPPORTED_CPUID`) transformed
@@ -281,12 +288,39 @@ impl Vcpu {
             self.inject_breakpoint(rip)?;
             return Ok(RunOutcome::Continue);
         }
+        if internal.suberror == KVM_INTERNAL_ERROR_EMULATION && bytes.first() == Some(&0x9b) {
+            // Nor can it emulate `fwait`, which Linux runs when it drops a
+            // task's FPU state. Do what the CPU does: raise #MF if an
+            // unmasked x87 exception is pending (FSW.ES), else nothing.
+            self.emulate_fwait(rip)?;
+            return Ok(RunOutcome::Continue);
+        }
         Err(Error::InternalError {
             vcpu: self.id,
             suberror: internal.suberror,
             rip,
             bytes,
         })
+    }
+
+    fn emulate_fwait(&mut self, rip: u64) -> Result<()> {
+        const FSW_ES: u16 = 1 << 7;
+        const MF_VECTOR: u8 = 16;
+        let fpu = self.kvm("KVM_GET_FPU", self.fd.get_fpu())?;
+        if fpu.fsw & FSW_ES != 0 {
+            // #MF is a fault: it reports the fwait itself.
+            let mut events = self.kvm("KVM_GET_VCPU_EVENTS", self.fd.get_vcpu_events())?;
+            events.exception.injected = 1;
+            events.exception.nr = MF_VECTOR;
+            events.exception.has_error_code = 0;
+            self.kvm("KVM_SET_VCPU_EVENTS", self.fd.set_vcpu_events(&events))?;
+        } else {
+            let mut regs = self.kvm("KVM_GET_REGS", self.fd.get_regs())?;
+            regs.rip = rip.wrapping_add(1);
+            self.kvm("KVM_SET_REGS", self.fd.set_regs(&regs))?;
+        }
+        self.emulated_fwaits += 1;
+        Ok(())
     }
 
     fn inject_breakpoint(&mut self, rip: u64) -> Result<()> {

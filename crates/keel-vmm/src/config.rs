@@ -48,6 +48,75 @@ pub struct VmConfig {
     /// Where the 16550 serial console goes.
     #[serde(default)]
     pub serial: SerialMode,
+    /// virtio-blk disks, in order: the guest sees vda, vdb, …
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
+    /// Whether to add a virtio-rng device fed by the host's `getrandom`.
+    #[serde(default)]
+    pub rng: bool,
+    /// A virtio-console (port 0, `hvc0` in Linux) and where it goes.
+    #[serde(default)]
+    pub console: Option<ConsoleConfig>,
+}
+
+/// One virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// Raw image file (sparse is fine).
+    pub path: PathBuf,
+    /// Refuse guest writes (the guest sees `VIRTIO_BLK_F_RO`).
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial the guest reads with `GET_ID` (at most 20 bytes).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = String;
+    /// `PATH[,ro][,id=NAME]`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let mut parts = s.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| format!("disk {s:?}: no path"))?;
+        let mut disk = DiskConfig { path: PathBuf::from(path), read_only: false, id: None };
+        for part in parts {
+            match part.split_once('=') {
+                None if part == "ro" => disk.read_only = true,
+                None if part == "rw" => disk.read_only = false,
+                Some(("id", id)) => disk.id = Some(id.to_string()),
+                _ => return Err(format!("disk {s:?}: unknown option {part:?} (expected ro, rw or id=NAME)")),
+            }
+        }
+        Ok(disk)
+    }
+}
+
+/// Where a virtio-console's port 0 goes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsoleConfig {
+    /// This process's stdout (output only; stdin belongs to the serial
+    /// console).
+    Stdio,
+    /// Append output to a file.
+    File(PathBuf),
+    /// Listen on a Unix socket; one client at a time gets the console.
+    Socket(PathBuf),
+}
+
+impl std::str::FromStr for ConsoleConfig {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s == "stdio" {
+            return Ok(ConsoleConfig::Stdio);
+        }
+        match s.split_once(':') {
+            Some(("file", p)) if !p.is_empty() => Ok(ConsoleConfig::File(PathBuf::from(p))),
+            Some(("socket", p)) if !p.is_empty() => Ok(ConsoleConfig::Socket(PathBuf::from(p))),
+            _ => Err(format!("console {s:?}: expected stdio, file:PATH or socket:PATH")),
+        }
+    }
 }
 
 /// How to enter the kernel.
@@ -129,6 +198,9 @@ impl Default for VmConfig {
             boot_protocol: BootProtocolChoice::Auto,
             ring0: Ring0Choice::Auto,
             serial: SerialMode::Stdio,
+            disks: Vec::new(),
+            rng: false,
+            console: None,
         }
     }
 }
@@ -164,6 +236,15 @@ impl VmConfig {
         for (what, path) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
             if let Some(path) = path {
                 check_readable_file(what, path)?;
+            }
+        }
+        for disk in &self.disks {
+            let what = if disk.read_only { "disk (read-only)" } else { "disk" };
+            check_readable_file(what, &disk.path)?;
+            if let Some(id) = &disk.id {
+                if id.len() > 20 {
+                    return Err(Error::Config(format!("disk {} id {id:?}: at most 20 bytes", disk.path.display())));
+                }
             }
         }
         if self.initrd.is_some() && self.kernel.is_none() {
@@ -324,6 +405,29 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("uefi"));
+    }
+
+    #[test]
+    fn disk_flags_parse_and_name_bad_options() {
+        let d: DiskConfig = "/img,ro,id=root".parse().unwrap();
+        assert_eq!(d, DiskConfig { path: "/img".into(), read_only: true, id: Some("root".into()) });
+        assert!("/img,rx".parse::<DiskConfig>().unwrap_err().contains("\"rx\""));
+        assert!(",ro".parse::<DiskConfig>().is_err());
+    }
+
+    #[test]
+    fn console_flags_parse() {
+        assert_eq!("socket:/s".parse::<ConsoleConfig>(), Ok(ConsoleConfig::Socket("/s".into())));
+        assert_eq!("file:/f".parse::<ConsoleConfig>(), Ok(ConsoleConfig::File("/f".into())));
+        assert!("tcp:1".parse::<ConsoleConfig>().is_err());
+    }
+
+    #[test]
+    fn rejects_a_missing_disk_and_a_long_id() {
+        let c = VmConfig { disks: vec!["/no/disk.img".parse().unwrap()], ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("/no/disk.img"));
+        let c = VmConfig { disks: vec!["/proc/self/exe,id=123456789012345678901".parse().unwrap()], ..Default::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("at most 20 bytes"));
     }
 
     #[test]

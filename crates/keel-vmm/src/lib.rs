@@ -42,7 +42,7 @@ mod vm;
 
 pub use boot_progress::{ConsoleWatcher, RUN_INIT_MARKER};
 pub use config::{
-    BootProtocolChoice, Ring0Choice, SerialMode, VmConfig, DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE,
+    BootProtocolChoice, ConsoleConfig, DiskConfig, Ring0Choice, SerialMode, VmConfig, DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE,
     MAX_VCPUS,
 };
 pub use vm::{

@@ -24,7 +24,81 @@ use vm_device::{DeviceMmio, DevicePio};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot_progress::ConsoleWatcher;
-use crate::{BootProtocolChoice, Error, Result, Ring0Choice, SerialMode, VmConfig};
+use crate::{BootProtocolChoice, ConsoleConfig, Error, Result, Ring0Choice, SerialMode, VmConfig};
+
+/// Everything a virtio-mmio device needs from the VM, while it is built.
+struct VirtioWiring<'a> {
+    vm_fd: &'a VmFd,
+    mem: &'a GuestMemoryMmap,
+    io: &'a mut IoManager,
+    mmio_allocator: &'a mut AddressAllocator,
+    gsis: keel_irq::GsiAllocator,
+    cmdline: Vec<String>,
+    subscribers: &'a mut Vec<Subscriber>,
+}
+
+impl VirtioWiring<'_> {
+    /// Gives `device` an MMIO window and a GSI, puts its transport on the
+    /// bus, turns its queue notifications into ioeventfds, hands it to the
+    /// event loop, and announces it on the command line.
+    fn add<D>(&mut self, what: &str, device: Arc<Mutex<D>>) -> Result<()>
+    where
+        D: keel_virtio::VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let place = |e: String| Error::DeviceRange(format!("{what}: {e}"));
+        let window = self
+            .mmio_allocator
+            .allocate(keel_virtio::MMIO_WINDOW_SIZE, 0x1000, AllocPolicy::FirstMatch)
+            .map_err(|e| place(format!("no MMIO window left: {e}")))?;
+        let gsi = self.gsis.allocate().map_err(|e| place(e.to_string()))?;
+        let slot = keel_virtio::MmioSlot { base: window.start(), gsi };
+        let line = Arc::new(IrqfdLine::new(self.vm_fd, gsi)?);
+        let transport = keel_virtio::MmioTransport::new(device.clone(), self.mem.clone(), line, slot)
+            .map_err(|e| place(e.to_string()))?;
+        for notifier in transport.queue_notifiers() {
+            let address = kvm_ioctls::IoEventAddress::Mmio(notifier.address);
+            self.vm_fd
+                .register_ioevent(notifier.event, &address, notifier.datamatch)
+                .map_err(|e| place(format!("ioeventfd at {:#x}: {e}", notifier.address)))?;
+        }
+        let range = slot.range().map_err(|e| place(e.to_string()))?;
+        self.io
+            .register_mmio(range, Arc::new(Mutex::new(transport)))
+            .map_err(|e| place(format!("{e:?}")))?;
+        self.cmdline.push(slot.cmdline_entry());
+        self.subscribers.push(device);
+        log::debug!("{what}: virtio-mmio at {:#x}, GSI {gsi}", slot.base);
+        Ok(())
+    }
+}
+
+/// `cmdline` with `params` added as kernel parameters: before a ` -- `
+/// (after which words belong to init), else at the end.
+fn with_kernel_params(cmdline: &str, params: &[String]) -> String {
+    if params.is_empty() {
+        return cmdline.to_string();
+    }
+    let extra = params.join(" ");
+    match cmdline.find(" -- ") {
+        Some(i) => format!("{} {extra}{}", &cmdline[..i], &cmdline[i..]),
+        None if cmdline.is_empty() => extra,
+        None => format!("{cmdline} {extra}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_kernel_params;
+
+    #[test]
+    fn kernel_params_go_before_init_arguments() {
+        let p = vec!["a=1".to_string(), "b=2".to_string()];
+        assert_eq!(with_kernel_params("console=ttyS0", &p), "console=ttyS0 a=1 b=2");
+        assert_eq!(with_kernel_params("ro -- single", &p), "ro a=1 b=2 -- single");
+        assert_eq!(with_kernel_params("", &p), "a=1 b=2");
+        assert_eq!(with_kernel_params("x", &[]), "x");
+    }
+}
 
 /// Where the boot timer sits: the first page of the device window. A guest
 /// writes 123 there when it reaches user space (`devmem 0xd0000000 8 123`).
@@ -409,6 +483,43 @@ impl Vm {
                 .map_err(|e| Error::DeviceRange(format!("MMIO device at {:#x}: {e}", range.base().0)))?;
         }
 
+        let mut mmio_allocator = builder.mmio_allocator;
+        let mut virtio = VirtioWiring {
+            vm_fd: &vm_fd,
+            mem: &mem,
+            io: &mut io,
+            mmio_allocator: &mut mmio_allocator,
+            gsis: keel_irq::GsiAllocator::new(),
+            cmdline: Vec::new(),
+            subscribers: &mut subscribers,
+        };
+        for disk in &config.disks {
+            let backend = keel_virtio::FileBackend::open(&disk.path, disk.read_only)
+                .map_err(|e| Error::Config(format!("disk {}: {e}", disk.path.display())))?;
+            let options = keel_virtio::BlockOptions {
+                read_only: disk.read_only,
+                id: disk.id.clone().unwrap_or_default(),
+                ..Default::default()
+            };
+            let block = keel_virtio::Block::new(backend, options)
+                .map_err(|e| Error::Config(format!("disk {}: {e}", disk.path.display())))?;
+            virtio.add(&format!("disk {}", disk.path.display()), Arc::new(Mutex::new(block)))?;
+        }
+        if config.rng {
+            let rng = keel_virtio::Rng::new().map_err(|e| Error::DeviceRange(format!("virtio-rng: {e}")))?;
+            virtio.add("virtio-rng", Arc::new(Mutex::new(rng)))?;
+        }
+        if let Some(console) = &config.console {
+            let device = match console {
+                ConsoleConfig::Stdio => keel_virtio::Console::stdio(),
+                ConsoleConfig::File(path) => keel_virtio::Console::file(path),
+                ConsoleConfig::Socket(path) => keel_virtio::Console::unix_listener(path),
+            }
+            .map_err(|e| Error::Config(format!("console {console:?}: {e}")))?;
+            virtio.add("virtio-console", Arc::new(Mutex::new(device)))?;
+        }
+        let virtio_cmdline = std::mem::take(&mut virtio.cmdline);
+
         let kernel = match &config.kernel {
             Some(path) => {
                 let mut file = std::fs::File::open(path)
@@ -443,6 +554,7 @@ impl Vm {
             cmdline.push(' ');
             cmdline.push_str(EMULATED_RING0_CMDLINE);
         }
+        let cmdline = with_kernel_params(&cmdline, &virtio_cmdline);
         let mut boot = keel_boot::BootConfig::new(cmdline);
         if let Some(path) = &config.initrd {
             let mut file = std::fs::File::open(path)
