@@ -663,7 +663,7 @@ fn copy(from: &Path, to: &Path) -> Result<(), String> {
 }
 
 /// `cargo xtask guest`.
-pub fn run_guest(opts: &GuestOpts) -> Result<(), String> {
+pub fn run_guest(opts: &GuestOpts) -> Result<Artifacts, String> {
     let log = Log {
         start: Instant::now(),
     };
@@ -699,12 +699,11 @@ pub fn run_guest(opts: &GuestOpts) -> Result<(), String> {
     let mut artifacts = Artifacts::new(&root, &key);
     let cached = |artifacts: &Artifacts| {
         log.say(format!("cached: {}", artifacts.dir.display()));
-        print!("{}", cache::format_outputs(&artifacts.outputs()));
     };
 
     if artifacts.complete() && !opts.rebuild {
         cached(&artifacts);
-        return Ok(());
+        return Ok(artifacts);
     }
     if opts.print {
         return Err(format!(
@@ -722,7 +721,7 @@ pub fn run_guest(opts: &GuestOpts) -> Result<(), String> {
         artifacts = Artifacts::new(&root, &key);
         if artifacts.complete() && !opts.rebuild {
             cached(&artifacts);
-            return Ok(());
+            return Ok(artifacts);
         }
     }
     if artifacts.dir.exists() {
@@ -837,8 +836,7 @@ pub fn run_guest(opts: &GuestOpts) -> Result<(), String> {
         ));
     }
     log.say(format!("done: {}", artifacts.dir.display()));
-    print!("{}", cache::format_outputs(&artifacts.outputs()));
-    Ok(())
+    Ok(artifacts)
 }
 
 #[cfg(test)]

@@ -83,8 +83,19 @@ pub struct GuestOpts {
 pub enum Command {
     /// `cargo xtask guest ...`
     Guest(GuestOpts),
+    /// `cargo xtask test [--no-linux] [-- cargo-test-args]`
+    Test(TestOpts),
     /// `cargo xtask help` / `--help`
     Help,
+}
+
+/// Options of `cargo xtask test`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TestOpts {
+    /// Do not build the Linux guest; its end-to-end tests report SKIPPED.
+    pub no_linux: bool,
+    /// Arguments passed on to `cargo test`.
+    pub cargo_args: Vec<String>,
 }
 
 /// Usage text.
@@ -101,6 +112,13 @@ tasks:
                             of Debian's linux-source-6.1
       --jobs N              make -j N (default: number of CPUs)
       --verbose             show make output
+  test [--no-linux] [-- ARGS]
+                    the whole test suite: builds the Linux guest (or finds it
+                    cached), then runs `cargo test --workspace ARGS` with
+                    KEEL_GUEST_VMLINUX/BZIMAGE/INITRAMFS set and
+                    KEEL_REQUIRE_LINUX=1, so the Linux end-to-end tests run
+                    and cannot be skipped; --no-linux leaves them out (they
+                    then say SKIPPED)
   help              this text
 
 cache: $KEEL_CACHE_DIR/guest, else $XDG_CACHE_HOME/keel/guest, else
@@ -157,6 +175,21 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, St
             }
             Ok(Command::Guest(o))
         }
+        "test" => {
+            let mut o = TestOpts::default();
+            while let Some(a) = args.next() {
+                match a.as_str() {
+                    "--no-linux" => o.no_linux = true,
+                    "--" => {
+                        o.cargo_args = args.by_ref().collect();
+                        break;
+                    }
+                    "-h" | "--help" => return Ok(Command::Help),
+                    other => return Err(format!("test: unknown option `{other}` (see `cargo xtask help`)")),
+                }
+            }
+            Ok(Command::Test(o))
+        }
         other => Err(format!("unknown task `{other}` (see `cargo xtask help`)")),
     }
 }
@@ -169,7 +202,17 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
             0
         }
         Ok(Command::Guest(opts)) => match guest::run_guest(&opts) {
-            Ok(()) => 0,
+            Ok(artifacts) => {
+                print!("{}", cache::format_outputs(&artifacts.outputs()));
+                0
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        },
+        Ok(Command::Test(opts)) => match run_tests(&opts) {
+            Ok(code) => code,
             Err(e) => {
                 eprintln!("error: {e}");
                 1
@@ -180,6 +223,31 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
             2
         }
     }
+}
+
+/// `cargo xtask test`: guest artifacts first, then the workspace's tests.
+fn run_tests(opts: &TestOpts) -> Result<i32, String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.current_dir(guest::repo_root())
+        .args(["test", "--workspace"])
+        .args(&opts.cargo_args);
+    if !opts.no_linux {
+        let artifacts = guest::run_guest(&GuestOpts::default())?;
+        for (name, path) in artifacts.outputs() {
+            let var = match name {
+                "vmlinux" => "KEEL_GUEST_VMLINUX",
+                "bzImage" => "KEEL_GUEST_BZIMAGE",
+                "initramfs" => "KEEL_GUEST_INITRAMFS",
+                _ => continue,
+            };
+            cmd.env(var, path);
+        }
+        cmd.env("KEEL_REQUIRE_LINUX", "1");
+    }
+    eprintln!("xtask test: {cmd:?}");
+    let status = cmd.status().map_err(|e| format!("cannot run cargo test: {e}"))?;
+    Ok(status.code().unwrap_or(1))
 }
 
 #[cfg(test)]
@@ -216,6 +284,18 @@ mod tests {
             panic!()
         };
         assert!(o.print);
+    }
+
+    #[test]
+    fn test_task_takes_cargo_args_after_double_dash() {
+        assert_eq!(
+            parse(&["test", "--no-linux", "--", "-p", "keel-vmm"]),
+            Ok(Command::Test(TestOpts {
+                no_linux: true,
+                cargo_args: vec!["-p".into(), "keel-vmm".into()]
+            }))
+        );
+        assert!(parse(&["test", "--bogus"]).unwrap_err().contains("--bogus"));
     }
 
     #[test]

@@ -558,6 +558,12 @@ impl MmioTransport {
         }
         self.status = (self.status & !known) | value;
         if added & DRIVER_OK != 0 {
+            log::info!(
+                "virtio-mmio {:#x}: driver ready for device type {} (features {:#x})",
+                self.slot.base,
+                self.device_type,
+                self.driver_features
+            );
             if let Err(e) = self.activate() {
                 log::warn!(
                     "virtio-mmio: cannot activate device type {}: {e}; device needs reset",

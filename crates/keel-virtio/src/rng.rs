@@ -29,6 +29,7 @@ pub struct Rng {
     activation: ActivationState,
     queue_sizes: [u16; 1],
     buffer: Vec<u8>,
+    served: u64,
 }
 
 impl std::fmt::Debug for Rng {
@@ -46,7 +47,13 @@ impl Rng {
             activation: ActivationState::new("virtio-rng")?,
             queue_sizes: [QUEUE_SIZE],
             buffer: vec![0; MAX_RNG_REQUEST_BYTES],
+            served: 0,
         })
+    }
+
+    /// Random bytes handed to the guest so far.
+    pub fn bytes_served(&self) -> u64 {
+        self.served
     }
 
     /// Whether the driver has activated the device (and not reset it).
@@ -60,7 +67,18 @@ impl Rng {
         };
         let budget = usize::from(active.queues[0].size());
         let buffer = &mut self.buffer;
-        match process_queue(active, 0, budget, |mem, chain| fill(buffer, mem, chain)) {
+        let served = &mut self.served;
+        let result = process_queue(active, 0, budget, |mem, chain| {
+            let handled = fill(buffer, mem, chain);
+            if let Handled::Used(n) = handled {
+                if *served == 0 && n > 0 {
+                    log::info!("virtio-rng: served the guest's first {n} random bytes");
+                }
+                *served += u64::from(n);
+            }
+            handled
+        });
+        match result {
             Ok(QueueRun::BudgetSpent) => self.activation.requeue(0),
             Ok(QueueRun::Drained | QueueRun::Stopped) => {}
             Err(e) => self.activation.fail(ops, &e),

@@ -78,14 +78,25 @@ impl std::str::FromStr for DiskConfig {
     /// `PATH[,ro][,id=NAME]`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let mut parts = s.split(',');
-        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(|| format!("disk {s:?}: no path"))?;
-        let mut disk = DiskConfig { path: PathBuf::from(path), read_only: false, id: None };
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| format!("disk {s:?}: no path"))?;
+        let mut disk = DiskConfig {
+            path: PathBuf::from(path),
+            read_only: false,
+            id: None,
+        };
         for part in parts {
             match part.split_once('=') {
                 None if part == "ro" => disk.read_only = true,
                 None if part == "rw" => disk.read_only = false,
                 Some(("id", id)) => disk.id = Some(id.to_string()),
-                _ => return Err(format!("disk {s:?}: unknown option {part:?} (expected ro, rw or id=NAME)")),
+                _ => {
+                    return Err(format!(
+                        "disk {s:?}: unknown option {part:?} (expected ro, rw or id=NAME)"
+                    ))
+                }
             }
         }
         Ok(disk)
@@ -239,11 +250,18 @@ impl VmConfig {
             }
         }
         for disk in &self.disks {
-            let what = if disk.read_only { "disk (read-only)" } else { "disk" };
+            let what = if disk.read_only {
+                "disk (read-only)"
+            } else {
+                "disk"
+            };
             check_readable_file(what, &disk.path)?;
             if let Some(id) = &disk.id {
                 if id.len() > 20 {
-                    return Err(Error::Config(format!("disk {} id {id:?}: at most 20 bytes", disk.path.display())));
+                    return Err(Error::Config(format!(
+                        "disk {} id {id:?}: at most 20 bytes",
+                        disk.path.display()
+                    )));
                 }
             }
         }
@@ -410,23 +428,42 @@ mod tests {
     #[test]
     fn disk_flags_parse_and_name_bad_options() {
         let d: DiskConfig = "/img,ro,id=root".parse().unwrap();
-        assert_eq!(d, DiskConfig { path: "/img".into(), read_only: true, id: Some("root".into()) });
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/img".into(),
+                read_only: true,
+                id: Some("root".into())
+            }
+        );
         assert!("/img,rx".parse::<DiskConfig>().unwrap_err().contains("\"rx\""));
         assert!(",ro".parse::<DiskConfig>().is_err());
     }
 
     #[test]
     fn console_flags_parse() {
-        assert_eq!("socket:/s".parse::<ConsoleConfig>(), Ok(ConsoleConfig::Socket("/s".into())));
-        assert_eq!("file:/f".parse::<ConsoleConfig>(), Ok(ConsoleConfig::File("/f".into())));
+        assert_eq!(
+            "socket:/s".parse::<ConsoleConfig>(),
+            Ok(ConsoleConfig::Socket("/s".into()))
+        );
+        assert_eq!(
+            "file:/f".parse::<ConsoleConfig>(),
+            Ok(ConsoleConfig::File("/f".into()))
+        );
         assert!("tcp:1".parse::<ConsoleConfig>().is_err());
     }
 
     #[test]
     fn rejects_a_missing_disk_and_a_long_id() {
-        let c = VmConfig { disks: vec!["/no/disk.img".parse().unwrap()], ..Default::default() };
+        let c = VmConfig {
+            disks: vec!["/no/disk.img".parse().unwrap()],
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("/no/disk.img"));
-        let c = VmConfig { disks: vec!["/proc/self/exe,id=123456789012345678901".parse().unwrap()], ..Default::default() };
+        let c = VmConfig {
+            disks: vec!["/proc/self/exe,id=123456789012345678901".parse().unwrap()],
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("at most 20 bytes"));
     }
 

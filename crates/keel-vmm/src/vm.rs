@@ -51,7 +51,10 @@ impl VirtioWiring<'_> {
             .allocate(keel_virtio::MMIO_WINDOW_SIZE, 0x1000, AllocPolicy::FirstMatch)
             .map_err(|e| place(format!("no MMIO window left: {e}")))?;
         let gsi = self.gsis.allocate().map_err(|e| place(e.to_string()))?;
-        let slot = keel_virtio::MmioSlot { base: window.start(), gsi };
+        let slot = keel_virtio::MmioSlot {
+            base: window.start(),
+            gsi,
+        };
         let line = Arc::new(IrqfdLine::new(self.vm_fd, gsi)?);
         let transport = keel_virtio::MmioTransport::new(device.clone(), self.mem.clone(), line, slot)
             .map_err(|e| place(e.to_string()))?;
@@ -503,7 +506,10 @@ impl Vm {
             };
             let block = keel_virtio::Block::new(backend, options)
                 .map_err(|e| Error::Config(format!("disk {}: {e}", disk.path.display())))?;
-            virtio.add(&format!("disk {}", disk.path.display()), Arc::new(Mutex::new(block)))?;
+            virtio.add(
+                &format!("disk {}", disk.path.display()),
+                Arc::new(Mutex::new(block)),
+            )?;
         }
         if config.rng {
             let rng = keel_virtio::Rng::new().map_err(|e| Error::DeviceRange(format!("virtio-rng: {e}")))?;

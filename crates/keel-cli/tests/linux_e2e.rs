@@ -1,0 +1,392 @@
+//! End to end with a real Linux guest, built by `cargo xtask guest` and
+//! booted by the `keel` command.
+//!
+//! `cargo xtask test` (the README's test command) sets `KEEL_GUEST_*` to the
+//! artifacts and `KEEL_REQUIRE_LINUX=1`; under a plain `cargo test` without
+//! them these tests print `SKIPPED` with the reason.
+//!
+//! Linux boots in tens of seconds on hosts whose KVM emulates ring 0, so
+//! the checks share boots: one full boot (bzImage, 2 vCPUs, initramfs, an
+//! ext4 root on virtio-blk, a read-only second disk, virtio-rng, the kernel
+//! log on hvc0) and two short ones that stop once both CPUs are up (ELF
+//! vmlinux through the 64-bit entry, and through PVH). The boots run one at
+//! a time.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+static ONE_BOOT_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+struct Guest {
+    vmlinux: PathBuf,
+    bzimage: PathBuf,
+    initramfs: PathBuf,
+}
+
+/// The artifacts, or `None` after printing why the test is skipped.
+fn guest() -> Option<Guest> {
+    let var = |name: &str| std::env::var_os(name).map(PathBuf::from).filter(|p| p.is_file());
+    match (
+        var("KEEL_GUEST_VMLINUX"),
+        var("KEEL_GUEST_BZIMAGE"),
+        var("KEEL_GUEST_INITRAMFS"),
+    ) {
+        (Some(vmlinux), Some(bzimage), Some(initramfs)) => Some(Guest {
+            vmlinux,
+            bzimage,
+            initramfs,
+        }),
+        _ => {
+            let why =
+                "no Linux guest artifacts (KEEL_GUEST_VMLINUX/BZIMAGE/INITRAMFS); run `cargo xtask test`";
+            if std::env::var_os("KEEL_REQUIRE_LINUX").is_some() {
+                panic!("KEEL_REQUIRE_LINUX is set but there are {why}");
+            }
+            println!("SKIPPED: {why}");
+            None
+        }
+    }
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("keel-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Unpacks a `newc` cpio archive (the initramfs) into `dir`.
+fn unpack_cpio(archive: &[u8], dir: &Path) {
+    let hex = |b: &[u8]| u64::from_str_radix(std::str::from_utf8(b).unwrap(), 16).unwrap();
+    let align4 = |n: usize| (n + 3) & !3;
+    let mut at = 0;
+    while at + 110 <= archive.len() {
+        let h = &archive[at..at + 110];
+        assert_eq!(&h[..6], b"070701", "newc magic at {at}");
+        let mode = hex(&h[14..22]) as u32;
+        let size = hex(&h[54..62]) as usize;
+        let name_len = hex(&h[94..102]) as usize;
+        let name = std::str::from_utf8(&archive[at + 110..at + 110 + name_len - 1])
+            .unwrap()
+            .to_string();
+        let data_at = align4(at + 110 + name_len);
+        let data = &archive[data_at..data_at + size];
+        at = align4(data_at + size);
+        if name == "TRAILER!!!" {
+            break;
+        }
+        let path = dir.join(name.trim_start_matches("./"));
+        match mode & 0o170000 {
+            0o040000 => std::fs::create_dir_all(&path).unwrap(),
+            0o100000 => {
+                std::fs::write(&path, data).unwrap();
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & 0o7777)).unwrap();
+            }
+            0o120000 => std::os::unix::fs::symlink(std::str::from_utf8(data).unwrap(), &path).unwrap(),
+            // Device nodes: devtmpfs provides them in the guest.
+            _ => {}
+        }
+    }
+}
+
+/// `s_mnt_count` of an ext4 image's superblock.
+fn ext4_mount_count(image: &Path) -> u16 {
+    let bytes = std::fs::read(image).unwrap();
+    assert_eq!(
+        u16::from_le_bytes([bytes[1024 + 0x38], bytes[1024 + 0x39]]),
+        0xef53,
+        "ext4 magic"
+    );
+    u16::from_le_bytes([bytes[1024 + 0x34], bytes[1024 + 0x35]])
+}
+
+/// An ext4 image holding the initramfs's files, so `init=/init` runs from it.
+fn make_root_image(guest: &Guest, dir: &Path) -> PathBuf {
+    let tree = dir.join("rootfs");
+    std::fs::create_dir_all(&tree).unwrap();
+    unpack_cpio(&std::fs::read(&guest.initramfs).unwrap(), &tree);
+    for d in ["dev", "proc", "sys"] {
+        std::fs::create_dir_all(tree.join(d)).unwrap();
+    }
+    let image = dir.join("root.img");
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&tree)
+        .arg(&image)
+        .arg("64M")
+        .status()
+        .expect("mkfs.ext4 (e2fsprogs) is needed for the root disk");
+    assert!(status.success());
+    image
+}
+
+struct Boot {
+    serial: String,
+    stderr: String,
+    exit_code: Option<i32>,
+    elapsed: Duration,
+}
+
+/// Runs `keel` with `args`; stops it once the serial console shows
+/// `stop_at` (if given). Fails the test if it takes longer than `limit`.
+fn boot(args: &[&str], serial_log: &Path, stop_at: Option<&str>, limit: Duration) -> Boot {
+    let start = Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(args)
+        .arg("--serial")
+        .arg(format!("file:{}", serial_log.display()))
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut text = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            text.push_str(&line);
+            text.push('\n');
+        }
+        text
+    });
+    let exit_code = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status.code();
+        }
+        let serial = std::fs::read_to_string(serial_log).unwrap_or_default();
+        if stop_at.is_some_and(|marker| serial.contains(marker)) {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        if start.elapsed() > limit {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("Linux boot did not finish within {limit:?}; console so far:\n{serial}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    Boot {
+        serial: std::fs::read_to_string(serial_log).unwrap_or_default(),
+        stderr: reader.join().unwrap(),
+        exit_code,
+        elapsed: start.elapsed(),
+    }
+}
+
+fn assert_has(text: &str, needle: &str, what: &str) {
+    assert!(text.contains(needle), "{what}: no {needle:?} in:\n{text}");
+}
+
+const SERIAL_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+
+#[test]
+fn linux_full_boot_two_cpus_root_on_virtio_blk() {
+    let Some(guest) = guest() else { return };
+    let _one = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir("full");
+    let root = make_root_image(&guest, &dir);
+    let ro = dir.join("ro.img");
+    let ro_content: Vec<u8> = (0..8 << 20).map(|i: u32| (i % 251) as u8).collect();
+    std::fs::write(&ro, &ro_content).unwrap();
+    let hvc = dir.join("hvc.log");
+    let mounts_before = ext4_mount_count(&root);
+
+    let cmdline = format!(
+        "{SERIAL_CMDLINE} console=hvc0 root=/dev/vda rw rootfstype=ext4 rdinit=/keel-no-rdinit init=/init \
+         keel.test=all keel.cpus=2"
+    );
+    let root_arg = format!("{},id=keel-root", root.display());
+    let ro_arg = format!("{},ro", ro.display());
+    let hvc_arg = format!("file:{}", hvc.display());
+    let b = boot(
+        &[
+            "--kernel",
+            guest.bzimage.to_str().unwrap(),
+            "--initrd",
+            guest.initramfs.to_str().unwrap(),
+            "--cpus",
+            "2",
+            "--memory",
+            "256M",
+            "--disk",
+            &root_arg,
+            "--disk",
+            &ro_arg,
+            "--rng",
+            "--console",
+            &hvc_arg,
+            "--cmdline",
+            &cmdline,
+        ],
+        &dir.join("serial.log"),
+        None,
+        Duration::from_secs(900),
+    );
+    let s = &b.serial;
+    println!("full boot ended after {:.1} s", b.elapsed.as_secs_f64());
+    // What the kernel does by itself.
+    assert_has(s, "Linux version 6.1", "version line");
+    assert_has(
+        s,
+        "BIOS-e820: [mem 0x0000000000000000-0x000000000009fbff] usable",
+        "e820 low RAM",
+    );
+    assert_has(
+        s,
+        "BIOS-e820: [mem 0x000000000009fc00-0x00000000000fffff] reserved",
+        "e820 legacy hole",
+    );
+    assert_has(
+        s,
+        "BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable",
+        "e820 RAM to 256 MiB",
+    );
+    assert_has(s, "smp: Brought up 1 node, 2 CPUs", "SMP");
+    let total_kib: u64 = s
+        .lines()
+        .find_map(|l| l.split("Memory: ").nth(1))
+        .and_then(|m| m.split('/').nth(1))
+        .and_then(|t| t.split('K').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a Memory: line");
+    assert!(
+        (250_000..=262_144).contains(&total_kib),
+        "memory {total_kib} KiB for a 256 MiB guest"
+    );
+    assert_has(s, "Unpacking initramfs", "initramfs");
+    assert_has(s, "Freeing initrd memory", "initramfs unpacked");
+    // virtio: the root file system, the read-only disk, hvc0, the rng.
+    assert_has(s, "[vda] 131072 512-byte logical blocks", "root disk size");
+    assert_has(s, "[vdb] 16384 512-byte logical blocks", "read-only disk size");
+    assert_has(s, "EXT4-fs (vda): mounted filesystem", "root mounted");
+    assert_has(s, "VFS: Mounted root (ext4 filesystem)", "root mounted");
+    assert_has(s, "Run /init as init process", "init started");
+    assert!(
+        ext4_mount_count(&root) > mounts_before,
+        "the kernel's rw mount updates the superblock on the host"
+    );
+    assert!(
+        std::fs::read(&ro).unwrap() == ro_content,
+        "read-only disk image changed"
+    );
+    let ro_driver = b
+        .stderr
+        .lines()
+        .find(|l| l.contains("driver ready for device type 2") && l.contains("0xd0002000"))
+        .expect("the read-only disk's driver came up");
+    let features = u64::from_str_radix(
+        ro_driver
+            .rsplit("features 0x")
+            .next()
+            .unwrap()
+            .trim_end_matches(')'),
+        16,
+    )
+    .unwrap();
+    assert_ne!(
+        features & (1 << 5),
+        0,
+        "Linux accepted VIRTIO_BLK_F_RO: {ro_driver}"
+    );
+    assert_has(
+        &b.stderr,
+        "virtio-rng: served the guest's first",
+        "hwrng read virtio-rng",
+    );
+    let hvc_log = std::fs::read_to_string(&hvc).unwrap_or_default();
+    assert_has(
+        &hvc_log,
+        "EXT4-fs (vda): mounted filesystem",
+        "kernel log on hvc0",
+    );
+    assert_has(&b.stderr, "reached `Run /init`", "Run /init timing");
+
+    // How the VM ended, and user space where the host allows it.
+    assert_eq!(b.exit_code, Some(0), "stderr:\n{}", b.stderr);
+    assert_has(&b.stderr, "VM ended: guest reset", "exit reason");
+    if b.stderr
+        .contains("guest user space cannot make system calls here")
+    {
+        assert_has(
+            s,
+            "Kernel panic - not syncing: Attempted to kill init",
+            "init's first system call",
+        );
+        println!(
+            "SKIPPED user-space checks (shell echo, nproc, reboot): this host's KVM emulates guest ring 0 \
+             and guest user space cannot make system calls here"
+        );
+    } else {
+        assert_has(s, "KEEL-INIT: userspace up", "user space");
+        assert_has(s, "KEEL-TEST: nproc ok nproc=2", "nproc");
+        assert_has(s, "KEEL-TEST: done", "tests finished");
+        assert_has(s, "failed=0", "no user-space test failed");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn short_boot(name: &str, kernel: &Path, protocol: &str) {
+    let _one = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir(name);
+    let b = boot(
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--boot-protocol",
+            protocol,
+            "--cpus",
+            "2",
+            "--memory",
+            "128M",
+            "--cmdline",
+            SERIAL_CMDLINE,
+        ],
+        &dir.join("serial.log"),
+        Some("smp: Brought up 1 node, 2 CPUs"),
+        Duration::from_secs(600),
+    );
+    println!("{name}: both CPUs up after {:.1} s", b.elapsed.as_secs_f64());
+    assert_has(&b.serial, "Linux version 6.1", name);
+    assert_has(
+        &b.serial,
+        "BIOS-e820: [mem 0x0000000000100000-0x0000000007ffffff] usable",
+        name,
+    );
+    assert_has(&b.serial, "smp: Brought up 1 node, 2 CPUs", name);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn linux_vmlinux_boots_through_the_64_bit_entry() {
+    let Some(guest) = guest() else { return };
+    short_boot("vmlinux-64", &guest.vmlinux, "linux64");
+}
+
+#[test]
+fn linux_vmlinux_boots_through_pvh() {
+    let Some(guest) = guest() else { return };
+    short_boot("vmlinux-pvh", &guest.vmlinux, "pvh");
+}
+
+#[test]
+fn linux_kernel_that_is_garbage_is_one_clear_error() {
+    let dir = scratch_dir("garbage");
+    let junk = dir.join("vmlinux");
+    std::fs::write(&junk, b"\x7fELF but not really").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--kernel")
+        .arg(&junk)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_has(&err, "cannot load ELF kernel", "truncated ELF");
+    let _ = std::fs::remove_dir_all(&dir);
+}
