@@ -70,7 +70,7 @@ impl GuestLayout {
         if mem_size > MAX_MEMORY {
             return Err(Error::MemoryTooLarge { size: mem_size });
         }
-        if mem_size % 4096 != 0 {
+        if !mem_size.is_multiple_of(4096) {
             return Err(Error::MemoryNotAligned { size: mem_size });
         }
         Ok(GuestLayout { mem_size })
