@@ -85,4 +85,13 @@ impl BootParams {
                 && e.addr < addr.saturating_add(len)
         })
     }
+
+    /// The first address past every usable RAM range.
+    pub fn ram_end(&self) -> u64 {
+        self.e820()
+            .filter(|e| e.kind == E820_RAM)
+            .map(|e| e.addr.saturating_add(e.size))
+            .max()
+            .unwrap_or(0)
+    }
 }

@@ -11,7 +11,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
 /// Size of the arena. `.bss` is zeroed at boot (natively, in ring 3).
-const ARENA_SIZE: usize = 2 << 20;
+const ARENA_SIZE: usize = 1 << 20;
 
 #[repr(C, align(4096))]
 struct Arena(UnsafeCell<[u8; ARENA_SIZE]>);
@@ -120,17 +120,12 @@ impl Buffer {
         unsafe { self.ptr().add(offset).read_volatile() }
     }
 
-    /// Writes a little-endian `u16`/`u32`/`u64` at `offset`.
-    pub fn put_u16(&self, offset: usize, value: u16) {
-        self.write(offset, &value.to_le_bytes());
-    }
-
-    /// See [`put_u16`](Self::put_u16).
+    /// Writes a little-endian `u32` at `offset`.
     pub fn put_u32(&self, offset: usize, value: u32) {
         self.write(offset, &value.to_le_bytes());
     }
 
-    /// See [`put_u16`](Self::put_u16).
+    /// Writes a little-endian `u64` at `offset`.
     pub fn put_u64(&self, offset: usize, value: u64) {
         self.write(offset, &value.to_le_bytes());
     }

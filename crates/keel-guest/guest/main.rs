@@ -12,6 +12,7 @@ mod abi;
 mod boot_params;
 mod cmdline;
 mod console;
+mod dma;
 mod exit;
 mod interrupts;
 mod mem_intrinsics;
@@ -23,6 +24,7 @@ mod ring0;
 mod serial;
 mod service;
 mod tsc;
+mod virtio;
 
 use core::panic::PanicInfo;
 

@@ -2,6 +2,9 @@
 
 use core::ptr::{read_volatile, write_volatile};
 
+use crate::boot_params::BootParams;
+use crate::ring0::IDENTITY_MAPPED;
+
 /// A device register window at a guest-physical address, which the guest's
 /// identity map makes the same virtual address.
 #[derive(Clone, Copy)]
@@ -35,4 +38,28 @@ impl MmioRegion {
         // SAFETY: `new`'s contract: mapped device memory, not Rust-owned RAM.
         unsafe { write_volatile((self.base + offset) as *mut u32, value) }
     }
+}
+
+/// The register window of `len` bytes at `addr`, checked to be 4-byte
+/// aligned, identity-mapped and not guest RAM; the error says why not.
+pub fn checked_window(
+    params: &BootParams,
+    addr: u64,
+    len: u64,
+) -> Result<MmioRegion, &'static str> {
+    if !addr.is_multiple_of(4) {
+        return Err("is not 4-byte aligned");
+    }
+    let end = addr.saturating_add(len);
+    if !IDENTITY_MAPPED
+        .iter()
+        .any(|&(start, stop)| start <= addr && end <= stop)
+    {
+        return Err("is outside the guest's identity map (0-1 GiB and 3-4 GiB)");
+    }
+    if params.overlaps_ram(addr, len) {
+        return Err("is guest RAM according to the e820 map");
+    }
+    // SAFETY: identity-mapped and not RAM, checked just above.
+    Ok(unsafe { MmioRegion::new(addr) })
 }

@@ -8,10 +8,9 @@ use crate::abi::{
 use crate::boot_params::{BootParams, E820_RAM};
 use crate::cmdline::{ArgError, CommandLine};
 use crate::interrupts::{breakpoint_count, irq_count};
-use crate::mmio::MmioRegion;
-use crate::ring0::IDENTITY_MAPPED;
+use crate::mmio::{checked_window, MmioRegion};
 use crate::service::{self, Request};
-use crate::{exit, port, println, serial, tsc};
+use crate::{exit, port, println, serial, tsc, virtio};
 
 /// Why a program did not pass (it has printed a `FAIL:` line already).
 pub enum Failure {
@@ -30,16 +29,16 @@ pub struct Context<'a> {
 /// Prints a `FAIL:` line and returns a test failure from the program.
 macro_rules! fail {
     ($($arg:tt)*) => {{
-        println!("FAIL: {}", format_args!($($arg)*));
-        return Err(Failure::Test);
+        $crate::println!("FAIL: {}", format_args!($($arg)*));
+        return Err($crate::programs::Failure::Test);
     }};
 }
 
 /// Prints a `FAIL:` line and returns a bad-arguments failure from the program.
 macro_rules! bad_args {
     ($($arg:tt)*) => {{
-        println!("FAIL: {}", format_args!($($arg)*));
-        return Err(Failure::BadArgs);
+        $crate::println!("FAIL: {}", format_args!($($arg)*));
+        return Err($crate::programs::Failure::BadArgs);
     }};
 }
 
@@ -50,6 +49,72 @@ fn arg<T>(result: Result<T, ArgError<'_>>) -> Result<T, Failure> {
         Failure::BadArgs
     })
 }
+
+/// The on/off argument `key=0|1`, `default` when absent.
+fn flag(ctx: &Context<'_>, key: &'static str, default: bool) -> Result<bool, Failure> {
+    match arg(ctx.cmdline.number(key))? {
+        None => Ok(default),
+        Some(0) => Ok(false),
+        Some(1) => Ok(true),
+        Some(other) => arg(Err(ArgError::OutOfRange(key, other))),
+    }
+}
+
+/// The devices the command line's `virtio_mmio.device=` entries name,
+/// each listed with a `virtio:` line.
+fn virtio_devices(ctx: &Context<'_>) -> Result<virtio::Devices, Failure> {
+    let devices = virtio::discover(ctx.cmdline, ctx.params).map_err(|e| {
+        println!("FAIL: {e}");
+        Failure::Test
+    })?;
+    for found in devices.iter() {
+        println!(
+            "virtio: {:#x} GSI {}: {} (device ID {}, vendor {:#x})",
+            found.slot.base,
+            found.slot.gsi,
+            virtio::type_name(found.device_id),
+            found.device_id,
+            found.vendor_id
+        );
+    }
+    Ok(devices)
+}
+
+/// How long a program waits at its end for a device's first interrupt.
+const FIRST_INTERRUPT_WAIT_MS: u64 = 2000;
+
+/// Prints `PREFIX: interrupts: ...` for a device whose requests are done,
+/// failing if its PIC line saw no interrupt at all.
+fn check_interrupts(
+    prefix: core::fmt::Arguments<'_>,
+    transport: &mut virtio::Transport,
+) -> Outcome {
+    let Some(count) = transport.settle_interrupts(FIRST_INTERRUPT_WAIT_MS) else {
+        println!(
+            "{prefix}: completion polled only (GSI {} is not used as a PIC line)",
+            transport.slot.gsi
+        );
+        return Ok(());
+    };
+    let irq = transport.irq().unwrap_or(0);
+    let stats = transport.irq_stats;
+    println!(
+        "{prefix}: interrupts: {count} on IRQ {irq} for {} completions, used-buffer bit in InterruptStatus {} times",
+        stats.completions, stats.isr_used
+    );
+    if count == 0 && stats.completions > 0 {
+        fail!(
+            "{prefix}: no interrupt arrived on IRQ {irq} (GSI {}) within {FIRST_INTERRUPT_WAIT_MS} ms: check the device's irqfd, the PIC and LAPIC LINT0",
+            transport.slot.gsi
+        );
+    }
+    Ok(())
+}
+
+mod virtio_blk;
+mod virtio_console;
+mod virtio_hostile;
+mod virtio_rng;
 
 /// Runs the program the command line names and returns the exit status.
 pub fn run(ctx: &Context<'_>) -> u8 {
@@ -65,12 +130,25 @@ pub fn run(ctx: &Context<'_>) -> u8 {
         "pio-loop" => (pio_loop, &["count", "port"]),
         "mmio-loop" => (mmio_loop, &["mmio", "count"]),
         "fault" => (fault, &["addr"]),
+        "virtio-blk" => (
+            virtio_blk::run,
+            &["pattern", "irq", "event-idx", "indirect"],
+        ),
+        "virtio-blk-bench" => (virtio_blk::bench, &["size", "count", "disk"]),
+        "virtio-rng" => (virtio_rng::run, &["irq"]),
+        "virtio-console" => (virtio_console::run, &["lines", "timeout-ms", "irq"]),
+        "virtio-hostile" => (virtio_hostile::run, &[]),
         _ => {
             println!("FAIL: unknown program \"{name}\"; programs: {}", Programs);
             return STATUS_BAD_ARGS;
         }
     };
-    for key in ctx.cmdline.unknown_keys(keys) {
+    // The VMM's device list is every program's business.
+    for key in ctx
+        .cmdline
+        .unknown_keys(keys)
+        .filter(|&k| k != virtio::CMDLINE_KEY)
+    {
         println!("keel-guest: note: {name} ignores {key}=");
     }
     for word in ctx.cmdline.stray_words() {
@@ -108,21 +186,10 @@ fn mmio_arg(ctx: &Context<'_>, len: u64) -> Result<Option<MmioRegion>, Failure> 
     let Some(addr) = arg(ctx.cmdline.number("mmio"))? else {
         return Ok(None);
     };
-    if addr % 4 != 0 {
-        bad_args!("mmio={addr:#x} is not 4-byte aligned");
+    match checked_window(ctx.params, addr, len) {
+        Ok(region) => Ok(Some(region)),
+        Err(why) => bad_args!("mmio={addr:#x} {why}"),
     }
-    let end = addr.saturating_add(len);
-    if !IDENTITY_MAPPED
-        .iter()
-        .any(|&(start, stop)| start <= addr && end <= stop)
-    {
-        bad_args!("mmio={addr:#x} is outside the guest's identity map (0-1 GiB and 3-4 GiB)");
-    }
-    if ctx.params.overlaps_ram(addr, len) {
-        bad_args!("mmio={addr:#x} is guest RAM according to the e820 map");
-    }
-    // SAFETY: identity-mapped and not RAM, checked just above.
-    Ok(Some(unsafe { MmioRegion::new(addr) }))
 }
 
 /// `hello [mmio=ADDR] [expect=VALUE]`: banner, RAM size, interrupt-driven

@@ -25,7 +25,7 @@ pub enum Source {
     Cpuid15,
     /// CPUID leaf 0x16: the processor base frequency in MHz.
     Cpuid16,
-    /// Counted against 10 ms of PIT channel 2.
+    /// Counted against 20 ms of PIT channel 2.
     Pit,
 }
 
@@ -129,25 +129,50 @@ fn probe(source: Source) -> Option<u64> {
     }
 }
 
-/// Counts TSC ticks over 10 ms of PIT channel 2 in mode 0 (gate through
-/// port 0x61, output read back in its bit 5), as Linux's early calibration
-/// does. Bounded: `None` if the output never rises.
+/// PIT input clock.
+const PIT_HZ: u64 = 1_193_182;
+/// PIT counts between the two samples: 20 ms.
+const PIT_WINDOW: u64 = PIT_HZ / 50;
+/// Longest a sample may take, in TSC ticks (100 µs at 2 GHz, 10 µs at
+/// 20 GHz); a slower one was interrupted and is taken again.
+const SAMPLE_MAX_TICKS: u64 = 200_000;
+
+/// Reads PIT channel 2's count between two TSC reads: (TSC at the middle,
+/// count), or `None` if the read took too long.
+fn pit_sample() -> Option<(u64, u64)> {
+    let before = now();
+    outb(0x43, 0x80); // latch channel 2's count
+    let low = inb(0x42);
+    let high = inb(0x42);
+    let after = now();
+    let took = after.wrapping_sub(before);
+    (took < SAMPLE_MAX_TICKS).then(|| (before + took / 2, u64::from(high) << 8 | u64::from(low)))
+}
+
+fn pit_sample_retrying() -> Option<(u64, u64)> {
+    (0..100).find_map(|_| pit_sample())
+}
+
+/// Lets PIT channel 2 count down from 0xffff (mode 0, gate on through port
+/// 0x61) and samples (TSC, count) twice, 20 ms apart. Both clocks run on
+/// while the vCPU is preempted between the samples, so only the samples
+/// themselves must be quick (they are retried when they are not). Bounded:
+/// `None` if the count never moves.
 fn calibrate_with_pit() -> Option<u64> {
-    const PIT_HZ: u64 = 1_193_182;
-    const LATCH: u64 = PIT_HZ / 100;
-    // Gate high, speaker off.
-    outb(0x61, (inb(0x61) & !0x02) | 0x01);
+    outb(0x61, (inb(0x61) & !0x02) | 0x01); // gate high, speaker off
     outb(0x43, 0xb0); // channel 2, lobyte/hibyte, mode 0, binary
-    outb(0x42, (LATCH & 0xff) as u8);
-    outb(0x42, (LATCH >> 8) as u8);
-    let start = now();
+    outb(0x42, 0xff);
+    outb(0x42, 0xff);
+    let (start_tsc, start_count) = pit_sample_retrying()?;
+    let deadline = start_tsc.wrapping_add(4_000_000_000); // 200 ms at 20 GHz
     loop {
-        let elapsed = now().wrapping_sub(start);
-        if inb(0x61) & 0x20 != 0 {
-            return Some(elapsed * 100);
+        let (tsc, count) = pit_sample_retrying()?;
+        // The count only goes down within the window (55 ms to wrap).
+        let counted = start_count.wrapping_sub(count) & 0xffff;
+        if counted >= PIT_WINDOW {
+            return Some(tsc.wrapping_sub(start_tsc) * PIT_HZ / counted);
         }
-        // 10 ms at 20 GHz: no plausible TSC takes longer.
-        if elapsed > 200_000_000 {
+        if tsc.wrapping_sub(deadline) < u64::MAX / 2 {
             return None;
         }
     }

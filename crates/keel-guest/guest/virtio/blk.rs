@@ -1,9 +1,7 @@
 //! virtio-blk (virtio 1.2, section 5.2): configuration and requests.
 
-use core::fmt;
-
-use super::queue::{Chain, Virtqueue, Wait};
-use super::{feature, Found, InitError, Transport};
+use super::queue::{Chain, Virtqueue};
+use super::{feature, submit_and_wait, Found, InitError, RequestError, Transport};
 use crate::boot_params::BootParams;
 use crate::dma::{self, Buffer};
 
@@ -37,8 +35,6 @@ pub const SECTOR: usize = 512;
 /// Length of the GET_ID answer.
 pub const ID_BYTES: usize = 20;
 
-/// Queue size the driver asks for (or the device's maximum if smaller).
-const QUEUE_SIZE: u16 = 64;
 /// Scratch page layout: header, status, discard segments, indirect table.
 const HEADER: usize = 0;
 const STATUS: usize = 16;
@@ -73,32 +69,6 @@ pub struct Config {
     pub write_zeroes_may_unmap: u8,
 }
 
-/// Why a request got no status.
-#[derive(Clone, Copy)]
-pub enum RequestError {
-    /// The device set DEVICE_NEEDS_RESET instead of answering.
-    NeedsReset { status: u32 },
-    /// No answer in time.
-    Timeout,
-    /// The used ring returned a head that was not in flight.
-    WrongHead { expected: u16, got: u16 },
-    /// The chain does not fit in the queue.
-    QueueFull,
-}
-
-impl fmt::Display for RequestError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::NeedsReset { status } => write!(f, "device needs reset (status {status:#x})"),
-            Self::Timeout => write!(f, "no answer from the device"),
-            Self::WrongHead { expected, got } => {
-                write!(f, "used ring returned head {got}, expected {expected}")
-            }
-            Self::QueueFull => write!(f, "chain does not fit in the queue"),
-        }
-    }
-}
-
 /// A request's outcome: its status byte and the used length.
 #[derive(Clone, Copy)]
 pub struct Done {
@@ -119,6 +89,7 @@ pub struct Blk {
     pub use_indirect: bool,
     pub timeout_ms: u64,
     wanted: u64,
+    queue_size: u16,
 }
 
 /// The features the driver accepts besides the ring options.
@@ -126,18 +97,21 @@ pub const DRIVER_FEATURES: u64 =
     F_SIZE_MAX | F_SEG_MAX | F_RO | F_BLK_SIZE | F_FLUSH | F_DISCARD | F_WRITE_ZEROES;
 
 impl Blk {
-    /// Brings up the device at `found`, accepting [`DRIVER_FEATURES`] plus
-    /// `ring_features` (EVENT_IDX, INDIRECT_DESC) where offered.
+    /// Brings up the device at `found` with a queue of `queue_size`
+    /// entries (or the device's maximum, if smaller), accepting
+    /// [`DRIVER_FEATURES`] plus `ring_features` (EVENT_IDX, INDIRECT_DESC)
+    /// where offered.
     pub fn init(
         found: Found,
         params: &BootParams,
         ring_features: u64,
         use_irq: bool,
+        queue_size: u16,
     ) -> Result<Self, InitError> {
         let transport = Transport::new(found, params, use_irq);
         let mut blk = Self {
             transport,
-            queue: Virtqueue::new(0, QUEUE_SIZE),
+            queue: Virtqueue::new(0, queue_size),
             features: 0,
             offered: 0,
             config: Config::default(),
@@ -145,6 +119,7 @@ impl Blk {
             use_indirect: false,
             timeout_ms: 2000,
             wanted: DRIVER_FEATURES | ring_features,
+            queue_size,
         };
         blk.reinit()?;
         Ok(blk)
@@ -172,8 +147,9 @@ impl Blk {
                 why: "not available (QueueNumMax 0)",
             });
         }
-        let size = if max >= QUEUE_SIZE {
-            QUEUE_SIZE
+        let wanted = self.queue_size;
+        let size = if max >= wanted {
+            wanted
         } else {
             1 << (15 - max.leading_zeros())
         };
@@ -259,26 +235,10 @@ impl Blk {
         self.submit_direct(&chain)
     }
 
-    /// Makes `chain` available as it is, notifies, waits for the answer
-    /// and the interrupt (if any). Returns the used length.
+    /// Makes `chain` available as it is, notifies, and waits for the
+    /// answer. Returns the used length.
     pub fn submit_direct(&mut self, chain: &Chain) -> Result<u32, RequestError> {
-        let before = self.transport.irq_count();
-        let head = self.queue.add(chain).ok_or(RequestError::QueueFull)?;
-        self.queue.kick(&self.transport);
-        match self.queue.wait(&self.transport, self.timeout_ms) {
-            Wait::Used { id, len } => {
-                self.transport.expect_used_interrupt(before);
-                if id != head {
-                    return Err(RequestError::WrongHead {
-                        expected: head,
-                        got: id,
-                    });
-                }
-                Ok(len)
-            }
-            Wait::NeedsReset { status } => Err(RequestError::NeedsReset { status }),
-            Wait::Timeout => Err(RequestError::Timeout),
-        }
+        submit_and_wait(&mut self.transport, &mut self.queue, chain, self.timeout_ms)
     }
 
     /// One request of type `kind` at `sector` moving `data`.

@@ -7,10 +7,12 @@
 //! `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`: one `virtio_mmio.device=` entry per
 //! device, `<size>@<base>:<gsi>[:<id>]` (size and base with an optional
 //! K/M/G suffix and `0x` prefix), in the order the VMM appended them.
-//! Completion is found by polling the used ring; a device whose GSI is one
-//! of the PIC's lines (below 16) also gets its interrupt unmasked, and each
-//! wait for a used buffer then checks that the interrupt arrived and
-//! acknowledges `InterruptStatus`.
+//! Completion is found by polling the used ring. A device whose GSI is one
+//! of the PIC's lines (below 16, not 2 or the serial port's 4) also gets its
+//! interrupt unmasked: the ring-0 stub counts each one, the driver reads and
+//! acknowledges `InterruptStatus` when the count moved, and a program checks
+//! at its end that interrupts arrived (waiting a bounded time for the first,
+//! since injection may lag on a busy host).
 
 pub mod blk;
 pub mod queue;
@@ -20,11 +22,10 @@ use core::fmt;
 use crate::boot_params::BootParams;
 use crate::cmdline::{parse_number, CommandLine};
 use crate::interrupts::irq_count;
-use crate::mmio::MmioRegion;
-use crate::ring0::IDENTITY_MAPPED;
+use crate::mmio::{checked_window, MmioRegion};
 use crate::{pic, serial, tsc};
 
-use queue::Virtqueue;
+use queue::{Chain, Virtqueue, Wait};
 
 /// The command-line key a VMM gives each virtio-mmio device under.
 pub const CMDLINE_KEY: &str = "virtio_mmio.device";
@@ -161,7 +162,7 @@ impl fmt::Display for DiscoverError<'_> {
                 "{CMDLINE_KEY}={text} is not <size>@<base>:<gsi>"
             ),
             Self::TooMany => write!(f, "more than {MAX_DEVICES} virtio-mmio devices"),
-            Self::NotMmio(slot, why) => write!(f, "virtio-mmio window at {:#x}: {why}", slot.base),
+            Self::NotMmio(slot, why) => write!(f, "virtio-mmio window at {:#x} {why}", slot.base),
             Self::BadMagic(slot, magic) => write!(
                 f,
                 "virtio-mmio device at {:#x}: magic {magic:#x}, expected {MAGIC:#x} (\"virt\")",
@@ -184,7 +185,11 @@ pub struct Devices {
 impl Devices {
     /// Every present device (device ID 0 is an empty slot and skipped).
     pub fn iter(&self) -> impl Iterator<Item = Found> + '_ {
-        self.found.iter().flatten().copied().filter(|f| f.device_id != 0)
+        self.found
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|f| f.device_id != 0)
     }
 
     /// The devices of type `id`, in command-line order.
@@ -207,7 +212,7 @@ pub fn discover<'a>(
         if i == MAX_DEVICES {
             return Err(DiscoverError::TooMany);
         }
-        let regs = mmio_window(params, slot.base, slot.size.max(0x200))
+        let regs = checked_window(params, slot.base, slot.size.max(0x200))
             .map_err(|why| DiscoverError::NotMmio(slot, why))?;
         let magic = regs.read32(reg::MAGIC_VALUE);
         if magic != MAGIC {
@@ -224,26 +229,6 @@ pub fn discover<'a>(
         });
     }
     Ok(devices)
-}
-
-/// A register window checked to be 4-byte aligned, identity-mapped and
-/// not guest RAM.
-pub fn mmio_window(params: &BootParams, addr: u64, len: u64) -> Result<MmioRegion, &'static str> {
-    if addr % 4 != 0 {
-        return Err("not 4-byte aligned");
-    }
-    let end = addr.saturating_add(len);
-    if !IDENTITY_MAPPED
-        .iter()
-        .any(|&(start, stop)| start <= addr && end <= stop)
-    {
-        return Err("outside the guest's identity map (0-1 GiB and 3-4 GiB)");
-    }
-    if params.overlaps_ram(addr, len) {
-        return Err("guest RAM according to the e820 map");
-    }
-    // SAFETY: identity-mapped and not RAM, checked just above.
-    Ok(unsafe { MmioRegion::new(addr) })
 }
 
 /// Why a device could not be brought up.
@@ -272,7 +257,9 @@ impl fmt::Display for InitError {
             }
             Self::Queue { index, why } => write!(f, "queue {index}: {why}"),
             Self::Status { status } => write!(f, "status {status:#x} after DRIVER_OK"),
-            Self::ResetStuck { status } => write!(f, "status reads {status:#x} after a reset, not 0"),
+            Self::ResetStuck { status } => {
+                write!(f, "status reads {status:#x} after a reset, not 0")
+            }
         }
     }
 }
@@ -280,26 +267,20 @@ impl fmt::Display for InitError {
 /// Interrupt bookkeeping of one device.
 #[derive(Clone, Copy, Default)]
 pub struct IrqStats {
-    /// Waits for a used-buffer interrupt.
-    pub waits: u64,
-    /// Of those, how many saw the interrupt arrive.
-    pub interrupts: u64,
+    /// Requests whose completion the driver saw.
+    pub completions: u64,
     /// `InterruptStatus` reads that had the used-buffer bit.
     pub isr_used: u64,
-    misses_in_a_row: u64,
+    /// The line's count when the transport was made.
+    base: u64,
+    /// The line's count at the last look.
+    seen: u64,
 }
-
-/// How long to wait for one interrupt once the used ring says the request
-/// is done (irqfd injection into the PIC may go through a kernel workqueue).
-const IRQ_WAIT_MS: u64 = 40;
-/// Consecutive missed interrupts after which the driver stops waiting.
-const MAX_MISSES_IN_A_ROW: u64 = 3;
 
 /// One virtio-mmio device's registers.
 pub struct Transport {
     regs: MmioRegion,
     pub slot: Slot,
-    pub device_id: u32,
     /// The PIC line the device's GSI arrives on, if it is one (and enabled).
     irq: Option<u8>,
     pub irq_stats: IrqStats,
@@ -310,9 +291,12 @@ impl Transport {
     /// `use_irq` and its GSI is a PIC line other than the cascade and the
     /// serial port's.
     pub fn new(found: Found, params: &BootParams, use_irq: bool) -> Self {
-        let regs = match mmio_window(params, found.slot.base, 0x200) {
+        let regs = match checked_window(params, found.slot.base, 0x200) {
             Ok(regs) => regs,
-            Err(why) => panic!("window {:#x} was checked at discovery: {why}", found.slot.base),
+            Err(why) => panic!(
+                "window {:#x} was checked at discovery: {why}",
+                found.slot.base
+            ),
         };
         let irq = u8::try_from(found.slot.gsi)
             .ok()
@@ -320,12 +304,16 @@ impl Transport {
         if let Some(irq) = irq {
             pic::unmask(irq);
         }
+        let count = irq.map_or(0, irq_count);
         Self {
             regs,
             slot: found.slot,
-            device_id: found.device_id,
             irq,
-            irq_stats: IrqStats::default(),
+            irq_stats: IrqStats {
+                base: count,
+                seen: count,
+                ..IrqStats::default()
+            },
         }
     }
 
@@ -398,6 +386,8 @@ impl Transport {
         self.write_driver_features(accepted);
         self.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
         if self.status() & status::FEATURES_OK == 0 {
+            // Giving up on the device, as the spec asks.
+            self.set_status(self.status() | status::FAILED);
             return Err(InitError::FeaturesRefused { offered, accepted });
         }
         Ok(accepted)
@@ -482,43 +472,40 @@ impl Transport {
         isr
     }
 
-    /// Interrupts counted on the device's PIC line so far (0 without one).
-    pub fn irq_count(&self) -> u64 {
-        self.irq.map_or(0, irq_count)
+    /// Called for each completion the driver sees: if interrupts arrived
+    /// on the device's line since the last look, reads and acknowledges
+    /// InterruptStatus. Completion itself is polled, so nothing waits here.
+    pub fn note_completion(&mut self) {
+        self.irq_stats.completions += 1;
+        self.look_for_interrupts();
     }
 
-    /// After a used buffer arrived for a request notified when the count
-    /// was `before`: waits (bounded) for its interrupt, then reads and
-    /// acknowledges InterruptStatus. Does nothing without a PIC line or
-    /// after repeated misses (then completion is only polled).
-    pub fn expect_used_interrupt(&mut self, before: u64) {
+    fn look_for_interrupts(&mut self) {
         let Some(irq) = self.irq else {
             return;
         };
-        if self.irq_stats.misses_in_a_row >= MAX_MISSES_IN_A_ROW {
-            return;
+        let now = irq_count(irq);
+        if now != self.irq_stats.seen {
+            self.irq_stats.seen = now;
+            if self.ack_interrupt() & isr::USED_BUFFER != 0 {
+                self.irq_stats.isr_used += 1;
+            }
         }
-        self.irq_stats.waits += 1;
+    }
+
+    /// Interrupts taken on the device's line since the transport was made,
+    /// after waiting up to `timeout_ms` for the first one if none came yet
+    /// (injection may lag on a busy host); acknowledges InterruptStatus.
+    /// `None` without a PIC line.
+    pub fn settle_interrupts(&mut self, timeout_ms: u64) -> Option<u64> {
+        let irq = self.irq?;
         let start = tsc::now();
-        let limit = tsc::ticks_per_ms(IRQ_WAIT_MS);
-        let arrived = loop {
-            if irq_count(irq) != before {
-                break true;
-            }
-            if tsc::now().wrapping_sub(start) > limit {
-                break false;
-            }
+        let limit = tsc::ticks_per_ms(timeout_ms);
+        while irq_count(irq) == self.irq_stats.base && tsc::now().wrapping_sub(start) < limit {
             core::hint::spin_loop();
-        };
-        if arrived {
-            self.irq_stats.interrupts += 1;
-            self.irq_stats.misses_in_a_row = 0;
-        } else {
-            self.irq_stats.misses_in_a_row += 1;
         }
-        if self.ack_interrupt() & isr::USED_BUFFER != 0 {
-            self.irq_stats.isr_used += 1;
-        }
+        self.look_for_interrupts();
+        Some(irq_count(irq) - self.irq_stats.base)
     }
 
     /// Reads `len` bytes (at most 8) of configuration space at `offset`
@@ -541,4 +528,88 @@ impl Transport {
             }
         }
     }
+}
+
+/// Why a request got no answer.
+#[derive(Clone, Copy)]
+pub enum RequestError {
+    /// The device set DEVICE_NEEDS_RESET instead of answering.
+    NeedsReset { status: u32 },
+    /// No answer in time.
+    Timeout(queue::RingState),
+    /// The used ring returned a head that was not in flight.
+    WrongHead { expected: u16, got: u16 },
+    /// The chain does not fit in the queue.
+    QueueFull,
+}
+
+impl fmt::Display for RequestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NeedsReset { status } => write!(f, "device needs reset (status {status:#x})"),
+            Self::Timeout(state) => write!(f, "no answer from the device ({state})"),
+            Self::WrongHead { expected, got } => {
+                write!(f, "used ring returned head {got}, expected {expected}")
+            }
+            Self::QueueFull => write!(f, "chain does not fit in the queue"),
+        }
+    }
+}
+
+/// Makes `chain` available on `queue`, notifies (if the device wants it),
+/// waits for its used element and notes interrupts that arrived. Returns
+/// the used length.
+pub fn submit_and_wait(
+    transport: &mut Transport,
+    queue: &mut Virtqueue,
+    chain: &Chain,
+    timeout_ms: u64,
+) -> Result<u32, RequestError> {
+    let head = queue.add(chain).ok_or(RequestError::QueueFull)?;
+    queue.kick(transport);
+    match queue.wait(transport, timeout_ms) {
+        Wait::Used { id, len } => {
+            transport.note_completion();
+            if id != head {
+                return Err(RequestError::WrongHead {
+                    expected: head,
+                    got: id,
+                });
+            }
+            Ok(len)
+        }
+        Wait::NeedsReset { status } => Err(RequestError::NeedsReset { status }),
+        Wait::Timeout(state) => Err(RequestError::Timeout(state)),
+    }
+}
+
+/// Brings up a device with `queues` (each reset to `size` entries, or the
+/// device's maximum if smaller), accepting `wanted` features where
+/// offered. Returns the accepted features.
+pub fn init_device(
+    transport: &Transport,
+    wanted: u64,
+    queues: &mut [&mut Virtqueue],
+    size: u16,
+) -> Result<u64, InitError> {
+    let accepted = transport.begin_init(wanted)?;
+    for queue in queues.iter_mut() {
+        let index = queue.index();
+        let max = transport.queue_max(index);
+        if max == 0 {
+            return Err(InitError::Queue {
+                index,
+                why: "not available (QueueNumMax 0)",
+            });
+        }
+        let size = if max >= size {
+            size
+        } else {
+            1 << (15 - max.leading_zeros())
+        };
+        queue.reset_for(size, accepted);
+        transport.setup_queue(queue)?;
+    }
+    transport.driver_ok()?;
+    Ok(accepted)
 }

@@ -162,8 +162,27 @@ pub enum Wait {
     Used { id: u16, len: u32 },
     /// The device set DEVICE_NEEDS_RESET instead.
     NeedsReset { status: u32 },
-    /// Neither happened in time.
-    Timeout,
+    /// Neither happened in time; the ring indexes at that point.
+    Timeout(RingState),
+}
+
+/// Where a queue stood, for messages about a stuck request.
+#[derive(Clone, Copy)]
+pub struct RingState {
+    pub avail_idx: u16,
+    pub used_idx: u16,
+    pub used_flags: u16,
+    pub avail_event: u16,
+}
+
+impl core::fmt::Display for RingState {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(
+            f,
+            "available index {}, used index {}, used flags {:#x}, avail_event {}",
+            self.avail_idx, self.used_idx, self.used_flags, self.avail_event
+        )
+    }
 }
 
 /// A split virtqueue owned by the driver.
@@ -199,7 +218,10 @@ impl Virtqueue {
     /// A queue of `size` entries (a power of two, at most
     /// [`MAX_QUEUE_SIZE`]) for queue `index`, in a fresh piece of the arena.
     pub fn new(index: u16, size: u16) -> Self {
-        assert!(size.is_power_of_two() && size <= MAX_QUEUE_SIZE, "queue size {size}");
+        assert!(
+            size.is_power_of_two() && size <= MAX_QUEUE_SIZE,
+            "queue size {size}"
+        );
         let mem = dma::alloc_or_panic(queue_bytes(MAX_QUEUE_SIZE), 4096);
         let mut queue = Self {
             index,
@@ -225,7 +247,10 @@ impl Virtqueue {
     /// Back to an empty queue of `size` entries (at most the size it was
     /// made with), with or without EVENT_IDX, for a new initialisation.
     pub fn reset(&mut self, size: u16, event_idx: bool) {
-        assert!(size.is_power_of_two() && size <= MAX_QUEUE_SIZE, "queue size {size}");
+        assert!(
+            size.is_power_of_two() && size <= MAX_QUEUE_SIZE,
+            "queue size {size}"
+        );
         self.mem.fill(0);
         self.size = size;
         self.desc = self.mem.addr();
@@ -259,9 +284,9 @@ impl Virtqueue {
         (self.desc, self.avail, self.used)
     }
 
-    /// Descriptors not taken by chains in flight.
-    pub fn free_descriptors(&self) -> u16 {
-        self.free_descs
+    /// The driver's available index.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
     }
 
     /// Chains made available and not yet used.
@@ -305,7 +330,9 @@ impl Virtqueue {
         }
         let head = (0..self.size)
             .map(|k| (self.next_desc + k) % self.size)
-            .find(|&start| start + len <= self.size && (start..start + len).all(|d| !self.taken(d)))?;
+            .find(|&start| {
+                start + len <= self.size && (start..start + len).all(|d| !self.taken(d))
+            })?;
         chain.write_table(self.desc, head);
         for d in head..head + len {
             self.in_use[usize::from(d / 64)] |= 1 << (d % 64);
@@ -341,7 +368,12 @@ impl Virtqueue {
     /// Notifies the device through `transport` if it asked to be (or
     /// always, with `force_notify`).
     pub fn kick(&mut self, transport: &Transport) {
-        dma::barrier();
+        // A full fence: the available index store must be visible before
+        // the flags or avail_event are loaded. x86 may otherwise satisfy
+        // the load from before the store leaves the store buffer, and with
+        // the device re-enabling notifications at that moment, both sides
+        // miss each other (Linux's virtio_mb() in virtqueue_kick_prepare).
+        core::sync::atomic::fence(core::sync::atomic::Ordering::SeqCst);
         let old = self.kicked_idx;
         let new = self.avail_idx;
         self.kicked_idx = new;
@@ -356,6 +388,16 @@ impl Virtqueue {
         };
         if needed {
             transport.notify(self.index);
+        }
+    }
+
+    /// The ring indexes and the device's notification hints.
+    pub fn state(&self) -> RingState {
+        RingState {
+            avail_idx: self.avail_idx,
+            used_idx: self.used_idx(),
+            used_flags: self.read16(self.used),
+            avail_event: self.read16(self.used + 4 + 8 * u64::from(self.size)),
         }
     }
 
@@ -404,7 +446,7 @@ impl Virtqueue {
                     return Wait::NeedsReset { status };
                 }
                 if elapsed > timeout_ms * ms {
-                    return Wait::Timeout;
+                    return Wait::Timeout(self.state());
                 }
             }
             core::hint::spin_loop();
