@@ -83,8 +83,10 @@ mod tests {
     fn initrd_respects_the_kernels_initrd_addr_max() {
         let layout = GuestLayout::new(2048 * MIB).unwrap();
         let mut k = kernel_ending_at(0x200_0000);
-        let mut hdr = linux_loader::loader::bootparam::setup_header::default();
-        hdr.initrd_addr_max = 0x37ff_ffff;
+        let hdr = linux_loader::loader::bootparam::setup_header {
+            initrd_addr_max: 0x37ff_ffff,
+            ..Default::default()
+        };
         k.setup_header = Some(hdr);
         let addr = initrd_address(&layout, &k, 4096).unwrap();
         assert_eq!(addr.0, 0x3800_0000 - 4096);

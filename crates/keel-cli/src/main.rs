@@ -118,7 +118,7 @@ fn parse_size_mib(s: &str) -> Result<u64, String> {
     let overflow = || format!("memory size {s:?}: too large");
     match unit.to_ascii_uppercase().trim_end_matches(['B', 'I']) {
         "K" => {
-            if n % 1024 != 0 {
+            if !n.is_multiple_of(1024) {
                 return Err(format!("memory size {s:?}: must be a whole number of MiB"));
             }
             Ok(n / 1024)

@@ -185,7 +185,7 @@ mod tests {
     #[test]
     fn quirk_hides_cx16_xsave_popcnt_and_smap() {
         let mut c = cpuid(&[
-            entry(1, 0, 0, 0, u32::MAX & !LEAF1_ECX_HYPERVISOR, 0),
+            entry(1, 0, 0, 0, !LEAF1_ECX_HYPERVISOR, 0),
             entry(7, 0, 0, u32::MAX, u32::MAX, u32::MAX),
         ]);
         let mut cfg = CpuidConfig::new(0, 1);

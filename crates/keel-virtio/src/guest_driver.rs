@@ -1,12 +1,37 @@
-//! A pretend guest driver for unit tests: split queues laid out in a
-//! `GuestMemoryMmap` with `virtio-queue`'s mock rings, chains added the way a
-//! driver adds them (or the way a hostile one does), and the used ring read
-//! back.
+//! A pretend guest driver, for tests and benchmarks: split queues laid out
+//! in a [`GuestMemoryMmap`] with `virtio-queue`'s mock rings, chains added
+//! the way a driver adds them (or the way a hostile one does), and the used
+//! ring read back.
+//!
+//! Only built for this crate's tests and with the `test-utils` feature; it
+//! is a testing aid, not part of the device model, and it panics where a
+//! real driver would have to handle errors (a ring outside guest memory).
 //!
 //! The rings are placed here rather than by `MockSplitQueue::create`, whose
 //! layout (virtio-queue 0.18) puts the used ring over the tail of the
 //! available ring — harmless for its own tests, but it clobbers `used_event`
 //! and late available entries.
+//!
+//! # Example
+//!
+//! A queue whose rings start at 0x1000, one chain made available, and what
+//! the device would see:
+//!
+//! ```
+//! use keel_virtio::guest_driver::{memory, Buf, DriverQueue, DATA};
+//! use virtio_queue::QueueOwnedT;
+//!
+//! let mem = memory();
+//! let mut driver = DriverQueue::new(&mem, 16);
+//! let head = driver.add(&[Buf::readable(DATA, 16), Buf::writable(DATA + 0x100, 1)]);
+//! assert_eq!(head, 0);
+//!
+//! // The device's side, as a transport would configure it.
+//! let mut queue = driver.queue();
+//! let chain = queue.iter(&mem).unwrap().next().unwrap();
+//! assert_eq!(chain.head_index(), head);
+//! assert_eq!(driver.used_idx(), 0);
+//! ```
 
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
@@ -15,11 +40,13 @@ use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-/// Guest RAM for tests: 16 MiB at 0. Rings live below 1 MiB, data above.
+/// Size of the guest RAM [`memory`] makes: 16 MiB at 0. Rings live below
+/// 1 MiB, data above.
 pub const MEM_SIZE: u64 = 0x100_0000;
-/// Where tests put their buffers.
+/// Where tests put their buffers: the first address above the rings.
 pub const DATA: u64 = 0x10_0000;
 
+/// Guest RAM of [`MEM_SIZE`] bytes at guest physical address 0.
 pub fn memory() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)]).unwrap()
 }
@@ -27,12 +54,17 @@ pub fn memory() -> GuestMemoryMmap {
 /// One buffer of a chain.
 #[derive(Debug, Clone, Copy)]
 pub struct Buf {
+    /// Guest physical address of the buffer.
     pub addr: u64,
+    /// Its length in bytes.
     pub len: u32,
+    /// Whether the device writes it (`VRING_DESC_F_WRITE`) rather than
+    /// reads it.
     pub writable: bool,
 }
 
 impl Buf {
+    /// A buffer the device reads.
     pub fn readable(addr: u64, len: u32) -> Self {
         Self {
             addr,
@@ -41,6 +73,7 @@ impl Buf {
         }
     }
 
+    /// A buffer the device writes.
     pub fn writable(addr: u64, len: u32) -> Self {
         Self {
             addr,
@@ -50,6 +83,8 @@ impl Buf {
     }
 }
 
+/// A descriptor as it sits in the table: `flags` are `VRING_DESC_F_*`,
+/// `next` the following descriptor's index (with `VRING_DESC_F_NEXT`).
 pub fn raw_desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
     RawDescriptor::from(Descriptor::new(addr, len, flags, next))
 }
@@ -105,25 +140,37 @@ impl<'a> DriverQueue<'a> {
         queue
     }
 
+    /// The number of entries.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// Guest physical address of the descriptor table (`QueueDesc`).
     pub fn desc_table_addr(&self) -> u64 {
         self.addrs[0]
     }
 
+    /// Guest physical address of the available ring (`QueueDriver`).
     pub fn avail_addr(&self) -> u64 {
         self.addrs[1]
     }
 
+    /// Guest physical address of the used ring (`QueueDevice`).
     pub fn used_addr(&self) -> u64 {
         self.addrs[2]
     }
 
-    /// Writes `bufs` as a chain into free descriptor slots and makes it
-    /// available; returns its head index.
+    /// Writes `bufs` as a chain into the next descriptor slots, round the
+    /// table, and makes it available; returns its head index.
+    ///
+    /// Slots are handed out in turn without tracking which are free: the
+    /// caller keeps no more descriptors in flight than the queue has.
     pub fn add(&mut self, bufs: &[Buf]) -> u16 {
-        let indices: Vec<u16> = (0..bufs.len() as u16)
-            .map(|i| (self.next_desc + i) % self.size)
-            .collect();
-        self.next_desc = (self.next_desc + bufs.len() as u16) % self.size;
+        let size = u32::from(self.size);
+        let first = u32::from(self.next_desc);
+        // Below `size`, which is a u16.
+        let index = |pos: usize| ((first + pos as u32) % size) as u16;
+        self.next_desc = index(bufs.len());
         for (pos, buf) in bufs.iter().enumerate() {
             let mut flags = 0u16;
             if buf.writable {
@@ -131,14 +178,15 @@ impl<'a> DriverQueue<'a> {
             }
             let next = if pos + 1 < bufs.len() {
                 flags |= VRING_DESC_F_NEXT as u16;
-                indices[pos + 1]
+                index(pos + 1)
             } else {
                 0
             };
-            self.store(indices[pos], raw_desc(buf.addr, buf.len, flags, next));
+            self.store(index(pos), raw_desc(buf.addr, buf.len, flags, next));
         }
-        self.publish(indices[0]);
-        indices[0]
+        let head = index(0);
+        self.publish(head);
+        head
     }
 
     /// Stores one raw descriptor, hostile or not.
@@ -157,6 +205,7 @@ impl<'a> DriverQueue<'a> {
         self.avail.idx().store(idx.wrapping_add(1));
     }
 
+    /// Sets the available ring's index directly, chains or not.
     pub fn set_avail_idx(&self, idx: u16) {
         self.avail.idx().store(idx);
     }
@@ -197,7 +246,22 @@ impl<'a> DriverQueue<'a> {
             .collect()
     }
 
+    /// The used ring's index: how many chains the device has returned, ever
+    /// (wrapping at 2^16).
     pub fn used_idx(&self) -> u16 {
         self.used.idx().load()
+    }
+
+    /// The used element the device wrote when its index went from `idx` to
+    /// `idx + 1`: the chain's head and the bytes written into it (valid until
+    /// the ring wraps round to it again).
+    pub fn used_entry(&self, idx: u16) -> (u32, u32) {
+        let elem = self
+            .used
+            .ring()
+            .ref_at(usize::from(idx % self.size))
+            .unwrap()
+            .load();
+        (elem.id(), elem.len())
     }
 }

@@ -202,8 +202,8 @@ mod block;
 mod chain;
 mod console;
 mod device;
-#[cfg(test)]
-mod guest_driver;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod guest_driver;
 mod mmio;
 mod rng;
 

@@ -302,7 +302,7 @@ fn host_memory_bytes() -> Option<u64> {
         if libc::sysinfo(&mut info) != 0 {
             return None;
         }
-        Some(u64::from(info.totalram).saturating_mul(u64::from(info.mem_unit)))
+        Some((info.totalram as u64).saturating_mul(u64::from(info.mem_unit)))
     }
 }
 

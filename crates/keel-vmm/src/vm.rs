@@ -438,7 +438,7 @@ impl Vm {
 
         let mut io = IoManager::new();
         let serial_irq: Arc<dyn InterruptLine> =
-            Arc::new(IrqfdLine::new(&vm_fd, u32::from(keel_devices::ports::COM1_IRQ))?);
+            Arc::new(IrqfdLine::new(&vm_fd, keel_devices::ports::COM1_IRQ)?);
         let serial_out = match builder.serial_out {
             Some(out) => out,
             None => serial_sink(&config.serial)?,

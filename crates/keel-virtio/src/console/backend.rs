@@ -232,6 +232,17 @@ impl Drop for UnixSocketBackend {
 
 impl ConsoleBackend for UnixSocketBackend {
     fn write_output(&mut self, mut data: &[u8]) -> io::Result<()> {
+        if self.client.is_none() {
+            // A client may have connected before the event loop watched the
+            // listener (it only does once the device is active): take it
+            // now rather than drop the guest's first output. The console
+            // re-reads `input_fd` after transmitting.
+            match self.accept() {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => log::warn!("virtio-console: accept on {}: {e}", self.path.display()),
+            }
+        }
         let Some(client) = self.client.as_ref() else {
             return Ok(());
         };

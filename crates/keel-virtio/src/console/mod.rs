@@ -308,6 +308,8 @@ impl MutEventSubscriber for Console {
             EventSource::Queue(_) => {
                 self.activation.take_queue_event(TRANSMITQ);
                 self.transmit(ops);
+                // Transmitting may have accepted a socket client.
+                self.sync_input(ops);
             }
             EventSource::Other if Some(fd) == self.watched_input => self.on_input(ops),
             EventSource::Other => log::warn!("virtio-console: event on unknown fd {fd}"),
