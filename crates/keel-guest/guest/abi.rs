@@ -26,6 +26,7 @@ pub const PROGRAMS: &[&str] = &[
     "fault",
     "virtio-blk",
     "virtio-blk-bench",
+    "virtio-blk-flush-wait",
     "virtio-rng",
     "virtio-console",
     "virtio-hostile",

@@ -70,6 +70,7 @@
 //! | `fault` | `[addr=ADDR]` | reads ADDR (default 0x7000_0000_0000, canonical and unmapped) from ring 3 | status `0x80 \| 14` (`#PF`) |
 //! | `virtio-blk` | `[pattern=N] [irq=0\|1] [event-idx=0\|1] [indirect=0\|1]` | drives every virtio-blk device; see [virtio programs](#virtio-programs) | [`STATUS_PASS`] if every check on every disk passed |
 //! | `virtio-blk-bench` | `[size=N] [count=N] [disk=N]` | N sequential writes, then N sequential reads of `size` bytes (default 4096 × 256) on disk N (default 0, `vda`) and prints the rates | [`STATUS_PASS`] if every request succeeded |
+//! | `virtio-blk-flush-wait` | `[pattern=N]` | writes sectors 0–7 of the first disk with byte N (default 0x5a), FLUSHes, prints `KEEL-FLUSHED pattern=N`, then spins forever (for the host's SIGKILL data-safety test) | never exits on success; [`STATUS_FAIL`] if the write or flush fails |
 //! | `virtio-rng` | `[irq=0\|1]` | fills buffers of 1 B to 64 KiB from every virtio-rng device | [`STATUS_PASS`] if every buffer came back filled and random-looking |
 //! | `virtio-console` | `[lines=N] [timeout-ms=N] [irq=0\|1]` | writes `KEEL-HVC: hello from the guest` on port 0, then reads N lines (default 1) and echoes each as `KEEL-HVC: got LINE` | [`STATUS_PASS`] |
 //! | `virtio-hostile` | | broken chains, bad addresses, bad queues and resets mid-I/O against the first virtio-blk (and virtio-rng) device | [`STATUS_PASS`] if the devices refused every case and kept working |

@@ -604,6 +604,42 @@ pub fn bench(ctx: &Context<'_>) -> Outcome {
     Ok(())
 }
 
+/// `virtio-blk-flush-wait [pattern=N]`: writes sectors 0+8 of the first disk
+/// with the byte `N` (default 0x5a), FLUSHes, prints `KEEL-FLUSHED pattern=N`
+/// and then spins without exiting, so a host test can kill the VMM with
+/// SIGKILL and check the flushed data is in the image.
+pub fn flush_wait(ctx: &Context<'_>) -> Outcome {
+    let pattern = arg(ctx.cmdline.number("pattern"))?.unwrap_or(0x5a);
+    if pattern > 0xff {
+        bad_args!("pattern={pattern}: must be a byte");
+    }
+    let devices = virtio_devices(ctx)?;
+    let Some(found) = devices.of_type(device_id::BLOCK).next() else {
+        fail!("virtio-blk-flush-wait: no virtio-blk device on the command line");
+    };
+    let name = DiskName(0);
+    let mut blk = init(ctx, name, found, 0, false)?;
+    let buffer = dma::alloc_or_panic(8 * SECTOR, 4096);
+    buffer.fill(pattern as u8);
+    let Some(n) = segment_count(&blk, 8 * SECTOR, 1) else {
+        fail!("virtio-blk-flush-wait: {name}: size_max too small");
+    };
+    let (segs, n) = segments(buffer, 8 * SECTOR, n);
+    let written = answered(name, "write", blk.write(0, &segs[..n]))?;
+    let flushed = answered(name, "flush", blk.flush())?;
+    if written.status != S_OK || flushed.status != S_OK {
+        fail!(
+            "virtio-blk-flush-wait: {name}: write {} flush {}",
+            status_name(written.status),
+            status_name(flushed.status)
+        );
+    }
+    println!("KEEL-FLUSHED pattern={pattern:#x}");
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
 fn report(name: DiskName, what: &str, count: u64, size: u64, ticks: u64) {
     let ticks = ticks.max(1);
     let per_request = ticks / count;
