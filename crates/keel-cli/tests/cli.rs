@@ -111,3 +111,37 @@ fn inaccessible_kvm_device_is_one_clear_error() {
     // A directory cannot be opened read-write: stands in for a node without permission.
     assert_one_line_error(&["--kvm-device", "/"], "cannot open /: Is a directory");
 }
+
+#[test]
+fn stdin_reaches_the_guest_serial_port() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["--memory", "32", "--cmdline", "serial-echo timeout-ms=10000"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("KEEL-SERIAL: ready") {
+            break;
+        }
+    }
+    assert!(seen.contains("KEEL-SERIAL: ready"), "{seen}");
+    stdin.write_all(b"hello from the host\n").unwrap();
+    for line in lines {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert!(seen.contains("KEEL-SERIAL: got hello from the host"), "{seen}");
+    assert_eq!(status.code(), Some(0));
+}

@@ -21,6 +21,7 @@ pub const PROGRAMS: &[&str] = &[
     "int3",
     "triple-fault",
     "bad-insn",
+    "serial-echo",
     "pio-loop",
     "mmio-loop",
     "fault",

@@ -127,6 +127,7 @@ pub fn run(ctx: &Context<'_>) -> u8 {
         "int3" => (int3, &[]),
         "triple-fault" => (triple_fault, &[]),
         "bad-insn" => (bad_instruction, &[]),
+        "serial-echo" => (serial_echo, &["timeout-ms"]),
         "pio-loop" => (pio_loop, &["count", "port"]),
         "mmio-loop" => (mmio_loop, &["mmio", "count"]),
         "fault" => (fault, &["addr"]),
@@ -195,6 +196,34 @@ fn mmio_arg(ctx: &Context<'_>, len: u64) -> Result<Option<MmioRegion>, Failure> 
 
 /// `hello [mmio=ADDR] [expect=VALUE]`: banner, RAM size, interrupt-driven
 /// serial output (which must see interrupts), optionally one MMIO read.
+/// `serial-echo [timeout-ms=N]`: prints `KEEL-SERIAL: ready`, reads one line
+/// from COM1 (polling; up to N ms between bytes, default 5000) and prints it
+/// back as `KEEL-SERIAL: got <line>`: the host's input path end to end.
+fn serial_echo(ctx: &Context<'_>) -> Outcome {
+    let timeout_ms = arg(ctx.cmdline.number("timeout-ms"))?.unwrap_or(5000);
+    let ticks = crate::tsc::ticks_per_ms(timeout_ms);
+    println!("KEEL-SERIAL: ready");
+    let mut line = [0u8; 128];
+    let mut len = 0;
+    loop {
+        let Some(byte) = serial::read_byte_timeout(ticks) else {
+            fail!("serial-echo: no input within {timeout_ms} ms after {len} bytes");
+        };
+        if byte == b'\n' || byte == b'\r' {
+            break;
+        }
+        if len < line.len() {
+            line[len] = byte;
+            len += 1;
+        }
+    }
+    match core::str::from_utf8(&line[..len]) {
+        Ok(text) => println!("KEEL-SERIAL: got {text}"),
+        Err(_) => fail!("serial-echo: input is not UTF-8"),
+    }
+    Ok(())
+}
+
 fn hello(ctx: &Context<'_>) -> Outcome {
     println!("Keel test guest: hello");
     let (mut ram, mut entries) = (0u64, 0usize);

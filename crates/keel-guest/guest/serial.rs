@@ -26,6 +26,7 @@ const MCR: u16 = COM1 + 4;
 const LSR: u16 = COM1 + 5;
 
 const IER_THR_EMPTY: u8 = 0x02;
+const LSR_DATA_READY: u8 = 0x01;
 const LSR_THR_EMPTY: u8 = 0x20;
 
 /// ISA IRQ line of COM1.
@@ -100,6 +101,20 @@ pub fn write_byte(byte: u8) {
     }
     // Identify the interrupt: the UART raises the next THRE only after this.
     inb(IIR);
+}
+
+/// Receives one byte, polling LSR for up to `ticks` TSC ticks.
+pub fn read_byte_timeout(ticks: u64) -> Option<u8> {
+    let start = tsc::now();
+    loop {
+        if inb(LSR) & LSR_DATA_READY != 0 {
+            return Some(inb(THR));
+        }
+        if tsc::now().wrapping_sub(start) > ticks {
+            return None;
+        }
+        spin_loop();
+    }
 }
 
 /// Transmit statistics so far.

@@ -65,6 +65,7 @@
 //! | `int3` | | ring 0 executes `int3`; the `#BP` handler must run once | [`STATUS_PASS`] |
 //! | `triple-fault` | | ring 0 executes `ud2` with an empty IDT | a VM shutdown (`KVM_EXIT_SHUTDOWN`) |
 //! | `bad-insn` | | ring 0 executes `popcnt`, which KVM's instruction emulator lacks | an emulation-failure stop on emulating hosts; [`STATUS_PASS`] elsewhere |
+//! | `serial-echo` | `[timeout-ms=N]` | prints `KEEL-SERIAL: ready`, reads one line from COM1 (polled, at most N ms between bytes, default 5000) and prints `KEEL-SERIAL: got <line>` | [`STATUS_PASS`], or [`STATUS_FAIL`] on a timeout |
 //! | `pio-loop` | `[count=N] [port=P]` | N one-byte writes to port P (default 1000 to 0x80), then prints TSC ticks per write | [`STATUS_PASS`] |
 //! | `mmio-loop` | `mmio=ADDR [count=N]` | N 32-bit writes to ADDR (default 1000) | [`STATUS_PASS`] |
 //! | `fault` | `[addr=ADDR]` | reads ADDR (default 0x7000_0000_0000, canonical and unmapped) from ring 3 | status `0x80 \| 14` (`#PF`) |
