@@ -40,14 +40,19 @@ def firmware(path):
 
 
 def measure(cmd, expect):
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    code = os.waitstatus_to_exitcode(status)
-    if code != expect:
-        sys.exit(f"{cmd[0]} exited {code}, expected {expect}: {proc.stderr.read().decode(errors='replace')}")
-    return wall * 1e3, (usage.ru_utime + usage.ru_stime) * 1e3, usage.ru_maxrss / 1024
+    """Wall and CPU from wait4; peak RSS from GNU time, because a child's
+    ru_maxrss also counts the forked Python process it was before exec."""
+    with tempfile.NamedTemporaryFile("r") as rss_file:
+        timed = ["/usr/bin/time", "-q", "-o", rss_file.name, "-f", "%M"] + cmd
+        start = time.perf_counter()
+        proc = subprocess.Popen(timed, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        code = os.waitstatus_to_exitcode(status)
+        if code != expect:
+            sys.exit(f"{cmd[0]} exited {code}, expected {expect}: {proc.stderr.read().decode(errors='replace')}")
+        rss_kib = int(rss_file.read().split()[-1])
+    return wall * 1e3, (usage.ru_utime + usage.ru_stime) * 1e3, rss_kib / 1024
 
 
 def run(name, cmd, expect, runs):
@@ -61,6 +66,8 @@ def main():
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     if not os.path.exists(KEEL):
         subprocess.run(["cargo", "build", "--release", "-p", "keel"], cwd=ROOT, check=True)
+    if not os.path.exists("/usr/bin/time"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "time"], check=True)
     if shutil.which("qemu-system-x86_64") is None:
         subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "qemu-system-x86"], check=True)
     with tempfile.TemporaryDirectory() as tmp:
