@@ -41,6 +41,16 @@ struct Args {
     #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
     disk: Vec<keel_vmm::DiskConfig>,
 
+    /// A virtio-net card on a host tap device: tap=NAME[,mac=MAC]. Repeatable.
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    net: Vec<keel_vmm::NetConfig>,
+
+    /// A virtio-vsock device: cid=N,uds=PATH (Firecracker's hybrid vsock:
+    /// host connects to PATH and sends "CONNECT <port>\n"; the guest's
+    /// connections to port P reach PATH_P).
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<keel_vmm::VsockConfig>,
+
     /// Add a virtio-rng device fed by the host's getrandom.
     #[arg(long)]
     rng: bool,
@@ -73,8 +83,9 @@ struct Args {
     memory: Option<u64>,
 
     /// Read settings from a JSON file (keys: vcpus, memory_mib, kernel,
-    /// cmdline, initrd, boot_protocol, ring0, serial, disks, rng, console);
-    /// flags given on the command line override it (--disk adds disks).
+    /// cmdline, initrd, boot_protocol, ring0, serial, disks, rng, console,
+    /// nets, vsock); flags given on the command line override it (--disk and
+    /// --net add to its lists).
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
 
@@ -166,6 +177,10 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
         config.ring0 = r;
     }
     config.disks.extend(args.disk.iter().cloned());
+    config.nets.extend(args.net.iter().cloned());
+    if let Some(v) = &args.vsock {
+        config.vsock = Some(v.clone());
+    }
     if args.rng {
         config.rng = true;
     }

@@ -392,3 +392,119 @@ fn linux_kernel_that_is_garbage_is_one_clear_error() {
     assert_has(&err, "cannot load ELF kernel", "truncated ELF");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A network namespace of the test's own, with a tap and a DHCP server in
+/// it; removed (server and all) on drop. No traffic leaves it.
+struct DhcpNetns {
+    name: String,
+    dnsmasq: std::process::Child,
+}
+
+impl DhcpNetns {
+    const TAP: &'static str = "keeltap0";
+    const HOST_ADDR: &'static str = "10.0.2.1";
+
+    fn new() -> DhcpNetns {
+        let name = format!("keel-e2e-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let status = Command::new("ip")
+                .args(args)
+                .status()
+                .expect("iproute2's `ip` is needed");
+            assert!(status.success(), "ip {args:?}");
+        };
+        ip(&["netns", "add", &name]);
+        let in_ns = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &name, "ip"];
+            all.extend_from_slice(args);
+            ip(&all);
+        };
+        in_ns(&["tuntap", "add", "dev", Self::TAP, "mode", "tap"]);
+        in_ns(&[
+            "addr",
+            "add",
+            &format!("{}/24", Self::HOST_ADDR),
+            "dev",
+            Self::TAP,
+        ]);
+        in_ns(&["link", "set", Self::TAP, "up"]);
+        let dnsmasq = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &name,
+                "dnsmasq",
+                "--no-daemon",
+                "--conf-file=/dev/null",
+            ])
+            .args([
+                "--interface",
+                Self::TAP,
+                "--bind-interfaces",
+                "--except-interface=lo",
+                "--port=0",
+            ])
+            .args([
+                "--dhcp-range=10.0.2.10,10.0.2.20,1h",
+                "--dhcp-leasefile=/dev/null",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (Debian dnsmasq-base) is needed for the DHCP test");
+        DhcpNetns { name, dnsmasq }
+    }
+}
+
+impl Drop for DhcpNetns {
+    fn drop(&mut self) {
+        let _ = self.dnsmasq.kill();
+        let _ = self.dnsmasq.wait();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+#[test]
+fn linux_gets_an_address_by_dhcp_over_virtio_net() {
+    let Some(guest) = guest() else { return };
+    let _one = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir("dhcp");
+    let netns = DhcpNetns::new();
+    let serial = dir.join("serial.log");
+    // `keel` itself runs inside the namespace, so the tap it opens is the
+    // test's tap and nothing it sends can leave.
+    let start = Instant::now();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &netns.name])
+        .arg(env!("CARGO_BIN_EXE_keel"))
+        .args(["--kernel", guest.bzimage.to_str().unwrap(), "--memory", "128M"])
+        .args(["--net", &format!("tap={},mac=02:4b:45:45:4c:01", DhcpNetns::TAP)])
+        .args(["--cmdline", &format!("{SERIAL_CMDLINE} ip=dhcp")])
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let console = std::fs::read_to_string(&serial).unwrap_or_default();
+    println!("dhcp boot ended after {:.1} s", start.elapsed().as_secs_f64());
+    assert_has(&console, "IP-Config: Complete", "kernel IP autoconfiguration");
+    assert_has(
+        &console,
+        &format!("IP-Config: Got DHCP answer from {}", DhcpNetns::HOST_ADDR),
+        "DHCP server",
+    );
+    assert_has(&console, "hwaddr=02:4b:45:45:4c:01", "the configured MAC");
+    assert_has(
+        &console,
+        "ipaddr=10.0.2.",
+        "an address from the namespace's range",
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(netns);
+    let _ = std::fs::remove_dir_all(&dir);
+}

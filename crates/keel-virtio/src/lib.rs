@@ -194,6 +194,37 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Vsock and its Unix sockets
+//!
+//! [`Vsock`] (device type 19) gives the guest `AF_VSOCK` stream sockets to
+//! the host (CID 2) and carries them over Unix sockets with the convention
+//! Firecracker's hybrid vsock uses, so host tools written for it work
+//! unchanged. The device listens on one Unix socket, `PATH`:
+//!
+//! - **Host to guest**: a host program connects to `PATH` and writes
+//!   `CONNECT <port>\n`. The device asks the guest for a connection to
+//!   `<port>`; once a guest program listening there accepts, the host
+//!   program reads `OK <host port>\n` and the socket is then the
+//!   connection. If nothing listens in the guest, the socket is closed.
+//! - **Guest to host**: a guest program connecting to host port `P`
+//!   reaches whatever listens on the Unix socket `PATH_P` (for `PATH` =
+//!   `/run/vm.vsock` and port 52, `/run/vm.vsock_52`); no listener means
+//!   the guest's connect is refused.
+//!
+//! Flow control is the protocol's credit: the device never sends the guest
+//! more than the buffer space it announced, stops reading a host socket
+//! while the guest has no credit or rx buffers, and advertises a bounded
+//! buffer (`VsockOptions::buf_alloc`) for host sockets that are slow to
+//! read — a guest that sends past it is reset. [`VsockOptions`] also caps
+//! the number of connections.
+//!
+//! ```no_run
+//! use keel_virtio::{Vsock, VsockOptions};
+//! // Guest CID 3; host programs connect to /run/vm.vsock.
+//! let vsock = Vsock::new(3, "/run/vm.vsock", VsockOptions::default()).unwrap();
+//! # let _ = vsock;
+//! ```
 
 #![deny(missing_docs)]
 
@@ -205,7 +236,9 @@ mod device;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod guest_driver;
 mod mmio;
+mod net;
 mod rng;
+mod vsock;
 
 pub use block::{
     Block, BlockBackend, BlockOptions, FileBackend, MemoryBackend, DISCARD_SECTOR_ALIGNMENT, ID_BYTES,
@@ -220,9 +253,14 @@ pub use mmio::{
     interrupt_status, MmioSlot, MmioTransport, QueueNotifier, CONFIG_SPACE_OFFSET, MMIO_MAGIC_VALUE,
     MMIO_VENDOR_ID, MMIO_VERSION, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
 };
+pub use net::{
+    net_offload, MemoryNetBackend, Net, NetBackend, NetCounters, NetError, NetOptions, TapBackend,
+    MAX_FRAME_LEN, VNET_HDR_LEN,
+};
 pub use rng::{Rng, MAX_RNG_REQUEST_BYTES};
 pub use virtio_queue::Queue;
 pub use vm_memory::GuestMemoryMmap;
+pub use vsock::{Vsock, VsockError, VsockOptions};
 
 /// The largest queue a split virtqueue may have.
 pub const MAX_QUEUE_SIZE: u16 = 32768;

@@ -57,6 +57,126 @@ pub struct VmConfig {
     /// A virtio-console (port 0, `hvc0` in Linux) and where it goes.
     #[serde(default)]
     pub console: Option<ConsoleConfig>,
+    /// virtio-net cards, each on a host tap device.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device, its host side on Unix sockets (Firecracker's
+    /// convention).
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+}
+
+/// A virtio-vsock device: the guest's CID and the host's Unix socket.
+///
+/// Host-initiated connections: connect to `uds`, send `CONNECT <port>\n`,
+/// read `OK <host_port>\n`, then the stream is the guest's port. A guest
+/// connecting to host port P reaches the Unix socket `<uds>_P`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// The guest's context ID (3 or more).
+    pub cid: u64,
+    /// The Unix socket path the VMM listens on (must not exist yet).
+    pub uds: PathBuf,
+}
+
+impl std::str::FromStr for VsockConfig {
+    type Err = String;
+    /// `cid=N,uds=PATH`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (mut cid, mut uds) = (None, None);
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("cid", n)) => {
+                    cid = Some(
+                        n.parse::<u64>()
+                            .map_err(|_| format!("vsock {s:?}: cid {n:?} is not a number"))?,
+                    )
+                }
+                Some(("uds", p)) if !p.is_empty() => uds = Some(PathBuf::from(p)),
+                _ => {
+                    return Err(format!(
+                        "vsock {s:?}: unknown option {part:?} (expected cid=N,uds=PATH)"
+                    ))
+                }
+            }
+        }
+        match (cid, uds) {
+            (Some(cid), Some(uds)) => Ok(VsockConfig { cid, uds }),
+            _ => Err(format!("vsock {s:?}: needs both cid=N and uds=PATH")),
+        }
+    }
+}
+
+/// One virtio-net card.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// Name of the host tap device (opened with `IFF_TAP | IFF_NO_PI |
+    /// IFF_VNET_HDR`; it must exist or be creatable by this process).
+    pub tap: String,
+    /// The card's MAC, `aa:bb:cc:dd:ee:ff`. Default: `52:54:00:12:34:NN`
+    /// with NN the card's index.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
+impl NetConfig {
+    /// The MAC as bytes (the configured one, or the default for card
+    /// `index`).
+    pub fn mac_bytes(&self, index: usize) -> std::result::Result<[u8; 6], String> {
+        let Some(text) = &self.mac else {
+            return Ok([0x52, 0x54, 0x00, 0x12, 0x34, 0x56u8.wrapping_add(index as u8)]);
+        };
+        let parts: Vec<&str> = text.split(':').collect();
+        let bad = || {
+            format!(
+                "net tap={} mac {text:?}: expected six hex bytes like 52:54:00:12:34:56",
+                self.tap
+            )
+        };
+        if parts.len() != 6 {
+            return Err(bad());
+        }
+        let mut mac = [0u8; 6];
+        for (byte, part) in mac.iter_mut().zip(&parts) {
+            if part.len() != 2 {
+                return Err(bad());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+        }
+        if mac[0] & 1 != 0 {
+            return Err(format!(
+                "net tap={} mac {text}: a multicast address cannot be a card's",
+                self.tap
+            ));
+        }
+        Ok(mac)
+    }
+}
+
+impl std::str::FromStr for NetConfig {
+    type Err = String;
+    /// `tap=NAME[,mac=MAC]`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let mut tap = None;
+        let mut mac = None;
+        for part in s.split(',') {
+            match part.split_once('=') {
+                Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+                Some(("mac", m)) => mac = Some(m.to_string()),
+                _ => {
+                    return Err(format!(
+                        "net {s:?}: unknown option {part:?} (expected tap=NAME[,mac=MAC])"
+                    ))
+                }
+            }
+        }
+        let tap = tap.ok_or_else(|| format!("net {s:?}: needs tap=NAME"))?;
+        let config = NetConfig { tap, mac };
+        config.mac_bytes(0)?;
+        Ok(config)
+    }
 }
 
 /// One virtio-blk disk.
@@ -212,6 +332,8 @@ impl Default for VmConfig {
             disks: Vec::new(),
             rng: false,
             console: None,
+            nets: Vec::new(),
+            vsock: None,
         }
     }
 }
@@ -263,6 +385,30 @@ impl VmConfig {
                         disk.path.display()
                     )));
                 }
+            }
+        }
+        for (index, net) in self.nets.iter().enumerate() {
+            if net.tap.is_empty() || net.tap.len() > 15 {
+                return Err(Error::Config(format!(
+                    "net tap={:?}: interface names are 1 to 15 bytes",
+                    net.tap
+                )));
+            }
+            net.mac_bytes(index).map_err(Error::Config)?;
+        }
+        if let Some(vsock) = &self.vsock {
+            if vsock.cid < 3 || vsock.cid >= u64::from(u32::MAX) {
+                return Err(Error::Config(format!(
+                    "vsock cid {}: must be between 3 and {}",
+                    vsock.cid,
+                    u32::MAX - 1
+                )));
+            }
+            if vsock.uds.exists() {
+                return Err(Error::Config(format!(
+                    "vsock uds {}: already exists",
+                    vsock.uds.display()
+                )));
             }
         }
         if self.initrd.is_some() && self.kernel.is_none() {
@@ -465,6 +611,66 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("at most 20 bytes"));
+    }
+
+    #[test]
+    fn net_flags_parse_and_name_bad_values() {
+        let n: NetConfig = "tap=tap0,mac=02:00:00:00:00:01".parse().unwrap();
+        assert_eq!(n.mac_bytes(0), Ok([2, 0, 0, 0, 0, 1]));
+        let d: NetConfig = "tap=tap1".parse().unwrap();
+        assert_eq!(d.mac_bytes(2), Ok([0x52, 0x54, 0, 0x12, 0x34, 0x58]));
+        assert!("tap=t,mac=zz:00:00:00:00:01"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("zz:00"));
+        assert!("tap=t,mac=01:00:00:00:00:01"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("multicast"));
+        assert!("mac=02:00:00:00:00:01"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("needs tap"));
+        assert!("tap=t,speed=10"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("speed"));
+    }
+
+    #[test]
+    fn rejects_an_overlong_tap_name() {
+        let c = VmConfig {
+            nets: vec!["tap=a-very-long-interface-name".parse().unwrap()],
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("1 to 15 bytes"));
+    }
+
+    #[test]
+    fn vsock_flags_parse_and_name_bad_values() {
+        let v: VsockConfig = "cid=3,uds=/tmp/v.sock".parse().unwrap();
+        assert_eq!(
+            v,
+            VsockConfig {
+                cid: 3,
+                uds: "/tmp/v.sock".into()
+            }
+        );
+        assert!("cid=x,uds=/s"
+            .parse::<VsockConfig>()
+            .unwrap_err()
+            .contains("\"x\""));
+        assert!("cid=3".parse::<VsockConfig>().unwrap_err().contains("needs both"));
+        let c = VmConfig {
+            vsock: Some("cid=2,uds=/nonexistent/v".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("vsock cid 2"));
+        let c = VmConfig {
+            vsock: Some("cid=3,uds=/".parse().unwrap()),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("already exists"));
     }
 
     #[test]

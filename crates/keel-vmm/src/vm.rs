@@ -511,6 +511,18 @@ impl Vm {
                 Arc::new(Mutex::new(block)),
             )?;
         }
+        for (index, net) in config.nets.iter().enumerate() {
+            let mac = net.mac_bytes(index).map_err(Error::Config)?;
+            let tap = keel_virtio::TapBackend::open(&net.tap)
+                .map_err(|e| Error::Config(format!("net tap={}: {e}", net.tap)))?;
+            let options = keel_virtio::NetOptions {
+                mac,
+                ..Default::default()
+            };
+            let card = keel_virtio::Net::new(tap, options)
+                .map_err(|e| Error::Config(format!("net tap={}: {e}", net.tap)))?;
+            virtio.add(&format!("net tap={}", net.tap), Arc::new(Mutex::new(card)))?;
+        }
         if config.rng {
             let rng = keel_virtio::Rng::new().map_err(|e| Error::DeviceRange(format!("virtio-rng: {e}")))?;
             virtio.add("virtio-rng", Arc::new(Mutex::new(rng)))?;
@@ -523,6 +535,17 @@ impl Vm {
             }
             .map_err(|e| Error::Config(format!("console {console:?}: {e}")))?;
             virtio.add("virtio-console", Arc::new(Mutex::new(device)))?;
+        }
+        if let Some(vsock) = &config.vsock {
+            let device = keel_virtio::Vsock::new(vsock.cid, &vsock.uds, keel_virtio::VsockOptions::default())
+                .map_err(|e| {
+                    Error::Config(format!(
+                        "vsock cid={} uds={}: {e}",
+                        vsock.cid,
+                        vsock.uds.display()
+                    ))
+                })?;
+            virtio.add("virtio-vsock", Arc::new(Mutex::new(device)))?;
         }
         let virtio_cmdline = std::mem::take(&mut virtio.cmdline);
 
