@@ -31,6 +31,8 @@ pub const PROGRAMS: &[&str] = &[
     "virtio-rng",
     "virtio-console",
     "virtio-hostile",
+    "virtio-net",
+    "virtio-vsock",
 ];
 
 /// Exit status: the program ran and every check passed.

@@ -288,6 +288,15 @@ pub(crate) fn notify_guest(active: &mut Active, queue: usize) -> std::result::Re
     let needed = active.queues[queue]
         .needs_notification(&active.mem)
         .map_err(|source| QueueError::Notification { queue, source })?;
+    log::trace!(
+        "queue {queue}: used index {}, interrupt {}",
+        active.queues[queue].next_used(),
+        if needed {
+            "sent"
+        } else {
+            "suppressed by the driver's used_event"
+        }
+    );
     if needed {
         // Queue indices fit in u16: transports have at most 65536 queues.
         if let Err(e) = active.interrupt.signal_used_queue(queue as u16) {

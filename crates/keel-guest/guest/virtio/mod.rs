@@ -284,6 +284,8 @@ pub struct Transport {
     /// The PIC line the device's GSI arrives on, if it is one (and enabled).
     irq: Option<u8>,
     pub irq_stats: IrqStats,
+    /// Whether the last negotiation accepted `VIRTIO_RING_F_EVENT_IDX`.
+    event_idx: core::cell::Cell<bool>,
 }
 
 impl Transport {
@@ -314,7 +316,13 @@ impl Transport {
                 seen: count,
                 ..IrqStats::default()
             },
+            event_idx: core::cell::Cell::new(false),
         }
+    }
+
+    /// Whether the device and driver use `VIRTIO_RING_F_EVENT_IDX`.
+    pub fn event_idx(&self) -> bool {
+        self.event_idx.get()
     }
 
     /// The PIC line used, if any.
@@ -383,6 +391,7 @@ impl Transport {
             return Err(InitError::NoVersion1 { offered });
         }
         let accepted = (wanted | feature::VERSION_1) & offered;
+        self.event_idx.set(accepted & feature::RING_EVENT_IDX != 0);
         self.write_driver_features(accepted);
         self.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK);
         if self.status() & status::FEATURES_OK == 0 {
