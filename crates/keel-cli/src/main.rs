@@ -41,8 +41,9 @@ struct Args {
     #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
     disk: Vec<keel_vmm::DiskConfig>,
 
-    /// A virtio-net card on a host tap device: tap=NAME[,mac=MAC]. Repeatable.
-    #[arg(long, value_name = "tap=NAME[,mac=MAC]")]
+    /// A virtio-net card on a host tap device: tap=NAME[,mac=MAC], or fd=N for
+    /// an inherited, already-open tap. Repeatable.
+    #[arg(long, value_name = "tap=NAME|fd=N[,mac=MAC]")]
     net: Vec<keel_vmm::NetConfig>,
 
     /// A virtio-vsock device: cid=N,uds=PATH (Firecracker's hybrid vsock:

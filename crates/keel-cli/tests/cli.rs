@@ -145,3 +145,17 @@ fn stdin_reaches_the_guest_serial_port() {
     assert!(seen.contains("KEEL-SERIAL: got hello from the host"), "{seen}");
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn a_net_fd_that_is_not_open_is_one_clear_error() {
+    assert_one_line_error(
+        &["--memory", "32", "--net", "fd=987"],
+        "net fd=987: not an open file descriptor",
+    );
+}
+
+#[test]
+fn a_net_fd_that_is_not_a_tap_is_one_clear_error() {
+    // fd 0 is stdin (here /dev/null from `output()`): open, but no tap.
+    assert_one_line_error(&["--memory", "32", "--net", "fd=0"], "net fd=0:");
+}

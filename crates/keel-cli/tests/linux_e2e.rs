@@ -478,8 +478,9 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
         .args(["netns", "exec", &netns.name])
         .arg(env!("CARGO_BIN_EXE_keel"))
         .args(["--kernel", guest.bzimage.to_str().unwrap(), "--memory", "128M"])
+        .args(["--initrd", guest.initramfs.to_str().unwrap()])
         .args(["--net", &format!("tap={},mac=02:4b:45:45:4c:01", DhcpNetns::TAP)])
-        .args(["--cmdline", &format!("{SERIAL_CMDLINE} ip=dhcp")])
+        .args(["--cmdline", &format!("{SERIAL_CMDLINE} ip=dhcp keel.test=net")])
         .arg("--serial")
         .arg(format!("file:{}", serial.display()))
         .stdin(Stdio::null())
@@ -505,6 +506,15 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("guest user space cannot make system calls here") {
+        println!(
+            "SKIPPED user-space network checks (init pings the DHCP server): this host's KVM \
+             emulates guest ring 0 and guest user space cannot make system calls here"
+        );
+    } else {
+        assert_has(&console, "KEEL-TEST: ping ok", "ping from user space");
+    }
     drop(netns);
     let _ = std::fs::remove_dir_all(&dir);
 }

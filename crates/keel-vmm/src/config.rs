@@ -113,8 +113,14 @@ impl std::str::FromStr for VsockConfig {
 #[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// Name of the host tap device (opened with `IFF_TAP | IFF_NO_PI |
-    /// IFF_VNET_HDR`; it must exist or be creatable by this process).
+    /// IFF_VNET_HDR`; it must exist or be creatable by this process). Empty
+    /// when `fd` is given.
+    #[serde(default)]
     pub tap: String,
+    /// An already-open tap file descriptor this process inherited (so an
+    /// unprivileged VMM can be handed one); used instead of `tap`.
+    #[serde(default)]
+    pub fd: Option<i32>,
     /// The card's MAC, `aa:bb:cc:dd:ee:ff`. Default: `52:54:00:12:34:NN`
     /// with NN the card's index.
     #[serde(default)]
@@ -157,23 +163,35 @@ impl NetConfig {
 
 impl std::str::FromStr for NetConfig {
     type Err = String;
-    /// `tap=NAME[,mac=MAC]`.
+    /// `tap=NAME[,mac=MAC]` or `fd=N[,mac=MAC]`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let mut tap = None;
+        let mut fd = None;
         let mut mac = None;
         for part in s.split(',') {
             match part.split_once('=') {
                 Some(("tap", name)) if !name.is_empty() => tap = Some(name.to_string()),
+                Some(("fd", n)) => {
+                    let parsed = n.parse::<i32>().ok().filter(|&n| n >= 0);
+                    fd = Some(
+                        parsed
+                            .ok_or_else(|| format!("net {s:?}: fd {n:?} is not a file descriptor number"))?,
+                    );
+                }
                 Some(("mac", m)) => mac = Some(m.to_string()),
                 _ => {
                     return Err(format!(
-                        "net {s:?}: unknown option {part:?} (expected tap=NAME[,mac=MAC])"
+                        "net {s:?}: unknown option {part:?} (expected tap=NAME or fd=N, and mac=MAC)"
                     ))
                 }
             }
         }
-        let tap = tap.ok_or_else(|| format!("net {s:?}: needs tap=NAME"))?;
-        let config = NetConfig { tap, mac };
+        let tap = match (tap, fd) {
+            (Some(tap), None) => tap,
+            (None, Some(_)) => String::new(),
+            _ => return Err(format!("net {s:?}: needs exactly one of tap=NAME and fd=N")),
+        };
+        let config = NetConfig { tap, fd, mac };
         config.mac_bytes(0)?;
         Ok(config)
     }
@@ -388,11 +406,21 @@ impl VmConfig {
             }
         }
         for (index, net) in self.nets.iter().enumerate() {
-            if net.tap.is_empty() || net.tap.len() > 15 {
-                return Err(Error::Config(format!(
-                    "net tap={:?}: interface names are 1 to 15 bytes",
-                    net.tap
-                )));
+            match net.fd {
+                Some(fd) if !net.tap.is_empty() => {
+                    return Err(Error::Config(format!(
+                        "net tap={} fd={fd}: give one of them",
+                        net.tap
+                    )));
+                }
+                Some(_) => {}
+                None if net.tap.is_empty() || net.tap.len() > 15 => {
+                    return Err(Error::Config(format!(
+                        "net tap={:?}: interface names are 1 to 15 bytes",
+                        net.tap
+                    )));
+                }
+                None => {}
             }
             net.mac_bytes(index).map_err(Error::Config)?;
         }
@@ -630,7 +658,13 @@ mod tests {
         assert!("mac=02:00:00:00:00:01"
             .parse::<NetConfig>()
             .unwrap_err()
-            .contains("needs tap"));
+            .contains("exactly one"));
+        assert!("tap=a,fd=3"
+            .parse::<NetConfig>()
+            .unwrap_err()
+            .contains("exactly one"));
+        assert_eq!("fd=7".parse::<NetConfig>().unwrap().fd, Some(7));
+        assert!("fd=-1".parse::<NetConfig>().unwrap_err().contains("\"-1\""));
         assert!("tap=t,speed=10"
             .parse::<NetConfig>()
             .unwrap_err()

@@ -7,6 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use std::os::fd::FromRawFd;
 use std::os::unix::io::AsRawFd;
 use std::time::Instant;
 
@@ -513,8 +514,23 @@ impl Vm {
         }
         for (index, net) in config.nets.iter().enumerate() {
             let mac = net.mac_bytes(index).map_err(Error::Config)?;
-            let tap = keel_virtio::TapBackend::open(&net.tap)
-                .map_err(|e| Error::Config(format!("net tap={}: {e}", net.tap)))?;
+            let tap = match net.fd {
+                Some(fd) => {
+                    // The caller handed this fd over (config or `--net
+                    // fd=N`); take ownership only after checking it is open.
+                    // SAFETY: fcntl(F_GETFD) only inspects the descriptor.
+                    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+                        return Err(Error::Config(format!("net fd={fd}: not an open file descriptor")));
+                    }
+                    // SAFETY: `fd` is open and, by the configuration's
+                    // contract, handed to this VM to own and close.
+                    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+                    keel_virtio::TapBackend::from_fd(owned)
+                        .map_err(|e| Error::Config(format!("net fd={fd}: {e}")))?
+                }
+                None => keel_virtio::TapBackend::open(&net.tap)
+                    .map_err(|e| Error::Config(format!("net tap={}: {e}", net.tap)))?,
+            };
             let options = keel_virtio::NetOptions {
                 mac,
                 ..Default::default()

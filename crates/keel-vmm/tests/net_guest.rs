@@ -194,6 +194,7 @@ fn guest_talks_arp_icmp_and_udp_to_the_host_over_virtio_net() {
                 memory_mib: 32,
                 nets: vec![NetConfig {
                     tap: TAP.to_string(),
+                    fd: None,
                     mac: Some(GUEST_MAC.to_string()),
                 }],
                 ..Default::default()
