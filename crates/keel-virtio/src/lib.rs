@@ -1,5 +1,5 @@
 //! Virtio for Keel virtual machines: the device model, the MMIO transport,
-//! and block, entropy and console devices.
+//! and block, entropy, console, network and socket devices.
 //!
 //! A virtio device is the same device whether the guest finds it through
 //! MMIO registers or on a PCI bus, and whatever stores its bytes. This crate
@@ -7,8 +7,8 @@
 //!
 //! - **Devices** implement [`VirtioDevice`]: their type, the features they
 //!   offer, their configuration space, and what they do once the driver
-//!   hands them memory and queues ([`Activation`]). [`Block`], [`Rng`] and
-//!   [`Console`] are the devices so far.
+//!   hands them memory and queues ([`Activation`]). [`Block`], [`Rng`],
+//!   [`Console`], [`Net`] and [`Vsock`] are the devices so far.
 //! - **Transports** drive that trait from the guest's accesses.
 //!   [`MmioTransport`] is virtio-mmio version 2; a PCI transport can come
 //!   later without touching a device. Devices signal the guest through the
@@ -16,7 +16,9 @@
 //!   interrupt mechanism is behind it.
 //! - **Backends** hold the bytes: [`BlockBackend`] ([`FileBackend`],
 //!   [`MemoryBackend`], or your own) for disks, [`ConsoleBackend`]
-//!   ([`StreamBackend`], [`UnixSocketBackend`]) for consoles.
+//!   ([`StreamBackend`], [`UnixSocketBackend`]) for consoles, [`NetBackend`]
+//!   ([`TapBackend`], [`MemoryNetBackend`]) for network cards; the vsock
+//!   device carries its own Unix-socket muxer (Firecracker's convention).
 //!
 //! Queues are `virtio-queue`'s split rings with `EVENT_IDX` and indirect
 //! descriptors; guest memory is `vm-memory`'s [`GuestMemoryMmap`].
