@@ -481,8 +481,9 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
     // `keel` itself runs inside the namespace, so the tap it opens is the
     // test's tap and nothing it sends can leave.
     let start = Instant::now();
-    let out = Command::new("ip")
-        .args(["netns", "exec", &netns.name])
+    // coreutils' timeout: a hung boot fails the test instead of the run.
+    let out = Command::new("timeout")
+        .args(["600", "ip", "netns", "exec", &netns.name])
         .arg(env!("CARGO_BIN_EXE_keel"))
         .args(["--kernel", guest.bzimage.to_str().unwrap(), "--memory", "128M"])
         .args(["--initrd", guest.initramfs.to_str().unwrap()])
