@@ -3,7 +3,10 @@
 use std::process::Command;
 
 fn keel(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+    // coreutils' timeout: a hung VM fails the test instead of the run.
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(env!("CARGO_BIN_EXE_keel"))
         .args(args)
         .output()
         .unwrap();
