@@ -94,12 +94,14 @@ pub fn write_boot_tables(mem: &GuestMemoryMmap) -> Result<()> {
     write("page directory", PDE_START, &pd)
 }
 
-/// Special registers for a 64-bit entry, starting from `sregs` as KVM has
-/// them (so fields this code does not own keep their reset values).
-pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
-    let code = segment_from_gdt(BOOT_GDT[2], BOOT_CS);
-    let data = segment_from_gdt(BOOT_GDT[3], BOOT_DS);
-    let tss = segment_from_gdt(BOOT_GDT[4], BOOT_TSS);
+/// Points GDTR/IDTR at the boot tables and loads flat `code`, `data` (every
+/// data segment register) and `tss`: what both entry protocols share.
+fn load_boot_tables_and_segments(
+    sregs: &mut kvm_sregs,
+    code: kvm_segment,
+    data: kvm_segment,
+    tss: kvm_segment,
+) {
     sregs.gdt.base = BOOT_GDT_START.0;
     sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
     sregs.idt.base = BOOT_IDT_START.0;
@@ -111,6 +113,15 @@ pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     sregs.gs = data;
     sregs.ss = data;
     sregs.tr = tss;
+}
+
+/// Special registers for a 64-bit entry, starting from `sregs` as KVM has
+/// them (so fields this code does not own keep their reset values).
+pub fn long_mode_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
+    let code = segment_from_gdt(BOOT_GDT[2], BOOT_CS);
+    let data = segment_from_gdt(BOOT_GDT[3], BOOT_DS);
+    let tss = segment_from_gdt(BOOT_GDT[4], BOOT_TSS);
+    load_boot_tables_and_segments(&mut sregs, code, data, tss);
     sregs.cr0 |= X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
     sregs.cr3 = PML4_START.0;
     sregs.cr4 |= X86_CR4_PAE;
@@ -125,17 +136,7 @@ pub fn pvh_sregs(mut sregs: kvm_sregs) -> kvm_sregs {
     let data = segment_from_gdt(gdt_entry(0xc093, 0, 0xfffff), BOOT_DS);
     let mut tss = segment_from_gdt(gdt_entry(0x008b, 0, 0x67), BOOT_TSS);
     tss.g = 0;
-    sregs.gdt.base = BOOT_GDT_START.0;
-    sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
-    sregs.idt.base = BOOT_IDT_START.0;
-    sregs.idt.limit = 7;
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
-    sregs.tr = tss;
+    load_boot_tables_and_segments(&mut sregs, code, data, tss);
     sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
     sregs.cr3 = 0;
     sregs.cr4 = 0;

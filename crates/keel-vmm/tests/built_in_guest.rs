@@ -2,33 +2,14 @@
 //! stack (memory, irqchip, devices, boot path, vCPU threads) and checks how
 //! it ended and what it printed. Each takes milliseconds.
 
-use std::io::Write;
+mod common;
+use common::Serial;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_vmm::{Error, ExitReason, VmBuilder, VmConfig};
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
-
-/// Serial output captured in memory.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
 
 fn config() -> VmConfig {
     VmConfig {
@@ -39,7 +20,7 @@ fn config() -> VmConfig {
 
 /// Runs the guest program `cmdline`, failing the test if it hangs.
 fn run_guest(builder: VmBuilder, cmdline: &str) -> (keel_vmm::Result<ExitReason>, String) {
-    let console = Console::default();
+    let console = Serial::default();
     let vm = builder
         .cmdline(cmdline)
         .serial_output(console.clone())
@@ -203,13 +184,13 @@ fn two_vms_started_together_both_finish() {
     let a = VmBuilder::new(config())
         .unwrap()
         .cmdline("hello")
-        .serial_output(Console::default())
+        .serial_output(Serial::default())
         .build()
         .unwrap();
     let b = VmBuilder::new(config())
         .unwrap()
         .cmdline("exit code=5")
-        .serial_output(Console::default())
+        .serial_output(Serial::default())
         .build()
         .unwrap();
     let (ha, hb) = (a.start().unwrap(), b.start().unwrap());
@@ -222,7 +203,7 @@ fn stop_from_another_thread_ends_a_busy_guest() {
     let vm = VmBuilder::new(config())
         .unwrap()
         .cmdline("pio-loop count=4000000000")
-        .serial_output(Console::default())
+        .serial_output(Serial::default())
         .build()
         .unwrap();
     let handle = vm.start().unwrap();
@@ -239,7 +220,7 @@ fn dropping_a_running_vm_stops_its_threads() {
     let vm = VmBuilder::new(config())
         .unwrap()
         .cmdline("pio-loop count=4000000000")
-        .serial_output(Console::default())
+        .serial_output(Serial::default())
         .build()
         .unwrap();
     let handle = vm.start().unwrap();

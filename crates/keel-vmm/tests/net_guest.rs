@@ -10,13 +10,15 @@
 //! Needs root, `/dev/kvm`, `/dev/net/tun` and iproute2's `ip`; skipped
 //! (with a note) without them.
 
+mod common;
+use common::Serial;
 use std::io::Write;
 use std::net::UdpSocket;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_vmm::{ExitReason, NetConfig, VmBuilder, VmConfig};
@@ -26,26 +28,6 @@ const HOST_ADDR: &str = "10.0.2.1";
 const GUEST_MAC: &str = "02:4b:45:45:4c:02";
 const ECHO_PORT: u16 = 7777;
 const WATCHDOG: Duration = Duration::from_secs(60);
-
-/// Serial output captured in memory.
-#[derive(Clone, Default)]
-struct Serial(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Serial {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Serial {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).replace('\r', "")
-    }
-}
 
 /// A named network namespace with the tap, deleted on drop (which also
 /// stops the server threads).

@@ -9,11 +9,12 @@
 //! holds exactly what the guest says it wrote, recomputing the guest's
 //! pattern ([`keel_guest::blk_pattern_sector`]).
 
+mod common;
+use common::Serial;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use keel_guest::{
@@ -24,26 +25,6 @@ use keel_vmm::{ConsoleConfig, DiskConfig, ExitReason, VmBuilder, VmConfig};
 const SECTOR: usize = 512;
 /// Longest any VM here may run before the test fails as hung.
 const WATCHDOG: Duration = Duration::from_secs(20);
-
-/// Serial output captured in memory.
-#[derive(Clone, Default)]
-struct Serial(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Serial {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Serial {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).replace('\r', "")
-    }
-}
 
 /// A file in the temp directory, removed on drop.
 struct TempFile(PathBuf);

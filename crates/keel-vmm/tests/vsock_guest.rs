@@ -9,11 +9,12 @@
 //! byte the guest sends, and that each connection ends in EOF (or a reset)
 //! after the guest's SHUTDOWN or RST.
 
+mod common;
+use common::Serial;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -43,26 +44,6 @@ fn pattern(seed: u32, offset: u64) -> u8 {
 fn pattern_bytes(seed: u32, from: u64, out: &mut [u8]) {
     for (k, byte) in out.iter_mut().enumerate() {
         *byte = pattern(seed, from + k as u64);
-    }
-}
-
-/// Serial output captured in memory.
-#[derive(Clone, Default)]
-struct Serial(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Serial {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Serial {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).replace('\r', "")
     }
 }
 

@@ -58,6 +58,21 @@ struct Entry {
     since: Instant,
 }
 
+impl Entry {
+    /// A new connection on `stream`, watched for input, nothing queued.
+    fn new(conn: Connection, stream: UnixStream) -> Self {
+        Entry {
+            conn,
+            stream,
+            watched: EventSet::IN,
+            prefix: Vec::new(),
+            shut_write: false,
+            in_ready: false,
+            since: Instant::now(),
+        }
+    }
+}
+
 struct Handshake {
     stream: UnixStream,
     line: Vec<u8>,
@@ -302,18 +317,7 @@ impl Muxer {
         conn.push_host_data(&leftover);
         let key = (local_port, peer_port);
         self.by_fd.insert(fd, key);
-        self.conns.insert(
-            key,
-            Entry {
-                conn,
-                stream: h.stream,
-                watched: EventSet::IN,
-                prefix: Vec::new(),
-                shut_write: false,
-                in_ready: false,
-                since: Instant::now(),
-            },
-        );
+        self.conns.insert(key, Entry::new(conn, h.stream));
         self.settle(key, ops);
     }
 
@@ -460,18 +464,7 @@ impl Muxer {
         );
         let key = (hdr.dst_port, hdr.src_port);
         self.by_fd.insert(stream.as_raw_fd(), key);
-        self.conns.insert(
-            key,
-            Entry {
-                conn,
-                stream,
-                watched: EventSet::IN,
-                prefix: Vec::new(),
-                shut_write: false,
-                in_ready: false,
-                since: Instant::now(),
-            },
-        );
+        self.conns.insert(key, Entry::new(conn, stream));
         self.settle(key, ops);
     }
 
