@@ -37,11 +37,8 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use event_manager::{EventManager, SubscriberOps};
 use keel_irq::RecordingLine;
-use keel_virtio::device_status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
-use keel_virtio::guest_driver::{memory, Buf, DriverQueue, DATA, MEM_SIZE};
+use keel_virtio::guest_driver::{self, memory, Buf, DriverQueue, DATA, MEM_SIZE};
 use keel_virtio::{features, Block, BlockOptions, MemoryBackend, MmioSlot, MmioTransport};
-use vm_device::bus::MmioAddress;
-use vm_device::MutDeviceMmio;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -78,26 +75,6 @@ const VIRTIO_BLK_T_OUT: u32 = 1;
 const VIRTIO_BLK_S_OK: u8 = 0;
 const SECTOR_SIZE: u64 = 512;
 
-/// virtio-mmio register offsets (virtio 1.2, table 4.1).
-mod reg {
-    pub const DEVICE_ID: u64 = 0x008;
-    pub const DEVICE_FEATURES: u64 = 0x010;
-    pub const DEVICE_FEATURES_SEL: u64 = 0x014;
-    pub const DRIVER_FEATURES: u64 = 0x020;
-    pub const DRIVER_FEATURES_SEL: u64 = 0x024;
-    pub const QUEUE_SEL: u64 = 0x030;
-    pub const QUEUE_NUM_MAX: u64 = 0x034;
-    pub const QUEUE_NUM: u64 = 0x038;
-    pub const QUEUE_READY: u64 = 0x044;
-    pub const STATUS: u64 = 0x070;
-    pub const QUEUE_DESC_LOW: u64 = 0x080;
-    pub const QUEUE_DESC_HIGH: u64 = 0x084;
-    pub const QUEUE_DRIVER_LOW: u64 = 0x090;
-    pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
-    pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
-    pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
     Read,
@@ -123,16 +100,6 @@ fn disk_byte(offset: usize) -> u8 {
 /// round to the next, never matches the disk's initial pattern everywhere.
 fn write_pattern(round: u64, slot: usize) -> u8 {
     ((round / CHECK_EVERY) as u8).wrapping_add(slot as u8) | 1
-}
-
-fn write_reg(t: &mut MmioTransport, offset: u64, value: u32) {
-    t.mmio_write(MmioAddress(SLOT.base), offset, &value.to_le_bytes());
-}
-
-fn read_reg(t: &mut MmioTransport, offset: u64) -> u32 {
-    let mut value = [0u8; 4];
-    t.mmio_read(MmioAddress(SLOT.base), offset, &mut value);
-    u32::from_le_bytes(value)
 }
 
 /// The guest side, the device and its event loop, set up once.
@@ -366,43 +333,9 @@ impl<'a> Rig<'a> {
 /// Drives the transport to `DRIVER_OK` as a guest driver does, accepting
 /// every feature the device offers, with `driver`'s rings as queue 0.
 fn bring_up(t: &mut MmioTransport, driver: &DriverQueue<'_>) {
-    assert_eq!(read_reg(t, reg::DEVICE_ID), keel_virtio::device_type::BLOCK);
-    write_reg(t, reg::STATUS, ACKNOWLEDGE);
-    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
-    for page in 0..2 {
-        write_reg(t, reg::DEVICE_FEATURES_SEL, page);
-        let offered = read_reg(t, reg::DEVICE_FEATURES);
-        write_reg(t, reg::DRIVER_FEATURES_SEL, page);
-        write_reg(t, reg::DRIVER_FEATURES, offered);
-    }
-    let accepted = t.driver_features();
+    let accepted = guest_driver::bring_up(t, keel_virtio::device_type::BLOCK, &[driver]);
     assert_ne!(accepted & features::VERSION_1, 0);
     assert_ne!(accepted & features::RING_EVENT_IDX, 0);
-    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
-    assert_ne!(read_reg(t, reg::STATUS) & FEATURES_OK, 0, "features accepted");
-
-    write_reg(t, reg::QUEUE_SEL, 0);
-    assert!(read_reg(t, reg::QUEUE_NUM_MAX) >= u32::from(driver.size()));
-    write_reg(t, reg::QUEUE_NUM, u32::from(driver.size()));
-    for (low, high, addr) in [
-        (
-            reg::QUEUE_DESC_LOW,
-            reg::QUEUE_DESC_HIGH,
-            driver.desc_table_addr(),
-        ),
-        (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, driver.avail_addr()),
-        (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, driver.used_addr()),
-    ] {
-        write_reg(t, low, addr as u32);
-        write_reg(t, high, (addr >> 32) as u32);
-    }
-    write_reg(t, reg::QUEUE_READY, 1);
-    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
-    let status = read_reg(t, reg::STATUS);
-    assert!(
-        status & DRIVER_OK != 0 && status & DEVICE_NEEDS_RESET == 0,
-        "device live, status {status:#x}"
-    );
 }
 
 fn bench_request_path(c: &mut Criterion) {

@@ -38,7 +38,11 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
 use virtio_queue::{Queue, QueueT};
+use vm_device::bus::MmioAddress;
+use vm_device::MutDeviceMmio;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::MmioTransport;
 
 /// Size of the guest RAM [`memory`] makes: 16 MiB at 0. Rings live below
 /// 1 MiB, data above.
@@ -264,4 +268,62 @@ impl<'a> DriverQueue<'a> {
             .load();
         (elem.id(), elem.len())
     }
+}
+
+fn write_reg(transport: &mut MmioTransport, offset: u64, value: u32) {
+    let base = MmioAddress(transport.slot().base);
+    transport.mmio_write(base, offset, &value.to_le_bytes());
+}
+
+fn read_reg(transport: &mut MmioTransport, offset: u64) -> u32 {
+    let base = MmioAddress(transport.slot().base);
+    let mut value = [0u8; 4];
+    transport.mmio_read(base, offset, &mut value);
+    u32::from_le_bytes(value)
+}
+
+/// Drives `transport` to `DRIVER_OK` through its registers, as a guest
+/// driver does: checks the device type, accepts every feature the device
+/// offers, and gives queue `i` the rings of `queues[i]`. Returns the
+/// accepted features. Panics if the device is of another type or refuses.
+pub fn bring_up(transport: &mut MmioTransport, device_type: u32, queues: &[&DriverQueue<'_>]) -> u64 {
+    use crate::device_status::{ACKNOWLEDGE, DEVICE_NEEDS_RESET, DRIVER, DRIVER_OK, FEATURES_OK};
+    use crate::mmio::reg;
+    let t = transport;
+    assert_eq!(read_reg(t, reg::DEVICE_ID), device_type);
+    write_reg(t, reg::STATUS, ACKNOWLEDGE);
+    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER);
+    for page in 0..2 {
+        write_reg(t, reg::DEVICE_FEATURES_SEL, page);
+        let offered = read_reg(t, reg::DEVICE_FEATURES);
+        write_reg(t, reg::DRIVER_FEATURES_SEL, page);
+        write_reg(t, reg::DRIVER_FEATURES, offered);
+    }
+    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK);
+    assert_ne!(read_reg(t, reg::STATUS) & FEATURES_OK, 0, "features accepted");
+    for (index, driver) in queues.iter().enumerate() {
+        write_reg(t, reg::QUEUE_SEL, index as u32);
+        assert!(read_reg(t, reg::QUEUE_NUM_MAX) >= u32::from(driver.size()));
+        write_reg(t, reg::QUEUE_NUM, u32::from(driver.size()));
+        for (low, high, addr) in [
+            (
+                reg::QUEUE_DESC_LOW,
+                reg::QUEUE_DESC_HIGH,
+                driver.desc_table_addr(),
+            ),
+            (reg::QUEUE_DRIVER_LOW, reg::QUEUE_DRIVER_HIGH, driver.avail_addr()),
+            (reg::QUEUE_DEVICE_LOW, reg::QUEUE_DEVICE_HIGH, driver.used_addr()),
+        ] {
+            write_reg(t, low, addr as u32);
+            write_reg(t, high, (addr >> 32) as u32);
+        }
+        write_reg(t, reg::QUEUE_READY, 1);
+    }
+    write_reg(t, reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK);
+    let status = read_reg(t, reg::STATUS);
+    assert!(
+        status & DRIVER_OK != 0 && status & DEVICE_NEEDS_RESET == 0,
+        "device live, status {status:#x}"
+    );
+    t.driver_features()
 }

@@ -44,7 +44,7 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
 pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
 /// Register offsets (virtio 1.2, table 4.1).
-mod reg {
+pub(crate) mod reg {
     pub const MAGIC_VALUE: u64 = 0x000;
     pub const VERSION: u64 = 0x004;
     pub const DEVICE_ID: u64 = 0x008;
