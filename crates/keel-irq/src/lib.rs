@@ -44,7 +44,7 @@ mod irqchip;
 mod line;
 
 pub use gsi::{GsiAllocator, IOAPIC_PINS, LEGACY_ISA_GSIS};
-pub use irqchip::create_in_kernel_irqchip;
+pub use irqchip::{create_in_kernel_irqchip, set_pit_ticks, PitTicks};
 pub use line::{InterruptLine, IrqfdLine, RecordingLine};
 
 /// Errors from setting up or raising interrupts.
@@ -61,6 +61,16 @@ pub enum Error {
         /// What KVM reported.
         #[source]
         source: kvm_ioctls::Error,
+    },
+    /// KVM refused to set the PIT's tick policy (there is no in-kernel PIT,
+    /// or the host lacks `KVM_CAP_REINJECT_CONTROL`).
+    #[error("KVM_REINJECT_CONTROL ({ticks:?}) failed: {source}")]
+    PitTicks {
+        /// The policy that was asked for.
+        ticks: PitTicks,
+        /// What KVM reported.
+        #[source]
+        source: std::io::Error,
     },
     /// Every GSI that [`GsiAllocator::allocate`] may hand out is in use.
     #[error(

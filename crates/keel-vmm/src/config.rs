@@ -64,6 +64,14 @@ pub struct VmConfig {
     /// convention).
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// Whether KVM's in-kernel PIT reinjects timer ticks the guest missed
+    /// (KVM's own default), for guests that keep time by counting PIT
+    /// interrupts (Linux 2.4 and older). Off by default, as the KVM API
+    /// documentation recommends for other guests: lost ticks are dropped
+    /// (QEMU's `lost_tick_policy=discard`), and VM teardown does not wait
+    /// for the SRCU grace period that unhooking reinjection costs.
+    #[serde(default)]
+    pub pit_reinject: bool,
 }
 
 /// A virtio-vsock device: the guest's CID and the host's Unix socket.
@@ -352,6 +360,7 @@ impl Default for VmConfig {
             console: None,
             nets: Vec::new(),
             vsock: None,
+            pit_reinject: false,
         }
     }
 }

@@ -370,9 +370,67 @@ pub struct Vm {
     io: Arc<IoManager>,
     subscribers: Vec<Subscriber>,
     vcpus: Vec<Vcpu>,
+    // Fields drop in order: the helper thread is joined, then the VM is
+    // torn down, then its memory unmapped (unmapping first would make KVM
+    // zap the guest's mappings page range by page range for nothing).
+    pit_setup: Background,
+    _vm_fd: VmFd,
     // Kept alive as long as the VM: the vCPUs and slots refer to them.
     mem: GuestMemoryMmap,
-    _vm_fd: VmFd,
+}
+
+/// A start-up task that runs on a thread of its own, off the path to the
+/// first `KVM_RUN`; joined when dropped, at the latest before the VM it
+/// works on is torn down.
+#[derive(Debug, Default)]
+struct Background(Option<JoinHandle<()>>);
+
+impl Background {
+    fn none() -> Background {
+        Background(None)
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Puts the PIT in "discard lost ticks" mode (see
+/// [`VmConfig::pit_reinject`]). KVM answers that ioctl only after an SRCU
+/// grace period (about 14 ms on the development host), which nothing in the
+/// VM's start needs to wait for, so it runs on a thread with its own
+/// duplicate of the VM file descriptor while the guest starts; the grace
+/// period it waits for is one VM teardown would otherwise wait for too.
+fn discard_pit_ticks(vm_fd: &VmFd) -> Background {
+    use std::os::fd::{AsRawFd, BorrowedFd};
+    let fallback = |why: &dyn std::fmt::Display| {
+        log::debug!("setting the PIT tick policy in line: {why}");
+        if let Err(e) = keel_irq::set_pit_ticks(vm_fd, keel_irq::PitTicks::Discard) {
+            log::warn!("{e}; the PIT keeps reinjecting lost ticks");
+        }
+        Background::none()
+    };
+    // SAFETY: `vm_fd` is open for the whole call; the borrow only lives
+    // long enough to duplicate it.
+    let fd = match unsafe { BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) }.try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => return fallback(&e),
+    };
+    let spawned = std::thread::Builder::new()
+        .name("keel-pit".into())
+        .spawn(move || {
+            if let Err(e) = keel_irq::set_pit_ticks(&fd, keel_irq::PitTicks::Discard) {
+                log::warn!("{e}; the PIT keeps reinjecting lost ticks");
+            }
+        });
+    match spawned {
+        Ok(thread) => Background(Some(thread)),
+        Err(e) => fallback(&e),
+    }
 }
 
 impl std::fmt::Debug for Vm {
@@ -426,6 +484,11 @@ impl Vm {
         let mem = layout.create_memory()?;
         keel_memory::register_with_kvm(&vm_fd, &mem)?;
         keel_irq::create_in_kernel_irqchip(&vm_fd)?;
+        let pit_setup = if config.pit_reinject {
+            Background::none()
+        } else {
+            discard_pit_ticks(&vm_fd)
+        };
 
         let control = Arc::new(Control {
             outcome: Mutex::new(None),
@@ -637,8 +700,9 @@ impl Vm {
             io: Arc::new(io),
             subscribers,
             vcpus,
-            mem,
+            pit_setup,
             _vm_fd: vm_fd,
+            mem,
         })
     }
 
@@ -654,8 +718,9 @@ impl Vm {
             io,
             subscribers,
             vcpus,
-            mem,
+            pit_setup,
             _vm_fd,
+            mem,
         } = self;
         let mut threads = Vec::with_capacity(vcpus.len() + 1);
         if !subscribers.is_empty() {
@@ -700,8 +765,9 @@ impl Vm {
         Ok(VmHandle {
             control,
             threads,
-            _mem: mem,
+            _pit_setup: pit_setup,
             _vm_fd,
+            mem,
         })
     }
 
@@ -773,8 +839,10 @@ fn halt_threads(control: &Control, threads: Vec<JoinHandle<()>>) {
 pub struct VmHandle {
     control: Arc<Control>,
     threads: Vec<JoinHandle<()>>,
-    _mem: GuestMemoryMmap,
+    // Dropped in this order, for the reasons given on `Vm`.
+    _pit_setup: Background,
     _vm_fd: VmFd,
+    mem: GuestMemoryMmap,
 }
 
 impl std::fmt::Debug for VmHandle {
@@ -864,6 +932,21 @@ impl VmHandle {
         *slot = Some(Ok(ExitReason::Stopped));
         drop(slot);
         self.stop_and_join();
+        if log::log_enabled!(log::Level::Debug) {
+            // What the guest touched, for telling the VMM's own memory
+            // overhead apart from the guest's (benches/whole_process.py).
+            match keel_memory::resident_bytes(&self.mem) {
+                Ok(bytes) => log::debug!(
+                    "guest memory resident at exit: {} KiB of {} MiB",
+                    bytes / 1024,
+                    vm_memory::GuestMemoryBackend::iter(&self.mem)
+                        .map(vm_memory::GuestMemoryRegion::len)
+                        .sum::<u64>()
+                        >> 20
+                ),
+                Err(e) => log::debug!("guest memory residency unknown: {e}"),
+            }
+        }
         Some(outcome)
     }
 
