@@ -6,9 +6,22 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// Bump this whenever the build logic changes in a way that changes the
-/// artifacts (make targets, config merging, cpio layout, ...). It is part of
-/// the cache key, so a bump makes every machine rebuild once.
-pub const BUILD_LOGIC_VERSION: &str = "keel-guest-build-1";
+/// artifacts (cpio layout, how `keel-xfer` is compiled, the set of output
+/// files, ...). It is part of the cache key, so a bump makes every machine
+/// rebuild the initramfs once; the kernel is only rebuilt when
+/// [`KERNEL_LOGIC_VERSION`] changes.
+///
+/// History: `-1` first layout; `-2` adds `/bin/keel-xfer` (compiled from
+/// `guest/linux/keel-xfer.c`) to the initramfs and as `keel-xfer` to the
+/// entry.
+pub const BUILD_LOGIC_VERSION: &str = "keel-guest-build-2";
+
+/// Bump this whenever the *kernel* build steps change (make targets, config
+/// merging, ...): part of both keys, it makes every machine rebuild the
+/// kernel once. Its value is hashed into [`Inputs::kernel_key`] exactly as
+/// `BUILD_LOGIC_VERSION` was before the two were split, so kernels cached
+/// by earlier versions stay valid.
+pub const KERNEL_LOGIC_VERSION: &str = "keel-guest-build-1";
 
 /// The directory that holds every cached guest build:
 ///
@@ -80,16 +93,23 @@ impl KernelSource {
 pub struct Inputs {
     /// [`BUILD_LOGIC_VERSION`] normally; a field so tests can vary it.
     pub logic_version: String,
+    /// [`KERNEL_LOGIC_VERSION`] normally.
+    pub kernel_logic_version: String,
     /// Contents of `guest/linux/keel.config`.
     pub kernel_fragment: Vec<u8>,
     /// Contents of `guest/linux/init`.
     pub init_script: Vec<u8>,
+    /// Contents of `guest/linux/keel-xfer.c`.
+    pub xfer_source: Vec<u8>,
     /// Kernel source identity.
     pub kernel_source: KernelSource,
     /// Debian version of `busybox-static`.
     pub busybox_version: String,
     /// `gcc -dumpfullversion` (the compiler shapes the kernel binary).
     pub compiler: String,
+    /// Debian version of `libc6-dev`: its `libc.a` is linked into the static
+    /// `keel-xfer`.
+    pub libc: String,
 }
 
 impl Inputs {
@@ -97,6 +117,7 @@ impl Inputs {
     pub fn manifest(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(s, "logic={}", self.logic_version);
+        let _ = writeln!(s, "kernel_logic={}", self.kernel_logic_version);
         let _ = writeln!(s, "kernel_source={}", self.kernel_source.describe());
         let _ = writeln!(
             s,
@@ -108,19 +129,27 @@ impl Inputs {
             "init_script_fnv={:016x}",
             crate::fnv::fnv1a64(&self.init_script)
         );
+        let _ = writeln!(
+            s,
+            "xfer_source_fnv={:016x}",
+            crate::fnv::fnv1a64(&self.xfer_source)
+        );
         let _ = writeln!(s, "busybox_static={}", self.busybox_version);
         let _ = writeln!(s, "gcc={}", self.compiler);
+        let _ = writeln!(s, "libc6_dev={}", self.libc);
         let _ = writeln!(s, "kernel_key={}", self.kernel_key());
         s
     }
 
     /// The key of the kernel alone: the inputs that shape `vmlinux` and
-    /// `bzImage` (not the init script nor BusyBox). Kernels are cached under
-    /// `<root>/kernels/<kernel_key>/` so that editing `guest/linux/init`
-    /// rebuilds only the initramfs (a second) instead of the kernel.
+    /// `bzImage` (not the init script, `keel-xfer`, BusyBox, libc nor
+    /// [`BUILD_LOGIC_VERSION`]). Kernels are cached under
+    /// `<root>/kernels/<kernel_key>/` so that editing `guest/linux/init` or
+    /// `keel-xfer.c` rebuilds only the initramfs (a second) instead of the
+    /// kernel.
     pub fn kernel_key(&self) -> String {
         let mut h = Fnv1a64::new();
-        h.field("logic", self.logic_version.as_bytes());
+        h.field("logic", self.kernel_logic_version.as_bytes());
         h.field("kernel_source", self.kernel_source.describe().as_bytes());
         h.field("kernel_fragment", &self.kernel_fragment);
         h.field("gcc", self.compiler.as_bytes());
@@ -131,11 +160,14 @@ impl Inputs {
     pub fn key(&self) -> String {
         let mut h = Fnv1a64::new();
         h.field("logic", self.logic_version.as_bytes());
+        h.field("kernel_logic", self.kernel_logic_version.as_bytes());
         h.field("kernel_source", self.kernel_source.describe().as_bytes());
         h.field("kernel_fragment", &self.kernel_fragment);
         h.field("init_script", &self.init_script);
+        h.field("xfer_source", &self.xfer_source);
         h.field("busybox_static", self.busybox_version.as_bytes());
         h.field("gcc", self.compiler.as_bytes());
+        h.field("libc6_dev", self.libc.as_bytes());
         format!("{:016x}", h.finish())
     }
 }
@@ -149,10 +181,11 @@ pub struct Artifacts {
 
 impl Artifacts {
     /// File names inside the entry, in output order, with their output names.
-    pub const FILES: [(&'static str, &'static str); 3] = [
+    pub const FILES: [(&'static str, &'static str); 4] = [
         ("vmlinux", "vmlinux"),
         ("bzImage", "bzImage"),
         ("initramfs", "initramfs.cpio"),
+        ("xfer", "keel-xfer"),
     ];
 
     /// The entry for `key` under `root`.
@@ -166,13 +199,15 @@ impl Artifacts {
         Self::FILES.iter().all(|(_, f)| self.dir.join(f).is_file())
     }
 
-    /// `name=path` pairs for stdout: vmlinux, bzImage, initramfs, cache.
+    /// `name=path` pairs for stdout: vmlinux, bzImage, initramfs, cache,
+    /// xfer (`xfer` came later and is last, so the first four lines keep
+    /// their places).
     pub fn outputs(&self) -> Vec<(&'static str, PathBuf)> {
         let mut v: Vec<_> = Self::FILES
             .iter()
             .map(|(name, file)| (*name, self.dir.join(file)))
             .collect();
-        v.push(("cache", self.dir.clone()));
+        v.insert(3, ("cache", self.dir.clone()));
         v
     }
 }
@@ -218,14 +253,17 @@ mod tests {
     fn inputs() -> Inputs {
         Inputs {
             logic_version: BUILD_LOGIC_VERSION.into(),
+            kernel_logic_version: KERNEL_LOGIC_VERSION.into(),
             kernel_fragment: b"CONFIG_64BIT=y\n".to_vec(),
             init_script: b"#!/bin/sh\necho hi\n".to_vec(),
+            xfer_source: b"int main(void) { return 0; }\n".to_vec(),
             kernel_source: KernelSource::Debian {
                 package: "linux-source-6.1".into(),
                 version: "6.1.192-2".into(),
             },
             busybox_version: "1:1.35.0-4+deb12u1+b1".into(),
             compiler: "12.2.0".into(),
+            libc: "2.36-9+deb12u13".into(),
         }
     }
 
@@ -236,7 +274,12 @@ mod tests {
         // a deliberate change of the key's layout.
         let mut i = inputs();
         i.logic_version = "pinned".into();
-        assert_eq!(i.key(), "41bc5271bdf86f05");
+        assert_eq!(i.key(), "275c230e0d7f2316");
+        // The kernel key hashes exactly what it hashed before the build
+        // logic version was split in two (with "keel-guest-build-1" in the
+        // `logic` field), so kernels cached then are still found.
+        assert_eq!(KERNEL_LOGIC_VERSION, "keel-guest-build-1");
+        assert_eq!(i.kernel_key(), "483bd075cf585f6d");
         assert_eq!(i.key(), i.clone().key());
         assert_eq!(i.key().len(), 16);
     }
@@ -275,6 +318,15 @@ mod tests {
         let mut v = base.clone();
         v.compiler = "13.1.0".into();
         variants.push(v);
+        let mut v = base.clone();
+        v.kernel_logic_version.push('x');
+        variants.push(v);
+        let mut v = base.clone();
+        v.xfer_source.push(b' ');
+        variants.push(v);
+        let mut v = base.clone();
+        v.libc = "2.37-1".into();
+        variants.push(v);
 
         let mut keys: Vec<String> = variants.iter().map(Inputs::key).collect();
         keys.push(base.key());
@@ -290,13 +342,16 @@ mod tests {
         assert_ne!(base.kernel_key(), base.key());
         let mut v = base.clone();
         v.init_script.extend_from_slice(b"echo more\n");
+        v.xfer_source.extend_from_slice(b"/* more */\n");
         v.busybox_version = "1:1.36.1-1".into();
+        v.libc = "2.37-1".into();
+        v.logic_version.push('2');
         assert_eq!(v.kernel_key(), base.kernel_key());
         assert_ne!(v.key(), base.key());
         for change in [
             |i: &mut Inputs| i.kernel_fragment.push(b'#'),
             |i: &mut Inputs| i.compiler.push('1'),
-            |i: &mut Inputs| i.logic_version.push('1'),
+            |i: &mut Inputs| i.kernel_logic_version.push('1'),
             |i: &mut Inputs| i.kernel_source = KernelSource::Tarball { content_hash: 7 },
         ] {
             let mut v = base.clone();
@@ -336,8 +391,10 @@ mod tests {
             "vmlinux=/c/keel/guest/0123456789abcdef/vmlinux\n\
              bzImage=/c/keel/guest/0123456789abcdef/bzImage\n\
              initramfs=/c/keel/guest/0123456789abcdef/initramfs.cpio\n\
-             cache=/c/keel/guest/0123456789abcdef\n"
+             cache=/c/keel/guest/0123456789abcdef\n\
+             xfer=/c/keel/guest/0123456789abcdef/keel-xfer\n"
         );
+        assert_eq!(text.lines().count(), 5);
         for line in text.lines() {
             let (name, path) = line.split_once('=').unwrap();
             assert!(!name.is_empty() && !name.contains(' '));

@@ -47,6 +47,10 @@ const fn tool(t: &'static str, package: &'static str) -> Dep {
 /// * `libelf-dev`: objtool, which x86-64 builds whatever the config.
 /// * `lz4`: the bzImage payload is LZ4-compressed (see keel.config).
 /// * `nice`: the build runs at low priority on shared machines.
+/// * `libc6-dev` (`libc.a`) and `linux-libc-dev` (`<linux/vm_sockets.h>`):
+///   `keel-xfer` is linked statically with glibc and speaks vsock
+///   (`gcc` alone pulls in neither the static libc nor the kernel headers
+///   for sure).
 ///
 /// Not needed: `cpio` (the archive is written in Rust), `libssl-dev`
 /// (only for module signing and trusted keys, both off).
@@ -66,6 +70,14 @@ pub const GUEST_DEPS: &[Dep] = &[
     Dep {
         probe: Probe::File("/usr/include/gelf.h"),
         package: "libelf-dev",
+    },
+    Dep {
+        probe: Probe::File("/usr/lib/x86_64-linux-gnu/libc.a"),
+        package: "libc6-dev",
+    },
+    Dep {
+        probe: Probe::File("/usr/include/linux/vm_sockets.h"),
+        package: "linux-libc-dev",
     },
 ];
 
@@ -154,13 +166,35 @@ mod tests {
             Probe::File(_) => false,
         });
         let names: Vec<_> = m.iter().map(Dep::name).collect();
-        assert_eq!(names, ["flex", "bison", "libelf-dev"]);
+        assert_eq!(
+            names,
+            ["flex", "bison", "libelf-dev", "libc6-dev", "linux-libc-dev"]
+        );
         let msg = missing_message(&m);
         assert!(!msg.contains('\n'), "one line: {msg}");
         assert!(msg.contains("`flex` (package flex)"), "{msg}");
         assert!(msg.contains("/usr/include/gelf.h (package libelf-dev)"), "{msg}");
-        assert!(msg.contains("apt-get install flex bison libelf-dev"), "{msg}");
+        assert!(
+            msg.contains("/usr/lib/x86_64-linux-gnu/libc.a (package libc6-dev)"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("apt-get install flex bison libelf-dev libc6-dev linux-libc-dev"),
+            "{msg}"
+        );
         assert!(msg.contains("--install-deps"), "{msg}");
+    }
+
+    #[test]
+    fn only_the_static_libc_missing() {
+        let m = missing(GUEST_DEPS, |p| {
+            p != Probe::File("/usr/lib/x86_64-linux-gnu/libc.a")
+        });
+        assert_eq!(
+            missing_message(&m),
+            "missing build dependencies: /usr/lib/x86_64-linux-gnu/libc.a (package libc6-dev); \
+             install with `apt-get install libc6-dev` or rerun with --install-deps"
+        );
     }
 
     #[test]

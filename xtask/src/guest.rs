@@ -19,6 +19,12 @@ use std::time::Instant;
 pub const KERNEL_PACKAGE: &str = "linux-source-6.1";
 /// Debian package with a statically linked BusyBox.
 pub const BUSYBOX_PACKAGE: &str = "busybox-static";
+/// Debian package whose `libc.a` is linked into the static `keel-xfer`.
+pub const LIBC_PACKAGE: &str = "libc6-dev";
+
+/// How `guest/linux/keel-xfer.c` is compiled (static: the initramfs has no
+/// shared libraries; `-Werror`: a warning is a bug in a test tool).
+pub const XFER_CFLAGS: &[&str] = &["-static", "-O2", "-Wall", "-Wextra", "-Werror"];
 
 /// Progress on stderr, with the time since the start.
 struct Log {
@@ -191,15 +197,29 @@ fn apt_candidates(pkgs: &[&str], opts: &GuestOpts, log: &Log) -> Result<Vec<Stri
         .collect()
 }
 
-fn gcc_version() -> String {
-    Command::new("gcc")
-        .arg("-dumpfullversion")
-        .stderr(Stdio::null())
+/// The trimmed stdout of `cmd`, or `none` if it cannot run or fails.
+fn version_of(cmd: &mut Command) -> String {
+    cmd.stderr(Stdio::null())
+        .stdin(Stdio::null())
         .output()
         .ok()
         .filter(|o| o.status.success())
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|v| !v.is_empty())
         .unwrap_or_else(|| "none".into())
+}
+
+fn gcc_version() -> String {
+    version_of(Command::new("gcc").arg("-dumpfullversion"))
+}
+
+/// The installed version of `libc6-dev` (`none` if it is not installed).
+fn libc_version() -> String {
+    version_of(
+        Command::new("dpkg-query")
+            .args(["-W", "-f=${Version}"])
+            .arg(LIBC_PACKAGE),
+    )
 }
 
 /// FNV-1a 64 over a file's bytes, streamed.
@@ -560,13 +580,16 @@ pub const INITRAMFS_DIRS: &[&str] = &[
     "bin", "dev", "etc", "mnt", "proc", "root", "run", "sbin", "sys", "tmp", "usr", "usr/bin", "usr/sbin",
 ];
 
+/// Where `keel-xfer` lives in the initramfs.
+pub const XFER_PATH: &str = "bin/keel-xfer";
+
 /// The initramfs members: directories, `/dev/console` (so `/init` has a
 /// console before devtmpfs is mounted) and `/dev/null`, BusyBox with one
-/// symlink per applet, and `/init`.
+/// symlink per applet, `/bin/keel-xfer`, and `/init`.
 ///
 /// `applets` is the output of `busybox --list-full` (`bin/sh`,
 /// `usr/bin/awk`, ...); applets outside the directories above are skipped.
-pub fn initramfs_entries(busybox: Vec<u8>, init: Vec<u8>, applets: &str) -> Vec<Entry> {
+pub fn initramfs_entries(busybox: Vec<u8>, init: Vec<u8>, xfer: Vec<u8>, applets: &str) -> Vec<Entry> {
     let mut e: Vec<Entry> = INITRAMFS_DIRS
         .iter()
         .map(|d| Entry::Dir {
@@ -598,7 +621,7 @@ pub fn initramfs_entries(busybox: Vec<u8>, init: Vec<u8>, applets: &str) -> Vec<
             l.rsplit_once('/')
                 .is_some_and(|(dir, name)| INITRAMFS_DIRS.contains(&dir) && !name.is_empty())
         })
-        .filter(|l| *l != "bin/busybox")
+        .filter(|l| *l != "bin/busybox" && *l != XFER_PATH)
         .collect();
     links.sort_unstable();
     links.dedup();
@@ -607,6 +630,11 @@ pub fn initramfs_entries(busybox: Vec<u8>, init: Vec<u8>, applets: &str) -> Vec<
         target: "/bin/busybox".into(),
     }));
     e.push(Entry::File {
+        path: XFER_PATH.into(),
+        perm: 0o755,
+        data: xfer,
+    });
+    e.push(Entry::File {
         path: "init".into(),
         perm: 0o755,
         data: init,
@@ -614,11 +642,60 @@ pub fn initramfs_entries(busybox: Vec<u8>, init: Vec<u8>, applets: &str) -> Vec<
     e
 }
 
+/// Compiles `keel-xfer` (the source as hashed, copied into `work`) with
+/// gcc and checks that it runs on the host; returns the binary.
+fn build_xfer(source: &[u8], work: &Path, log: &Log) -> Result<Vec<u8>, String> {
+    let src = work.join("keel-xfer.c");
+    let bin = work.join("keel-xfer");
+    io(
+        || format!("cannot write {}", src.display()),
+        fs::write(&src, source),
+    )?;
+    let mut cc = Command::new("gcc");
+    cc.args(XFER_CFLAGS).arg("-o").arg(&bin).arg(&src);
+    let desc = format!("{cc:?}");
+    let out = io(|| format!("cannot run {desc}"), cc.stdin(Stdio::null()).output())?;
+    if !out.status.success() {
+        let mut msg = format!("cannot compile guest/linux/keel-xfer.c ({}): {desc}", out.status);
+        let err = String::from_utf8_lossy(&out.stderr);
+        if err.contains("cannot find -lc") {
+            msg.push_str(&format!(
+                "\n(no static libc: install it with `apt-get install {LIBC_PACKAGE}`)"
+            ));
+        }
+        msg.push('\n');
+        msg.push_str(err.trim_end());
+        return Err(msg);
+    }
+    let bytes = read(&bin)?;
+    if bytes.get(..4) != Some(b"\x7fELF") {
+        return Err(format!("{} is not an ELF binary", bin.display()));
+    }
+    // It runs on the host too: without arguments it prints its usage and
+    // exits 2. Anything else means a broken binary.
+    let probe = io(
+        || format!("cannot run {}", bin.display()),
+        Command::new(&bin).stdin(Stdio::null()).output(),
+    )?;
+    let usage = String::from_utf8_lossy(&probe.stderr);
+    if probe.status.code() != Some(2) || !usage.contains("usage: keel-xfer") {
+        return Err(format!(
+            "{} does not run as expected ({}): {}",
+            bin.display(),
+            probe.status,
+            usage.trim_end()
+        ));
+    }
+    log.say(format!("keel-xfer: {} KiB, static", bytes.len() / 1024));
+    Ok(bytes)
+}
+
 /// Builds the initramfs; returns the cpio bytes.
 fn build_initramfs(
     root: &Path,
     busybox_version: &str,
     init: &[u8],
+    xfer: &[u8],
     work: &Path,
     log: &Log,
 ) -> Result<Vec<u8>, String> {
@@ -632,7 +709,7 @@ fn build_initramfs(
     }
     // The static x86-64 binary runs on the host: ask it for its applets.
     let applets = output(Command::new(&bb).arg("--list-full"))?;
-    let entries = initramfs_entries(busybox, init.to_vec(), &applets);
+    let entries = initramfs_entries(busybox, init.to_vec(), xfer.to_vec(), &applets);
     let bytes = cpio::write(&entries);
     // Read it back: catches a writer bug before a guest fails to boot.
     let back = cpio::read(&bytes)?;
@@ -670,8 +747,10 @@ pub fn run_guest(opts: &GuestOpts) -> Result<Artifacts, String> {
     let repo = repo_root();
     let fragment_path = repo.join("guest/linux/keel.config");
     let init_path = repo.join("guest/linux/init");
+    let xfer_path = repo.join("guest/linux/keel-xfer.c");
     let fragment_text = read(&fragment_path)?;
     let init = read(&init_path)?;
+    let xfer_source = read(&xfer_path)?;
     let fragment = kconfig::parse(&String::from_utf8_lossy(&fragment_text))
         .map_err(|e| format!("{}: {e}", fragment_path.display()))?;
     let root = cache::guest_cache_root(
@@ -689,11 +768,14 @@ pub fn run_guest(opts: &GuestOpts) -> Result<Artifacts, String> {
     let (origin, kernel_source) = resolve_kernel(opts, versions.next(), &log)?;
     let mut inputs = Inputs {
         logic_version: cache::BUILD_LOGIC_VERSION.into(),
+        kernel_logic_version: cache::KERNEL_LOGIC_VERSION.into(),
         kernel_fragment: fragment_text.clone(),
         init_script: init.clone(),
+        xfer_source: xfer_source.clone(),
         kernel_source,
         busybox_version,
         compiler: gcc_version(),
+        libc: libc_version(),
     };
     let mut key = inputs.key();
     let mut artifacts = Artifacts::new(&root, &key);
@@ -713,10 +795,11 @@ pub fn run_guest(opts: &GuestOpts) -> Result<Artifacts, String> {
     }
     // Only a build needs the build tools (a cached run works without them).
     ensure_deps(opts, &log)?;
-    let compiler = gcc_version();
-    if compiler != inputs.compiler {
-        // gcc was just installed: it is part of the key.
+    let (compiler, libc) = (gcc_version(), libc_version());
+    if compiler != inputs.compiler || libc != inputs.libc {
+        // gcc or libc6-dev was just installed: both are part of the key.
         inputs.compiler = compiler;
+        inputs.libc = libc;
         key = inputs.key();
         artifacts = Artifacts::new(&root, &key);
         if artifacts.complete() && !opts.rebuild {
@@ -750,9 +833,22 @@ pub fn run_guest(opts: &GuestOpts) -> Result<Artifacts, String> {
     )?;
     let klog = work.join("kernel-build.log");
 
-    // The initramfs first: it takes seconds, and a problem with it should
-    // not wait for the kernel.
-    let cpio_bytes = build_initramfs(&root, &inputs.busybox_version, &init, &work, &log)?;
+    // keel-xfer and the initramfs first: they take seconds, and a problem
+    // with them should not wait for the kernel.
+    let xfer = build_xfer(&xfer_source, &work, &log)?;
+    let xfer_out = out.join("keel-xfer");
+    io(
+        || format!("cannot write {}", xfer_out.display()),
+        fs::write(&xfer_out, &xfer),
+    )?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        io(
+            || format!("cannot chmod {}", xfer_out.display()),
+            fs::set_permissions(&xfer_out, fs::Permissions::from_mode(0o755)),
+        )?;
+    }
+    let cpio_bytes = build_initramfs(&root, &inputs.busybox_version, &init, &xfer, &work, &log)?;
     io(
         || "cannot write initramfs".into(),
         fs::write(out.join("initramfs.cpio"), &cpio_bytes),
@@ -855,7 +951,12 @@ mod tests {
     #[test]
     fn initramfs_layout() {
         let applets = "bin/sh\nbin/busybox\nsbin/reboot\nusr/bin/awk\nlinuxrc\nweird/dir/x\nbin/sh\n";
-        let e = initramfs_entries(b"\x7fELFbusybox".to_vec(), b"#!/bin/sh\n".to_vec(), applets);
+        let e = initramfs_entries(
+            b"\x7fELFbusybox".to_vec(),
+            b"#!/bin/sh\n".to_vec(),
+            b"\x7fELFkeel-xfer".to_vec(),
+            applets,
+        );
         let paths: Vec<&str> = e.iter().map(Entry::path).collect();
         // Every parent directory comes before its children.
         for (i, p) in paths.iter().enumerate() {
@@ -889,6 +990,22 @@ mod tests {
             })
             .collect();
         assert_eq!(links, ["bin/sh", "sbin/reboot", "usr/bin/awk"]);
+        // keel-xfer: one executable file, whatever the applet list says.
+        let xfers: Vec<&Entry> = e.iter().filter(|x| x.path() == XFER_PATH).collect();
+        assert_eq!(
+            xfers,
+            [&Entry::File {
+                path: "bin/keel-xfer".into(),
+                perm: 0o755,
+                data: b"\x7fELFkeel-xfer".to_vec()
+            }]
+        );
+        let with_clash = initramfs_entries(Vec::new(), Vec::new(), b"x".to_vec(), "bin/keel-xfer\nbin/sh\n");
+        assert_eq!(
+            with_clash.iter().filter(|x| x.path() == XFER_PATH).count(),
+            1,
+            "an applet of the same name must not shadow keel-xfer"
+        );
         // And it serializes.
         assert_eq!(cpio::read(&cpio::write(&e)).unwrap(), e);
     }
@@ -929,5 +1046,15 @@ mod tests {
         assert!(init.starts_with("#!/bin/sh\n"));
         assert!(init.contains("KEEL-INIT: userspace up"));
         assert!(init.contains("reboot -f"));
+        // The checks that need keel-xfer call it where the cpio puts it.
+        assert!(init.contains("keel-xfer send \"$2\""));
+        assert!(init.contains("xfer tcp \"tcp:$server:5201\" 4194304 5201"));
+        assert!(init.contains("xfer vsockrt vsock:2:5202 1048576 5202"));
+        let xfer = fs::read_to_string(root.join("guest/linux/keel-xfer.c")).unwrap();
+        assert!(xfer.contains("int main(int argc, char **argv)"));
+        assert!(
+            xfer.contains("usage: keel-xfer"),
+            "build_xfer's run check looks for it"
+        );
     }
 }

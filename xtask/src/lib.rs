@@ -12,25 +12,29 @@
 //!   (or `--kernel-source PATH`) with `make tinyconfig` plus the fragment
 //!   `guest/linux/keel.config`;
 //! * `bzImage`: the same kernel in the Linux boot protocol format;
-//! * `initramfs`: an uncompressed `newc` cpio with Debian's static BusyBox
-//!   and `guest/linux/init` as `/init`.
+//! * `initramfs`: an uncompressed `newc` cpio with Debian's static BusyBox,
+//!   `guest/linux/init` as `/init` and `keel-xfer` as `/bin/keel-xfer`;
+//! * `xfer`: `keel-xfer`, compiled from `guest/linux/keel-xfer.c` with
+//!   `gcc -static` (glibc's `libc.a` from `libc6-dev`); the same binary as
+//!   in the initramfs, for the host end of the transfer tests.
 //!
-//! On success it prints exactly four `name=path` lines on stdout
-//! (`vmlinux=`, `bzImage=`, `initramfs=`, `cache=`) and nothing else;
-//! progress goes to stderr. Artifacts live in
+//! On success it prints exactly five `name=path` lines on stdout
+//! (`vmlinux=`, `bzImage=`, `initramfs=`, `cache=`, `xfer=`, in that order)
+//! and nothing else; progress goes to stderr. Artifacts live in
 //! `<cache>/<key>/`, where `<cache>` is `$KEEL_CACHE_DIR/guest`,
 //! `$XDG_CACHE_HOME/keel/guest` or `~/.cache/keel/guest`, and `<key>` is an
 //! FNV-1a 64 hash of every input ([`cache::Inputs`]: the fragment, the init
-//! script, the Debian package versions or the tarball's content, gcc's
-//! version and [`cache::BUILD_LOGIC_VERSION`]). A second run with the same
+//! script, `keel-xfer.c`, the Debian package versions or the tarball's
+//! content, gcc's and libc6-dev's versions, [`cache::BUILD_LOGIC_VERSION`]
+//! and [`cache::KERNEL_LOGIC_VERSION`]). A second run with the same
 //! inputs finds the entry and returns at once.
 //!
 //! Every build happens in a `tmp-<pid>-<key>` directory inside the cache and
 //! becomes visible by one `rename`, so an interrupted build never leaves a
 //! half-written entry (the next run deletes the leftover directory). The
 //! kernel is also kept in `<cache>/kernels/<kernel key>/`, keyed by the
-//! kernel's inputs only, so editing `guest/linux/init` rebuilds just the
-//! initramfs. Downloaded `.deb`s (`<cache>/downloads/`) and the unpacked
+//! kernel's inputs only, so editing `guest/linux/init` or `keel-xfer.c`
+//! rebuilds just the initramfs (and `keel-xfer`). Downloaded `.deb`s (`<cache>/downloads/`) and the unpacked
 //! kernel tree (`<cache>/src/`) are kept for later builds.
 //!
 //! Options:
@@ -104,7 +108,8 @@ usage: cargo xtask <task>
 
 tasks:
   guest [options]   build (or find cached) Linux guest artifacts and print
-                    vmlinux=, bzImage=, initramfs=, cache= lines on stdout
+                    vmlinux=, bzImage=, initramfs=, cache=, xfer= lines on
+                    stdout
       --install-deps        apt-get install missing host tools (root)
       --print               print the cached paths; fail if not cached
       --rebuild             rebuild even if cached
@@ -115,7 +120,7 @@ tasks:
   test [--no-linux] [-- ARGS]
                     the whole test suite: builds the Linux guest (or finds it
                     cached), then runs `cargo test --workspace ARGS` with
-                    KEEL_GUEST_VMLINUX/BZIMAGE/INITRAMFS set and
+                    KEEL_GUEST_VMLINUX/BZIMAGE/INITRAMFS/XFER set and
                     KEEL_REQUIRE_LINUX=1, so the Linux end-to-end tests run
                     and cannot be skipped; --no-linux leaves them out (they
                     then say SKIPPED)
@@ -225,6 +230,18 @@ pub fn main_with_args<I: IntoIterator<Item = String>>(args: I) -> i32 {
     }
 }
 
+/// The environment variable through which `cargo xtask test` hands the
+/// output `name` (of `cargo xtask guest`) to the tests; `None` for `cache`.
+pub fn test_env_var(name: &str) -> Option<&'static str> {
+    match name {
+        "vmlinux" => Some("KEEL_GUEST_VMLINUX"),
+        "bzImage" => Some("KEEL_GUEST_BZIMAGE"),
+        "initramfs" => Some("KEEL_GUEST_INITRAMFS"),
+        "xfer" => Some("KEEL_GUEST_XFER"),
+        _ => None,
+    }
+}
+
 /// `cargo xtask test`: guest artifacts first, then the workspace's tests.
 fn run_tests(opts: &TestOpts) -> Result<i32, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
@@ -235,11 +252,8 @@ fn run_tests(opts: &TestOpts) -> Result<i32, String> {
     if !opts.no_linux {
         let artifacts = guest::run_guest(&GuestOpts::default())?;
         for (name, path) in artifacts.outputs() {
-            let var = match name {
-                "vmlinux" => "KEEL_GUEST_VMLINUX",
-                "bzImage" => "KEEL_GUEST_BZIMAGE",
-                "initramfs" => "KEEL_GUEST_INITRAMFS",
-                _ => continue,
+            let Some(var) = test_env_var(name) else {
+                continue;
             };
             cmd.env(var, path);
         }
@@ -296,6 +310,26 @@ mod tests {
             }))
         );
         assert!(parse(&["test", "--bogus"]).unwrap_err().contains("--bogus"));
+    }
+
+    #[test]
+    fn every_artifact_reaches_the_tests() {
+        let a = cache::Artifacts::new(std::path::Path::new("/c"), "k");
+        let vars: Vec<_> = a
+            .outputs()
+            .iter()
+            .filter_map(|(name, _)| test_env_var(name))
+            .collect();
+        assert_eq!(
+            vars,
+            [
+                "KEEL_GUEST_VMLINUX",
+                "KEEL_GUEST_BZIMAGE",
+                "KEEL_GUEST_INITRAMFS",
+                "KEEL_GUEST_XFER"
+            ]
+        );
+        assert_eq!(test_env_var("cache"), None);
     }
 
     #[test]

@@ -11,8 +11,12 @@
 //! log on hvc0) and two short ones that stop once both CPUs are up (ELF
 //! vmlinux through the 64-bit entry, and through PVH). The boots run one at
 //! a time.
+//!
+//! `keel-xfer` (`guest/linux/keel-xfer.c`, `KEEL_GUEST_XFER`) is the program
+//! on both ends of the checked TCP and vsock transfers; it is also tested
+//! here on the host over loopback, which needs no guest at all.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -57,6 +61,282 @@ fn guest() -> Option<Guest> {
             None
         }
     }
+}
+
+/// The host copy of `keel-xfer` (`cargo xtask guest`'s `xfer=`), or `None`
+/// after printing why the test (or its part) is skipped.
+fn xfer_binary(what: &str) -> Option<PathBuf> {
+    match std::env::var_os("KEEL_GUEST_XFER")
+        .map(PathBuf::from)
+        .filter(|p| p.is_file())
+    {
+        Some(p) => Some(p),
+        None => {
+            let why = format!("{what}: no keel-xfer (KEEL_GUEST_XFER); run `cargo xtask test`");
+            if std::env::var_os("KEEL_REQUIRE_LINUX").is_some() {
+                panic!("KEEL_REQUIRE_LINUX is set but there is {why}");
+            }
+            report_skip(&why);
+            None
+        }
+    }
+}
+
+/// A running `keel-xfer serve`, killed and reaped on drop whatever happens.
+struct XferServer {
+    child: std::process::Child,
+    stdout: BufReader<std::process::ChildStdout>,
+    /// The address from its `keel-xfer: listening on ADDR` line.
+    listening: String,
+}
+
+/// How a `keel-xfer` process ended.
+#[derive(Debug)]
+struct XferEnd {
+    /// `None`: killed (it did not finish in time).
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl XferServer {
+    /// Starts `cmd` (a `keel-xfer serve ...` command line, perhaps behind
+    /// `ip netns exec`) and waits for its `listening on` line, so a client
+    /// can connect at once.
+    fn start(mut cmd: Command) -> XferServer {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut first = String::new();
+        let _ = stdout.read_line(&mut first);
+        let Some(listening) = first.trim_end().strip_prefix("keel-xfer: listening on ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let mut err = String::new();
+            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("{cmd:?} did not start listening: stdout {first:?}, stderr {err:?}");
+        };
+        XferServer {
+            listening: listening.to_string(),
+            child,
+            stdout,
+        }
+    }
+
+    /// Waits up to `limit` for the server to exit (then kills it).
+    fn finish(mut self, limit: Duration) -> XferEnd {
+        let start = Instant::now();
+        let code = loop {
+            match self.child.try_wait().unwrap() {
+                Some(status) => break status.code(),
+                None if start.elapsed() > limit => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    break None;
+                }
+                None => std::thread::sleep(Duration::from_millis(50)),
+            }
+        };
+        let mut stdout = String::new();
+        let _ = self.stdout.read_to_string(&mut stdout);
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        XferEnd { code, stdout, stderr }
+    }
+}
+
+impl Drop for XferServer {
+    fn drop(&mut self) {
+        // A no-op once it has been reaped by `finish`.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs `keel-xfer send ADDR BYTES SEED` to completion (60 s timeout inside
+/// keel-xfer itself).
+fn xfer_send(xfer: &Path, addr: &str, bytes: u64, seed: u64) -> XferEnd {
+    let out = Command::new(xfer)
+        .args(["send", addr, &bytes.to_string(), &seed.to_string()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    XferEnd {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The numbers of a `keel-xfer: sent=N sum=HEX recv=M sum=HEX ok` line
+/// found anywhere in `text` (a console line may have a prefix).
+#[derive(Debug, PartialEq, Eq)]
+struct XferLine {
+    sent: u64,
+    sent_sum: u64,
+    recv: u64,
+    recv_sum: u64,
+    ok: bool,
+}
+
+fn xfer_line(text: &str) -> Option<XferLine> {
+    let line = text.lines().find_map(|l| l.split("keel-xfer: sent=").nth(1))?;
+    let mut words = line.split_whitespace();
+    let sent = words.next()?.parse().ok()?;
+    let mut field = |name: &str| words.next()?.strip_prefix(name).map(str::to_string);
+    let sent_sum = u64::from_str_radix(&field("sum=")?, 16).ok()?;
+    let recv = field("recv=")?.parse().ok()?;
+    let recv_sum = u64::from_str_radix(&field("sum=")?, 16).ok()?;
+    let ok = words.next() == Some("ok");
+    Some(XferLine {
+        sent,
+        sent_sum,
+        recv,
+        recv_sum,
+        ok,
+    })
+}
+
+/// FNV-1a 64 of `stream(seed)` of `len` bytes, computed independently of
+/// keel-xfer from its documented definition (xorshift64*, state
+/// `seed ^ 0x9E3779B97F4A7C15` or 1, outputs little-endian).
+fn xfer_stream_sum(seed: u64, len: u64) -> u64 {
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15;
+    if x == 0 {
+        x = 1;
+    }
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut left = len;
+    while left > 0 {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let out = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
+        for b in &out[..left.min(8) as usize] {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        left -= left.min(8);
+    }
+    h
+}
+
+/// Asserts a client/server pair both matched, each side's sums are the
+/// other's, and they are the sums of the documented streams.
+fn assert_xfer_pair(client: &XferEnd, server: &XferEnd, bytes: u64, seed: u64, what: &str) {
+    assert_eq!(client.code, Some(0), "{what}: send: {client:?}");
+    assert_eq!(server.code, Some(0), "{what}: serve: {server:?}");
+    let c = xfer_line(&client.stdout).unwrap_or_else(|| panic!("{what}: send printed {client:?}"));
+    let s = xfer_line(&server.stdout).unwrap_or_else(|| panic!("{what}: serve printed {server:?}"));
+    assert!(c.ok && s.ok, "{what}: {c:?} {s:?}");
+    assert_eq!(
+        (c.sent, c.recv, s.sent, s.recv),
+        (bytes, bytes, bytes, bytes),
+        "{what}"
+    );
+    assert_eq!(c.sent_sum, s.recv_sum, "{what}: client→server checksums");
+    assert_eq!(c.recv_sum, s.sent_sum, "{what}: server→client checksums");
+    assert_eq!(c.sent_sum, xfer_stream_sum(seed, bytes), "{what}: stream(SEED)");
+    assert_eq!(
+        s.sent_sum,
+        xfer_stream_sum(seed.wrapping_add(1), bytes),
+        "{what}: stream(SEED+1)"
+    );
+    println!("{what}: send: {}", client.stdout.trim_end());
+    println!("{what}: serve: {}", server.stdout.trim_end());
+}
+
+#[test]
+fn keel_xfer_checks_both_directions_over_loopback() {
+    let Some(xfer) = xfer_binary("keel-xfer loopback test") else {
+        return;
+    };
+    let dir = scratch_dir("xfer");
+    let serve = |addr: &str, bytes: u64, seed: u64| {
+        let mut cmd = Command::new(&xfer);
+        cmd.args(["serve", addr, &bytes.to_string(), &seed.to_string()]);
+        XferServer::start(cmd)
+    };
+    let limit = Duration::from_secs(60);
+
+    // TCP over loopback: port 0 makes keel-xfer pick a free port and say it.
+    let bytes = 4 << 20;
+    let server = serve("tcp:127.0.0.1:0", bytes, 5201);
+    let addr = server.listening.clone();
+    assert!(
+        addr.starts_with("tcp:127.0.0.1:") && !addr.ends_with(":0"),
+        "{addr}"
+    );
+    let client = xfer_send(&xfer, &addr, bytes, 5201);
+    assert_xfer_pair(&client, &server.finish(limit), bytes, 5201, "tcp");
+
+    // A Unix socket (what Keel's vsock muxer connects to on the host).
+    let sock = format!("unix:{}", dir.join("xfer.sock").display());
+    let server = serve(&sock, 1 << 20, 0xfeed);
+    let client = xfer_send(&xfer, &sock, 1 << 20, 0xfeed);
+    assert_xfer_pair(&client, &server.finish(limit), 1 << 20, 0xfeed, "unix");
+    // Zero bytes is a valid (empty) transfer.
+    let server = serve(&sock, 0, 9);
+    let client = xfer_send(&xfer, &sock, 0, 9);
+    assert_xfer_pair(&client, &server.finish(limit), 0, 9, "unix, empty");
+
+    // The server expects another seed: both ends see a mismatch at byte 0
+    // (the client gets stream(7 + 1), not stream(5 + 1)).
+    let server = serve(&sock, 1000, 7);
+    let client = xfer_send(&xfer, &sock, 1000, 5);
+    let server = server.finish(limit);
+    assert_eq!(server.code, Some(1), "{server:?}");
+    assert_has(&server.stdout, "MISMATCH at byte 0", "server, wrong seed");
+    assert_ne!(client.code, Some(0), "{client:?}");
+    assert_has(&client.stdout, "MISMATCH at byte 0", "client, wrong seed");
+
+    // The server expects one byte more: it sees the stream end early, and
+    // the client gets one byte too many back.
+    let server = serve(&sock, 1001, 5);
+    let client = xfer_send(&xfer, &sock, 1000, 5);
+    let server = server.finish(limit);
+    assert_eq!(server.code, Some(1), "{server:?}");
+    assert_has(
+        &server.stdout,
+        "MISMATCH at byte 1000 (stream ended early",
+        "server, short",
+    );
+    assert_ne!(client.code, Some(0), "{client:?}");
+    assert_has(
+        &client.stdout,
+        "MISMATCH at byte 1000 (more data than expected",
+        "client, long",
+    );
+
+    // Failures are one line naming the address or the bad value.
+    let gone = format!("unix:{}", dir.join("nobody.sock").display());
+    let client = xfer_send(&xfer, &gone, 10, 1);
+    assert_eq!(client.code, Some(1), "{client:?}");
+    assert_eq!(client.stderr.lines().count(), 1, "{client:?}");
+    assert_has(
+        &client.stderr,
+        &format!("keel-xfer: error: connect {gone}: "),
+        "no server",
+    );
+    let out = Command::new(&xfer)
+        .args(["send", "tcp:127.0.0.1:99999", "10", "1"])
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    assert_has(
+        &String::from_utf8_lossy(&out.stderr),
+        "bad address 'tcp:127.0.0.1:99999': port",
+        "bad port",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn scratch_dir(name: &str) -> PathBuf {
@@ -471,6 +751,12 @@ impl Drop for DhcpNetns {
     }
 }
 
+/// The guest's `tcp` check: `keel-xfer send tcp:<bootserver>:5201 4194304
+/// 5201` (see guest/linux/init).
+const TCP_XFER: (u16, u64, u64) = (5201, 4 << 20, 5201);
+/// The guest's `vsockrt` check: `keel-xfer send vsock:2:5202 1048576 5202`.
+const VSOCK_XFER: (u32, u64, u64) = (5202, 1 << 20, 5202);
+
 #[test]
 fn linux_gets_an_address_by_dhcp_over_virtio_net() {
     let Some(guest) = guest() else { return };
@@ -478,6 +764,28 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
     let dir = scratch_dir("dhcp");
     let netns = DhcpNetns::new();
     let serial = dir.join("serial.log");
+    let vsock_uds = dir.join("vsock.sock");
+    // The peers of the guest's `tcp` and `vsockrt` checks. The TCP server
+    // runs in the namespace, on the tap's address; the vsock one is a Unix
+    // socket on the host, where Keel's muxer connects for guest port 5202.
+    // Their timeout outlasts the boot's; they are killed when not needed.
+    let servers = xfer_binary("TCP and vsock round trips").map(|xfer| {
+        let (port, bytes, seed) = TCP_XFER;
+        let mut tcp = Command::new("ip");
+        tcp.args(["netns", "exec", &netns.name])
+            .arg(&xfer)
+            .args(["-t", "660", "serve"])
+            .arg(format!("tcp:{}:{port}", DhcpNetns::HOST_ADDR))
+            .args([bytes.to_string(), seed.to_string()]);
+        let tcp = XferServer::start(tcp);
+        let (port, bytes, seed) = VSOCK_XFER;
+        let mut vsock = Command::new(&xfer);
+        vsock
+            .args(["-t", "660", "serve"])
+            .arg(format!("unix:{}_{port}", vsock_uds.display()))
+            .args([bytes.to_string(), seed.to_string()]);
+        (tcp, XferServer::start(vsock))
+    });
     // `keel` itself runs inside the namespace, so the tap it opens is the
     // test's tap and nothing it sends can leave.
     let start = Instant::now();
@@ -488,9 +796,14 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
         .args(["--kernel", guest.bzimage.to_str().unwrap(), "--memory", "128M"])
         .args(["--initrd", guest.initramfs.to_str().unwrap()])
         .args(["--net", &format!("tap={},mac=02:4b:45:45:4c:01", DhcpNetns::TAP)])
-        .args(["--cmdline", &format!("{SERIAL_CMDLINE} ip=dhcp keel.test=net")])
+        .args(["--vsock", &format!("cid=3,uds={}", vsock_uds.display())])
+        .args([
+            "--cmdline",
+            &format!("{SERIAL_CMDLINE} ip=dhcp keel.test=net,tcp,vsockrt"),
+        ])
         .arg("--serial")
         .arg(format!("file:{}", serial.display()))
+        .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -515,13 +828,45 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
         String::from_utf8_lossy(&out.stderr)
     );
     let stderr = String::from_utf8_lossy(&out.stderr);
+    // The kernel's own part of the vsock path: its virtio-vsock driver
+    // took the device (type 19) the round trip below goes through.
+    assert_has(
+        &stderr,
+        "driver ready for device type 19",
+        "virtio-vsock driver (keel's stderr)",
+    );
     if stderr.contains("guest user space cannot make system calls here") {
+        // Nobody will connect: stop the servers (dropping them kills them).
+        drop(servers);
         report_skip(
-            "user-space network checks (init pings the DHCP server): this host's KVM \
-             emulates guest ring 0 and guest user space cannot make system calls here",
+            "user-space network checks (init pings the DHCP server; a 4 MiB TCP round trip \
+             and a 1 MiB vsock round trip with keel-xfer, checksums checked both ways): this \
+             host's KVM emulates guest ring 0 and guest user space cannot make system calls here",
         );
     } else {
         assert_has(&console, "KEEL-TEST: ping ok", "ping from user space");
+        if let Some((tcp, vsock)) = servers {
+            // The guest ran its checks before rebooting: the servers are
+            // done or about to be.
+            let limit = Duration::from_secs(30);
+            for (name, server, (bytes, seed)) in [
+                ("tcp", tcp.finish(limit), (TCP_XFER.1, TCP_XFER.2)),
+                ("vsockrt", vsock.finish(limit), (VSOCK_XFER.1, VSOCK_XFER.2)),
+            ] {
+                let Some(guest_line) = console
+                    .lines()
+                    .find(|l| l.contains(&format!("KEEL-TEST: {name} ok")))
+                else {
+                    panic!("no `KEEL-TEST: {name} ok` (its server: {server:?}) in:\n{console}");
+                };
+                let guest_end = XferEnd {
+                    code: Some(0),
+                    stdout: guest_line.to_string(),
+                    stderr: String::new(),
+                };
+                assert_xfer_pair(&guest_end, &server, bytes, seed, name);
+            }
+        }
     }
     drop(netns);
     let _ = std::fs::remove_dir_all(&dir);
