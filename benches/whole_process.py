@@ -4,8 +4,11 @@
     python3 benches/whole_process.py [RUNS]        (default 20 runs each)
 
 Each VMM boots a guest that ends at once and exits; the script records, per
-run, wall time (spawn to reap), CPU time (user + system) and peak RSS of the
-VMM process (from wait4), and prints medians and the Keel / QEMU ratios.
+run, wall time (spawn to reap) and CPU time (user + system, from wait4),
+running the contenders alternately, then peak RSS (GNU time, separate runs),
+and prints medians and the Keel / QEMU ratios. It also prints Keel's own
+memory overhead: peak RSS minus the guest pages touched (keel logs those at
+debug level, counted with mincore), for a 128 MiB and a 2 GiB guest.
 
 - Keel: `target/release/keel --memory M --cmdline "exit code=0" --serial none`
   (the built-in guest: ~140 emulated ring-0 instructions, then ring 3 writes
@@ -19,6 +22,7 @@ Keel is also run with a 2 GiB guest, to show guest memory is not touched:
 peak RSS barely moves with guest size.
 """
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -39,27 +43,58 @@ def firmware(path):
         f.write(image)
 
 
-def measure(cmd, expect):
-    """Wall and CPU from wait4; peak RSS from GNU time, because a child's
-    ru_maxrss also counts the forked Python process it was before exec."""
-    with tempfile.NamedTemporaryFile("r") as rss_file:
-        timed = ["/usr/bin/time", "-q", "-o", rss_file.name, "-f", "%M"] + cmd
-        start = time.perf_counter()
-        proc = subprocess.Popen(timed, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - start
-        code = os.waitstatus_to_exitcode(status)
-        if code != expect:
-            sys.exit(f"{cmd[0]} exited {code}, expected {expect}: {proc.stderr.read().decode(errors='replace')}")
-        rss_kib = int(rss_file.read().split()[-1])
-    return wall * 1e3, (usage.ru_utime + usage.ru_stime) * 1e3, rss_kib / 1024
+def timed(cmd, expect, env=None):
+    """Wall time (spawn to reap) and CPU time (user + system, from wait4) of
+    one run. Python starts the child with vfork, so the child's usage is the
+    VMM's own; no wrapper process stands in between."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env)
+    stderr = proc.stderr.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != expect:
+        sys.exit(f"{cmd[0]} exited {proc.returncode}, expected {expect}: {stderr.decode(errors='replace')}")
+    return wall * 1e3, (usage.ru_utime + usage.ru_stime) * 1e3, stderr.decode(errors="replace")
 
 
-def run(name, cmd, expect, runs):
-    rows = [measure(cmd, expect) for _ in range(runs)]
-    wall, cpu, rss = (statistics.median(col) for col in zip(*rows))
-    print(f"{name:<22} wall {wall:7.1f} ms   cpu {cpu:6.1f} ms   peak RSS {rss:6.1f} MiB   (median of {runs})")
-    return wall, cpu, rss
+def peak_rss(cmd, expect):
+    """Peak RSS in MiB from GNU time, in a run of its own: a child's
+    ru_maxrss seen from Python also counts the Python process it was forked
+    from, and GNU time's own CPU must not be charged to the VMM."""
+    with tempfile.NamedTemporaryFile("r") as out:
+        timed(["/usr/bin/time", "-q", "-o", out.name, "-f", "%M"] + cmd, expect)
+        return int(out.read().split()[-1]) / 1024
+
+
+def guest_resident(cmd, expect):
+    """KiB of guest memory resident when keel's guest ended (keel logs it at
+    debug level): the guest's own pages, to subtract from peak RSS."""
+    env = dict(os.environ, RUST_LOG="keel_vmm=debug")
+    _, _, stderr = timed(cmd, expect, env)
+    m = re.search(r"guest memory resident at exit: (\d+) KiB", stderr)
+    if not m:
+        sys.exit(f"no residency line in keel's log:\n{stderr}")
+    return int(m.group(1)) / 1024
+
+
+def interleaved(contenders, runs):
+    """Runs each contender `runs` times, alternating between them so drift on
+    a shared machine hits all alike; returns median (wall, cpu, rss) each."""
+    rows = {name: [] for name, _, _ in contenders}
+    for _ in range(runs):
+        for name, cmd, expect in contenders:
+            wall, cpu, _ = timed(cmd, expect)
+            rows[name].append((wall, cpu))
+    result = {}
+    for name, cmd, expect in contenders:
+        wall = statistics.median(r[0] for r in rows[name])
+        cpu = statistics.median(r[1] for r in rows[name])
+        rss = statistics.median(peak_rss(cmd, expect) for _ in range(max(3, runs // 4)))
+        result[name] = (wall, cpu, rss)
+        print(f"{name:<24} wall {wall:7.1f} ms   cpu {cpu:6.1f} ms   peak RSS {rss:6.1f} MiB   (median of {runs})")
+    return result
 
 
 def main():
@@ -78,13 +113,18 @@ def main():
                 "-bios", fw, "-device", "isa-debug-exit,iobase=0xf4,iosize=1"]
         keel = [KEEL, "--memory", "128M", "--cmdline", "exit code=0", "--serial", "none"]
         keel_2g = [KEEL, "--memory", "2G", "--cmdline", "exit code=0", "--serial", "none"]
-        # Interleave the warm-up so neither gets a cold page cache.
-        measure(keel, 0)
-        measure(qemu, 1)
-        k = run("keel (128 MiB guest)", keel, 0, runs)
-        q = run("qemu microvm (128 MiB)", qemu, 1, runs)
-        run("keel (2 GiB guest)", keel_2g, 0, runs)
+        # Warm-up so neither gets a cold page cache.
+        timed(keel, 0)
+        timed(qemu, 1)
+        r = interleaved([("keel (128 MiB guest)", keel, 0), ("qemu microvm (128 MiB)", qemu, 1),
+                         ("keel (2 GiB guest)", keel_2g, 0)], runs)
+        k, q = r["keel (128 MiB guest)"], r["qemu microvm (128 MiB)"]
         print(f"keel / qemu: wall {k[0] / q[0]:.2f}, cpu {k[1] / q[1]:.2f}, peak RSS {k[2] / q[2]:.2f}")
+        for name, cmd in [("keel (128 MiB guest)", keel), ("keel (2 GiB guest)", keel_2g)]:
+            guest = guest_resident(cmd, 0)
+            rss = r[name][2]
+            print(f"{name:<24} VMM overhead {rss - guest:5.2f} MiB = peak RSS {rss:.2f} MiB "
+                  f"- guest pages touched {guest:.2f} MiB")
 
 
 if __name__ == "__main__":
