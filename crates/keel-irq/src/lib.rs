@@ -14,11 +14,35 @@
 //!   number;
 //! - [`IrqfdLine`] is an [`InterruptLine`] backed by a KVM irqfd: triggering
 //!   it is one `write(2)` to an eventfd, and KVM injects the interrupt without
-//!   the VMM touching the vCPU.
+//!   the VMM touching the vCPU;
+//! - [`enable_split_irqchip`] and [`Ioapic`] are the alternative to the
+//!   in-kernel irqchip: KVM's split irqchip keeps only the local APICs in the
+//!   kernel (VM teardown then skips the SRCU grace period that the in-kernel
+//!   PIC and IOAPIC cost), and [`Ioapic`] is the user-space IOAPIC, an MMIO
+//!   device whose redirection entries become KVM MSI routes through an
+//!   [`MsiRouter`]. Devices keep their [`IrqfdLine`]s, and KVM still injects
+//!   without the VMM.
 //!
-//! MSI routing and a userspace IOAPIC come later, behind the same trait.
+//! # Example: split irqchip
 //!
-//! # Example
+//! ```
+//! use std::sync::Arc;
+//! use keel_irq::{enable_split_irqchip, InterruptLine, Ioapic, IrqfdLine};
+//!
+//! let vm = kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap();
+//! // Before any vCPU exists, instead of create_in_kernel_irqchip:
+//! enable_split_irqchip(&vm).unwrap();
+//! let vm = Arc::new(vm);
+//! let line = IrqfdLine::new(&vm, 5).unwrap();
+//! // Register this on the MMIO bus at Ioapic::BASE; the guest programs it.
+//! let mut ioapic = Ioapic::new(vm.clone());
+//! ioapic.write(0x00, &0x1au32.to_le_bytes()); // low dword of entry 5
+//! ioapic.write(0x10, &0x31u32.to_le_bytes()); // vector 0x31, unmasked
+//! assert_eq!(ioapic.route_errors(), 0);
+//! line.trigger().unwrap(); // an MSI with vector 0x31 to APIC ID 0
+//! ```
+//!
+//! # Example: in-kernel irqchip
 //!
 //! ```
 //! use keel_irq::{create_in_kernel_irqchip, GsiAllocator, InterruptLine, IrqfdLine};
@@ -42,10 +66,12 @@
 mod gsi;
 mod irqchip;
 mod line;
+mod split;
 
 pub use gsi::{GsiAllocator, IOAPIC_PINS, LEGACY_ISA_GSIS};
 pub use irqchip::{create_in_kernel_irqchip, set_pit_ticks, PitTicks};
 pub use line::{InterruptLine, IrqfdLine, RecordingLine};
+pub use split::{enable_split_irqchip, Ioapic, MsiRoute, MsiRouter, RecordingRouter};
 
 /// Errors from setting up or raising interrupts.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +97,18 @@ pub enum Error {
         /// What KVM reported.
         #[source]
         source: std::io::Error,
+    },
+    /// KVM refused to enable the split irqchip.
+    #[error(
+        "KVM_ENABLE_CAP(KVM_CAP_SPLIT_IRQCHIP) with {pins} IOAPIC routes failed: {source} \
+         (it must be called once per VM, before any vCPU is created, and not together with KVM_CREATE_IRQCHIP)"
+    )]
+    EnableSplitIrqchip {
+        /// The number of GSI routes reserved for the userspace IOAPIC.
+        pins: u32,
+        /// What KVM reported.
+        #[source]
+        source: kvm_ioctls::Error,
     },
     /// Every GSI that [`GsiAllocator::allocate`] may hand out is in use.
     #[error(
@@ -101,7 +139,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// KVM refused to attach an eventfd to a GSI.
-    #[error("KVM_IRQFD for GSI {gsi} failed: {source} (does the VM have an in-kernel irqchip?)")]
+    #[error("KVM_IRQFD for GSI {gsi} failed: {source} (does the VM have an in-kernel or split irqchip?)")]
     RegisterIrqfd {
         /// The GSI the irqfd was for.
         gsi: u32,

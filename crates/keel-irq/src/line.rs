@@ -64,10 +64,13 @@ pub trait InterruptLine: Send + Sync + std::fmt::Debug {
 }
 
 /// An [`InterruptLine`] backed by a KVM irqfd: an eventfd that KVM watches
-/// and turns into an edge on a GSI of the in-kernel irqchip.
+/// and turns into an edge on a GSI: a pin of the in-kernel IOAPIC
+/// ([`crate::create_in_kernel_irqchip`]), or, with a split irqchip
+/// ([`crate::enable_split_irqchip`]), the MSI route [`crate::Ioapic`]
+/// installed for that pin (none while the guest keeps the pin masked: the
+/// edge is then dropped, as a real IOAPIC drops an edge on a masked pin).
 ///
-/// Triggering costs one `write(2)` and never involves a vCPU thread. The VM
-/// needs an in-kernel irqchip ([`crate::create_in_kernel_irqchip`]).
+/// Triggering costs one `write(2)` and never involves a vCPU thread.
 ///
 /// Dropping the line closes its eventfd, and KVM detaches the irqfd when that
 /// happens; a copy of the fd made from [`eventfd`](InterruptLine::eventfd)
