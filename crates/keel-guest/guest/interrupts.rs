@@ -10,9 +10,11 @@ pub fn enable() {
     service::call(Request::EnableInterrupts);
 }
 
-/// Interrupts taken so far on PIC IRQ line `irq` (0–15).
+/// Interrupts taken so far on IOAPIC pin `irq` (0–23; 0 for any other).
 pub fn irq_count(irq: u8) -> u64 {
-    IRQ_COUNTS[usize::from(irq & 15)].load(Ordering::SeqCst)
+    IRQ_COUNTS
+        .get(usize::from(irq))
+        .map_or(0, |count| count.load(Ordering::SeqCst))
 }
 
 /// `#BP` exceptions taken so far.

@@ -15,9 +15,9 @@ mod console;
 mod dma;
 mod exit;
 mod interrupts;
+mod irq;
 mod mem_intrinsics;
 mod mmio;
-mod pic;
 mod port;
 mod programs;
 mod ring0;
@@ -36,7 +36,7 @@ use programs::Context;
 /// Ring 3 entry, reached from `_start` by `iretq` with interrupts off.
 extern "C" fn ring3_main(boot_params: *const u8) -> ! {
     serial::init();
-    pic::init(1 << serial::IRQ);
+    irq::init(1 << serial::IRQ);
     interrupts::enable();
     serial::enable_tx_interrupt();
 

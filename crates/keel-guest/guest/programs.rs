@@ -87,14 +87,14 @@ const INTERRUPT_STATUS_OFFSET: u64 = 0x60;
 const FIRST_INTERRUPT_WAIT_MS: u64 = 2000;
 
 /// Prints `PREFIX: interrupts: ...` for a device whose requests are done,
-/// failing if its PIC line saw no interrupt at all.
+/// failing if its IOAPIC pin saw no interrupt at all.
 fn check_interrupts(
     prefix: core::fmt::Arguments<'_>,
     transport: &mut virtio::Transport,
 ) -> Outcome {
     let Some(count) = transport.settle_interrupts(FIRST_INTERRUPT_WAIT_MS) else {
         println!(
-            "{prefix}: completion polled only (GSI {} is not used as a PIC line)",
+            "{prefix}: completion polled only (GSI {} is not used as an IOAPIC pin)",
             transport.slot.gsi
         );
         return Ok(());
@@ -109,7 +109,7 @@ fn check_interrupts(
         // Did the device raise it? Its InterruptStatus stays set until acked.
         let raised = transport.read(INTERRUPT_STATUS_OFFSET) & 1 != 0;
         if raised {
-            // The device did its part; delivery through the host's PIC is
+            // The device did its part; delivery through the host's IOAPIC is
             // what failed (seen rarely on hosts whose KVM emulates ring 0).
             println!(
                 "{prefix}: note: InterruptStatus has the used-buffer bit but IRQ {irq} was not delivered within {FIRST_INTERRUPT_WAIT_MS} ms"
@@ -127,7 +127,7 @@ fn check_interrupts(
             return Ok(());
         }
         fail!(
-            "{prefix}: no interrupt arrived on IRQ {irq} (GSI {}) within {FIRST_INTERRUPT_WAIT_MS} ms: check the device's irqfd, the PIC and LAPIC LINT0",
+            "{prefix}: no interrupt arrived on IRQ {irq} (GSI {}) within {FIRST_INTERRUPT_WAIT_MS} ms: check the device's irqfd, the IOAPIC and the local APIC",
             transport.slot.gsi
         );
     }
@@ -289,7 +289,7 @@ fn hello(ctx: &Context<'_>) -> Outcome {
     );
     if stats.interrupts == 0 {
         fail!(
-            "no serial THRE interrupt arrived (IRQ {} count {}): check the irqfd on GSI 4, the PIC and LAPIC LINT0",
+            "no serial THRE interrupt arrived (IRQ {} count {}): check the irqfd on GSI 4, the IOAPIC and the local APIC",
             serial::IRQ,
             irq_count(serial::IRQ)
         );

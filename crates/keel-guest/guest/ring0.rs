@@ -7,12 +7,21 @@
 //! * `_start` (entered in 64-bit mode on the VMM's page tables and GDT) loads
 //!   the guest's own page tables, GDT, TSS and IDT, enables SSE and `iretq`s
 //!   to ring 3 with interrupts off. The page tables, GDT and TSS are
-//!   assembled at link time; only the TSS descriptor and the IDT gates, whose
-//!   address fields need bit-splitting a relocation cannot express, are
-//!   written here. 140 instructions run at CPL 0 before ring 3 (measured by
-//!   single-stepping).
-//! * IRQ stubs (vectors 0x20–0x2f, PIC IRQ 0–15) count the interrupt in
-//!   [`IRQ_COUNTS`] and send the PIC an EOI.
+//!   assembled at link time; only the TSS descriptor and the address bits
+//!   of the IDT gates, which need bit-splitting a relocation cannot
+//!   express, are written here (one `add` per gate). 108 instructions run
+//!   at CPL 0 before ring 3 (measured by single-stepping).
+//! * IRQ stubs (vectors 0x20–0x37, IOAPIC pins 0–23) count the interrupt in
+//!   [`IRQ_COUNTS`] and send the local APIC an EOI: one store to its EOI
+//!   register, through an alias of the LAPIC page at
+//!   0xffff_ffff_fee0_0000 (supervisor-only) that a sign-extended 32-bit
+//!   absolute address reaches (four instructions per interrupt in all:
+//!   `lock inc`, `jmp`, the store, `iretq`). There is no PIC EOI: ring 3
+//!   masks the 8259s and routes every interrupt through the IOAPIC (see
+//!   [`crate::irq`]), so the guest works the same with an in-kernel irqchip
+//!   and with a VMM's user-space IOAPIC (split irqchip, no PIC and no PIT).
+//! * The local APIC's spurious vector (0x3f) returns without an EOI.
+//!   Vectors 0x38–0x3e are unused and reported like an unexpected exception.
 //! * `#BP` counts in [`BREAKPOINTS`] and returns.
 //! * `#UD` from ring 3 on a `ud2` is the service call (see [`crate::service`]).
 //! * Any other exception is recorded in [`FAULT`]. From ring 3 the handler
@@ -37,8 +46,19 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::abi::{EXIT_PORT, STATUS_EXCEPTION};
 
-/// Interrupts taken per PIC IRQ line (index = IRQ, vector = 0x20 + IRQ).
-pub static IRQ_COUNTS: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
+/// IOAPIC pins the ring-0 stubs serve: pin N arrives on vector
+/// [`IRQ_VECTOR_BASE`]` + N`.
+pub const IRQ_LINES: usize = 24;
+
+/// Vector of IOAPIC pin 0.
+pub const IRQ_VECTOR_BASE: u8 = 0x20;
+
+/// The local APIC's spurious-interrupt vector (its low four bits are 1, as
+/// older APICs require); its stub returns without an EOI.
+pub const SPURIOUS_VECTOR: u8 = 0x3f;
+
+/// Interrupts taken per IOAPIC pin (index = pin, vector = 0x20 + pin).
+pub static IRQ_COUNTS: [AtomicU64; IRQ_LINES] = [const { AtomicU64::new(0) }; IRQ_LINES];
 
 /// `#BP` exceptions taken (only ring 0 executes `int3`, through the service call).
 pub static BREAKPOINTS: AtomicU64 = AtomicU64::new(0);
@@ -127,7 +147,14 @@ core::arch::global_asm!(
     .set USER_DS, 0x28 | 3
     .set USER_CS, 0x30 | 3
     .set TSS_SEL, 0x40
-    .set IDT_VECTORS, 48
+    // Exceptions 0-31, IOAPIC pins 0-23 (0x20-0x37), unused 0x38-0x3e, the
+    // spurious vector 0x3f: 64 stubs of 16 bytes, exactly one 1 KiB block.
+    .set IDT_VECTORS, 64
+    // The local APIC's EOI register through the supervisor-only alias of
+    // the MMIO gap at the top of the address space (pml4[511] below): a
+    // 32-bit absolute address is sign-extended in 64-bit mode, and
+    // 0xfee000b0 sign-extends to exactly this.
+    .set LAPIC_EOI, 0xfee000b0 - 0x100000000
     // 104-byte TSS, an I/O bitmap for all 65536 ports, and the all-ones
     // byte the CPU may read past the bitmap's end.
     .set TSS_LIMIT, 104 + 8192 + 1 - 1
@@ -163,24 +190,26 @@ _start:
     mov eax, TSS_SEL
     ltr ax
 
-    // IDT gates for vectors 0..47, one 16-byte stub each: offset bits 0-15,
-    // selector, type 0x8e (present interrupt gate, DPL 0), offset bits 16-31.
-    // The stubs sit in one 1 KiB-aligned block, so bits 16-63 are the same
-    // for all of them and each next gate is the previous one plus 16.
+    // IDT gates for vectors 0..63, one 16-byte stub each. The link-time
+    // table holds the selector, type 0x8e (present interrupt gate, DPL 0)
+    // and each stub's offset within the 1 KiB-aligned block; adding the
+    // block's address bits 0-15 (no carry: they are a multiple of 1024)
+    // and 16-31 (into gate bits 48-63) completes a gate; bits 32-63 are
+    // zero. Skipped when already done (a reset that kept the image).
+    cmp word ptr [rip + idt + 6], 0
+    jne 1f
     lea rax, [rip + vector_stubs]
     mov rcx, rax
     and ecx, 0xffff0000
     shl rcx, 32
     movzx eax, ax
     or rax, rcx
-    movabs rcx, 0x00008e0000000000 | (KERNEL_CS << 16)
-    or rax, rcx
     .set gate, 0
     .rept IDT_VECTORS
-    mov [rip + idt + gate * 16], rax
-    add rax, 16
+    add [rip + idt + gate * 16], rax
     .set gate, gate + 1
     .endr
+1:
     lidt [rip + idtr]
 
     // SSE for compiled Rust in ring 3: CR0 clear CD, NW, TS, EM; set NE, MP.
@@ -234,11 +263,7 @@ ring3_entry:
     .macro irq_stub irq
     .balign 16
     lock inc qword ptr [rip + {irq_counts} + 8 * \irq]
-    .if \irq < 8
-    jmp irq_eoi_master
-    .else
-    jmp irq_eoi_slave
-    .endif
+    jmp irq_eoi
     .endm
 
     .balign 1024
@@ -291,19 +316,29 @@ vector_stubs:
     irq_stub 13
     irq_stub 14
     irq_stub 15
-
-irq_eoi_slave:
-    push rax
-    mov al, 0x20
-    out 0xa0, al
-    out 0x20, al
-    pop rax
+    irq_stub 16
+    irq_stub 17
+    irq_stub 18
+    irq_stub 19
+    irq_stub 20
+    irq_stub 21
+    irq_stub 22
+    irq_stub 23
+    exception_stub 56, 0
+    exception_stub 57, 0
+    exception_stub 58, 0
+    exception_stub 59, 0
+    exception_stub 60, 0
+    exception_stub 61, 0
+    exception_stub 62, 0
+    .balign 16
+    // 0x3f, the spurious vector: no EOI (the APIC set no ISR bit).
     iretq
-irq_eoi_master:
-    push rax
-    mov al, 0x20
-    out 0x20, al
-    pop rax
+    // Fails to assemble ("moving backwards") if a stub outgrew 16 bytes.
+    .org vector_stubs + IDT_VECTORS * 16
+
+irq_eoi:
+    mov dword ptr [LAPIC_EOI], 0
     iretq
 
 exception_common:
@@ -407,15 +442,22 @@ fatal_halt:
     .balign 4096
     // Identity map with P|RW|US at every level: the first GiB (RAM) and
     // 3-4 GiB (MMIO gap, uncached: PWT|PCD), 2 MiB pages.
+    // pml4[511] aliases the MMIO gap at 0xffff_ffff_c000_0000 for ring 0
+    // only (no US bit): the IRQ stubs' EOI store reaches the local APIC
+    // there with a sign-extended 32-bit absolute address.
 pml4:
     .quad pdpt + 0x7
-    .fill 511, 8, 0
+    .fill 510, 8, 0
+    .quad pdpt_high + 0x3
 pdpt:
     .quad pd_ram + 0x7
     .quad 0
     .quad 0
     .quad pd_mmio + 0x7
     .fill 508, 8, 0
+pdpt_high:
+    .fill 511, 8, 0
+    .quad pd_mmio + 0x3
 pd_ram:
     .set page, 0
     .rept 512
@@ -452,9 +494,15 @@ tss:
     .fill 8192, 1, 0            // every port allowed to ring 3
     .byte 0xff
 
+    // Gates without their address bits (see _start).
     .balign 16
 idt:
-    .fill IDT_VECTORS * 16, 1, 0
+    .set gate, 0
+    .rept IDT_VECTORS
+    .quad (gate * 16) | (KERNEL_CS << 16) | 0x00008e0000000000
+    .quad 0
+    .set gate, gate + 1
+    .endr
 
     .balign 8
 gdtr:

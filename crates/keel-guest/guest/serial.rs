@@ -1,13 +1,14 @@
 //! The 16550 UART at COM1, transmitting one byte per THR-empty interrupt.
 //!
 //! Interrupt-driven output exercises the whole interrupt path of a VMM
-//! (serial device → irqfd → PIC → LAPIC LINT0 → IDT → EOI) with every byte
-//! printed. Each byte: note the IRQ 4 count, write THR, wait for the count to
-//! move, read IIR to acknowledge (an emulated 16550 raises THRE again only
-//! once the previous one was identified). If no interrupt comes within a
-//! bounded wait, the byte is finished by polling LSR instead and counted as
-//! polled; after a few of those in a row the driver stops waiting for
-//! interrupts altogether, so a broken interrupt path costs a bounded delay.
+//! (serial device → irqfd → IOAPIC pin 4 → local APIC → IDT → EOI) with
+//! every byte printed. Each byte: note the IRQ 4 count, write THR, wait for
+//! the count to move, read IIR to acknowledge (an emulated 16550 raises
+//! THRE again only once the previous one was identified). If no interrupt
+//! comes within a bounded wait, the byte is finished by polling LSR instead
+//! and counted as polled; after a few of those in a row the driver stops
+//! waiting for interrupts altogether, so a broken interrupt path costs a
+//! bounded delay.
 
 use core::hint::spin_loop;
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,11 +30,11 @@ const IER_THR_EMPTY: u8 = 0x02;
 const LSR_DATA_READY: u8 = 0x01;
 const LSR_THR_EMPTY: u8 = 0x20;
 
-/// ISA IRQ line of COM1.
+/// ISA IRQ line of COM1 (IOAPIC pin 4).
 pub const IRQ: u8 = 4;
 
 /// Longest wait for one THRE interrupt, in TSC ticks (tens of ms on any
-/// plausible TSC): irqfd injection for PIC lines goes through a kernel
+/// plausible TSC): irqfd injection for IOAPIC pins goes through a kernel
 /// workqueue, which a busy host may run late.
 const IRQ_WAIT_TICKS: u64 = 100_000_000;
 /// Consecutive missed interrupts after which the driver only polls.
@@ -68,7 +69,7 @@ pub fn init() {
     outb(MCR, 0x0b); // DTR | RTS | OUT2
 }
 
-/// Enables the THR-empty interrupt (the PIC must already pass IRQ 4 and
+/// Enables the THR-empty interrupt (the IOAPIC must already pass IRQ 4 and
 /// RFLAGS.IF be set). A 16550 raises THRE as soon as it is enabled with the
 /// THR empty; that interrupt is consumed here and not counted.
 pub fn enable_tx_interrupt() {

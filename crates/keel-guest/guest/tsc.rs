@@ -136,6 +136,10 @@ const PIT_WINDOW: u64 = PIT_HZ / 50;
 /// Longest a sample may take, in TSC ticks (100 µs at 2 GHz, 10 µs at
 /// 20 GHz); a slower one was interrupted and is taken again.
 const SAMPLE_MAX_TICKS: u64 = 200_000;
+/// Samples after which a count that never moved means there is no PIT (a
+/// split irqchip has none: its ports read as whatever the VMM answers,
+/// typically 0xff). A real PIT moves every 0.84 µs, well within a sample.
+const PIT_MAX_STILL_SAMPLES: u32 = 1000;
 
 /// Reads PIT channel 2's count between two TSC reads: (TSC at the middle,
 /// count), or `None` if the read took too long.
@@ -157,7 +161,8 @@ fn pit_sample_retrying() -> Option<(u64, u64)> {
 /// 0x61) and samples (TSC, count) twice, 20 ms apart. Both clocks run on
 /// while the vCPU is preempted between the samples, so only the samples
 /// themselves must be quick (they are retried when they are not). Bounded:
-/// `None` if the count never moves.
+/// `None` if the count does not move within [`PIT_MAX_STILL_SAMPLES`]
+/// samples (no PIT) or the window does not pass within 200 ms at 20 GHz.
 fn calibrate_with_pit() -> Option<u64> {
     outb(0x61, (inb(0x61) & !0x02) | 0x01); // gate high, speaker off
     outb(0x43, 0xb0); // channel 2, lobyte/hibyte, mode 0, binary
@@ -165,8 +170,15 @@ fn calibrate_with_pit() -> Option<u64> {
     outb(0x42, 0xff);
     let (start_tsc, start_count) = pit_sample_retrying()?;
     let deadline = start_tsc.wrapping_add(4_000_000_000); // 200 ms at 20 GHz
+    let mut still = 0;
     loop {
         let (tsc, count) = pit_sample_retrying()?;
+        if count == start_count {
+            still += 1;
+            if still >= PIT_MAX_STILL_SAMPLES {
+                return None;
+            }
+        }
         // The count only goes down within the window (55 ms to wrap).
         let counted = start_count.wrapping_sub(count) & 0xffff;
         if counted >= PIT_WINDOW {

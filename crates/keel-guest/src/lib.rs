@@ -9,7 +9,7 @@
 //! under a second. Linux cannot be that guest on every machine: where KVM
 //! emulates guest ring 0 in software (about a million instructions per
 //! second, some instructions not at all) a kernel takes minutes to boot. This
-//! guest keeps ring 0 to about 140 hand-written instructions at boot plus a
+//! guest keeps ring 0 to about 110 hand-written instructions at boot plus a
 //! handful per interrupt or exception, and runs everything else — drivers
 //! and test programs, in Rust — in ring 3, which such hosts run natively.
 //! On a real VT-x/AMD-V host it behaves the same, only faster.
@@ -38,11 +38,19 @@
 //! * At least 16 MiB of RAM from address 0. The guest identity-maps the first
 //!   GiB (RAM) and 0xC000_0000–0xFFFF_FFFF (the 32-bit MMIO gap, where MMIO
 //!   devices under test must live), all user-accessible.
-//! * Platform: an 8259 PIC pair that reaches the CPU (in-kernel irqchip with
-//!   LAPIC LINT0 in ExtINT mode), a 16550 UART at port 0x3f8 raising IRQ 4,
-//!   an i8042 whose command 0xfe on port 0x64 resets the machine, and the
-//!   exit port [`EXIT_PORT`], where a one-byte write of `V` ends the VM with
-//!   status `V`.
+//! * Platform: a local APIC at 0xFEE0_0000 (xAPIC mode, enabled in
+//!   `IA32_APIC_BASE` as after reset) and an IOAPIC at 0xFEC0_0000 with at
+//!   least 24 pins, GSI N on pin N — either KVM's in-kernel irqchip or a
+//!   split irqchip (local APIC in KVM, IOAPIC in the VMM). No 8259 PIC and
+//!   no 8254 PIT are needed: the guest masks both PICs (writes to ports
+//!   0x21 and 0xa1 nobody answers are harmless) and LAPIC LINT0, and only
+//!   falls back to the PIT when calibrating the TSC if no CPUID leaf gives
+//!   its frequency (without a PIT the frequency is reported unknown). Pin
+//!   N is programmed to vector 0x20 + N, fixed delivery to the boot CPU's
+//!   APIC ID, edge-triggered, active high. Also a 16550 UART at port 0x3f8
+//!   raising IRQ 4, an i8042 whose command 0xfe on port 0x64 resets the
+//!   machine, and the exit port [`EXIT_PORT`], where a one-byte write of `V`
+//!   ends the VM with status `V`.
 //! * When the host's KVM cannot emulate a ring-0 `int3` (it stops with
 //!   `KVM_EXIT_INTERNAL_ERROR`), the VMM injects `#BP` itself: RIP += 1, then
 //!   `KVM_SET_VCPU_EVENTS` with exception 3 injected. Only the `int3`
@@ -105,14 +113,15 @@
 //! `avail_event`). Completion is found by polling the used ring; while a
 //! request is outstanding the driver reads the status register every
 //! millisecond and reports `DEVICE_NEEDS_RESET` instead of waiting forever
-//! (2 s per request at most). A device whose GSI is a PIC line (below 16,
-//! not 2 or 4) has that line unmasked unless the program got `irq=0`; the
-//! driver acknowledges `InterruptStatus` whenever interrupts arrived, and
-//! at its end each program prints `PREFIX: interrupts: N on IRQ I for C
-//! completions, used-buffer bit in InterruptStatus U times` and fails if N
-//! stayed 0 for 2 s after the last request (other GSIs: `PREFIX: completion
-//! polled only (GSI G is not used as a PIC line)`). Every failure is a
-//! `FAIL:` line naming the device and the request.
+//! (2 s per request at most). A device whose GSI is an IOAPIC pin (below
+//! 24, not the serial port's 4) has that pin unmasked unless the program
+//! got `irq=0`; the driver acknowledges `InterruptStatus` whenever
+//! interrupts arrived, and at its end each program prints `PREFIX:
+//! interrupts: N on IRQ I for C completions, used-buffer bit in
+//! InterruptStatus U times` and fails if N stayed 0 for 2 s after the last
+//! request (other GSIs: `PREFIX: completion polled only (GSI G is not used
+//! as an IOAPIC pin)`). Every failure is a `FAIL:` line naming the device
+//! and the request.
 //!
 //! ## `virtio-blk`
 //!
@@ -165,7 +174,9 @@
 //! `virtio-blk-bench: TSC M MHz (SOURCE)` — SOURCE is `CPUID 0x40000010`,
 //! `CPUID 0x15`, `CPUID 0x16 base frequency` or `calibrated against the
 //! PIT` (two samples of PIT channel 2 and the TSC, 20 ms apart), tried in
-//! that order — or `TSC frequency unknown: reporting cycles per request`;
+//! that order — or `TSC frequency unknown: reporting cycles per request`
+//! (also when there is no PIT, as with a split irqchip: a count that does
+//! not move within 1000 samples ends the calibration);
 //! then per direction `virtio-blk-bench: vdX: write|read N x SIZE bytes in
 //! T ms: R requests/s, M MiB/s, K cycles/request` (without a frequency:
 //! `… N x SIZE bytes: K TSC cycles per request`).
@@ -246,12 +257,17 @@
 //! Ring 0 is assembly only: `_start` switches to the guest's page tables
 //! (assembled at link time), GDT (Linux's selectors: kernel 0x10/0x18, user
 //! data 0x2b, user code 0x33), a TSS whose I/O permission bitmap gives ring 3
-//! every port, and an IDT for vectors 0–47, enables SSE and `iretq`s to ring
-//! 3 — 140 instructions, measured. Interrupt handlers count per IRQ line and
-//! EOI the PIC; `#BP` counts and returns; any other exception is reported.
+//! every port, and an IDT for vectors 0–63 (assembled at link time, each
+//! gate completed by one `add`), enables SSE and `iretq`s to ring 3 — 108
+//! instructions, measured by single-stepping (`tests/raw_kvm.rs`,
+//! `count_ring0_instructions_before_ring3`). Interrupt handlers (vectors
+//! 0x20–0x37, IOAPIC pins 0–23) count per pin and write the local APIC's EOI
+//! register, four instructions per interrupt; the spurious vector 0x3f
+//! returns without EOI; `#BP` counts and returns; any other exception is
+//! reported.
 //!
 //! Ring 3 (`guest/*.rs` besides `ring0.rs`) holds the drivers (`port`,
-//! `serial`, `pic`, `mmio`, `boot_params`, `cmdline`, `console`, `exit`,
+//! `serial`, `irq`, `mmio`, `boot_params`, `cmdline`, `console`, `exit`,
 //! `tsc`, `dma` and `virtio`) and the programs (`programs.rs`, the virtio
 //! ones in `programs/`). It reaches ring 0 through `ud2` with a request in RAX,
 //! since neither `syscall` nor `int n` from ring 3 works where KVM emulates

@@ -7,9 +7,9 @@
 //! `CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`: one `virtio_mmio.device=` entry per
 //! device, `<size>@<base>:<gsi>[:<id>]` (size and base with an optional
 //! K/M/G suffix and `0x` prefix), in the order the VMM appended them.
-//! Completion is found by polling the used ring. A device whose GSI is one
-//! of the PIC's lines (below 16, not 2 or the serial port's 4) also gets its
-//! interrupt unmasked: the ring-0 stub counts each one, the driver reads and
+//! Completion is found by polling the used ring. A device whose GSI is an
+//! IOAPIC pin (below 24, not the serial port's 4) also gets that pin
+//! unmasked: the ring-0 stub counts each interrupt, the driver reads and
 //! acknowledges `InterruptStatus` when the count moved, and a program checks
 //! at its end that interrupts arrived (waiting a bounded time for the first,
 //! since injection may lag on a busy host).
@@ -23,7 +23,7 @@ use crate::boot_params::BootParams;
 use crate::cmdline::{parse_number, CommandLine};
 use crate::interrupts::irq_count;
 use crate::mmio::{checked_window, MmioRegion};
-use crate::{pic, serial, tsc};
+use crate::{irq, serial, tsc};
 
 use queue::{Chain, Virtqueue, Wait};
 
@@ -281,7 +281,7 @@ pub struct IrqStats {
 pub struct Transport {
     regs: MmioRegion,
     pub slot: Slot,
-    /// The PIC line the device's GSI arrives on, if it is one (and enabled).
+    /// The IOAPIC pin the device's GSI arrives on, if it is one (and enabled).
     irq: Option<u8>,
     pub irq_stats: IrqStats,
     /// Whether the last negotiation accepted `VIRTIO_RING_F_EVENT_IDX`.
@@ -289,9 +289,9 @@ pub struct Transport {
 }
 
 impl Transport {
-    /// The device at `found`, with its interrupt unmasked on the PIC when
-    /// `use_irq` and its GSI is a PIC line other than the cascade and the
-    /// serial port's.
+    /// The device at `found`, with its interrupt unmasked on the IOAPIC
+    /// when `use_irq` and its GSI is an IOAPIC pin other than the serial
+    /// port's.
     pub fn new(found: Found, params: &BootParams, use_irq: bool) -> Self {
         let regs = match checked_window(params, found.slot.base, 0x200) {
             Ok(regs) => regs,
@@ -302,9 +302,9 @@ impl Transport {
         };
         let irq = u8::try_from(found.slot.gsi)
             .ok()
-            .filter(|&gsi| use_irq && gsi < 16 && gsi != 2 && gsi != serial::IRQ);
+            .filter(|&gsi| use_irq && usize::from(gsi) < irq::IRQ_LINES && gsi != serial::IRQ);
         if let Some(irq) = irq {
-            pic::unmask(irq);
+            irq::unmask(irq);
         }
         let count = irq.map_or(0, irq_count);
         Self {
@@ -325,7 +325,7 @@ impl Transport {
         self.event_idx.get()
     }
 
-    /// The PIC line used, if any.
+    /// The IOAPIC pin used, if any.
     pub fn irq(&self) -> Option<u8> {
         self.irq
     }
@@ -505,7 +505,7 @@ impl Transport {
     /// Interrupts taken on the device's line since the transport was made,
     /// after waiting up to `timeout_ms` for the first one if none came yet
     /// (injection may lag on a busy host); acknowledges InterruptStatus.
-    /// `None` without a PIC line.
+    /// `None` without an IOAPIC pin.
     pub fn settle_interrupts(&mut self, timeout_ms: u64) -> Option<u64> {
         let irq = self.irq?;
         let start = tsc::now();
