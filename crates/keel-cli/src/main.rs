@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use clap::Parser;
-use keel_vmm::{BootProtocolChoice, ExitReason, Ring0Choice, SerialMode, VmBuilder, VmConfig};
+use keel_vmm::{BootProtocolChoice, ExitReason, IrqchipChoice, Ring0Choice, SerialMode, VmBuilder, VmConfig};
 use terminal::{EscapeFilter, RawMode, StdinFd};
 
 /// Run a KVM virtual machine.
@@ -75,6 +75,12 @@ struct Args {
     #[arg(long, value_name = "MODE", value_parser = parse_ring0)]
     ring0: Option<Ring0Choice>,
 
+    /// Interrupt controllers: split (KVM emulates the local APICs, keel the
+    /// IOAPIC; no PIC, no PIT) or kernel (KVM's PIC, IOAPIC and PIT, for
+    /// guests that need a PIC or PIT) [default: split].
+    #[arg(long, value_name = "MODE", value_parser = parse_irqchip)]
+    irqchip: Option<IrqchipChoice>,
+
     /// Number of vCPUs [default: 1].
     #[arg(long, value_name = "N")]
     cpus: Option<u8>,
@@ -84,8 +90,8 @@ struct Args {
     memory: Option<u64>,
 
     /// Read settings from a JSON file (keys: vcpus, memory_mib, kernel,
-    /// cmdline, initrd, boot_protocol, ring0, serial, disks, rng, console,
-    /// nets, vsock); flags given on the command line override it (--disk and
+    /// cmdline, initrd, boot_protocol, ring0, irqchip, pit_reinject, serial,
+    /// disks, rng, console, nets, vsock); flags given on the command line override it (--disk and
     /// --net add to its lists).
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
@@ -105,6 +111,14 @@ fn parse_boot_protocol(s: &str) -> Result<BootProtocolChoice, String> {
         "linux64" => Ok(BootProtocolChoice::Linux64),
         "pvh" => Ok(BootProtocolChoice::Pvh),
         _ => Err(format!("boot protocol {s:?}: expected auto, linux64 or pvh")),
+    }
+}
+
+fn parse_irqchip(s: &str) -> Result<IrqchipChoice, String> {
+    match s {
+        "split" => Ok(IrqchipChoice::Split),
+        "kernel" => Ok(IrqchipChoice::Kernel),
+        _ => Err(format!("irqchip {s:?}: expected split or kernel")),
     }
 }
 
@@ -176,6 +190,9 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
     }
     if let Some(r) = args.ring0 {
         config.ring0 = r;
+    }
+    if let Some(i) = args.irqchip {
+        config.irqchip = i;
     }
     config.disks.extend(args.disk.iter().cloned());
     config.nets.extend(args.net.iter().cloned());

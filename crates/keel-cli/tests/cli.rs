@@ -54,6 +54,17 @@ fn guest_reset_exits_zero_and_says_why() {
     assert!(err.contains("guest reset"), "{err}");
 }
 
+#[test]
+fn both_irqchip_modes_run_the_built_in_guest() {
+    for mode in ["split", "kernel"] {
+        let (code, out, err) = keel(&["--memory", "32", "--irqchip", mode, "--cmdline", "exit code=5"]);
+        assert_eq!(code, 5, "--irqchip {mode}: stdout:\n{out}\nstderr:\n{err}");
+    }
+    let (code, _, err) = keel(&["--irqchip", "pic"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("irqchip \"pic\": expected split or kernel"), "{err}");
+}
+
 fn assert_one_line_error(args: &[&str], needle: &str) {
     let (code, _, err) = keel(args);
     assert_ne!(code, 0, "{args:?} should fail");

@@ -18,6 +18,13 @@ pub trait ExitHandler {
     fn mmio_read(&self, addr: u64, data: &mut [u8]);
     /// A write at guest physical `addr` outside RAM.
     fn mmio_write(&self, addr: u64, data: &[u8]);
+    /// With a split irqchip (IOAPIC in user space), the guest's local APIC
+    /// acknowledged `vector`, which KVM was told is a level-triggered IOAPIC
+    /// vector (`KVM_EXIT_IOAPIC_EOI`): the user-space IOAPIC clears its
+    /// remote IRR. Nothing to do for a VM without one.
+    fn ioapic_eoi(&self, vector: u8) {
+        let _ = vector;
+    }
 }
 
 /// `vm-device`'s bus manager routes exits to the device registered for the
@@ -62,5 +69,8 @@ impl<T: ExitHandler + ?Sized> ExitHandler for std::sync::Arc<T> {
     }
     fn mmio_write(&self, addr: u64, data: &[u8]) {
         (**self).mmio_write(addr, data)
+    }
+    fn ioapic_eoi(&self, vector: u8) {
+        (**self).ioapic_eoi(vector)
     }
 }

@@ -160,6 +160,10 @@ impl Vcpu {
                 io.mmio_write(addr, data);
                 return Ok(RunOutcome::Continue);
             }
+            Ok(VcpuExit::IoapicEoi(vector)) => {
+                io.ioapic_eoi(vector);
+                return Ok(RunOutcome::Continue);
+            }
             Ok(VcpuExit::Hlt) => return Ok(RunOutcome::Halted),
             Ok(VcpuExit::Shutdown) => return Ok(RunOutcome::TripleFault),
             Ok(VcpuExit::Intr) => return Ok(self.interrupted()),

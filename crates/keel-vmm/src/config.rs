@@ -72,6 +72,10 @@ pub struct VmConfig {
     /// for the SRCU grace period that unhooking reinjection costs.
     #[serde(default)]
     pub pit_reinject: bool,
+    /// Which interrupt controllers KVM emulates (see [`IrqchipChoice`]).
+    /// `pit_reinject` only applies to `kernel`, the only mode with a PIT.
+    #[serde(default)]
+    pub irqchip: IrqchipChoice,
 }
 
 /// A virtio-vsock device: the guest's CID and the host's Unix socket.
@@ -290,6 +294,25 @@ pub enum BootProtocolChoice {
     Pvh,
 }
 
+/// Which interrupt controllers KVM emulates and which the VMM does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IrqchipChoice {
+    /// KVM emulates the local APICs; Keel emulates the IOAPIC in user space
+    /// (`keel_irq::Ioapic`, its entries turned into KVM MSI routes, so
+    /// device interrupts still go straight from an irqfd into the guest).
+    /// No 8259 PIC and no 8254 PIT: Linux finds no PIC ("Using NULL legacy
+    /// PIC") and runs its clock events on the local APIC's TSC-deadline
+    /// timer. VM teardown does not wait for the SRCU grace periods KVM's
+    /// in-kernel PIC and IOAPIC cost (`benches/kvm_teardown.rs`).
+    #[default]
+    Split,
+    /// KVM's in-kernel PIC, IOAPIC, local APICs and PIT
+    /// (`KVM_CREATE_IRQCHIP` + `KVM_CREATE_PIT2`), for guests that need a
+    /// PIC or a PIT.
+    Kernel,
+}
+
 /// What the host's KVM does with guest ring 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -361,6 +384,7 @@ impl Default for VmConfig {
             nets: Vec::new(),
             vsock: None,
             pit_reinject: false,
+            irqchip: IrqchipChoice::default(),
         }
     }
 }
@@ -378,6 +402,11 @@ impl VmConfig {
                 "vcpus {}: must be between 1 and {MAX_VCPUS}",
                 self.vcpus
             )));
+        }
+        if self.pit_reinject && self.irqchip == IrqchipChoice::Split {
+            return Err(Error::Config(
+                "pit_reinject true: only irqchip \"kernel\" has a PIT (irqchip is \"split\")".into(),
+            ));
         }
         let bytes = self
             .memory_mib
@@ -496,6 +525,28 @@ mod tests {
     #[test]
     fn default_config_is_valid() {
         VmConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn irqchip_defaults_to_split_and_parses_both_modes() {
+        assert_eq!(VmConfig::default().irqchip, IrqchipChoice::Split);
+        let c = VmConfig::from_json(r#"{"irqchip": "kernel", "pit_reinject": true}"#).unwrap();
+        assert_eq!(c.irqchip, IrqchipChoice::Kernel);
+        c.validate().unwrap();
+        let err = VmConfig::from_json(r#"{"irqchip": "pic"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("pic"), "{err}");
+    }
+
+    #[test]
+    fn rejects_pit_reinject_without_a_pit() {
+        let c = VmConfig {
+            pit_reinject: true,
+            ..Default::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("pit_reinject") && err.contains("split"), "{err}");
     }
 
     #[test]

@@ -42,8 +42,8 @@ mod vm;
 
 pub use boot_progress::{ConsoleWatcher, RUN_INIT_MARKER};
 pub use config::{
-    BootProtocolChoice, ConsoleConfig, DiskConfig, NetConfig, Ring0Choice, SerialMode, VmConfig, VsockConfig,
-    DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE, MAX_VCPUS,
+    BootProtocolChoice, ConsoleConfig, DiskConfig, IrqchipChoice, NetConfig, Ring0Choice, SerialMode,
+    VmConfig, VsockConfig, DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE, MAX_VCPUS,
 };
 pub use vm::{
     ExitReason, SerialSource, StopHandle, Vm, VmBuilder, VmHandle, BOOT_TIMER_ADDR, DEFAULT_KVM_DEVICE,

@@ -25,7 +25,9 @@ use vm_device::{DeviceMmio, DevicePio};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot_progress::ConsoleWatcher;
-use crate::{BootProtocolChoice, ConsoleConfig, Error, Result, Ring0Choice, SerialMode, VmConfig};
+use crate::{
+    BootProtocolChoice, ConsoleConfig, Error, IrqchipChoice, Result, Ring0Choice, SerialMode, VmConfig,
+};
 
 /// Everything a virtio-mmio device needs from the VM, while it is built.
 struct VirtioWiring<'a> {
@@ -367,16 +369,49 @@ impl VmBuilder {
 /// A VM ready to start.
 pub struct Vm {
     control: Arc<Control>,
-    io: Arc<IoManager>,
+    io: Arc<VmExits>,
     subscribers: Vec<Subscriber>,
     vcpus: Vec<Vcpu>,
     // Fields drop in order: the helper thread is joined, then the VM is
     // torn down, then its memory unmapped (unmapping first would make KVM
     // zap the guest's mappings page range by page range for nothing).
     pit_setup: Background,
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     // Kept alive as long as the VM: the vCPUs and slots refer to them.
     mem: GuestMemoryMmap,
+}
+
+/// Keel's user-space IOAPIC, its routes installed in this VM.
+type SplitIoapic = keel_irq::Ioapic<Arc<VmFd>>;
+
+/// Where the vCPUs send their exits: the device buses, and the user-space
+/// IOAPIC's end-of-interrupt notifications in split-irqchip mode.
+struct VmExits {
+    bus: IoManager,
+    ioapic: Option<Arc<Mutex<SplitIoapic>>>,
+}
+
+impl keel_vcpu::ExitHandler for VmExits {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        keel_vcpu::ExitHandler::pio_read(&self.bus, port, data)
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        keel_vcpu::ExitHandler::pio_write(&self.bus, port, data)
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        keel_vcpu::ExitHandler::mmio_read(&self.bus, addr, data)
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        keel_vcpu::ExitHandler::mmio_write(&self.bus, addr, data)
+    }
+    fn ioapic_eoi(&self, vector: u8) {
+        if let Some(ioapic) = &self.ioapic {
+            ioapic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .end_of_interrupt(vector);
+        }
+    }
 }
 
 /// A start-up task that runs on a thread of its own, off the path to the
@@ -475,7 +510,7 @@ impl Vm {
                 config.vcpus
             )));
         }
-        let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let vm_fd = Arc::new(kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?);
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
@@ -483,11 +518,21 @@ impl Vm {
         let layout = GuestLayout::new(config.memory_mib * keel_memory::MIB)?;
         let mem = layout.create_memory()?;
         keel_memory::register_with_kvm(&vm_fd, &mem)?;
-        keel_irq::create_in_kernel_irqchip(&vm_fd)?;
-        let pit_setup = if config.pit_reinject {
-            Background::none()
-        } else {
-            discard_pit_ticks(&vm_fd)
+        let (pit_setup, ioapic) = match config.irqchip {
+            IrqchipChoice::Kernel => {
+                keel_irq::create_in_kernel_irqchip(&vm_fd)?;
+                let pit_setup = if config.pit_reinject {
+                    Background::none()
+                } else {
+                    discard_pit_ticks(&vm_fd)
+                };
+                (pit_setup, None)
+            }
+            IrqchipChoice::Split => {
+                keel_irq::enable_split_irqchip(&vm_fd)?;
+                let ioapic = Arc::new(Mutex::new(keel_irq::Ioapic::new(vm_fd.clone())));
+                (Background::none(), Some(ioapic))
+            }
         };
 
         let control = Arc::new(Control {
@@ -501,6 +546,12 @@ impl Vm {
         let power: Arc<dyn PowerControl> = control.clone();
 
         let mut io = IoManager::new();
+        if let Some(ioapic) = &ioapic {
+            let range =
+                MmioRange::new(MmioAddress(SplitIoapic::BASE), SplitIoapic::SIZE).expect("valid range");
+            io.register_mmio(range, ioapic.clone())
+                .map_err(|e| Error::DeviceRange(format!("IOAPIC: {e}")))?;
+        }
         let serial_irq: Arc<dyn InterruptLine> =
             Arc::new(IrqfdLine::new(&vm_fd, keel_devices::ports::COM1_IRQ)?);
         let serial_out = match builder.serial_out {
@@ -697,7 +748,7 @@ impl Vm {
 
         Ok(Vm {
             control,
-            io: Arc::new(io),
+            io: Arc::new(VmExits { bus: io, ioapic }),
             subscribers,
             vcpus,
             pit_setup,
@@ -841,7 +892,7 @@ pub struct VmHandle {
     threads: Vec<JoinHandle<()>>,
     // Dropped in this order, for the reasons given on `Vm`.
     _pit_setup: Background,
-    _vm_fd: VmFd,
+    _vm_fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
 }
 
