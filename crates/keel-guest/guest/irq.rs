@@ -81,9 +81,12 @@ fn set_pin(pin: u8, masked: bool) {
 }
 
 /// Masks both PICs and the local APIC's LINT0 (the PIC's way in), enables
-/// the local APIC with the spurious vector, masks every IOAPIC pin with
-/// its vector and destination set, then unmasks the pins whose bits are set
-/// in `enabled` (bit N = pin N, N < [`IRQ_LINES`]). RFLAGS.IF stays as it is.
+/// the local APIC with the spurious vector, then programs and unmasks the
+/// IOAPIC pins whose bits are set in `enabled` (bit N = pin N, N <
+/// [`IRQ_LINES`]). The other pins are left as the IOAPIC comes out of reset,
+/// masked: each IOAPIC register access is two exits to the VMM (IOREGSEL,
+/// then IOWIN), and masking all 24 pins again would cost ~100 of them.
+/// RFLAGS.IF stays as it is.
 pub fn init(enabled: u32) {
     outb(PIC_MASTER_DATA, 0xff);
     outb(PIC_SLAVE_DATA, 0xff);
@@ -92,7 +95,9 @@ pub fn init(enabled: u32) {
     lapic_write(LAPIC_SVR, SVR_APIC_ENABLE | u32::from(SPURIOUS_VECTOR));
     APIC_ID.store(lapic_read(LAPIC_ID) >> 24, Ordering::Relaxed);
     for pin in 0..IRQ_LINES as u8 {
-        set_pin(pin, enabled & 1 << pin == 0);
+        if enabled & 1 << pin != 0 {
+            set_pin(pin, false);
+        }
     }
 }
 
