@@ -116,7 +116,8 @@ fn raw_run(program: &str, count: u64) -> u64 {
     let vm = kvm.create_vm().unwrap();
     vm.set_tss_address(0xfffb_d000).unwrap();
     keel_memory::register_with_kvm(&vm, &mem).unwrap();
-    keel_irq::create_in_kernel_irqchip(&vm).unwrap();
+    // The irqchip keel-vmm uses by default, so both sides run the same VM.
+    keel_irq::enable_split_irqchip(&vm).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let mut cpuid = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -191,7 +192,8 @@ fn real_mode_vm(count: u32) -> (kvm_ioctls::VmFd, keel_memory::GuestMemoryMmap) 
     let vm = Kvm::new().unwrap().create_vm().unwrap();
     vm.set_tss_address(0xfffb_d000).unwrap();
     keel_memory::register_with_kvm(&vm, &mem).unwrap();
-    keel_irq::create_in_kernel_irqchip(&vm).unwrap();
+    // The irqchip keel-vmm uses by default, so both sides run the same VM.
+    keel_irq::enable_split_irqchip(&vm).unwrap();
     (vm, mem)
 }
 
