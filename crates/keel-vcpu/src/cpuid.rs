@@ -45,7 +45,19 @@ pub struct CpuidConfig {
     /// execute (see `host-kvm-notes.md`). Harmless but unnecessary on VT-x /
     /// AMD-V hosts.
     pub hide_unemulated_instructions: bool,
+    /// The guest's TSC frequency in kHz (`KVM_GET_TSC_KHZ`), published in
+    /// the hypervisor timing leaf [`TIMING_LEAF`] (EAX: TSC kHz, EBX: local
+    /// APIC timer kHz), as QEMU and VMware do, so a guest without a PIT to
+    /// calibrate against still knows it. `None`: no timing leaf.
+    pub tsc_khz: Option<u32>,
 }
+
+/// The hypervisor timing leaf (VMware's convention, also used by QEMU).
+pub const TIMING_LEAF: u32 = 0x4000_0010;
+/// KVM's local APIC timer counts at 1 GHz (1 ns per bus cycle).
+const KVM_APIC_TIMER_KHZ: u32 = 1_000_000;
+/// The first hypervisor leaf: EAX is the highest hypervisor leaf.
+const HYPERVISOR_BASE_LEAF: u32 = 0x4000_0000;
 
 impl CpuidConfig {
     /// The configuration for vCPU `vcpu_id` of `vcpu_count`, with no host
@@ -56,6 +68,7 @@ impl CpuidConfig {
             vcpu_count,
             no_pv_hypercalls: false,
             hide_unemulated_instructions: false,
+            tsc_khz: None,
         }
     }
 
@@ -64,6 +77,33 @@ impl CpuidConfig {
     pub fn apply(&self, cpuid: &mut CpuId) {
         for entry in cpuid.as_mut_slice() {
             self.apply_entry(entry);
+        }
+        if let Some(khz) = self.tsc_khz {
+            Self::add_timing_leaf(cpuid, khz);
+        }
+    }
+
+    /// Raises the hypervisor leaf range to [`TIMING_LEAF`] and fills it in;
+    /// nothing when KVM offers no hypervisor leaves at all.
+    fn add_timing_leaf(cpuid: &mut CpuId, khz: u32) {
+        let slice = cpuid.as_mut_slice();
+        let Some(base) = slice.iter_mut().find(|e| e.function == HYPERVISOR_BASE_LEAF) else {
+            return;
+        };
+        base.eax = base.eax.max(TIMING_LEAF);
+        let timing = kvm_cpuid_entry2 {
+            function: TIMING_LEAF,
+            eax: khz,
+            ebx: KVM_APIC_TIMER_KHZ,
+            ..Default::default()
+        };
+        match slice.iter_mut().find(|e| e.function == TIMING_LEAF) {
+            Some(existing) => *existing = timing,
+            None => {
+                if cpuid.push(timing).is_err() {
+                    log::warn!("CPUID table full: no timing leaf {TIMING_LEAF:#x}");
+                }
+            }
         }
     }
 
@@ -160,6 +200,52 @@ mod tests {
             .iter()
             .find(|e| e.function == function && e.index == index)
             .unwrap()
+    }
+
+    #[test]
+    fn timing_leaf_publishes_the_tsc_frequency_and_extends_the_hypervisor_range() {
+        let mut c = cpuid(&[entry(
+            HYPERVISOR_BASE_LEAF,
+            0,
+            KVM_CPUID_FEATURES,
+            0x4b4d564b,
+            0x564b4d56,
+            0x4d,
+        )]);
+        let config = CpuidConfig {
+            tsc_khz: Some(2_100_000),
+            ..CpuidConfig::new(0, 1)
+        };
+        config.apply(&mut c);
+        assert_eq!(find(&c, HYPERVISOR_BASE_LEAF, 0).eax, TIMING_LEAF);
+        assert_eq!(
+            find(&c, HYPERVISOR_BASE_LEAF, 0).ebx,
+            0x4b4d564b,
+            "signature kept"
+        );
+        let t = find(&c, TIMING_LEAF, 0);
+        assert_eq!((t.eax, t.ebx), (2_100_000, 1_000_000));
+        // Applying twice replaces the leaf rather than adding another.
+        config.apply(&mut c);
+        assert_eq!(
+            c.as_slice().iter().filter(|e| e.function == TIMING_LEAF).count(),
+            1
+        );
+    }
+
+    #[test]
+    fn no_timing_leaf_without_a_frequency_or_without_hypervisor_leaves() {
+        let mut c = cpuid(&[entry(HYPERVISOR_BASE_LEAF, 0, KVM_CPUID_FEATURES, 0, 0, 0)]);
+        CpuidConfig::new(0, 1).apply(&mut c);
+        assert_eq!(find(&c, HYPERVISOR_BASE_LEAF, 0).eax, KVM_CPUID_FEATURES);
+        assert!(c.as_slice().iter().all(|e| e.function != TIMING_LEAF));
+        let mut bare = cpuid(&[entry(1, 0, 0, 0, 0, 0)]);
+        CpuidConfig {
+            tsc_khz: Some(1_000_000),
+            ..CpuidConfig::new(0, 1)
+        }
+        .apply(&mut bare);
+        assert!(bare.as_slice().iter().all(|e| e.function != TIMING_LEAF));
     }
 
     #[test]

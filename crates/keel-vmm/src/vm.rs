@@ -731,9 +731,16 @@ impl Vm {
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        let mut tsc_khz = None;
         for id in 0..config.vcpus {
             let vcpu = Vcpu::new(&vm_fd, id, mem.clone())?;
+            if id == 0 {
+                // Every vCPU's TSC runs at this rate; published in CPUID so
+                // a guest needs no PIT to learn it.
+                tsc_khz = vcpu.fd().get_tsc_khz().ok();
+            }
             let mut cpuid = CpuidConfig::new(id, config.vcpus);
+            cpuid.tsc_khz = tsc_khz;
             cpuid.no_pv_hypercalls = emulated_ring0;
             cpuid.hide_unemulated_instructions = emulated_ring0;
             vcpu.configure_cpuid(&supported, &cpuid)?;
