@@ -226,6 +226,7 @@ struct MemoryState {
     offloads: Vec<u32>,
     vnet_hdr_len: Option<usize>,
     refuse_offloads: bool,
+    refused_offload_flags: u32,
     reads: usize,
 }
 
@@ -284,6 +285,13 @@ impl MemoryNetBackend {
         self.state().refuse_offloads = refuse;
     }
 
+    /// Makes [`NetBackend::set_offload`] fail for any request that includes
+    /// one of `flags` ([`net_offload`] bits), as a tap on a kernel without
+    /// that offload would.
+    pub fn refuse_offload_flags(&self, flags: u32) {
+        self.state().refused_offload_flags = flags;
+    }
+
     /// How many times the device called [`NetBackend::read_frame`].
     pub fn reads(&self) -> usize {
         self.state().reads
@@ -320,7 +328,7 @@ impl NetBackend for MemoryNetBackend {
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
         let mut state = self.state();
-        if state.refuse_offloads && flags != 0 {
+        if (state.refuse_offloads && flags != 0) || flags & state.refused_offload_flags != 0 {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         state.offloads.push(flags);

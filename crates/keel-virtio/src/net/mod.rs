@@ -9,9 +9,10 @@ use std::io::{ErrorKind, IoSlice};
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE,
-    VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_STATUS, VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_ECN, VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
@@ -53,7 +54,10 @@ const fn bit(feature: u32) -> u64 {
 }
 
 /// The receive offloads a tap is asked for when the device probes it.
-const PROBE_OFFLOADS: u32 = net_offload::CSUM | net_offload::TSO4 | net_offload::TSO6;
+const PROBE_OFFLOADS: u32 = net_offload::CSUM | net_offload::TSO4 | net_offload::TSO6 | net_offload::UFO;
+/// The same without UDP fragmentation offload, asked for when a backend
+/// (a kernel without UFO) refuses [`PROBE_OFFLOADS`].
+const PROBE_OFFLOADS_NO_UFO: u32 = PROBE_OFFLOADS & !net_offload::UFO;
 
 /// Errors from creating a [`Net`] device or its backend.
 #[derive(Debug, thiserror::Error)]
@@ -160,8 +164,11 @@ pub struct NetCounters {
 /// **Features**: `VERSION_1`, `RING_INDIRECT_DESC`, `RING_EVENT_IDX`,
 /// `MAC`, `STATUS` (link always up), `MRG_RXBUF`, `CSUM`, `HOST_TSO4`,
 /// `HOST_TSO6`, and — if the backend accepts those offloads when the device
-/// probes it — `GUEST_CSUM`, `GUEST_TSO4` and `GUEST_TSO6`. The backend's
-/// offloads ([`NetBackend::set_offload`]) follow what the driver accepts.
+/// probes it — `GUEST_CSUM`, `GUEST_TSO4` and `GUEST_TSO6`, plus
+/// `GUEST_UFO` and `HOST_UFO` if it also accepts UDP fragmentation offload
+/// (`TUN_F_UFO`: a kernel that knows UFO, whose tap also takes UFO frames
+/// from us). The backend's offloads ([`NetBackend::set_offload`]) follow
+/// what the driver accepts.
 ///
 /// Like every device here it is shared by its transport and the event loop:
 /// see the crate documentation.
@@ -268,15 +275,21 @@ impl<B: NetBackend> Net<B> {
             | bit(VIRTIO_NET_F_CSUM)
             | bit(VIRTIO_NET_F_HOST_TSO4)
             | bit(VIRTIO_NET_F_HOST_TSO6);
+        // Receive segmentation offloads only with mergeable buffers offered
+        // too, so the guest need not post 64 KiB buffers.
+        let receive_offloads =
+            bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6);
         match backend.set_offload(PROBE_OFFLOADS) {
             Ok(()) => {
-                // Receive segmentation offloads only with mergeable buffers
-                // offered too, so the guest need not post 64 KiB buffers.
-                offered |= bit(VIRTIO_NET_F_GUEST_CSUM)
-                    | bit(VIRTIO_NET_F_GUEST_TSO4)
-                    | bit(VIRTIO_NET_F_GUEST_TSO6);
+                offered |= receive_offloads | bit(VIRTIO_NET_F_GUEST_UFO) | bit(VIRTIO_NET_F_HOST_UFO);
             }
-            Err(e) => log::info!("virtio-net: backend refuses receive offloads, not offering them: {e}"),
+            Err(e) => match backend.set_offload(PROBE_OFFLOADS_NO_UFO) {
+                Ok(()) => {
+                    log::info!("virtio-net: backend refuses UDP fragmentation offload, not offering it: {e}");
+                    offered |= receive_offloads;
+                }
+                Err(e) => log::info!("virtio-net: backend refuses receive offloads, not offering them: {e}"),
+            },
         }
         if let Err(e) = backend.set_offload(0) {
             log::warn!("virtio-net: cannot clear the backend's offloads: {e}");
@@ -355,6 +368,9 @@ impl<B: NetBackend> Net<B> {
         }
         if self.has(VIRTIO_NET_F_GUEST_TSO6) {
             flags |= net_offload::TSO6;
+        }
+        if self.has(VIRTIO_NET_F_GUEST_UFO) {
+            flags |= net_offload::UFO;
         }
         flags
     }
@@ -511,7 +527,7 @@ impl<B: NetBackend> Net<B> {
 /// Checks a received frame's header against the features the driver
 /// accepted (virtio 1.2, 5.1.6.4.1): without `GUEST_CSUM` its flags must be
 /// zero — a "checksum valid" hint is cleared, a partial checksum cannot be
-/// handed over — and segmented frames need the matching `GUEST_TSO*`.
+/// handed over — and segmented frames need the matching `GUEST_TSO*` or `GUEST_UFO`.
 /// Returns whether the frame may go to the guest.
 fn rx_header_allowed(header: &mut [u8], acked: u64) -> bool {
     let has = |feature: u32| acked & bit(feature) != 0;
@@ -526,13 +542,15 @@ fn rx_header_allowed(header: &mut [u8], acked: u64) -> bool {
         VIRTIO_NET_HDR_GSO_NONE => true,
         VIRTIO_NET_HDR_GSO_TCPV4 => has(VIRTIO_NET_F_GUEST_TSO4),
         VIRTIO_NET_HDR_GSO_TCPV6 => has(VIRTIO_NET_F_GUEST_TSO6),
+        VIRTIO_NET_HDR_GSO_UDP => has(VIRTIO_NET_F_GUEST_UFO),
         _ => false,
     }
 }
 
 /// Checks a transmitted frame's header against the features the driver
 /// accepted, so the backend never sees offloads that were not negotiated:
-/// a partial checksum needs `CSUM`, segmentation the matching `HOST_TSO*`.
+/// a partial checksum needs `CSUM`, segmentation the matching `HOST_TSO*` or
+/// `HOST_UFO`.
 fn tx_header_allowed(header: &[u8], acked: u64) -> bool {
     let has = |feature: u32| acked & bit(feature) != 0;
     if u32::from(header[0]) & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 && !has(VIRTIO_NET_F_CSUM) {
@@ -542,6 +560,7 @@ fn tx_header_allowed(header: &[u8], acked: u64) -> bool {
         VIRTIO_NET_HDR_GSO_NONE => true,
         VIRTIO_NET_HDR_GSO_TCPV4 => has(VIRTIO_NET_F_HOST_TSO4),
         VIRTIO_NET_HDR_GSO_TCPV6 => has(VIRTIO_NET_F_HOST_TSO6),
+        VIRTIO_NET_HDR_GSO_UDP => has(VIRTIO_NET_F_HOST_UFO),
         _ => false,
     }
 }

@@ -192,6 +192,54 @@ fn tx_tso_frames_pass_when_the_driver_accepted_them() {
 }
 
 #[test]
+fn tx_ufo_frames_pass_only_when_the_driver_accepted_host_ufo() {
+    let mem = memory();
+    let mut frame = incoming(3000, 0);
+    frame[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    frame[1] = VIRTIO_NET_HDR_GSO_UDP as u8;
+    mem.write_slice(&frame, GuestAddress(DATA)).unwrap();
+    let with_ufo = (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_UFO);
+    let mut h = Harness::new(&mem, with_ufo);
+    h.transmit(&[Buf::readable(DATA, frame.len() as u32)]);
+    assert_eq!(h.backend.sent(), [frame.clone()]);
+
+    let without = (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4);
+    let mut h = Harness::new(&mem, without);
+    h.transmit(&[Buf::readable(DATA, frame.len() as u32)]);
+    assert!(h.backend.sent().is_empty());
+    assert_eq!(h.counters().tx_dropped_malformed, 1);
+}
+
+#[test]
+fn udp_fragmentation_offload_is_offered_and_follows_the_driver() {
+    let mem = memory();
+    let guest_ufo = (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_UFO);
+    let h = Harness::new(&mem, MRG | guest_ufo);
+    let offered = h.net.lock().unwrap().features();
+    assert_eq!(offered & guest_ufo, guest_ufo);
+    assert_ne!(offered & (1 << VIRTIO_NET_F_HOST_UFO), 0);
+    assert_eq!(
+        h.backend.offloads().last(),
+        Some(&(net_offload::CSUM | net_offload::UFO))
+    );
+}
+
+#[test]
+fn a_backend_without_ufo_still_gets_checksum_and_tso_offloads() {
+    let backend = MemoryNetBackend::new().unwrap();
+    backend.refuse_offload_flags(net_offload::UFO);
+    let net = Net::new(backend.clone(), NetOptions::default()).unwrap();
+    let offered = net.features();
+    assert_eq!(offered & (1 << VIRTIO_NET_F_GUEST_UFO), 0);
+    assert_eq!(offered & (1 << VIRTIO_NET_F_HOST_UFO), 0);
+    let tso =
+        (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4) | (1 << VIRTIO_NET_F_GUEST_TSO6);
+    assert_eq!(offered & tso, tso);
+    // Probed with UFO (refused), then without it, then cleared.
+    assert_eq!(backend.offloads(), [PROBE_OFFLOADS_NO_UFO, 0]);
+}
+
+#[test]
 fn nothing_is_read_from_the_backend_before_activation() {
     let backend = MemoryNetBackend::new().unwrap();
     let net = Arc::new(Mutex::new(
@@ -591,6 +639,36 @@ fn rx_tso_frames_reach_a_driver_that_accepted_them() {
         guest_bytes(&mem, DATA, 2),
         [VIRTIO_NET_HDR_F_NEEDS_CSUM as u8, VIRTIO_NET_HDR_GSO_TCPV4 as u8]
     );
+}
+
+#[test]
+fn rx_ufo_frames_reach_only_a_driver_that_accepted_guest_ufo() {
+    let mem = memory();
+    let mut ufo = incoming(3000, 0);
+    ufo[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
+    ufo[1] = VIRTIO_NET_HDR_GSO_UDP as u8;
+    for (accepted, delivered) in [
+        (
+            MRG | (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_UFO),
+            true,
+        ),
+        (
+            MRG | (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4),
+            false,
+        ),
+    ] {
+        let mut h = Harness::new(&mem, accepted);
+        h.rx.add(&[Buf::writable(DATA, 4096)]);
+        h.notify_rx();
+        h.backend.push_frame(ufo.clone());
+        h.run_once();
+        if delivered {
+            assert_eq!(h.rx.used(), [(0, 3012)]);
+        } else {
+            assert!(h.rx.used().is_empty());
+            assert_eq!(h.counters().rx_dropped_malformed, 1);
+        }
+    }
 }
 
 #[test]
