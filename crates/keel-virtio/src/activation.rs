@@ -175,6 +175,50 @@ impl ActivationState {
         }
     }
 
+    /// The whole event handling of a device whose every event means "look
+    /// at the queues": follows activation changes, consumes a queue
+    /// notification, and says whether to serve the queues (not for an fd
+    /// that is not the device's, which is logged).
+    pub fn queue_event(&mut self, fd: RawFd, ops: &mut EventOps) -> bool {
+        match self.classify(fd) {
+            EventSource::Changed => {
+                self.sync(ops);
+                true
+            }
+            EventSource::Queue(index) => {
+                self.take_queue_event(index);
+                true
+            }
+            EventSource::Other => {
+                log::warn!("{}: event on unknown fd {fd}", self.device);
+                false
+            }
+        }
+    }
+
+    /// Acts on how a pass over queue `index` ended: comes back to the queue
+    /// later if the pass stopped at its budget, puts the device in
+    /// `DEVICE_NEEDS_RESET` ([`fail`](Self::fail)) if the driver broke the
+    /// rules. Returns whether the device failed.
+    pub(crate) fn end_pass(
+        &mut self,
+        ops: &mut EventOps,
+        index: usize,
+        run: std::result::Result<QueueRun, QueueError>,
+    ) -> bool {
+        match run {
+            Ok(QueueRun::BudgetSpent) => {
+                self.requeue(index);
+                false
+            }
+            Ok(QueueRun::Drained | QueueRun::Stopped) => false,
+            Err(e) => {
+                self.fail(ops, &e);
+                true
+            }
+        }
+    }
+
     /// Puts the device in `DEVICE_NEEDS_RESET` after the driver broke the
     /// rules, and stops listening to its notifications until the reset.
     pub fn fail(&mut self, ops: &mut EventOps, error: &QueueError) {

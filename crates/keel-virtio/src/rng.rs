@@ -5,7 +5,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
-use crate::activation::{process_queue, ActivationState, EventSource, Handled, QueueRun};
+use crate::activation::{process_queue, ActivationState, Handled};
 use crate::chain::RequestBuffers;
 use crate::device::{Activation, VirtioDevice};
 use crate::{check_queue_count, device_type, features, Result};
@@ -78,11 +78,7 @@ impl Rng {
             }
             handled
         });
-        match result {
-            Ok(QueueRun::BudgetSpent) => self.activation.requeue(0),
-            Ok(QueueRun::Drained | QueueRun::Stopped) => {}
-            Err(e) => self.activation.fail(ops, &e),
-        }
+        self.activation.end_pass(ops, 0, result);
     }
 }
 
@@ -163,16 +159,8 @@ impl MutEventSubscriber for Rng {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match self.activation.classify(events.fd()) {
-            EventSource::Changed => {
-                self.activation.sync(ops);
-                self.process_requests(ops);
-            }
-            EventSource::Queue(index) => {
-                self.activation.take_queue_event(index);
-                self.process_requests(ops);
-            }
-            EventSource::Other => log::warn!("virtio-rng: event on unknown fd {}", events.fd()),
+        if self.activation.queue_event(events.fd(), ops) {
+            self.process_requests(ops);
         }
     }
 }

@@ -15,7 +15,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 pub use backend::{BlockBackend, FileBackend, MemoryBackend};
 
-use crate::activation::{process_queue, ActivationState, EventSource, Handled, QueueRun};
+use crate::activation::{process_queue, ActivationState, Handled};
 use crate::chain::RequestBuffers;
 use crate::device::{read_config_space, Activation, VirtioDevice};
 use crate::{check_queue_count, device_type, features, Error, Result};
@@ -206,11 +206,8 @@ impl<B: BlockBackend> Block<B> {
         };
         let budget = usize::from(active.queues[0].size());
         let disk = &mut self.disk;
-        match process_queue(active, 0, budget, |mem, buffers| disk.execute(mem, buffers)) {
-            Ok(QueueRun::BudgetSpent) => self.activation.requeue(0),
-            Ok(QueueRun::Drained | QueueRun::Stopped) => {}
-            Err(e) => self.activation.fail(ops, &e),
-        }
+        let run = process_queue(active, 0, budget, |mem, buffers| disk.execute(mem, buffers));
+        self.activation.end_pass(ops, 0, run);
     }
 }
 
@@ -265,16 +262,8 @@ impl<B: BlockBackend> MutEventSubscriber for Block<B> {
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        match self.activation.classify(events.fd()) {
-            EventSource::Changed => {
-                self.activation.sync(ops);
-                self.process_requests(ops);
-            }
-            EventSource::Queue(index) => {
-                self.activation.take_queue_event(index);
-                self.process_requests(ops);
-            }
-            EventSource::Other => log::warn!("virtio-blk: event on unknown fd {}", events.fd()),
+        if self.activation.queue_event(events.fd(), ops) {
+            self.process_requests(ops);
         }
     }
 }

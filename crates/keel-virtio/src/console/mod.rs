@@ -13,7 +13,7 @@ pub use backend::{ConsoleBackend, StreamBackend, UnixSocketBackend};
 
 use crate::activation::{
     complete, notify_guest, pop_chain, process_queue, rearm_notification, ActivationState, EventSource,
-    Handled, QueueError, QueueRun,
+    Handled, QueueError,
 };
 use crate::device::{read_config_space, Activation, VirtioDevice};
 use crate::{check_queue_count, device_type, features, Result};
@@ -141,10 +141,8 @@ impl Console {
             // The device writes nothing into transmit buffers.
             Handled::Used(0)
         });
-        match run {
-            Ok(QueueRun::BudgetSpent) => self.activation.requeue(TRANSMITQ),
-            Ok(QueueRun::Drained | QueueRun::Stopped) => {}
-            Err(e) => self.fail(ops, &e),
+        if self.activation.end_pass(ops, TRANSMITQ, run) {
+            self.sync_input(ops);
         }
     }
 

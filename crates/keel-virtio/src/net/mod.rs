@@ -21,7 +21,7 @@ pub use backend::{net_offload, MemoryNetBackend, NetBackend, TapBackend};
 
 use crate::activation::{
     complete, notify_guest, pop_chain, process_queue, rearm_notification, ActivationState, Active,
-    EventSource, Handled, QueueError, QueueRun,
+    EventSource, Handled, QueueError,
 };
 use crate::chain::RequestBuffers;
 use crate::device::{read_config_space, Activation, VirtioDevice};
@@ -395,10 +395,8 @@ impl<B: NetBackend> Net<B> {
             // The device writes nothing into transmit buffers.
             Handled::Used(0)
         });
-        match run {
-            Ok(QueueRun::BudgetSpent) => self.activation.requeue(TXQ),
-            Ok(QueueRun::Drained | QueueRun::Stopped) => {}
-            Err(e) => self.fail(ops, &e),
+        if self.activation.end_pass(ops, TXQ, run) {
+            self.sync_backend(ops);
         }
     }
 

@@ -22,7 +22,7 @@ use virtio_queue::QueueT;
 
 use crate::activation::{
     complete, notify_guest, pop_chain, process_queue, rearm_notification, ActivationState, EventSource,
-    Handled, QueueError, QueueRun,
+    Handled, QueueError,
 };
 use crate::device::{Activation, VirtioDevice};
 use crate::{check_queue_count, device_type, features, read_config_space};
@@ -185,11 +185,7 @@ impl Vsock {
             muxer.handle_tx_chain(mem, chain, ops);
             Handled::Used(0)
         });
-        match result {
-            Ok(QueueRun::BudgetSpent) => self.activation.requeue(TX_QUEUE),
-            Ok(QueueRun::Drained | QueueRun::Stopped) => {}
-            Err(e) => self.activation.fail(ops, &e),
-        }
+        self.activation.end_pass(ops, TX_QUEUE, result);
     }
 
     fn process_rx(&mut self, ops: &mut EventOps) {
