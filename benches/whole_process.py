@@ -18,8 +18,9 @@ debug level, counted with mincore), for a 128 MiB and a 2 GiB guest.
   exits with status 1). Debian's `qemu-system-x86`; the script installs it
   with apt-get when missing (root).
 
-Keel is also run with a 2 GiB guest, to show guest memory is not touched:
-peak RSS barely moves with guest size.
+Keel is also run with a 2 GiB guest, to show guest memory is not touched
+(peak RSS barely moves with guest size), and with `--irqchip kernel`, KVM's
+in-kernel PIC/IOAPIC/PIT instead of its default split irqchip.
 """
 import os
 import re
@@ -113,11 +114,15 @@ def main():
                 "-bios", fw, "-device", "isa-debug-exit,iobase=0xf4,iosize=1"]
         keel = [KEEL, "--memory", "128M", "--cmdline", "exit code=0", "--serial", "none"]
         keel_2g = [KEEL, "--memory", "2G", "--cmdline", "exit code=0", "--serial", "none"]
+        # KVM's in-kernel PIC/IOAPIC/PIT instead of the split irqchip: what
+        # their teardown grace periods cost (benches/kvm_teardown.rs).
+        keel_kernel = keel + ["--irqchip", "kernel"]
         # Warm-up so neither gets a cold page cache.
         timed(keel, 0)
         timed(qemu, 1)
         r = interleaved([("keel (128 MiB guest)", keel, 0), ("qemu microvm (128 MiB)", qemu, 1),
-                         ("keel (2 GiB guest)", keel_2g, 0)], runs)
+                         ("keel (2 GiB guest)", keel_2g, 0),
+                         ("keel (--irqchip kernel)", keel_kernel, 0)], runs)
         k, q = r["keel (128 MiB guest)"], r["qemu microvm (128 MiB)"]
         print(f"keel / qemu: wall {k[0] / q[0]:.2f}, cpu {k[1] / q[1]:.2f}, peak RSS {k[2] / q[2]:.2f}")
         for name, cmd in [("keel (128 MiB guest)", keel), ("keel (2 GiB guest)", keel_2g)]:
