@@ -40,8 +40,9 @@ extern "C" fn ring3_main(boot_params: *const u8) -> ! {
     interrupts::enable();
     serial::enable_tx_interrupt();
 
-    // SAFETY: the boot protocol passes the zero page's address in RSI, which
-    // `_start` forwards here; it lies in identity-mapped RAM.
+    // SAFETY: the boot protocol passes the zero page's (64-bit entry) or
+    // hvm_start_info's (PVH entry) address in RSI, which `_start` forwards
+    // here; `BootParams::new` ignores it unless it lies in mapped RAM.
     let params = unsafe { BootParams::new(boot_params) };
     let Ok(text) = core::str::from_utf8(params.command_line()) else {
         println!("FAIL: the command line is not UTF-8");

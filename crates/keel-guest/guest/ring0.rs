@@ -11,6 +11,14 @@
 //!   of the IDT gates, which need bit-splitting a relocation cannot
 //!   express, are written here (one `add` per gate). 108 instructions run
 //!   at CPL 0 before ring 3 (measured by single-stepping).
+//! * `pvh_start`, the PVH entry named by the `.note.Xen` ELF note (entered
+//!   in 32-bit protected mode, paging off, EBX = `hvm_start_info`), loads
+//!   the same page tables, sets CR4.PAE, EFER.LME and CR0.PG|PE, loads the
+//!   GDT (its 32-bit `lgdt` base reaches it: the image is below 16 MiB)
+//!   and far-jumps through the 64-bit KERNEL_CS into `_start` past its
+//!   page-table switch, with the start info in RSI: 16 more instructions,
+//!   121 before ring 3. Ring 3 tells the two structures apart by the PVH
+//!   magic (see [`crate::boot_params`]).
 //! * IRQ stubs (vectors 0x20–0x37, IOAPIC pins 0–23) count the interrupt in
 //!   [`IRQ_COUNTS`] and send the local APIC an EOI: one store to its EOI
 //!   register, through an alias of the LAPIC page at
@@ -166,6 +174,7 @@ _start:
     lea rsp, [rip + kernel_stack_top]
     lea rax, [rip + pml4]
     mov cr3, rax
+start_common:
 
     // 64-bit TSS descriptor: limit TSS_LIMIT, type 0x89 (present,
     // available), base bits 0-23 at bit 16. The linker script keeps the
@@ -232,6 +241,48 @@ _start:
     push rax
     mov rdi, rsi
     iretq
+
+    // PVH entry (XEN_ELFNOTE_PHYS32_ENTRY, the note below): 32-bit
+    // protected mode, paging off, EBX = hvm_start_info. Into long mode on
+    // the guest's own page tables and GDT (both below 16 MiB, so 32-bit
+    // absolute addresses reach them), then on with _start, with the start
+    // info in RSI where the 64-bit protocol has the zero page: ring 3 tells
+    // the two apart by the PVH magic. 16 instructions.
+    .code32
+pvh_start:
+    mov eax, offset pml4
+    mov cr3, eax
+    mov eax, 0x20               // CR4.PAE
+    mov cr4, eax
+    mov ecx, 0xc0000080         // EFER
+    rdmsr
+    or eax, 0x100               // LME
+    wrmsr
+    mov eax, cr0
+    or eax, 0x80000001          // PG | PE: long mode (compatibility)
+    mov cr0, eax
+    lgdt [gdtr]                 // 32-bit base: the GDT is below 16 MiB
+    // ljmp KERNEL_CS:pvh_start64 (64-bit code segment)
+    .byte 0xea
+    .long pvh_start64
+    .word KERNEL_CS
+    .code64
+pvh_start64:
+    mov esi, ebx
+    lea rsp, [rip + kernel_stack_top]
+    jmp start_common
+
+    // The PVH entry note (name "Xen", type 18, the 32-bit entry address in
+    // an 8-byte descriptor as Linux writes it; QEMU reads 8 bytes in a
+    // 64-bit ELF). link.ld keeps it in a PT_NOTE segment of its own.
+    .pushsection .note.Xen, "a", @note
+    .balign 4
+    .long 4
+    .long 8
+    .long 18
+    .asciz "Xen"
+    .quad pvh_start
+    .popsection
 
     // ---- ring 3 from here on (runs natively) ----
     .text

@@ -20,21 +20,45 @@
 //!
 //! # Boot contract
 //!
-//! The guest expects Linux's 64-bit boot protocol as Firecracker implements
-//! it for an ELF `vmlinux`:
+//! The guest can be entered two ways, as a Linux `vmlinux` can: Linux's
+//! 64-bit boot protocol as Firecracker implements it for an ELF `vmlinux`
+//! (the ELF entry point), or PVH (the entry in the ELF's PVH note), which
+//! is what QEMU offers for ELF kernels (`-M microvm -kernel`). Keel's
+//! `VmConfig::boot_protocol` (`keel --boot-protocol`) selects either. The
+//! 64-bit entry runs 108 emulated ring-0 instructions before ring 3, the
+//! PVH entry 121.
 //!
 //! * The image is loaded with `linux_loader::loader::Elf::load(mem, None,
 //!   image, Some(GuestAddress(0x10_0000)))`: each `PT_LOAD` at its `p_paddr`
-//!   (equal to `p_vaddr`). RIP is the ELF entry point.
-//! * 64-bit long mode at CPL 0 with paging on and the image identity-mapped
-//!   (the guest loads its own page tables with its third instruction),
-//!   interrupts off, and **RSI = the address of the zero page**
-//!   (`struct boot_params`). The guest sets up its own stack, GDT, TSS and
-//!   IDT, so the VMM's (conventionally RSP = 0x8ff0, CS = 0x10, DS = 0x18, a
-//!   GDT at 0x500 and an empty IDT) only have to last until then.
-//! * In the zero page the guest reads the command line pointer (`u32` at
-//!   0x228, a NUL-terminated string of at most 2048 bytes), the e820 entry
-//!   count (`u8` at 0x1e8) and the e820 table (20-byte entries at 0x2d0).
+//!   (equal to `p_vaddr`).
+//! * **64-bit entry**: RIP is the ELF entry point ([`LOAD_ADDR`]); 64-bit
+//!   long mode at CPL 0 with paging on and the image identity-mapped (the
+//!   guest loads its own page tables with its third instruction),
+//!   interrupts off, and **RSI = the address of the zero page** (`struct
+//!   boot_params`). The guest sets up its own stack, GDT, TSS and IDT, so
+//!   the VMM's (conventionally RSP = 0x8ff0, CS = 0x10, DS = 0x18, a GDT at
+//!   0x500 and an empty IDT) only have to last until then. In the zero page
+//!   the guest reads the command line pointer (`u32` at 0x228, a
+//!   NUL-terminated string of at most 2048 bytes), the e820 entry count
+//!   (`u8` at 0x1e8) and the e820 table (20-byte entries at 0x2d0).
+//! * **PVH entry**: a `PT_NOTE` segment holds one note, name `Xen`, type 18
+//!   (`XEN_ELFNOTE_PHYS32_ENTRY`), an 8-byte descriptor with the 32-bit
+//!   entry address (`linux_loader` reports it as
+//!   `PvhBootCapability::PvhEntryPresent`). Entered as the PVH ABI says: 32-bit
+//!   protected mode at CPL 0, flat 4 GiB code and data segments, paging off,
+//!   **EBX = the address of `struct hvm_start_info`**. The guest needs no
+//!   stack, GDT or page tables from the VMM: a 16-instruction stub loads its
+//!   own page tables, sets CR4.PAE, EFER.LME and CR0.PG, loads its GDT and
+//!   far-jumps to 64-bit code, which joins the 64-bit entry with the start
+//!   info in RSI. From `hvm_start_info` (magic 0x336e_c578 at offset 0,
+//!   which is how the guest tells it from a zero page) it reads the command
+//!   line (`u64` address at 24, at most 2048 bytes) and, from version 1 on,
+//!   the memory map (`u64` address at 40, `u32` count at 48; 24-byte
+//!   entries `{addr u64, size u64, type u32, reserved u32}`, e820 types).
+//! * Either way, a structure, command line or memory map outside the RAM the
+//!   guest maps (the first GiB) is ignored (no command line: `hello`; no
+//!   memory map) rather than read, so a broken VMM cannot fault the guest
+//!   before it can say so. At most 128 memory map entries are read.
 //! * At least 16 MiB of RAM from address 0. The guest identity-maps the first
 //!   GiB (RAM) and 0xC000_0000–0xFFFF_FFFF (the 32-bit MMIO gap, where MMIO
 //!   devices under test must live), all user-accessible.
@@ -254,12 +278,15 @@
 //!
 //! # Inside the guest
 //!
-//! Ring 0 is assembly only: `_start` switches to the guest's page tables
+//! Ring 0 is assembly only: the PVH entry's 32-bit stub (see [Boot
+//! contract](#boot-contract)) reaches long mode and joins `_start` after its
+//! page-table switch; `_start` switches to the guest's page tables
 //! (assembled at link time), GDT (Linux's selectors: kernel 0x10/0x18, user
 //! data 0x2b, user code 0x33), a TSS whose I/O permission bitmap gives ring 3
 //! every port, and an IDT for vectors 0–63 (assembled at link time, each
 //! gate completed by one `add`), enables SSE and `iretq`s to ring 3 — 108
-//! instructions, measured by single-stepping (`tests/raw_kvm.rs`,
+//! instructions through the 64-bit entry, 121 through the PVH entry,
+//! measured by single-stepping (`tests/raw_kvm.rs`,
 //! `count_ring0_instructions_before_ring3`). Interrupt handlers (vectors
 //! 0x20–0x37, IOAPIC pins 0–23) count per pin and write the local APIC's EOI
 //! register, four instructions per interrupt; the spurious vector 0x3f
@@ -286,7 +313,8 @@
 //! ```
 //!
 //! `tests/raw_kvm.rs` is a complete, self-contained example: a minimal VMM on
-//! raw `kvm-ioctls` that boots every program.
+//! raw `kvm-ioctls` that boots every program (through the 64-bit entry, and
+//! `hello` through the PVH entry too).
 
 #![deny(missing_docs)]
 
@@ -380,8 +408,35 @@ mod tests {
     }
 
     #[test]
-    fn image_has_no_note_that_would_select_pvh_boot() {
-        assert!(program_headers().iter().all(|h| h.0 != PT_NOTE));
+    fn image_has_a_pvh_entry_note_inside_the_code_segment() {
+        let (phoff, phentsize, phnum) = (u64_at(0x20) as usize, u16_at(0x36) as usize, u16_at(0x38));
+        let notes: Vec<(usize, usize, u64)> = (0..usize::from(phnum))
+            .map(|i| phoff + i * phentsize)
+            .filter(|&ph| u32_at(ph) == PT_NOTE)
+            .map(|ph| {
+                (
+                    u64_at(ph + 0x08) as usize,
+                    u64_at(ph + 0x20) as usize,
+                    u64_at(ph + 0x30),
+                )
+            })
+            .collect();
+        assert_eq!(notes.len(), 1, "one PT_NOTE segment");
+        let (offset, size, align) = notes[0];
+        // Loaders step through notes 4-byte aligned (QEMU aligns the name by
+        // p_align, so it must be 4).
+        assert_eq!(align, 4);
+        assert_eq!(size, 24);
+        assert_eq!(u32_at(offset), 4, "namesz");
+        assert_eq!(u32_at(offset + 4), 8, "descsz");
+        assert_eq!(u32_at(offset + 8), 18, "XEN_ELFNOTE_PHYS32_ENTRY");
+        assert_eq!(&elf()[offset + 12..offset + 16], b"Xen\0");
+        let entry = u64_at(offset + 16);
+        let (_, filesz, text, ..) = program_headers().into_iter().find(|h| h.0 == PT_LOAD).unwrap();
+        assert!(
+            entry > LOAD_ADDR && entry < text + filesz,
+            "PVH entry {entry:#x} outside the code"
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use common::Serial;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use keel_vmm::{Error, ExitReason, IrqchipChoice, VmBuilder, VmConfig};
+use keel_vmm::{BootProtocolChoice, Error, ExitReason, IrqchipChoice, VmBuilder, VmConfig};
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
 
@@ -71,6 +71,37 @@ fn hello_takes_serial_interrupts_through_the_in_kernel_irqchip_too() {
     let (result, console) = run_guest(VmBuilder::new(config).unwrap(), "hello");
     assert_eq!(result.unwrap(), ExitReason::GuestExit(0), "{console}");
     assert!(serial_interrupts(&console) > 0, "{console}");
+}
+
+/// Boots `hello` through `protocol` and checks what the guest read from the
+/// boot structure (zero page or `hvm_start_info`): the command line and a
+/// memory map with the VM's RAM.
+fn hello_through(protocol: BootProtocolChoice) {
+    let config = VmConfig {
+        boot_protocol: protocol,
+        ..config()
+    };
+    let cmdline = "hello note-from=the-host";
+    let (result, console) = run_guest(VmBuilder::new(config).unwrap(), cmdline);
+    assert_eq!(result.unwrap(), ExitReason::GuestExit(0), "{console}");
+    assert!(console.contains("Keel test guest: hello"), "{console}");
+    assert!(
+        console.contains(&format!("command line: \"{cmdline}")),
+        "{console}"
+    );
+    // 32 MiB minus what the memory map reserves below 1 MiB.
+    assert!(console.contains("RAM: 31 MiB in "), "{console}");
+    assert!(serial_interrupts(&console) > 0, "{console}");
+}
+
+#[test]
+fn hello_boots_through_the_pvh_entry() {
+    hello_through(BootProtocolChoice::Pvh);
+}
+
+#[test]
+fn hello_boots_through_the_linux_64_bit_entry() {
+    hello_through(BootProtocolChoice::Linux64);
 }
 
 /// Scratch register + access counter + magic, as the guest's `mmio-rw`
