@@ -420,12 +420,6 @@ impl keel_vcpu::ExitHandler for VmExits {
 #[derive(Debug, Default)]
 struct Background(Option<JoinHandle<()>>);
 
-impl Background {
-    fn none() -> Background {
-        Background(None)
-    }
-}
-
 impl Drop for Background {
     fn drop(&mut self) {
         if let Some(thread) = self.0.take() {
@@ -437,34 +431,26 @@ impl Drop for Background {
 /// Puts the PIT in "discard lost ticks" mode (see
 /// [`VmConfig::pit_reinject`]). KVM answers that ioctl only after an SRCU
 /// grace period (about 14 ms on the development host), which nothing in the
-/// VM's start needs to wait for, so it runs on a thread with its own
-/// duplicate of the VM file descriptor while the guest starts; the grace
-/// period it waits for is one VM teardown would otherwise wait for too.
-fn discard_pit_ticks(vm_fd: &VmFd) -> Background {
-    use std::os::fd::{AsRawFd, BorrowedFd};
-    let fallback = |why: &dyn std::fmt::Display| {
-        log::debug!("setting the PIT tick policy in line: {why}");
+/// VM's start needs to wait for, so it runs on a thread of its own while the
+/// guest starts (in line if no thread can be spawned); the grace period it
+/// waits for is one VM teardown would otherwise wait for too.
+fn discard_pit_ticks(vm_fd: &Arc<VmFd>) -> Background {
+    let discard = |vm_fd: &VmFd| {
         if let Err(e) = keel_irq::set_pit_ticks(vm_fd, keel_irq::PitTicks::Discard) {
             log::warn!("{e}; the PIT keeps reinjecting lost ticks");
         }
-        Background::none()
     };
-    // SAFETY: `vm_fd` is open for the whole call; the borrow only lives
-    // long enough to duplicate it.
-    let fd = match unsafe { BorrowedFd::borrow_raw(vm_fd.as_raw_fd()) }.try_clone_to_owned() {
-        Ok(fd) => fd,
-        Err(e) => return fallback(&e),
-    };
+    let for_thread = vm_fd.clone();
     let spawned = std::thread::Builder::new()
         .name("keel-pit".into())
-        .spawn(move || {
-            if let Err(e) = keel_irq::set_pit_ticks(&fd, keel_irq::PitTicks::Discard) {
-                log::warn!("{e}; the PIT keeps reinjecting lost ticks");
-            }
-        });
+        .spawn(move || discard(&for_thread));
     match spawned {
         Ok(thread) => Background(Some(thread)),
-        Err(e) => fallback(&e),
+        Err(e) => {
+            log::debug!("setting the PIT tick policy in line: {e}");
+            discard(vm_fd);
+            Background::default()
+        }
     }
 }
 
@@ -522,7 +508,7 @@ impl Vm {
             IrqchipChoice::Kernel => {
                 keel_irq::create_in_kernel_irqchip(&vm_fd)?;
                 let pit_setup = if config.pit_reinject {
-                    Background::none()
+                    Background::default()
                 } else {
                     discard_pit_ticks(&vm_fd)
                 };
@@ -531,7 +517,7 @@ impl Vm {
             IrqchipChoice::Split => {
                 keel_irq::enable_split_irqchip(&vm_fd)?;
                 let ioapic = Arc::new(Mutex::new(keel_irq::Ioapic::new(vm_fd.clone())));
-                (Background::none(), Some(ioapic))
+                (Background::default(), Some(ioapic))
             }
         };
 
