@@ -656,16 +656,12 @@ fn build_xfer(source: &[u8], work: &Path, log: &Log) -> Result<Vec<u8>, String> 
     let desc = format!("{cc:?}");
     let out = io(|| format!("cannot run {desc}"), cc.stdin(Stdio::null()).output())?;
     if !out.status.success() {
-        let mut msg = format!("cannot compile guest/linux/keel-xfer.c ({}): {desc}", out.status);
-        let err = String::from_utf8_lossy(&out.stderr);
-        if err.contains("cannot find -lc") {
-            msg.push_str(&format!(
-                "\n(no static libc: install it with `apt-get install {LIBC_PACKAGE}`)"
-            ));
-        }
-        msg.push('\n');
-        msg.push_str(err.trim_end());
-        return Err(msg);
+        // A missing static libc was already reported by `ensure_deps`.
+        return Err(format!(
+            "cannot compile guest/linux/keel-xfer.c ({}): {desc}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        ));
     }
     let bytes = read(&bin)?;
     if bytes.get(..4) != Some(b"\x7fELF") {

@@ -25,8 +25,8 @@ use keel_guest::{
     exception_status, EXIT_PORT, LOAD_ADDR, SCRATCH_MAGIC, STATUS_BAD_ARGS, STATUS_FAIL, STATUS_PASS,
 };
 use kvm_bindings::{
-    kvm_guest_debug, kvm_pit_config, kvm_segment, kvm_userspace_memory_region, KVM_GUESTDBG_ENABLE,
-    KVM_GUESTDBG_SINGLESTEP, KVM_MAX_CPUID_ENTRIES,
+    kvm_guest_debug, kvm_pit_config, kvm_segment, kvm_sregs, kvm_userspace_memory_region,
+    KVM_GUESTDBG_ENABLE, KVM_GUESTDBG_SINGLESTEP, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::loader::bootparam::boot_params;
@@ -473,8 +473,10 @@ fn set_lint_pins(vcpu: &VcpuFd) {
     vcpu.set_lapic(&lapic).expect("set LAPIC");
 }
 
-fn set_64bit_entry_state(vcpu: &VcpuFd, entry: u64) {
-    let mut sregs = vcpu.get_sregs().expect("get sregs");
+/// Flat 4 GiB code (selector 0x10, 64-bit if `long_mode`, else 32-bit)
+/// and data (0x18) segments in every segment register, as both entries
+/// want; returns the code segment.
+fn set_flat_segments(sregs: &mut kvm_sregs, long_mode: bool) -> kvm_segment {
     let code = kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
@@ -482,9 +484,9 @@ fn set_64bit_entry_state(vcpu: &VcpuFd, entry: u64) {
         type_: 0xb,
         present: 1,
         dpl: 0,
-        db: 0,
+        db: u8::from(!long_mode),
         s: 1,
-        l: 1,
+        l: u8::from(long_mode),
         g: 1,
         avl: 0,
         unusable: 0,
@@ -503,6 +505,12 @@ fn set_64bit_entry_state(vcpu: &VcpuFd, entry: u64) {
     sregs.fs = data;
     sregs.gs = data;
     sregs.ss = data;
+    code
+}
+
+fn set_64bit_entry_state(vcpu: &VcpuFd, entry: u64) {
+    let mut sregs = vcpu.get_sregs().expect("get sregs");
+    set_flat_segments(&mut sregs, true);
     sregs.gdt.base = GDT_ADDR;
     sregs.gdt.limit = 4 * 8 - 1;
     sregs.idt.base = 0;
@@ -527,32 +535,7 @@ fn set_64bit_entry_state(vcpu: &VcpuFd, entry: u64) {
 /// page tables: the guest brings its own.
 fn set_pvh_entry_state(vcpu: &VcpuFd, entry: u64) {
     let mut sregs = vcpu.get_sregs().expect("get sregs");
-    let code = kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector: 0x10,
-        type_: 0xb,
-        present: 1,
-        dpl: 0,
-        db: 1,
-        s: 1,
-        l: 0,
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    let data = kvm_segment {
-        selector: 0x18,
-        type_: 0x3,
-        ..code
-    };
-    sregs.cs = code;
-    sregs.ds = data;
-    sregs.es = data;
-    sregs.fs = data;
-    sregs.gs = data;
-    sregs.ss = data;
+    let code = set_flat_segments(&mut sregs, false);
     sregs.tr = kvm_segment {
         selector: 0x20,
         limit: 0x67,

@@ -94,7 +94,7 @@ impl MsiRoute {
         if entry & RTE_MASKED != 0 {
             return None;
         }
-        let delivery_mode = ((entry >> RTE_DELIVERY_MODE_SHIFT) & 0x7) as u8;
+        let delivery_mode = delivery_mode(entry);
         if DM_RESERVED.contains(&delivery_mode) {
             return None;
         }
@@ -241,6 +241,11 @@ const DM_FIXED: u8 = 0;
 /// 3 and 6 are reserved in an IOAPIC entry (in KVM's local APIC they mean a
 /// paravirtual unhalt and a start-up IPI).
 const DM_RESERVED: [u8; 2] = [3, 6];
+
+/// A redirection entry's delivery mode (bits 8–10).
+fn delivery_mode(entry: u64) -> u8 {
+    ((entry >> RTE_DELIVERY_MODE_SHIFT) & 0x7) as u8
+}
 
 /// Where an MSI address starts.
 const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
@@ -466,7 +471,7 @@ impl<R: MsiRouter> Ioapic<R> {
         if entry & RTE_MASKED != 0 {
             return;
         }
-        let delivery_mode = ((entry >> RTE_DELIVERY_MODE_SHIFT) & 0x7) as u8;
+        let delivery_mode = delivery_mode(entry);
         if DM_RESERVED.contains(&delivery_mode) {
             log::warn!(
                 "IOAPIC entry {pin} ({entry:#018x}) has reserved delivery mode {delivery_mode}: not routed"
