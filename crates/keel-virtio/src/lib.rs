@@ -235,10 +235,12 @@ mod block;
 mod chain;
 mod console;
 mod device;
+mod driver_state;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod guest_driver;
 mod mmio;
 mod net;
+pub mod pci;
 mod rng;
 mod vsock;
 
@@ -259,6 +261,7 @@ pub use net::{
     net_offload, MemoryNetBackend, Net, NetBackend, NetCounters, NetError, NetOptions, TapBackend,
     MAX_FRAME_LEN, VNET_HDR_LEN,
 };
+pub use pci::{NoIoeventfds, NotifyRegistrar, PciTransport, RecordingRegistrar};
 pub use rng::{Rng, MAX_RNG_REQUEST_BYTES};
 pub use virtio_queue::Queue;
 pub use vm_memory::GuestMemoryMmap;
@@ -408,6 +411,16 @@ pub enum Error {
     /// Standard input could not be duplicated for a console.
     #[error("cannot use stdin as console input: {0}")]
     ConsoleStdin(#[source] std::io::Error),
+    /// The PCI side of a virtio-pci transport could not be built.
+    #[error("virtio-pci: {0}")]
+    Pci(#[from] keel_pci::Error),
+    /// A device type that has no virtio-pci device ID (0x1040 + type must
+    /// fit in 16 bits).
+    #[error("device type {device_type} has no virtio-pci device ID")]
+    NoPciDeviceId {
+        /// The device's type ID.
+        device_type: u32,
+    },
     /// A console output file could not be opened.
     #[error("cannot open console output file {path}: {source}", path = path.display())]
     ConsoleFile {
