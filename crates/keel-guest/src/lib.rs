@@ -441,9 +441,10 @@ mod tests {
 
     #[test]
     fn image_stays_small() {
-        // The virtio drivers and programs brought it from ~56 to ~140 KiB
-        // (symbols included); anything near this bound is a mistake.
-        assert!(elf().len() < 192 * 1024, "image is {} bytes", elf().len());
+        // The virtio drivers and programs brought it from ~56 to ~180 KiB,
+        // PCI and the virtio-pci transport to ~200 KiB (symbols included);
+        // anything near this bound is a mistake.
+        assert!(elf().len() < 256 * 1024, "image is {} bytes", elf().len());
     }
 
     #[test]

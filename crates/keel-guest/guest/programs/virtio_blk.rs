@@ -156,8 +156,8 @@ fn init(
 ) -> Result<Blk, Failure> {
     Blk::init(found, ctx.params, ring, use_irq, 64).map_err(|e| {
         println!(
-            "FAIL: virtio-blk: {name} at {:#x}: initialisation: {e}",
-            found.slot.base
+            "FAIL: virtio-blk: {name} at {}: initialisation: {e}",
+            found.location
         );
         Failure::Test
     })
@@ -176,8 +176,8 @@ fn check_disk(
     let mut blk = init(ctx, name, found, ring, use_irq)?;
     let c = blk.config;
     println!(
-        "virtio-blk: {name} at {:#x} GSI {}: features offered {:#x}, accepted {:#x}",
-        found.slot.base, found.slot.gsi, blk.offered, blk.features
+        "virtio-blk: {name} at {}: features offered {:#x}, accepted {:#x}",
+        found.location, blk.offered, blk.features
     );
     println!(
         "virtio-blk: {name}: capacity {} sectors ({} KiB), size_max {}, seg_max {}, blk_size {}, num_queues {}, queue size {}",
