@@ -137,8 +137,7 @@ pub mod isr {
 /// ioeventfds (any write of any width at the address), so the transport can
 /// follow its BAR wherever the guest moves it.
 ///
-/// A VMM implements it on its `VmFd` (`register_ioevent(event,
-/// &IoEventAddress::Mmio(address), NoDatamatch)`); without one
+/// It is implemented for `Arc<VmFd>` (`KVM_IOEVENTFD`); without one
 /// ([`NoIoeventfds`]) every notification reaches the transport as an MMIO
 /// exit and is forwarded to the same eventfd.
 pub trait NotifyRegistrar: Send {
@@ -146,6 +145,27 @@ pub trait NotifyRegistrar: Send {
     fn register(&mut self, event: &EventFd, address: u64) -> std::io::Result<()>;
     /// Stops it.
     fn unregister(&mut self, event: &EventFd, address: u64) -> std::io::Result<()>;
+}
+
+/// KVM ioeventfds: `KVM_IOEVENTFD` for any write (no datamatch, any
+/// length) at the address.
+impl NotifyRegistrar for Arc<kvm_ioctls::VmFd> {
+    fn register(&mut self, event: &EventFd, address: u64) -> std::io::Result<()> {
+        self.register_ioevent(
+            event,
+            &kvm_ioctls::IoEventAddress::Mmio(address),
+            kvm_ioctls::NoDatamatch,
+        )
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+    fn unregister(&mut self, event: &EventFd, address: u64) -> std::io::Result<()> {
+        self.unregister_ioevent(
+            event,
+            &kvm_ioctls::IoEventAddress::Mmio(address),
+            kvm_ioctls::NoDatamatch,
+        )
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
 }
 
 /// A [`NotifyRegistrar`] that registers nothing: notifications come as MMIO
@@ -749,3 +769,25 @@ impl PciDevice for PciTransport {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod kvm_tests {
+    use super::*;
+
+    /// A write to a registered notification address signals the queue's
+    /// eventfd inside KVM; after unregistering, registering the same
+    /// address again works (nothing was left behind).
+    #[test]
+    fn vm_fd_registers_and_unregisters_notification_ioeventfds() {
+        let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
+        let mut registrar: Box<dyn NotifyRegistrar> = Box::new(vm.clone());
+        let event = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        registrar.register(&event, 0xe000_3000).unwrap();
+        assert!(
+            registrar.register(&event, 0xe000_3000).is_err(),
+            "registered twice"
+        );
+        registrar.unregister(&event, 0xe000_3000).unwrap();
+        registrar.register(&event, 0xe000_3000).unwrap();
+    }
+}
