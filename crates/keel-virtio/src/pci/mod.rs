@@ -134,17 +134,21 @@ pub mod isr {
 }
 
 /// Registers and unregisters the queue notification eventfds as KVM
-/// ioeventfds (any write of any width at the address), so the transport can
-/// follow its BAR wherever the guest moves it.
+/// ioeventfds, so the transport can follow its BAR wherever the guest moves
+/// it. A driver notifies queue `q` by writing `q` as 16 bits at the queue's
+/// address (without `VIRTIO_F_NOTIFICATION_DATA`, which Keel does not
+/// offer), so the ioeventfd matches that write exactly; any other write
+/// there still reaches the transport as an MMIO exit and is forwarded to
+/// the same eventfd.
 ///
 /// It is implemented for `Arc<VmFd>` (`KVM_IOEVENTFD`); without one
 /// ([`NoIoeventfds`]) every notification reaches the transport as an MMIO
 /// exit and is forwarded to the same eventfd.
 pub trait NotifyRegistrar: Send {
-    /// Starts signalling `event` on writes to `address`.
-    fn register(&mut self, event: &EventFd, address: u64) -> std::io::Result<()>;
+    /// Starts signalling `event` on 16-bit writes of `queue` to `address`.
+    fn register(&mut self, event: &EventFd, address: u64, queue: u16) -> std::io::Result<()>;
     /// Stops it.
-    fn unregister(&mut self, event: &EventFd, address: u64) -> std::io::Result<()>;
+    fn unregister(&mut self, event: &EventFd, address: u64, queue: u16) -> std::io::Result<()>;
 }
 
 /// KVM ioeventfds: `KVM_IOEVENTFD` for any write (no datamatch, any
@@ -174,10 +178,10 @@ impl NotifyRegistrar for Arc<kvm_ioctls::VmFd> {
 pub struct NoIoeventfds;
 
 impl NotifyRegistrar for NoIoeventfds {
-    fn register(&mut self, _event: &EventFd, _address: u64) -> std::io::Result<()> {
+    fn register(&mut self, _event: &EventFd, _address: u64, _queue: u16) -> std::io::Result<()> {
         Ok(())
     }
-    fn unregister(&mut self, _event: &EventFd, _address: u64) -> std::io::Result<()> {
+    fn unregister(&mut self, _event: &EventFd, _address: u64, _queue: u16) -> std::io::Result<()> {
         Ok(())
     }
 }
@@ -205,7 +209,7 @@ impl RecordingRegistrar {
 }
 
 impl NotifyRegistrar for RecordingRegistrar {
-    fn register(&mut self, _event: &EventFd, address: u64) -> std::io::Result<()> {
+    fn register(&mut self, _event: &EventFd, address: u64, _queue: u16) -> std::io::Result<()> {
         let mut registered = self.registered.lock().unwrap_or_else(PoisonError::into_inner);
         if registered.contains(&address) {
             return Err(std::io::Error::from_raw_os_error(libc::EEXIST));
@@ -213,7 +217,7 @@ impl NotifyRegistrar for RecordingRegistrar {
         registered.push(address);
         Ok(())
     }
-    fn unregister(&mut self, _event: &EventFd, address: u64) -> std::io::Result<()> {
+    fn unregister(&mut self, _event: &EventFd, address: u64, _queue: u16) -> std::io::Result<()> {
         let mut registered = self.registered.lock().unwrap_or_else(PoisonError::into_inner);
         let before = registered.len();
         registered.retain(|&a| a != address);
@@ -611,7 +615,8 @@ impl PciTransport {
         if let Some(old) = self.notify_base.take() {
             for (queue, event) in self.state.queue_events.iter().enumerate() {
                 let address = old + queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
-                if let Err(e) = self.registrar.unregister(event, address) {
+                // new() checked that queue indices fit in u16.
+                if let Err(e) = self.registrar.unregister(event, address, queue as u16) {
                     log::warn!(
                         "virtio-pci: cannot unregister the ioeventfd of queue {queue} at {address:#x}: {e}"
                     );
@@ -623,7 +628,7 @@ impl PciTransport {
         };
         for (queue, event) in self.state.queue_events.iter().enumerate() {
             let address = base + queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
-            if let Err(e) = self.registrar.register(event, address) {
+            if let Err(e) = self.registrar.register(event, address, queue as u16) {
                 // Notifications still arrive, as MMIO exits.
                 log::warn!("virtio-pci: cannot register an ioeventfd for queue {queue} at {address:#x}: {e}");
             }
