@@ -151,24 +151,17 @@ pub trait NotifyRegistrar: Send {
     fn unregister(&mut self, event: &EventFd, address: u64, queue: u16) -> std::io::Result<()>;
 }
 
-/// KVM ioeventfds: `KVM_IOEVENTFD` for any write (no datamatch, any
-/// length) at the address.
+/// KVM ioeventfds: `KVM_IOEVENTFD` for a 2-byte write of the queue index
+/// at the address (datamatch), as the virtio-mmio transport's
+/// `QueueNotify` ioeventfds match a 4-byte one.
 impl NotifyRegistrar for Arc<kvm_ioctls::VmFd> {
-    fn register(&mut self, event: &EventFd, address: u64) -> std::io::Result<()> {
-        self.register_ioevent(
-            event,
-            &kvm_ioctls::IoEventAddress::Mmio(address),
-            kvm_ioctls::NoDatamatch,
-        )
-        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    fn register(&mut self, event: &EventFd, address: u64, queue: u16) -> std::io::Result<()> {
+        self.register_ioevent(event, &kvm_ioctls::IoEventAddress::Mmio(address), queue)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
-    fn unregister(&mut self, event: &EventFd, address: u64) -> std::io::Result<()> {
-        self.unregister_ioevent(
-            event,
-            &kvm_ioctls::IoEventAddress::Mmio(address),
-            kvm_ioctls::NoDatamatch,
-        )
-        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    fn unregister(&mut self, event: &EventFd, address: u64, queue: u16) -> std::io::Result<()> {
+        self.unregister_ioevent(event, &kvm_ioctls::IoEventAddress::Mmio(address), queue)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
     }
 }
 
@@ -787,12 +780,12 @@ mod kvm_tests {
         let vm = Arc::new(kvm_ioctls::Kvm::new().unwrap().create_vm().unwrap());
         let mut registrar: Box<dyn NotifyRegistrar> = Box::new(vm.clone());
         let event = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        registrar.register(&event, 0xe000_3000).unwrap();
+        registrar.register(&event, 0xe000_3000, 1).unwrap();
         assert!(
-            registrar.register(&event, 0xe000_3000).is_err(),
+            registrar.register(&event, 0xe000_3000, 1).is_err(),
             "registered twice"
         );
-        registrar.unregister(&event, 0xe000_3000).unwrap();
-        registrar.register(&event, 0xe000_3000).unwrap();
+        registrar.unregister(&event, 0xe000_3000, 1).unwrap();
+        registrar.register(&event, 0xe000_3000, 1).unwrap();
     }
 }
