@@ -142,7 +142,9 @@ impl std::str::FromStr for VsockConfig {
         let (mut cid, mut uds, mut transport) = (None, None, None);
         for part in s.split(',') {
             match part.split_once('=') {
-                Some(("transport", t)) => transport = Some(t.parse().map_err(|e| format!("vsock {s:?}: {e}"))?),
+                Some(("transport", t)) => {
+                    transport = Some(t.parse().map_err(|e| format!("vsock {s:?}: {e}"))?)
+                }
                 Some(("cid", n)) => {
                     cid = Some(
                         n.parse::<u64>()

@@ -5,7 +5,9 @@
 use std::sync::{Arc, Mutex};
 
 use keel_irq::{GsiRouting, IrqfdMsiVectors};
-use keel_memory::{GuestLayout, GuestMemoryMmap, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START};
+use keel_memory::{
+    GuestLayout, GuestMemoryMmap, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START,
+};
 use keel_pci::{BarAllocator, PciAddress, PciBus, PciConfigPorts, PciEcam, PciMemoryWindow};
 use keel_virtio::{PciTransport, VirtioDevice};
 use kvm_ioctls::VmFd;
@@ -28,7 +30,8 @@ impl PciWiring {
     pub fn new(layout: &GuestLayout, routing: GsiRouting) -> Result<Self> {
         let low = (PCI_MMIO32_START, PCI_MMIO32_END - PCI_MMIO32_START);
         let high = layout.pci_mmio64_window();
-        let bars = BarAllocator::new(low, high).map_err(|e| Error::DeviceRange(format!("PCI windows: {e}")))?;
+        let bars =
+            BarAllocator::new(low, high).map_err(|e| Error::DeviceRange(format!("PCI windows: {e}")))?;
         Ok(Self {
             bus: PciBus::new(PCI_ECAM_START, &[low, high]),
             bars,
@@ -68,8 +71,11 @@ impl PciWiring {
             MmioRange::new(MmioAddress(base), size)
                 .map_err(|e| Error::DeviceRange(format!("PCI window at {base:#x} ({size:#x} bytes): {e:?}")))
         };
-        io.register_mmio(range(PCI_ECAM_START, PCI_ECAM_SIZE)?, Arc::new(PciEcam(bus.clone())))
-            .map_err(|e| Error::DeviceRange(format!("PCI ECAM window: {e}")))?;
+        io.register_mmio(
+            range(PCI_ECAM_START, PCI_ECAM_SIZE)?,
+            Arc::new(PciEcam(bus.clone())),
+        )
+        .map_err(|e| Error::DeviceRange(format!("PCI ECAM window: {e}")))?;
         for (base, size) in self.windows {
             io.register_mmio(range(base, size)?, Arc::new(PciMemoryWindow(bus.clone())))
                 .map_err(|e| Error::DeviceRange(format!("PCI memory window at {base:#x}: {e}")))?;

@@ -26,8 +26,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot_progress::ConsoleWatcher;
 use crate::{
-    BootProtocolChoice, ConsoleConfig, Error, IrqchipChoice, Result, Ring0Choice, SerialMode, VirtioTransport,
-    VmConfig,
+    BootProtocolChoice, ConsoleConfig, Error, IrqchipChoice, Result, Ring0Choice, SerialMode,
+    VirtioTransport, VmConfig,
 };
 
 /// Everything a virtio device needs from the VM, while it is built.
