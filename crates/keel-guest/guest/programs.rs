@@ -157,7 +157,7 @@ pub fn run(ctx: &Context<'_>) -> u8 {
             virtio_blk::run,
             &["pattern", "irq", "event-idx", "indirect"],
         ),
-        "virtio-blk-bench" => (virtio_blk::bench, &["size", "count", "disk"]),
+        "virtio-blk-bench" => (virtio_blk::bench, &["size", "count", "disk", "irq"]),
         "virtio-blk-flush-wait" => (virtio_blk::flush_wait, &["pattern"]),
         "virtio-rng" => (virtio_rng::run, &["irq"]),
         "virtio-console" => (virtio_console::run, &["lines", "timeout-ms", "irq"]),

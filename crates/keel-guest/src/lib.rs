@@ -102,7 +102,7 @@
 //! | `mmio-loop` | `mmio=ADDR [count=N]` | N 32-bit writes to ADDR (default 1000) | [`STATUS_PASS`] |
 //! | `fault` | `[addr=ADDR]` | reads ADDR (default 0x7000_0000_0000, canonical and unmapped) from ring 3 | status `0x80 \| 14` (`#PF`) |
 //! | `virtio-blk` | `[pattern=N] [irq=0\|1] [event-idx=0\|1] [indirect=0\|1]` | drives every virtio-blk device; see [virtio programs](#virtio-programs) | [`STATUS_PASS`] if every check on every disk passed |
-//! | `virtio-blk-bench` | `[size=N] [count=N] [disk=N]` | N sequential writes, then N sequential reads of `size` bytes (default 4096 × 256) on disk N (default 0, `vda`) and prints the rates | [`STATUS_PASS`] if every request succeeded |
+//! | `virtio-blk-bench` | `[size=N] [count=N] [disk=N] [irq=0\|1]` | N sequential writes, then N sequential reads of `size` bytes (default 4096 × 256) on disk N (default 0, `vda`) and prints the rates; `irq=1` has each completion interrupt the guest | [`STATUS_PASS`] if every request succeeded |
 //! | `virtio-blk-flush-wait` | `[pattern=N]` | writes sectors 0–7 of the first disk with byte N (default 0x5a), FLUSHes, prints `KEEL-FLUSHED pattern=N`, then spins forever (for the host's SIGKILL data-safety test) | never exits on success; [`STATUS_FAIL`] if the write or flush fails |
 //! | `virtio-rng` | `[irq=0\|1]` | fills buffers of 1 B to 64 KiB from every virtio-rng device | [`STATUS_PASS`] if every buffer came back filled and random-looking |
 //! | `virtio-console` | `[lines=N] [timeout-ms=N] [irq=0\|1]` | writes `KEEL-HVC: hello from the guest` on port 0, then reads N lines (default 1) and echoes each as `KEEL-HVC: got LINE` | [`STATUS_PASS`] |
@@ -194,7 +194,9 @@
 //! `(i mod ⌊C / (size/512)⌋) · size/512`, so the disk is written from its
 //! start (the data is 0x6b bytes; a read-only disk only gets the reads).
 //! One request at a time, completion polled, interrupts suppressed
-//! (`VRING_AVAIL_F_NO_INTERRUPT`, no ring features). Output:
+//! (`VRING_AVAIL_F_NO_INTERRUPT`, no ring features) unless `irq=1`, which
+//! enables the device's interrupt (IOAPIC pin or MSI-X) so each completion
+//! is also delivered to the guest. Output:
 //! `virtio-blk-bench: TSC M MHz (SOURCE)` — SOURCE is `CPUID 0x40000010`,
 //! `CPUID 0x15`, `CPUID 0x16 base frequency` or `calibrated against the
 //! PIT` (two samples of PIT channel 2 and the TSC, 20 ms apart), tried in
