@@ -607,7 +607,9 @@ impl PciTransport {
     fn move_notifications(&mut self, base: Option<u64>) {
         if let Some(old) = self.notify_base.take() {
             for (queue, event) in self.state.queue_events.iter().enumerate() {
-                let address = old + queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+                let Some(address) = old.checked_add(queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)) else {
+                    continue;
+                };
                 // new() checked that queue indices fit in u16.
                 if let Err(e) = self.registrar.unregister(event, address, queue as u16) {
                     log::warn!(
@@ -620,7 +622,10 @@ impl PciTransport {
             return;
         };
         for (queue, event) in self.state.queue_events.iter().enumerate() {
-            let address = base + queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+            let Some(address) = base.checked_add(queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)) else {
+                log::warn!("virtio-pci: queue {queue}'s notification address overflows past {base:#x}");
+                continue;
+            };
             if let Err(e) = self.registrar.register(event, address, queue as u16) {
                 // Notifications still arrive, as MMIO exits.
                 log::warn!("virtio-pci: cannot register an ioeventfd for queue {queue} at {address:#x}: {e}");
@@ -760,7 +765,7 @@ impl PciDevice for PciTransport {
 
     fn bar_moved(&mut self, bar: usize, address: Option<u64>) {
         if bar == BAR_INDEX {
-            self.move_notifications(address.map(|a| a + NOTIFY_OFFSET));
+            self.move_notifications(address.and_then(|a| a.checked_add(NOTIFY_OFFSET)));
         }
     }
 }

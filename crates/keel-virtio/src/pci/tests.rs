@@ -379,6 +379,28 @@ fn notifications_follow_the_bar_wherever_the_guest_moves_it() {
 }
 
 #[test]
+fn a_bar_reported_at_the_top_of_the_address_space_does_not_panic() {
+    let device = Arc::new(Mutex::new(FakeDevice::default()));
+    let ioeventfds = RecordingRegistrar::new();
+    let mut transport = PciTransport::new(
+        device,
+        crate::guest_driver::memory(),
+        Arc::new(RecordingMsiVectors::new(3)),
+        Box::new(ioeventfds.clone()),
+    )
+    .unwrap();
+    for address in [u64::MAX, u64::MAX - 0x3000, u64::MAX - 0x3003] {
+        transport.bar_moved(BAR_INDEX, Some(address));
+        // Queue 1's address would wrap: at most queue 0 got one.
+        assert!(ioeventfds.addresses().len() <= 1, "{:?}", ioeventfds.addresses());
+        transport.bar_moved(BAR_INDEX, None);
+        assert!(ioeventfds.addresses().is_empty());
+    }
+    transport.bar_moved(5, Some(0xe000_0000));
+    assert!(ioeventfds.addresses().is_empty());
+}
+
+#[test]
 fn notification_writes_that_reach_the_transport_signal_the_queue() {
     let b = bench();
     b.activate();
