@@ -102,8 +102,9 @@ impl QueueRegisters {
 /// `DRIVER_OK` and while the queue is not ready), the status state machine
 /// (virtio 1.2, sections 2.1 and 3.1), activation and reset.
 pub(crate) struct DriverState {
-    /// Names the transport in log messages (`virtio-mmio`, `virtio-pci`).
-    pub transport: &'static str,
+    /// Names the transport (and where the device is) in log messages:
+    /// `virtio-mmio 0xd0001000`, `virtio-pci`.
+    pub transport: String,
     pub device: Arc<Mutex<dyn VirtioDevice>>,
     pub mem: GuestMemoryMmap,
     pub signals: Arc<SignalState>,
@@ -129,7 +130,7 @@ impl DriverState {
     /// The state of `device` right after power-on, with `mem` as guest RAM
     /// and one (non-blocking) notification eventfd per queue.
     pub fn new(
-        transport: &'static str,
+        transport: String,
         device: Arc<Mutex<dyn VirtioDevice>>,
         mem: GuestMemoryMmap,
     ) -> Result<Self> {

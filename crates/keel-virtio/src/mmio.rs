@@ -216,7 +216,7 @@ impl MmioTransport {
         slot: MmioSlot,
     ) -> Result<Self> {
         slot.range()?;
-        let state = DriverState::new("virtio-mmio", device, mem)?;
+        let state = DriverState::new(format!("virtio-mmio {:#x}", slot.base), device, mem)?;
         let interrupt = Arc::new(MmioInterrupt {
             signals: state.signals.clone(),
             line,

@@ -399,7 +399,7 @@ impl PciTransport {
         vectors: Arc<dyn MsiVectors>,
         registrar: Box<dyn NotifyRegistrar>,
     ) -> Result<Self> {
-        let state = DriverState::new("virtio-pci", device, mem)?;
+        let state = DriverState::new("virtio-pci".into(), device, mem)?;
         let queue_count = state.queues.len();
         if queue_count > MAX_QUEUES {
             return Err(Error::TooManyQueues { count: queue_count });
