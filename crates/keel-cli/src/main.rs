@@ -53,9 +53,9 @@ struct Args {
     #[arg(long, value_name = "cid=N,uds=PATH")]
     vsock: Option<keel_vmm::VsockConfig>,
 
-    /// The virtio transport of devices that do not choose their own: mmio
-    /// (virtio-mmio, IOAPIC pins, 15 devices at most) or pci (virtio-pci with
-    /// MSI-X) [default: mmio].
+    /// The virtio transport of devices that do not choose their own: pci
+    /// (virtio-pci with MSI-X) or mmio (virtio-mmio, IOAPIC pins, 15 devices
+    /// at most; for kernels without virtio-pci) [default: pci].
     #[arg(long, value_name = "TRANSPORT")]
     transport: Option<keel_vmm::VirtioTransport>,
 

@@ -70,18 +70,24 @@ fn disks_attach_over_either_transport_from_the_command_line() {
     let image = std::env::temp_dir().join(format!("keel-cli-transport-{}.img", std::process::id()));
     std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
     let disk = image.display().to_string();
-    for args in [vec!["--transport", "pci", "--disk", &disk], vec!["--disk", &disk]] {
+    let mmio_disk = format!("{disk},transport=mmio");
+    for (args, on_pci) in [
+        (vec!["--disk", &disk], true),
+        (vec!["--transport", "mmio", "--disk", &disk], false),
+        (vec!["--transport", "pci", "--disk", &disk], true),
+        (vec!["--disk", &mmio_disk], false),
+    ] {
         let mut all = vec!["--memory", "32", "--cmdline", "virtio-blk"];
         all.extend(args.iter().copied());
         let (code, out, err) = keel(&all);
         assert_eq!(code, 0, "{args:?}: stdout:\n{out}\nstderr:\n{err}");
-        let on_pci = out.contains("virtio: PCI 00:01.0 ");
-        assert_eq!(on_pci, args.contains(&"pci"), "{args:?}:\n{out}");
+        assert_eq!(out.contains("virtio: PCI 00:01.0 "), on_pci, "{args:?}:\n{out}");
+        assert_eq!(
+            out.contains("virtio: 0xd0001000 GSI 5: "),
+            !on_pci,
+            "{args:?}:\n{out}"
+        );
     }
-    let pci_disk = format!("{disk},transport=pci");
-    let (code, out, _) = keel(&["--memory", "32", "--cmdline", "virtio-blk", "--disk", &pci_disk]);
-    assert_eq!(code, 0);
-    assert!(out.contains("virtio: PCI 00:01.0 "), "{out}");
     let _ = std::fs::remove_file(&image);
     let (code, _, err) = keel(&["--transport", "isa"]);
     assert_ne!(code, 0);

@@ -503,6 +503,8 @@ fn linux_full_boot_two_cpus_root_on_virtio_blk() {
             "2",
             "--memory",
             "256M",
+            "--transport",
+            "mmio",
             "--disk",
             &root_arg,
             "--disk",
@@ -794,6 +796,7 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
         .args(["600", "ip", "netns", "exec", &netns.name])
         .arg(env!("CARGO_BIN_EXE_keel"))
         .args(["--kernel", guest.bzimage.to_str().unwrap(), "--memory", "128M"])
+        .args(["--transport", "mmio"])
         .args(["--initrd", guest.initramfs.to_str().unwrap()])
         .args(["--net", &format!("tap={},mac=02:4b:45:45:4c:01", DhcpNetns::TAP)])
         .args(["--vsock", &format!("cid=3,uds={}", vsock_uds.display())])
@@ -914,11 +917,19 @@ fn linux_finds_root_network_and_vsock_through_pci() {
         println!("{line}");
     }
     assert!(!s.contains("virtio_mmio"), "a virtio-mmio device in:\n{s}");
-    assert_has(&s, "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000", "host bridge");
+    assert_has(
+        &s,
+        "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000",
+        "host bridge",
+    );
     for (function, what) in [("01", "root disk"), ("02", "network card"), ("03", "vsock")] {
         assert_has(&s, &format!("pci 0000:00:{function}.0: [1af4:"), what);
     }
-    assert_has(&s, "[vda] 131072 512-byte logical blocks", "root disk on virtio-pci");
+    assert_has(
+        &s,
+        "[vda] 131072 512-byte logical blocks",
+        "root disk on virtio-pci",
+    );
     assert_has(&s, "EXT4-fs (vda): mounted filesystem", "root mounted");
     assert_has(&s, "IP-Config: Complete", "DHCP over virtio-pci");
     assert_has(&s, "hwaddr=02:4b:45:45:4c:01", "the configured MAC");

@@ -123,6 +123,7 @@ fn pci_hostile_without_a_pci_disk_fails_cleanly() {
     let config = VmConfig {
         memory_mib: 32,
         disks,
+        transport: VirtioTransport::Mmio,
         ..Default::default()
     };
     let (exit, text) = run(config, "pci-hostile");
@@ -139,6 +140,7 @@ fn more_than_fifteen_mmio_devices_are_refused_naming_the_limit() {
     let config = VmConfig {
         memory_mib: 32,
         disks,
+        transport: VirtioTransport::Mmio,
         ..Default::default()
     };
     let err = VmBuilder::new(config).unwrap().build().unwrap_err().to_string();
