@@ -422,14 +422,19 @@ mod tests {
         }
     }
 
-    /// A cache that holds the guest for `cached` kernel versions and the
-    /// `.deb`s of `on_hand` ones; records every version set asked about.
-    fn cache<'a>(
-        cached: &'a [&'a str],
-        on_hand: &'a [&'a str],
-        asked: &'a mut Vec<Vec<String>>,
-    ) -> impl FnMut(&[String]) -> GuestState + 'a {
-        move |v: &[String]| {
+    /// Runs [`prepare`] for the whole suite (`may_change_host`: as root)
+    /// against `apt` and a cache that holds the guest for `cached` kernel
+    /// versions and the `.deb`s of `on_hand` ones; also returns every
+    /// version set the cache was asked about, in order.
+    fn run(
+        apt: &mut FakeApt,
+        may_change_host: bool,
+        cached: &[&str],
+        on_hand: &[&str],
+    ) -> (Result<Prepared, String>, Vec<Vec<String>>) {
+        let s = suite();
+        let mut asked: Vec<Vec<String>> = Vec::new();
+        let r = prepare(apt, &request(&s, may_change_host), |v: &[String]| {
             asked.push(v.to_vec());
             assert_eq!(v[0], BUSYBOX);
             if cached.contains(&v[1].as_str()) {
@@ -439,21 +444,21 @@ mod tests {
                     downloads: !on_hand.contains(&v[1].as_str()),
                 }
             }
-        }
+        });
+        (r, asked)
     }
 
     #[test]
     fn the_kernel_version_is_resolved_again_after_the_lists_are_refreshed() {
         // The issue's fresh machine: stale lists name 6.1.172-1, which the
         // archive no longer has; flex, bison, libelf-dev and dnsmasq absent.
-        let s = suite();
         let mut apt = FakeApt::new(
             Some("6.1.172-1"),
             Some("6.1.192-3"),
             &["flex", "bison", "libelf-dev", "dnsmasq"],
         );
-        let mut asked = Vec::new();
-        let p = prepare(&mut apt, &request(&s, true), cache(&[], &[], &mut asked)).unwrap();
+        let (p, asked) = run(&mut apt, true, &[], &[]);
+        let p = p.unwrap();
         assert_eq!(p.versions, [BUSYBOX, "6.1.192-3"]);
         assert_eq!(p.guest, Some(GuestState::Build { downloads: true }));
         assert!(p.refreshed && p.from_refreshed_lists);
@@ -473,10 +478,8 @@ mod tests {
 
     #[test]
     fn stale_lists_are_refreshed_before_a_download_even_with_every_tool_present() {
-        let s = suite();
         let mut apt = FakeApt::new(Some("6.1.172-1"), Some("6.1.192-3"), &[]);
-        let mut asked = Vec::new();
-        let p = prepare(&mut apt, &request(&s, true), cache(&[], &[], &mut asked)).unwrap();
+        let p = run(&mut apt, true, &[], &[]).0.unwrap();
         assert_eq!(p.versions[1], "6.1.192-3");
         assert!(p.installed.is_empty());
         assert_eq!(
@@ -491,15 +494,8 @@ mod tests {
 
     #[test]
     fn a_refreshed_version_that_is_cached_is_not_rebuilt() {
-        let s = suite();
         let mut apt = FakeApt::new(Some("6.1.172-1"), Some("6.1.192-3"), &["dnsmasq"]);
-        let mut asked = Vec::new();
-        let p = prepare(
-            &mut apt,
-            &request(&s, true),
-            cache(&["6.1.192-3"], &[], &mut asked),
-        )
-        .unwrap();
+        let p = run(&mut apt, true, &["6.1.192-3"], &[]).0.unwrap();
         assert_eq!(p.versions[1], "6.1.192-3");
         assert_eq!(p.guest, Some(GuestState::Cached));
         // The guest did not need building after the refresh: no kernel tools.
@@ -509,10 +505,9 @@ mod tests {
     #[test]
     fn without_package_lists_the_versions_are_read_after_the_refresh() {
         // A container image ships without package lists at all.
-        let s = suite();
         let mut apt = FakeApt::new(None, Some("6.1.192-3"), &[]);
-        let mut asked = Vec::new();
-        let p = prepare(&mut apt, &request(&s, true), cache(&[], &[], &mut asked)).unwrap();
+        let (p, asked) = run(&mut apt, true, &[], &[]);
+        let p = p.unwrap();
         assert_eq!(p.versions[1], "6.1.192-3");
         assert_eq!(asked, [vec![BUSYBOX.to_string(), "6.1.192-3".into()]]);
     }
@@ -521,15 +516,10 @@ mod tests {
     fn a_cached_guest_is_kept_when_only_a_test_tool_is_installed() {
         // Installing dnsmasq refreshes the lists; the kernel package moved
         // on meanwhile, but the guest built from the old one stays in use.
-        let s = suite();
         let mut apt = FakeApt::new(Some("6.1.192-3"), Some("6.1.200-1"), &["dnsmasq", "flex"]);
-        let mut asked = Vec::new();
-        let p = prepare(
-            &mut apt,
-            &request(&s, true),
-            cache(&["6.1.192-3"], &[], &mut asked),
-        )
-        .unwrap();
+        let (p, asked) = run(&mut apt, true, &["6.1.192-3"], &[]);
+        let p = p.unwrap();
+        assert!(asked.iter().all(|v| v[1] == "6.1.192-3"), "{asked:?}");
         assert_eq!(p.versions[1], "6.1.192-3");
         assert_eq!(p.guest, Some(GuestState::Cached));
         assert_eq!(
@@ -549,30 +539,16 @@ mod tests {
 
     #[test]
     fn a_cached_guest_needs_neither_build_tools_nor_a_refresh() {
-        let s = suite();
         let mut apt = FakeApt::new(Some("6.1.192-3"), None, &["flex", "bison", "gcc"]);
-        let mut asked = Vec::new();
-        let p = prepare(
-            &mut apt,
-            &request(&s, false),
-            cache(&["6.1.192-3"], &[], &mut asked),
-        )
-        .unwrap();
+        let p = run(&mut apt, false, &["6.1.192-3"], &[]).0.unwrap();
         assert_eq!(p.guest, Some(GuestState::Cached));
         assert_eq!(apt.calls, ["policy busybox-static linux-source-6.1"]);
     }
 
     #[test]
     fn debs_on_hand_need_no_refresh() {
-        let s = suite();
         let mut apt = FakeApt::new(Some("6.1.192-3"), Some("6.1.200-1"), &[]);
-        let mut asked = Vec::new();
-        let p = prepare(
-            &mut apt,
-            &request(&s, true),
-            cache(&[], &["6.1.192-3"], &mut asked),
-        )
-        .unwrap();
+        let p = run(&mut apt, true, &[], &["6.1.192-3"]).0.unwrap();
         assert_eq!(p.versions[1], "6.1.192-3");
         assert_eq!(p.guest, Some(GuestState::Build { downloads: false }));
         assert!(!p.refreshed);
@@ -580,14 +556,12 @@ mod tests {
 
     #[test]
     fn without_root_everything_missing_is_named_in_one_line_and_nothing_changes() {
-        let s = suite();
         let mut apt = FakeApt::new(
             Some("6.1.172-1"),
             Some("6.1.192-3"),
             &["flex", "bison", "libelf-dev", "dnsmasq", "mkfs.ext4"],
         );
-        let mut asked = Vec::new();
-        let err = prepare(&mut apt, &request(&s, false), cache(&[], &[], &mut asked)).unwrap_err();
+        let err = run(&mut apt, false, &[], &[]).0.unwrap_err();
         assert_eq!(
             err,
             "missing host tools: `flex` (package flex), `bison` (package bison), \
@@ -602,26 +576,22 @@ mod tests {
     fn without_root_stale_lists_are_used_as_they_are() {
         // Nothing to install and no right to refresh: the build tries the
         // download (whose error says to refresh the lists).
-        let s = suite();
         let mut apt = FakeApt::new(Some("6.1.172-1"), Some("6.1.192-3"), &[]);
-        let mut asked = Vec::new();
-        let p = prepare(&mut apt, &request(&s, false), cache(&[], &[], &mut asked)).unwrap();
+        let p = run(&mut apt, false, &[], &[]).0.unwrap();
         assert_eq!(p.versions[1], "6.1.172-1");
         assert!(!p.refreshed);
     }
 
     #[test]
     fn an_unknown_package_is_named() {
-        let s = suite();
-        let mut asked = Vec::new();
         let mut apt = FakeApt::new(None, None, &[]);
-        let err = prepare(&mut apt, &request(&s, false), cache(&[], &[], &mut asked)).unwrap_err();
+        let err = run(&mut apt, false, &[], &[]).0.unwrap_err();
         assert!(
             err.contains("no version of `linux-source-6.1`: run `apt-get update` as root"),
             "{err}"
         );
         let mut apt = FakeApt::new(None, None, &[]);
-        let err = prepare(&mut apt, &request(&s, true), cache(&[], &[], &mut asked)).unwrap_err();
+        let err = run(&mut apt, true, &[], &[]).0.unwrap_err();
         assert!(
             err.contains("no version of `linux-source-6.1` even after `apt-get update`"),
             "{err}"
@@ -631,16 +601,9 @@ mod tests {
 
     #[test]
     fn a_tool_still_missing_after_the_install_is_named() {
-        let s = suite();
         let mut apt = FakeApt::new(Some("6.1.192-3"), Some("6.1.192-3"), &["dnsmasq"]);
         apt.broken = vec!["dnsmasq-base"];
-        let mut asked = Vec::new();
-        let err = prepare(
-            &mut apt,
-            &request(&s, true),
-            cache(&["6.1.192-3"], &[], &mut asked),
-        )
-        .unwrap_err();
+        let err = run(&mut apt, true, &["6.1.192-3"], &[]).0.unwrap_err();
         assert!(
             err.starts_with("after apt-get install dnsmasq-base: missing host tools: `dnsmasq`"),
             "{err}"
