@@ -345,14 +345,23 @@ fn make_root_image(guest: &Guest, dir: &Path) -> PathBuf {
         std::fs::create_dir_all(tree.join(d)).unwrap();
     }
     let image = dir.join("root.img");
-    let status = Command::new("mkfs.ext4")
+    let out = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-d"])
         .arg(&tree)
         .arg(&image)
         .arg("64M")
-        .status()
-        .expect("mkfs.ext4 (e2fsprogs) is needed for the root disk");
-    assert!(status.success());
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run mkfs.ext4 (package e2fsprogs, which `cargo xtask test` installs): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "mkfs.ext4 -d {} failed ({}): {}",
+        tree.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    );
     image
 }
 
