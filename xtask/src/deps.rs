@@ -1,4 +1,34 @@
-//! Host build dependencies: which are missing, and how to say so.
+//! Every host tool Keel's guest build and test suite run, in one table
+//! ([`HOST_DEPS`]), and how to say which are missing.
+//!
+//! # Adding a host tool
+//!
+//! A test (or a build step) that spawns a program the Rust toolchain does
+//! not bring — `iasl` for an ACPI table check, `curl` for an HTTP API test,
+//! `qemu-img` for an image format — adds one line to [`HOST_DEPS`]:
+//!
+//! ```text
+//! dep(Probe::Tool("iasl"), "acpica-tools", Need::Tests, "keel-boot acpi_tables: disassembles the DSDT"),
+//! ```
+//!
+//! * [`Probe::Tool`] for a program looked up on `$PATH` (what
+//!   `Command::new("iasl")` does), [`Probe::File`] for a header or library;
+//! * the Debian package that provides it (`apt-file search`, or
+//!   `dpkg -S $(command -v iasl)` on a machine that has it);
+//! * [`Need::Tests`] if any test run needs it (`cargo xtask test
+//!   --no-linux` included), [`Need::LinuxTests`] if only the Linux
+//!   end-to-end tests do, [`Need::GuestBuild`] if only building the Linux
+//!   guest does;
+//! * which test (or step) runs it, so the next reader knows why it is there.
+//!
+//! `cargo xtask test` then installs it as root before any test runs, or names
+//! it in its one-line list of what is missing; nothing else (not `.ci/run`)
+//! installs test tools. The test itself should still fail at once, with the
+//! tool's name, if it is missing (a plain `cargo test` checks nothing up
+//! front).
+//!
+//! Not listed: `cc` (cargo needs a C linker before `cargo xtask` can even
+//! run), and what every Debian system has (`sh`, `cat`, `awk`, `perl-base`).
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +41,18 @@ pub enum Probe {
     File(&'static str),
 }
 
+/// What needs a dependency, and so when it must be there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Need {
+    /// Building the Linux guest: `cargo xtask guest`, and `cargo xtask test`
+    /// when the guest is not cached yet.
+    GuestBuild,
+    /// Every `cargo xtask test` run, `--no-linux` included.
+    Tests,
+    /// The Linux end-to-end tests (`cargo xtask test` without `--no-linux`).
+    LinuxTests,
+}
+
 /// One host dependency and the Debian package that provides it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dep {
@@ -18,6 +60,10 @@ pub struct Dep {
     pub probe: Probe,
     /// The Debian package to `apt-get install`.
     pub package: &'static str,
+    /// When it is needed.
+    pub need: Need,
+    /// What runs it (documentation: keep it when you add a line).
+    pub used_by: &'static str,
 }
 
 impl Dep {
@@ -30,56 +76,110 @@ impl Dep {
     }
 }
 
-const fn tool(t: &'static str, package: &'static str) -> Dep {
+const fn dep(probe: Probe, package: &'static str, need: Need, used_by: &'static str) -> Dep {
     Dep {
-        probe: Probe::Tool(t),
+        probe,
         package,
+        need,
+        used_by,
     }
 }
 
-/// Everything `cargo xtask guest` runs on the host.
+use Need::{GuestBuild, LinuxTests, Tests};
+use Probe::{File, Tool};
+
+/// Every host tool the guest build and the test suite run: the one place to
+/// extend (see the module docs).
 ///
-/// * `apt-get`, `apt-cache`, `dpkg-deb`: fetch and unpack the Debian
-///   packages (`linux-source-6.1`, `busybox-static`).
-/// * `tar`, `xz`: unpack the kernel tarball.
-/// * `make`, `gcc`, `flex`, `bison`, `bc`: Kconfig and the kernel build
-///   (flex/bison even for `make tinyconfig`, bc for the timeconst header).
-/// * `libelf-dev`: objtool, which x86-64 builds whatever the config.
-/// * `lz4`: the bzImage payload is LZ4-compressed (see keel.config).
-/// * `nice`: the build runs at low priority on shared machines.
-/// * `libc6-dev` (`libc.a`) and `linux-libc-dev` (`<linux/vm_sockets.h>`):
-///   `keel-xfer` is linked statically with glibc and speaks vsock
-///   (`gcc` alone pulls in neither the static libc nor the kernel headers
-///   for sure).
-///
-/// Not needed: `cpio` (the archive is written in Rust), `libssl-dev`
+/// Building the guest: `apt-get`/`apt-cache`/`dpkg-deb` fetch and unpack
+/// `linux-source-6.1` and `busybox-static`; flex and bison are needed even
+/// for `make tinyconfig`, bc for the timeconst header, libelf-dev for
+/// objtool (x86-64 builds it whatever the config), lz4 for the bzImage
+/// payload (see keel.config). `keel-xfer` is linked statically against
+/// glibc's `libc.a` and speaks vsock (`gcc` alone pulls in neither for
+/// sure). Not needed: `cpio` (the archive is written in Rust), `libssl-dev`
 /// (only for module signing and trusted keys, both off).
-pub const GUEST_DEPS: &[Dep] = &[
-    tool("apt-get", "apt"),
-    tool("apt-cache", "apt"),
-    tool("dpkg-deb", "dpkg"),
-    tool("tar", "tar"),
-    tool("xz", "xz-utils"),
-    tool("make", "make"),
-    tool("gcc", "gcc"),
-    tool("flex", "flex"),
-    tool("bison", "bison"),
-    tool("bc", "bc"),
-    tool("lz4", "lz4"),
-    tool("nice", "coreutils"),
-    Dep {
-        probe: Probe::File("/usr/include/gelf.h"),
-        package: "libelf-dev",
-    },
-    Dep {
-        probe: Probe::File("/usr/lib/x86_64-linux-gnu/libc.a"),
-        package: "libc6-dev",
-    },
-    Dep {
-        probe: Probe::File("/usr/include/linux/vm_sockets.h"),
-        package: "linux-libc-dev",
-    },
+pub const HOST_DEPS: &[Dep] = &[
+    dep(
+        Tool("apt-get"),
+        "apt",
+        GuestBuild,
+        "downloads the Debian packages",
+    ),
+    dep(
+        Tool("apt-cache"),
+        "apt",
+        GuestBuild,
+        "resolves the package versions",
+    ),
+    dep(Tool("dpkg-deb"), "dpkg", GuestBuild, "unpacks the .debs"),
+    dep(Tool("tar"), "tar", GuestBuild, "unpacks the kernel tarball"),
+    dep(Tool("xz"), "xz-utils", GuestBuild, "unpacks the kernel tarball"),
+    dep(Tool("make"), "make", GuestBuild, "kernel build"),
+    dep(Tool("gcc"), "gcc", GuestBuild, "kernel build, keel-xfer"),
+    dep(Tool("flex"), "flex", GuestBuild, "Kconfig"),
+    dep(Tool("bison"), "bison", GuestBuild, "Kconfig"),
+    dep(Tool("bc"), "bc", GuestBuild, "kernel timeconst header"),
+    dep(Tool("lz4"), "lz4", GuestBuild, "bzImage payload"),
+    dep(
+        Tool("nice"),
+        "coreutils",
+        GuestBuild,
+        "the build runs at low priority",
+    ),
+    dep(File("/usr/include/gelf.h"), "libelf-dev", GuestBuild, "objtool"),
+    dep(
+        File("/usr/lib/x86_64-linux-gnu/libc.a"),
+        "libc6-dev",
+        GuestBuild,
+        "static keel-xfer",
+    ),
+    dep(
+        File("/usr/include/linux/vm_sockets.h"),
+        "linux-libc-dev",
+        GuestBuild,
+        "keel-xfer's vsock",
+    ),
+    dep(
+        Tool("ip"),
+        "iproute2",
+        Tests,
+        "network namespaces and taps: keel-vmm net_guest, keel linux_e2e (DHCP, TCP)",
+    ),
+    dep(
+        Tool("timeout"),
+        "coreutils",
+        Tests,
+        "bounds each `keel` run of keel's cli tests",
+    ),
+    dep(
+        Tool("sysctl"),
+        "procps",
+        Tests,
+        "turns IPv6 off in keel-vmm net_guest's namespace",
+    ),
+    dep(
+        Tool("mkfs.ext4"),
+        "e2fsprogs",
+        LinuxTests,
+        "the ext4 root disk of keel linux_e2e's full boot (`mkfs.ext4 -d`)",
+    ),
+    dep(
+        Tool("dnsmasq"),
+        "dnsmasq-base",
+        LinuxTests,
+        "the DHCP server of keel linux_e2e's virtio-net boot",
+    ),
 ];
+
+/// The entries of [`HOST_DEPS`] whose [`Need`] is one of `needs`.
+pub fn needed_for(needs: &[Need]) -> Vec<Dep> {
+    HOST_DEPS
+        .iter()
+        .copied()
+        .filter(|d| needs.contains(&d.need))
+        .collect()
+}
 
 /// Looks `name` up on `$PATH`.
 pub fn which(name: &str) -> Option<PathBuf> {
@@ -120,48 +220,37 @@ pub fn packages(deps: &[Dep]) -> Vec<&'static str> {
     v
 }
 
-/// The one-line error for missing dependencies.
-pub fn missing_message(missing: &[Dep]) -> String {
-    let what: Vec<String> = missing
-        .iter()
-        .map(|d| match d.probe {
+/// The one-line error for missing dependencies; `how` ends it with the way
+/// to get them installed for you (say, "or run `cargo xtask test` as root,
+/// which installs them").
+pub fn missing_message(missing: &[Dep], how: &str) -> String {
+    let mut what: Vec<String> = Vec::new();
+    for d in missing {
+        let s = match d.probe {
             Probe::Tool(t) => format!("`{t}` (package {})", d.package),
             Probe::File(f) => format!("{f} (package {})", d.package),
-        })
-        .collect();
+        };
+        if !what.contains(&s) {
+            what.push(s);
+        }
+    }
     format!(
-        "missing build dependencies: {}; install with `apt-get install {}` or rerun with --install-deps",
+        "missing host tools: {}; install them with `apt-get update && apt-get install {}` {how}",
         what.join(", "),
         packages(missing).join(" ")
     )
-}
-
-/// Parses the `Candidate:` version of `pkg` out of `apt-cache policy PKG...`
-/// output (which has one `pkg:` section per package asked for). `None` if
-/// apt does not know the package (no `apt-get update` yet?).
-pub fn parse_candidate(policy: &str, pkg: &str) -> Option<String> {
-    let mut in_pkg = false;
-    for line in policy.lines() {
-        if !line.starts_with(char::is_whitespace) {
-            in_pkg = line.trim_end().strip_suffix(':') == Some(pkg);
-        } else if in_pkg {
-            if let Some(v) = line.trim().strip_prefix("Candidate:") {
-                let v = v.trim();
-                return (!v.is_empty() && v != "(none)").then(|| v.to_string());
-            }
-        }
-    }
-    None
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const HOW: &str = "or rerun as root with --install-deps";
+
     #[test]
-    fn reports_missing_tools_and_packages() {
+    fn reports_missing_tools_and_packages_in_one_line() {
         let gone = ["flex", "bison"];
-        let m = missing(GUEST_DEPS, |p| match p {
+        let m = missing(&needed_for(&[GuestBuild]), |p| match p {
             Probe::Tool(t) => !gone.contains(&t),
             Probe::File(_) => false,
         });
@@ -170,7 +259,7 @@ mod tests {
             names,
             ["flex", "bison", "libelf-dev", "libc6-dev", "linux-libc-dev"]
         );
-        let msg = missing_message(&m);
+        let msg = missing_message(&m, HOW);
         assert!(!msg.contains('\n'), "one line: {msg}");
         assert!(msg.contains("`flex` (package flex)"), "{msg}");
         assert!(msg.contains("/usr/include/gelf.h (package libelf-dev)"), "{msg}");
@@ -179,67 +268,79 @@ mod tests {
             "{msg}"
         );
         assert!(
-            msg.contains("apt-get install flex bison libelf-dev libc6-dev linux-libc-dev"),
+            msg.contains("apt-get update && apt-get install flex bison libelf-dev libc6-dev linux-libc-dev`"),
             "{msg}"
         );
-        assert!(msg.contains("--install-deps"), "{msg}");
+        assert!(msg.ends_with(HOW), "{msg}");
     }
 
     #[test]
     fn only_the_static_libc_missing() {
-        let m = missing(GUEST_DEPS, |p| {
+        let m = missing(&needed_for(&[GuestBuild]), |p| {
             p != Probe::File("/usr/lib/x86_64-linux-gnu/libc.a")
         });
         assert_eq!(
-            missing_message(&m),
-            "missing build dependencies: /usr/lib/x86_64-linux-gnu/libc.a (package libc6-dev); \
-             install with `apt-get install libc6-dev` or rerun with --install-deps"
+            missing_message(&m, HOW),
+            "missing host tools: /usr/lib/x86_64-linux-gnu/libc.a (package libc6-dev); \
+             install them with `apt-get update && apt-get install libc6-dev` or rerun as root with --install-deps"
         );
     }
 
     #[test]
+    fn on_a_fresh_machine_the_suite_names_kernel_tools_and_test_tools_together() {
+        // What the issue measured: no flex, bison, libelf-dev, dnsmasq.
+        let gone = ["flex", "bison", "dnsmasq"];
+        let all = needed_for(&[GuestBuild, Tests, LinuxTests]);
+        let m = missing(&all, |p| match p {
+            Probe::Tool(t) => !gone.contains(&t),
+            Probe::File(f) => f != "/usr/include/gelf.h",
+        });
+        let msg = missing_message(&m, "or run `cargo xtask test` as root, which installs them");
+        assert_eq!(
+            msg,
+            "missing host tools: `flex` (package flex), `bison` (package bison), \
+             /usr/include/gelf.h (package libelf-dev), `dnsmasq` (package dnsmasq-base); \
+             install them with `apt-get update && apt-get install flex bison libelf-dev dnsmasq-base` \
+             or run `cargo xtask test` as root, which installs them"
+        );
+    }
+
+    #[test]
+    fn the_test_tools_the_suite_spawns_are_listed() {
+        let tools = |needs: &[Need]| -> Vec<&str> { needed_for(needs).iter().map(Dep::name).collect() };
+        // keel-vmm net_guest and keel's cli tests run even with --no-linux.
+        assert_eq!(tools(&[Tests]), ["ip", "timeout", "sysctl"]);
+        // keel linux_e2e: the root disk and the DHCP server.
+        assert_eq!(tools(&[LinuxTests]), ["mkfs.ext4", "dnsmasq"]);
+        let pkgs = packages(&needed_for(&[Tests, LinuxTests]));
+        for p in ["iproute2", "coreutils", "procps", "e2fsprogs", "dnsmasq-base"] {
+            assert!(pkgs.contains(&p), "{p} in {pkgs:?}");
+        }
+    }
+
+    #[test]
+    fn every_dep_says_what_uses_it() {
+        for d in HOST_DEPS {
+            assert!(!d.used_by.is_empty() && !d.package.is_empty(), "{d:?}");
+        }
+    }
+
+    #[test]
     fn nothing_missing() {
-        assert!(missing(GUEST_DEPS, |_| true).is_empty());
+        assert!(missing(HOST_DEPS, |_| true).is_empty());
     }
 
     #[test]
     fn packages_are_deduplicated() {
-        assert_eq!(packages(&GUEST_DEPS[..3]), ["apt", "dpkg"]);
+        assert_eq!(packages(&HOST_DEPS[..3]), ["apt", "dpkg"]);
+        let twice = [HOST_DEPS[0], HOST_DEPS[1]];
+        let msg = missing_message(&twice, HOW);
+        assert!(msg.contains("apt-get install apt`"), "{msg}");
     }
 
     #[test]
     fn which_finds_sh() {
         assert!(which("sh").is_some());
         assert!(which("definitely-not-a-tool-keel").is_none());
-    }
-
-    #[test]
-    fn apt_policy_candidate() {
-        let out = "\
-linux-source-6.1:
-  Installed: (none)
-  Candidate: 6.1.192-2
-  Version table:
-     6.1.192-2 500
-        500 http://deb.example/debian bookworm/main amd64 Packages
-busybox-static:
-  Installed: (none)
-  Candidate: 1:1.35.0-4+deb12u1+b1
-  Version table:
-unknown-pkg:
-  Installed: (none)
-  Candidate: (none)
-";
-        assert_eq!(
-            parse_candidate(out, "linux-source-6.1").as_deref(),
-            Some("6.1.192-2")
-        );
-        assert_eq!(
-            parse_candidate(out, "busybox-static").as_deref(),
-            Some("1:1.35.0-4+deb12u1+b1")
-        );
-        assert_eq!(parse_candidate(out, "unknown-pkg"), None);
-        assert_eq!(parse_candidate(out, "not-listed"), None);
-        assert_eq!(parse_candidate("", "busybox-static"), None);
     }
 }

@@ -5,8 +5,9 @@
 
 use crate::cache::{self, Artifacts, Inputs, KernelSource};
 use crate::cpio::{self, Entry};
-use crate::deps::{self, GUEST_DEPS};
+use crate::deps::{self, Dep, Need};
 use crate::fnv::Fnv1a64;
+use crate::host::{self, GuestState, Host, Request, SystemHost};
 use crate::{elf, kconfig, GuestOpts};
 use std::fs;
 use std::io::Read;
@@ -106,97 +107,6 @@ fn output(cmd: &mut Command) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn is_root() -> bool {
-    // The effective uid without libc: /proc/self/status, line "Uid: r e s f".
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(1).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
-
-fn apt_update(log: &Log) -> Result<(), String> {
-    log.say("apt-get update");
-    run(Command::new("apt-get").args(["update", "-q"]), None, false)
-        .map_err(|e| format!("apt-get update failed: {e}"))
-}
-
-/// Checks the host tools; installs the missing ones with `--install-deps`.
-fn ensure_deps(opts: &GuestOpts, log: &Log) -> Result<(), String> {
-    let missing = deps::missing(GUEST_DEPS, deps::present);
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if !opts.install_deps {
-        return Err(deps::missing_message(&missing));
-    }
-    if deps::which("apt-get").is_none() {
-        return Err(format!(
-            "`apt-get` not found: cannot install {}; this task needs a Debian-based host",
-            deps::packages(&missing).join(" ")
-        ));
-    }
-    if !is_root() {
-        return Err(format!(
-            "--install-deps needs root: run `sudo apt-get install {}`",
-            deps::packages(&missing).join(" ")
-        ));
-    }
-    let pkgs = deps::packages(&missing);
-    apt_update(log)?;
-    log.say(format!("apt-get install {}", pkgs.join(" ")));
-    run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&pkgs)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-        None,
-        opts.verbose,
-    )?;
-    let still = deps::missing(GUEST_DEPS, deps::present);
-    if still.is_empty() {
-        Ok(())
-    } else {
-        Err(format!(
-            "after apt-get install: {}",
-            deps::missing_message(&still)
-        ))
-    }
-}
-
-/// The versions apt would download for `pkgs` (one `apt-cache policy`
-/// call: each takes ~0.5 s, and a cached run should return at once).
-fn apt_candidates(pkgs: &[&str], opts: &GuestOpts, log: &Log) -> Result<Vec<String>, String> {
-    let policy = || -> Result<Vec<Option<String>>, String> {
-        if deps::which("apt-cache").is_none() {
-            return Err(format!(
-                "`apt-cache` not found: this task takes {} from Debian's archive",
-                pkgs.join(" and ")
-            ));
-        }
-        let out = output(Command::new("apt-cache").arg("policy").args(pkgs))?;
-        Ok(pkgs.iter().map(|p| deps::parse_candidate(&out, p)).collect())
-    };
-    let mut found = policy()?;
-    if found.iter().any(Option::is_none) && opts.install_deps && is_root() {
-        apt_update(log)?;
-        found = policy()?;
-    }
-    pkgs.iter()
-        .zip(found)
-        .map(|(p, v)| {
-            v.ok_or_else(|| {
-                format!(
-                    "apt knows no version of package `{p}`: run `apt-get update` (or pass --install-deps)"
-                )
-            })
-        })
-        .collect()
-}
-
 /// The trimmed stdout of `cmd`, or `none` if it cannot run or fails.
 fn version_of(cmd: &mut Command) -> String {
     cmd.stderr(Stdio::null())
@@ -255,52 +165,119 @@ pub fn makefile_version(makefile: &str) -> Option<String> {
 }
 
 /// Where the kernel tree comes from, resolved enough to hash it.
+#[derive(Clone)]
 enum KernelOrigin {
     Debian { version: String },
     Tarball { path: PathBuf, hash: u64 },
     Tree { path: PathBuf },
 }
 
-fn resolve_kernel(
-    opts: &GuestOpts,
-    debian_version: Option<String>,
-    log: &Log,
-) -> Result<(KernelOrigin, KernelSource), String> {
-    match &opts.kernel_source {
-        None => {
-            let version = debian_version.expect("apt-cache was asked for the kernel package");
-            Ok((
-                KernelOrigin::Debian {
-                    version: version.clone(),
-                },
-                KernelSource::Debian {
-                    package: KERNEL_PACKAGE.into(),
-                    version,
-                },
-            ))
-        }
-        Some(p) => {
-            let path = io(|| format!("--kernel-source {}", p.display()), fs::canonicalize(p))?;
-            if path.is_dir() {
-                let mk = fs::read_to_string(path.join("Makefile"))
-                    .map_err(|e| format!("--kernel-source {}: no kernel Makefile: {e}", path.display()))?;
-                let version = makefile_version(&mk).ok_or_else(|| {
-                    format!("--kernel-source {}: no VERSION in its Makefile", path.display())
-                })?;
-                Ok((
-                    KernelOrigin::Tree { path: path.clone() },
-                    KernelSource::Tree { path, version },
-                ))
-            } else {
-                log.say(format!("hashing {}", path.display()));
-                let hash = hash_file(&path)?;
-                Ok((
-                    KernelOrigin::Tarball { path, hash },
-                    KernelSource::Tarball { content_hash: hash },
-                ))
-            }
+/// A `--kernel-source` tarball or tree, hashed once (the Debian package's
+/// version is resolved later, with the package lists current).
+fn local_kernel(path: &Path, log: &Log) -> Result<(KernelOrigin, KernelSource), String> {
+    let path = io(
+        || format!("--kernel-source {}", path.display()),
+        fs::canonicalize(path),
+    )?;
+    if path.is_dir() {
+        let mk = fs::read_to_string(path.join("Makefile"))
+            .map_err(|e| format!("--kernel-source {}: no kernel Makefile: {e}", path.display()))?;
+        let version = makefile_version(&mk)
+            .ok_or_else(|| format!("--kernel-source {}: no VERSION in its Makefile", path.display()))?;
+        Ok((
+            KernelOrigin::Tree { path: path.clone() },
+            KernelSource::Tree { path, version },
+        ))
+    } else {
+        log.say(format!("hashing {}", path.display()));
+        let hash = hash_file(&path)?;
+        Ok((
+            KernelOrigin::Tarball { path, hash },
+            KernelSource::Tarball { content_hash: hash },
+        ))
+    }
+}
+
+/// Everything the guest's cache key is made of except the Debian package
+/// versions, which [`host::prepare`] resolves.
+struct KeyParts {
+    fragment: Vec<u8>,
+    init: Vec<u8>,
+    xfer_source: Vec<u8>,
+    /// `--kernel-source`, if given.
+    local_kernel: Option<(KernelOrigin, KernelSource)>,
+}
+
+impl KeyParts {
+    /// The Debian packages whose versions the key takes, in the order
+    /// [`KeyParts::inputs`] expects them.
+    fn packages(&self) -> &'static [&'static str] {
+        if self.local_kernel.is_some() {
+            &[BUSYBOX_PACKAGE]
+        } else {
+            &[BUSYBOX_PACKAGE, KERNEL_PACKAGE]
         }
     }
+
+    /// The full inputs for `versions` (one per [`KeyParts::packages`]
+    /// entry), with the compiler and libc as installed now.
+    fn inputs(&self, versions: &[String]) -> (KernelOrigin, Inputs) {
+        let version = |i: usize| versions.get(i).cloned().unwrap_or_default();
+        let (origin, kernel_source) = match &self.local_kernel {
+            Some(local) => local.clone(),
+            None => (
+                KernelOrigin::Debian { version: version(1) },
+                KernelSource::Debian {
+                    package: KERNEL_PACKAGE.into(),
+                    version: version(1),
+                },
+            ),
+        };
+        let inputs = Inputs {
+            logic_version: cache::BUILD_LOGIC_VERSION.into(),
+            kernel_logic_version: cache::KERNEL_LOGIC_VERSION.into(),
+            kernel_fragment: self.fragment.clone(),
+            init_script: self.init.clone(),
+            xfer_source: self.xfer_source.clone(),
+            kernel_source,
+            busybox_version: version(0),
+            compiler: gcc_version(),
+            libc: libc_version(),
+        };
+        (origin, inputs)
+    }
+}
+
+/// Where `pkg=version`'s `.deb` is kept.
+fn deb_dir(root: &Path, pkg: &str, version: &str) -> PathBuf {
+    root.join("downloads")
+        .join(format!("{pkg}_{}", version.replace(':', "%3a")))
+}
+
+/// Whether `dir` holds a `.deb` (a finished download).
+fn has_deb(dir: &Path) -> bool {
+    matches!(single_entry(dir, Some("deb")), Ok(Some(_)))
+}
+
+/// Whether building `inputs` would download a `.deb` (and so needs
+/// package lists that are current).
+fn build_downloads(root: &Path, origin: &KernelOrigin, inputs: &Inputs) -> bool {
+    let busybox = !has_deb(&deb_dir(root, BUSYBOX_PACKAGE, &inputs.busybox_version));
+    let kernel = match origin {
+        KernelOrigin::Debian { version } => {
+            let built = KERNEL_FILES
+                .iter()
+                .all(|f| root.join("kernels").join(inputs.kernel_key()).join(f).is_file());
+            let unpacked = root.join("src").join(debian_tree_name(version)).is_dir();
+            !built && !unpacked && !has_deb(&deb_dir(root, KERNEL_PACKAGE, version))
+        }
+        KernelOrigin::Tarball { .. } | KernelOrigin::Tree { .. } => false,
+    };
+    busybox || kernel
+}
+
+fn debian_tree_name(version: &str) -> String {
+    format!("{KERNEL_PACKAGE}_{}", version.replace(':', "%3a"))
 }
 
 /// Removes `<dir>/<prefix><pid>...` entries whose process is gone (left by an
@@ -378,7 +355,7 @@ fn single_entry(dir: &Path, ext: Option<&str>) -> Result<Option<PathBuf>, String
 /// Downloads `pkg=version` once into `<root>/downloads/<pkg>_<version>/`.
 fn fetch_deb(root: &Path, pkg: &str, version: &str, log: &Log) -> Result<PathBuf, String> {
     let downloads = root.join("downloads");
-    let dir = downloads.join(format!("{pkg}_{}", version.replace(':', "%3a")));
+    let dir = deb_dir(root, pkg, version);
     if dir.is_dir() {
         if let Some(deb) = single_entry(&dir, Some("deb"))? {
             log.say(format!("using {}", deb.display()));
@@ -397,7 +374,13 @@ fn fetch_deb(root: &Path, pkg: &str, version: &str, log: &Log) -> Result<PathBuf
         None,
         false,
     )
-    .map_err(|e| format!("cannot download Debian package `{pkg}`: {e}"))?;
+    .map_err(|e| {
+        format!(
+            "cannot download Debian package `{pkg}={version}` (if apt says the version was not found, \
+             the package lists are out of date: run `apt-get update` as root, or run `cargo xtask test` \
+             or `cargo xtask guest --install-deps` as root, which refresh them first): {e}"
+        )
+    })?;
     single_entry(&tmp, Some("deb"))?.ok_or_else(|| format!("apt-get download {pkg} produced no .deb"))?;
     publish(&tmp, &dir)?;
     single_entry(&dir, Some("deb"))?.ok_or_else(|| format!("{} has no .deb", dir.display()))
@@ -440,7 +423,7 @@ fn kernel_tree(root: &Path, origin: &KernelOrigin, work: &Path, log: &Log) -> Re
             unpack_tarball(root, &format!("tarball-{hash:016x}"), path, log)
         }
         KernelOrigin::Debian { version } => {
-            let name = format!("{KERNEL_PACKAGE}_{}", version.replace(':', "%3a"));
+            let name = debian_tree_name(version);
             let dir = root.join("src").join(&name);
             if let Some(t) = single_entry(&dir, None)
                 .ok()
@@ -656,7 +639,7 @@ fn build_xfer(source: &[u8], work: &Path, log: &Log) -> Result<Vec<u8>, String> 
     let desc = format!("{cc:?}");
     let out = io(|| format!("cannot run {desc}"), cc.stdin(Stdio::null()).output())?;
     if !out.status.success() {
-        // A missing static libc was already reported by `ensure_deps`.
+        // A missing static libc was already reported by `host::prepare`.
         return Err(format!(
             "cannot compile guest/linux/keel-xfer.c ({}): {desc}\n{}",
             out.status,
@@ -735,8 +718,35 @@ fn copy(from: &Path, to: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot copy {} to {}: {e}", from.display(), to.display()))
 }
 
-/// `cargo xtask guest`.
+/// `cargo xtask guest`: the build tools are installed with
+/// `--install-deps` as root, else named if missing.
 pub fn run_guest(opts: &GuestOpts) -> Result<Artifacts, String> {
+    let mut host = SystemHost {
+        prefix: "xtask guest",
+        verbose: opts.verbose,
+    };
+    let may_change_host = opts.install_deps && host::is_root();
+    guest_for(
+        opts,
+        &[],
+        may_change_host,
+        "or rerun as root with --install-deps",
+        &mut host,
+    )
+}
+
+/// The Linux guest, found cached or built, after `host` has been given
+/// every tool of `tools` (the tests' — nothing builds or runs before they
+/// are all there) and, if a build is needed, the build tools; with
+/// `may_change_host`, missing ones are installed and the package lists
+/// refreshed first, else they are named in one line that ends with `how`.
+pub fn guest_for(
+    opts: &GuestOpts,
+    tools: &[Dep],
+    may_change_host: bool,
+    how: &str,
+    host: &mut dyn Host,
+) -> Result<Artifacts, String> {
     let log = Log {
         start: Instant::now(),
     };
@@ -754,33 +764,62 @@ pub fn run_guest(opts: &GuestOpts) -> Result<Artifacts, String> {
         std::env::var_os("XDG_CACHE_HOME"),
         std::env::var_os("HOME"),
     )?;
+    let local_kernel = match &opts.kernel_source {
+        Some(p) => Some(local_kernel(p, &log)?),
+        None => None,
+    };
+    let parts = KeyParts {
+        fragment: fragment_text.clone(),
+        init,
+        xfer_source,
+        local_kernel,
+    };
 
-    let mut pkgs = vec![BUSYBOX_PACKAGE];
-    if opts.kernel_source.is_none() {
-        pkgs.push(KERNEL_PACKAGE);
+    // `--print` never changes the host and never needs the build tools.
+    let build_tools = if opts.print {
+        Vec::new()
+    } else {
+        deps::needed_for(&[Need::GuestBuild])
+    };
+    let request = Request {
+        packages: parts.packages(),
+        tools,
+        build_tools: &build_tools,
+        may_change_host: may_change_host && !opts.print,
+        how_to_install: how,
+    };
+    let prepared = host::prepare(host, &request, |versions| {
+        let (origin, inputs) = parts.inputs(versions);
+        if !opts.rebuild && Artifacts::new(&root, &inputs.key()).complete() {
+            GuestState::Cached
+        } else {
+            GuestState::Build {
+                downloads: build_downloads(&root, &origin, &inputs),
+            }
+        }
+    })?;
+    if prepared.refreshed {
+        let versions: Vec<String> = parts
+            .packages()
+            .iter()
+            .zip(&prepared.versions)
+            .map(|(p, v)| format!("{p}={v}"))
+            .collect();
+        log.say(if prepared.from_refreshed_lists {
+            format!(
+                "package versions read after `apt-get update`: {}",
+                versions.join(" ")
+            )
+        } else {
+            format!("keeping the guest cached for {}", versions.join(" "))
+        });
     }
-    let mut versions = apt_candidates(&pkgs, opts, &log)?.into_iter();
-    let busybox_version = versions.next().expect("one version per package");
-    let (origin, kernel_source) = resolve_kernel(opts, versions.next(), &log)?;
-    let mut inputs = Inputs {
-        logic_version: cache::BUILD_LOGIC_VERSION.into(),
-        kernel_logic_version: cache::KERNEL_LOGIC_VERSION.into(),
-        kernel_fragment: fragment_text.clone(),
-        init_script: init.clone(),
-        xfer_source: xfer_source.clone(),
-        kernel_source,
-        busybox_version,
-        compiler: gcc_version(),
-        libc: libc_version(),
-    };
-    let mut key = inputs.key();
-    let mut artifacts = Artifacts::new(&root, &key);
-    let cached = |artifacts: &Artifacts| {
-        log.say(format!("cached: {}", artifacts.dir.display()));
-    };
-
+    // The key of exactly the versions (and compiler) `prepare` settled on.
+    let (origin, inputs) = parts.inputs(&prepared.versions);
+    let key = inputs.key();
+    let artifacts = Artifacts::new(&root, &key);
     if artifacts.complete() && !opts.rebuild {
-        cached(&artifacts);
+        log.say(format!("cached: {}", artifacts.dir.display()));
         return Ok(artifacts);
     }
     if opts.print {
@@ -788,20 +827,6 @@ pub fn run_guest(opts: &GuestOpts) -> Result<Artifacts, String> {
             "guest artifacts are not cached (no {}): run `cargo xtask guest` first",
             artifacts.dir.display()
         ));
-    }
-    // Only a build needs the build tools (a cached run works without them).
-    ensure_deps(opts, &log)?;
-    let (compiler, libc) = (gcc_version(), libc_version());
-    if compiler != inputs.compiler || libc != inputs.libc {
-        // gcc or libc6-dev was just installed: both are part of the key.
-        inputs.compiler = compiler;
-        inputs.libc = libc;
-        key = inputs.key();
-        artifacts = Artifacts::new(&root, &key);
-        if artifacts.complete() && !opts.rebuild {
-            cached(&artifacts);
-            return Ok(artifacts);
-        }
     }
     if artifacts.dir.exists() {
         log.say(format!("removing {}", artifacts.dir.display()));
@@ -831,7 +856,7 @@ pub fn run_guest(opts: &GuestOpts) -> Result<Artifacts, String> {
 
     // keel-xfer and the initramfs first: they take seconds, and a problem
     // with them should not wait for the kernel.
-    let xfer = build_xfer(&xfer_source, &work, &log)?;
+    let xfer = build_xfer(&inputs.xfer_source, &work, &log)?;
     let xfer_out = out.join("keel-xfer");
     io(
         || format!("cannot write {}", xfer_out.display()),
@@ -844,7 +869,14 @@ pub fn run_guest(opts: &GuestOpts) -> Result<Artifacts, String> {
             fs::set_permissions(&xfer_out, fs::Permissions::from_mode(0o755)),
         )?;
     }
-    let cpio_bytes = build_initramfs(&root, &inputs.busybox_version, &init, &xfer, &work, &log)?;
+    let cpio_bytes = build_initramfs(
+        &root,
+        &inputs.busybox_version,
+        &inputs.init_script,
+        &xfer,
+        &work,
+        &log,
+    )?;
     io(
         || "cannot write initramfs".into(),
         fs::write(out.join("initramfs.cpio"), &cpio_bytes),

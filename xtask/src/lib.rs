@@ -1,6 +1,29 @@
 //! Keel's developer tasks, run as `cargo xtask <task>` (the alias lives in
 //! `.cargo/config.toml`).
 //!
+//! # `cargo xtask test`
+//!
+//! The README's test command, and the only one CI runs for the tests. Before
+//! any test runs it gets the host ready, in this order (see [`host`]):
+//!
+//! 1. finds every host tool the run needs missing: the tests' tools, and the
+//!    guest build's when the Linux guest is not cached — all listed in
+//!    [`deps::HOST_DEPS`], the one table to extend when a test needs a new
+//!    host tool (how: [`deps`]);
+//! 2. as root, refreshes apt's package lists (`apt-get update`) and
+//!    installs what is missing in one `apt-get install`; not as root, it
+//!    names everything missing in one line, says how to install it, and
+//!    stops;
+//! 3. resolves the Debian package versions of the guest (`apt-cache
+//!    policy`) after that refresh, and keys the guest cache by them;
+//! 4. finds the guest cached or builds it ([`guest`]);
+//! 5. runs `cargo test --workspace` with the guest's paths in
+//!    `KEEL_GUEST_*` and `KEEL_REQUIRE_LINUX=1`, so the Linux end-to-end
+//!    tests cannot be skipped.
+//!
+//! `--no-linux` skips steps 3–4 and the Linux tests' tools; `-- ARGS` go to
+//! `cargo test` (with `-p`, only the packages named).
+//!
 //! # `cargo xtask guest`
 //!
 //! Builds, from Debian packages and without any other network access, the
@@ -39,7 +62,8 @@
 //!
 //! Options:
 //!
-//! * `--install-deps`: `apt-get install` missing host tools (needs root);
+//! * `--install-deps`: as root, refresh the package lists and `apt-get
+//!   install` missing build tools (without it, they are named in one line);
 //! * `--print`: print the paths if cached, else fail; never builds;
 //! * `--rebuild`: delete the cache entry and build again;
 //! * `--kernel-source PATH`: a kernel tarball or unpacked tree instead of
@@ -61,6 +85,7 @@ pub mod deps;
 pub mod elf;
 pub mod fnv;
 pub mod guest;
+pub mod host;
 pub mod kconfig;
 
 use std::path::PathBuf;
@@ -110,7 +135,8 @@ tasks:
   guest [options]   build (or find cached) Linux guest artifacts and print
                     vmlinux=, bzImage=, initramfs=, cache=, xfer= lines on
                     stdout
-      --install-deps        apt-get install missing host tools (root)
+      --install-deps        as root: apt-get update, then install missing
+                            build tools
       --print               print the cached paths; fail if not cached
       --rebuild             rebuild even if cached
       --kernel-source PATH  kernel tarball or unpacked tree to build instead
@@ -118,12 +144,15 @@ tasks:
       --jobs N              make -j N (default: number of CPUs)
       --verbose             show make output
   test [--no-linux] [-- ARGS]
-                    the whole test suite: builds the Linux guest (or finds it
-                    cached), then runs `cargo test --workspace ARGS` with
+                    the whole test suite: first every host tool it needs
+                    (xtask/src/deps.rs) — as root apt-get installs the
+                    missing ones, else names them all in one line and
+                    stops — then the Linux guest (built or found cached),
+                    then `cargo test --workspace ARGS` with
                     KEEL_GUEST_VMLINUX/BZIMAGE/INITRAMFS/XFER set and
                     KEEL_REQUIRE_LINUX=1, so the Linux end-to-end tests run
                     and cannot be skipped; --no-linux leaves them out (they
-                    then say SKIPPED)
+                    then say SKIPPED); ARGS with -p test only those packages
   help              this text
 
 cache: $KEEL_CACHE_DIR/guest, else $XDG_CACHE_HOME/keel/guest, else
@@ -242,15 +271,65 @@ pub fn test_env_var(name: &str) -> Option<&'static str> {
     }
 }
 
-/// `cargo xtask test`: guest artifacts first, then the workspace's tests.
+/// The arguments of the `cargo test` that `cargo xtask test -- ARGS` runs:
+/// the whole workspace, unless ARGS pick packages (`cargo test --workspace
+/// -p X` would still test every package).
+pub fn cargo_test_args(args: &[String]) -> Vec<String> {
+    let picks_packages = args.iter().take_while(|a| *a != "--").any(|a| {
+        a == "-p" || a == "--package" || a.starts_with("--package=") || (a.starts_with("-p") && a.len() > 2)
+    });
+    let mut v = vec!["test".to_string()];
+    if !picks_packages {
+        v.push("--workspace".into());
+    }
+    v.extend(args.iter().cloned());
+    v
+}
+
+/// What `cargo xtask test` says when tools are missing and it is not root.
+pub const TEST_INSTALL_HINT: &str = "or run `cargo xtask test` as root, which installs them";
+
+/// The [`deps::Need`]s of a `cargo xtask test` run (the guest build's are
+/// added when the guest is not cached).
+pub fn test_needs(opts: &TestOpts) -> &'static [deps::Need] {
+    if opts.no_linux {
+        &[deps::Need::Tests]
+    } else {
+        &[deps::Need::Tests, deps::Need::LinuxTests]
+    }
+}
+
+/// `cargo xtask test`: every host tool the run needs (installed as root,
+/// else named in one line), the guest artifacts, then the workspace's
+/// tests — no test starts before all of that is in place.
 fn run_tests(opts: &TestOpts) -> Result<i32, String> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
     cmd.current_dir(guest::repo_root())
-        .args(["test", "--workspace"])
-        .args(&opts.cargo_args);
-    if !opts.no_linux {
-        let artifacts = guest::run_guest(&GuestOpts::default())?;
+        .args(cargo_test_args(&opts.cargo_args));
+    let tools = deps::needed_for(test_needs(opts));
+    let mut host = host::SystemHost {
+        prefix: "xtask test",
+        verbose: false,
+    };
+    let may_change_host = host::is_root();
+    if opts.no_linux {
+        let request = host::Request {
+            packages: &[],
+            tools: &tools,
+            build_tools: &[],
+            may_change_host,
+            how_to_install: TEST_INSTALL_HINT,
+        };
+        host::prepare(&mut host, &request, |_| host::GuestState::Cached)?;
+    } else {
+        let artifacts = guest::guest_for(
+            &GuestOpts::default(),
+            &tools,
+            may_change_host,
+            TEST_INSTALL_HINT,
+            &mut host,
+        )?;
         for (name, path) in artifacts.outputs() {
             let Some(var) = test_env_var(name) else {
                 continue;
@@ -310,6 +389,34 @@ mod tests {
             }))
         );
         assert!(parse(&["test", "--bogus"]).unwrap_err().contains("--bogus"));
+    }
+
+    #[test]
+    fn cargo_test_covers_the_workspace_unless_packages_are_picked() {
+        let args = |v: &[&str]| cargo_test_args(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(args(&[]), ["test", "--workspace"]);
+        assert_eq!(
+            args(&["--", "--nocapture"]),
+            ["test", "--workspace", "--", "--nocapture"]
+        );
+        assert_eq!(args(&["-p", "xtask"]), ["test", "-p", "xtask"]);
+        assert_eq!(args(&["--", "-p"]), ["test", "--workspace", "--", "-p"]);
+        assert_eq!(args(&["-pkeel"]), ["test", "-pkeel"]);
+        assert_eq!(
+            args(&["--package=keel", "--test", "linux_e2e"]),
+            ["test", "--package=keel", "--test", "linux_e2e"]
+        );
+    }
+
+    #[test]
+    fn test_needs_leave_the_linux_tools_out_with_no_linux() {
+        use deps::Need::*;
+        assert_eq!(test_needs(&TestOpts::default()), [Tests, LinuxTests]);
+        let no_linux = TestOpts {
+            no_linux: true,
+            cargo_args: Vec::new(),
+        };
+        assert_eq!(test_needs(&no_linux), [Tests]);
     }
 
     #[test]

@@ -15,8 +15,16 @@
 //! `keel-xfer` (`guest/linux/keel-xfer.c`, `KEEL_GUEST_XFER`) is the program
 //! on both ends of the checked TCP and vsock transfers; it is also tested
 //! here on the host over loopback, which needs no guest at all.
+//!
+//! The processes a test starts next to the VM (dnsmasq, `keel-xfer`
+//! servers) are [`WatchedProcess`]es: one that cannot start or dies fails
+//! the test at once with its stderr, never after a boot timeout. The host
+//! tools these tests run (`mkfs.ext4`, `ip`, `dnsmasq`, `timeout`) are
+//! listed in xtask's `deps::HOST_DEPS`, which `cargo xtask test` installs.
 
-use std::io::{BufRead, BufReader, Read};
+mod watched_process;
+
+use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -82,94 +90,31 @@ fn xfer_binary(what: &str) -> Option<PathBuf> {
     }
 }
 
-/// A running `keel-xfer serve`, killed and reaped on drop whatever happens.
-struct XferServer {
-    child: std::process::Child,
-    stdout: BufReader<std::process::ChildStdout>,
-    /// The address from its `keel-xfer: listening on ADDR` line.
-    listening: String,
-}
+use watched_process::{Lifetime, ProcessEnd, Ready, WatchedProcess};
 
-/// How a `keel-xfer` process ended.
-#[derive(Debug)]
-struct XferEnd {
-    /// `None`: killed (it did not finish in time).
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl XferServer {
-    /// Starts `cmd` (a `keel-xfer serve ...` command line, perhaps behind
-    /// `ip netns exec`) and waits for its `listening on` line, so a client
-    /// can connect at once.
-    fn start(mut cmd: Command) -> XferServer {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut first = String::new();
-        let _ = stdout.read_line(&mut first);
-        let Some(listening) = first.trim_end().strip_prefix("keel-xfer: listening on ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            let mut err = String::new();
-            let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-            panic!("{cmd:?} did not start listening: stdout {first:?}, stderr {err:?}");
-        };
-        XferServer {
-            listening: listening.to_string(),
-            child,
-            stdout,
-        }
-    }
-
-    /// Waits up to `limit` for the server to exit (then kills it).
-    fn finish(mut self, limit: Duration) -> XferEnd {
-        let start = Instant::now();
-        let code = loop {
-            match self.child.try_wait().unwrap() {
-                Some(status) => break status.code(),
-                None if start.elapsed() > limit => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    break None;
-                }
-                None => std::thread::sleep(Duration::from_millis(50)),
-            }
-        };
-        let mut stdout = String::new();
-        let _ = self.stdout.read_to_string(&mut stdout);
-        let mut stderr = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            let _ = e.read_to_string(&mut stderr);
-        }
-        XferEnd { code, stdout, stderr }
-    }
-}
-
-impl Drop for XferServer {
-    fn drop(&mut self) {
-        // A no-op once it has been reaped by `finish`.
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// Starts `cmd` (a `keel-xfer serve ...` command line, perhaps behind
+/// `ip netns exec`) and waits for its `listening on` line, so a client can
+/// connect at once; its [`WatchedProcess::ready_text`] is the address.
+fn xfer_server(name: &str, cmd: Command) -> WatchedProcess {
+    WatchedProcess::start(
+        name,
+        cmd,
+        Lifetime::ExitsZeroWhenDone,
+        Ready::StdoutPrefix("keel-xfer: listening on "),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs `keel-xfer send ADDR BYTES SEED` to completion (60 s timeout inside
 /// keel-xfer itself).
-fn xfer_send(xfer: &Path, addr: &str, bytes: u64, seed: u64) -> XferEnd {
+fn xfer_send(xfer: &Path, addr: &str, bytes: u64, seed: u64) -> ProcessEnd {
     let out = Command::new(xfer)
         .args(["send", addr, &bytes.to_string(), &seed.to_string()])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    XferEnd {
+    ProcessEnd {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -231,7 +176,7 @@ fn xfer_stream_sum(seed: u64, len: u64) -> u64 {
 
 /// Asserts a client/server pair both matched, each side's sums are the
 /// other's, and they are the sums of the documented streams.
-fn assert_xfer_pair(client: &XferEnd, server: &XferEnd, bytes: u64, seed: u64, what: &str) {
+fn assert_xfer_pair(client: &ProcessEnd, server: &ProcessEnd, bytes: u64, seed: u64, what: &str) {
     assert_eq!(client.code, Some(0), "{what}: send: {client:?}");
     assert_eq!(server.code, Some(0), "{what}: serve: {server:?}");
     let c = xfer_line(&client.stdout).unwrap_or_else(|| panic!("{what}: send printed {client:?}"));
@@ -263,14 +208,14 @@ fn keel_xfer_checks_both_directions_over_loopback() {
     let serve = |addr: &str, bytes: u64, seed: u64| {
         let mut cmd = Command::new(&xfer);
         cmd.args(["serve", addr, &bytes.to_string(), &seed.to_string()]);
-        XferServer::start(cmd)
+        xfer_server(&format!("keel-xfer serve {addr}"), cmd)
     };
     let limit = Duration::from_secs(60);
 
     // TCP over loopback: port 0 makes keel-xfer pick a free port and say it.
     let bytes = 4 << 20;
     let server = serve("tcp:127.0.0.1:0", bytes, 5201);
-    let addr = server.listening.clone();
+    let addr = server.ready_text().to_string();
     assert!(
         addr.starts_with("tcp:127.0.0.1:") && !addr.ends_with(":0"),
         "{addr}"
@@ -400,14 +345,23 @@ fn make_root_image(guest: &Guest, dir: &Path) -> PathBuf {
         std::fs::create_dir_all(tree.join(d)).unwrap();
     }
     let image = dir.join("root.img");
-    let status = Command::new("mkfs.ext4")
+    let out = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-d"])
         .arg(&tree)
         .arg(&image)
         .arg("64M")
-        .status()
-        .expect("mkfs.ext4 (e2fsprogs) is needed for the root disk");
-    assert!(status.success());
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run mkfs.ext4 (package e2fsprogs, which `cargo xtask test` installs): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "mkfs.ext4 -d {} failed ({}): {}",
+        tree.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr).trim_end()
+    );
     image
 }
 
@@ -421,9 +375,25 @@ struct Boot {
 /// Runs `keel` with `args`; stops it once the serial console shows
 /// `stop_at` (if given). Fails the test if it takes longer than `limit`.
 fn boot(args: &[&str], serial_log: &Path, stop_at: Option<&str>, limit: Duration) -> Boot {
+    let mut keel = Command::new(env!("CARGO_BIN_EXE_keel"));
+    keel.args(args);
+    run_vm(keel, serial_log, stop_at, limit, &mut []).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `vm` (a `keel` command line, perhaps behind `ip netns exec`) with
+/// its serial console in `serial_log` until it exits, the console shows
+/// `stop_at`, or `limit` passes (an `Err`). Every poll also checks the
+/// `helpers` the VM depends on: one that has died ends the run at once
+/// with an `Err` carrying its stderr — the guest would only time out.
+fn run_vm(
+    mut vm: Command,
+    serial_log: &Path,
+    stop_at: Option<&str>,
+    limit: Duration,
+    helpers: &mut [&mut WatchedProcess],
+) -> Result<Boot, String> {
     let start = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
-        .args(args)
+    let mut child = vm
         .arg("--serial")
         .arg(format!("file:{}", serial_log.display()))
         .env("RUST_LOG", "info")
@@ -431,7 +401,7 @@ fn boot(args: &[&str], serial_log: &Path, stop_at: Option<&str>, limit: Duration
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .map_err(|e| format!("cannot start {vm:?}: {e}"))?;
     let stderr = child.stderr.take().unwrap();
     let reader = std::thread::spawn(move || {
         let mut text = String::new();
@@ -441,29 +411,121 @@ fn boot(args: &[&str], serial_log: &Path, stop_at: Option<&str>, limit: Duration
         }
         text
     });
+    let stop = |child: &mut std::process::Child| {
+        let _ = child.kill();
+        let _ = child.wait();
+    };
     let exit_code = loop {
         if let Some(status) = child.try_wait().unwrap() {
             break status.code();
         }
         let serial = std::fs::read_to_string(serial_log).unwrap_or_default();
         if stop_at.is_some_and(|marker| serial.contains(marker)) {
-            child.kill().unwrap();
-            child.wait().unwrap();
+            stop(&mut child);
             break None;
         }
+        for helper in helpers.iter_mut() {
+            if let Err(e) = helper.check() {
+                stop(&mut child);
+                return Err(format!(
+                    "{e}\n--- the VM was stopped after {:.1} s; its console so far ---\n{serial}",
+                    start.elapsed().as_secs_f64()
+                ));
+            }
+        }
         if start.elapsed() > limit {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            panic!("Linux boot did not finish within {limit:?}; console so far:\n{serial}");
+            stop(&mut child);
+            return Err(format!(
+                "Linux boot did not finish within {limit:?}; console so far:\n{serial}"
+            ));
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    Boot {
+    Ok(Boot {
         serial: std::fs::read_to_string(serial_log).unwrap_or_default(),
         stderr: reader.join().unwrap(),
         exit_code,
         elapsed: start.elapsed(),
-    }
+    })
+}
+
+#[test]
+fn a_helper_that_dies_while_the_vm_runs_stops_the_run_at_once_with_its_stderr() {
+    // No guest needed: `sleep` stands in for a VM that would boot for
+    // minutes, the helper for a DHCP server that loses its interface.
+    let dir = scratch_dir("helper-dies");
+    let mut dhcp = WatchedProcess::start(
+        "dnsmasq",
+        {
+            let mut c = Command::new("sh");
+            c.args([
+                "-c",
+                "echo 'dnsmasq-dhcp: DHCP, IP range 10.0.2.10 -- 10.0.2.20' >&2; sleep 1; \
+                 echo 'dnsmasq: failed to access keeltap0: No such device' >&2; exit 5",
+            ]);
+            c
+        },
+        Lifetime::UntilStopped,
+        Ready::StderrContains("DHCP, IP range"),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    // (`run_vm` appends `--serial file:…`: the shell takes it as `$1`.)
+    let mut vm = Command::new("sh");
+    vm.args(["-c", "exec sleep 600", "sh"]);
+    let start = Instant::now();
+    let err = run_vm(
+        vm,
+        &dir.join("serial.log"),
+        None,
+        Duration::from_secs(600),
+        &mut [&mut dhcp],
+    )
+    .err()
+    .expect("the helper died");
+    assert!(start.elapsed() < Duration::from_secs(30), "{:?}", start.elapsed());
+    assert_has(
+        &err,
+        "dnsmasq exited (exit status: 5) while the test still needed it",
+        "why",
+    );
+    assert_has(
+        &err,
+        "failed to access keeltap0: No such device",
+        "the helper's stderr",
+    );
+    assert_has(&err, "the VM was stopped after", "the VM's fate");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_helper_that_finishes_its_job_lets_the_vm_run_on() {
+    let dir = scratch_dir("helper-done");
+    let mut server = WatchedProcess::start(
+        "keel-xfer serve",
+        {
+            let mut c = Command::new("sh");
+            c.args(["-c", "echo 'keel-xfer: listening on unix:/x'; exit 0"]);
+            c
+        },
+        Lifetime::ExitsZeroWhenDone,
+        Ready::StdoutPrefix("keel-xfer: listening on "),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    let mut vm = Command::new("sh");
+    vm.args(["-c", "sleep 1; echo 'guest done' >&2; exit 0", "sh"]);
+    let b = run_vm(
+        vm,
+        &dir.join("serial.log"),
+        None,
+        Duration::from_secs(60),
+        &mut [&mut server],
+    )
+    .unwrap();
+    assert_eq!(b.exit_code, Some(0));
+    assert_eq!(b.stderr, "guest done\n");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn assert_has(text: &str, needle: &str, what: &str) {
@@ -686,7 +748,8 @@ fn linux_kernel_that_is_garbage_is_one_clear_error() {
 /// it; removed (server and all) on drop. No traffic leaves it.
 struct DhcpNetns {
     name: String,
-    dnsmasq: std::process::Child,
+    /// Watched while the VM boots: `None` only while it is being set up.
+    dnsmasq: Option<WatchedProcess>,
 }
 
 impl DhcpNetns {
@@ -696,15 +759,25 @@ impl DhcpNetns {
     fn new() -> DhcpNetns {
         let name = format!("keel-e2e-{}", std::process::id());
         let ip = |args: &[&str]| {
-            let status = Command::new("ip")
+            let out = Command::new("ip")
                 .args(args)
-                .status()
-                .expect("iproute2's `ip` is needed");
-            assert!(status.success(), "ip {args:?}");
+                .stdin(Stdio::null())
+                .output()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run iproute2's `ip` (`cargo xtask test` installs it): {e}")
+                });
+            assert!(
+                out.status.success(),
+                "ip {args:?} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            );
         };
         ip(&["netns", "add", &name]);
+        // From here on, drop cleans up.
+        let mut netns = DhcpNetns { name, dnsmasq: None };
         let in_ns = |args: &[&str]| {
-            let mut all = vec!["netns", "exec", &name, "ip"];
+            let mut all = vec!["netns", "exec", &netns.name, "ip"];
             all.extend_from_slice(args);
             ip(&all);
         };
@@ -717,15 +790,12 @@ impl DhcpNetns {
             Self::TAP,
         ]);
         in_ns(&["link", "set", Self::TAP, "up"]);
-        let dnsmasq = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &name,
-                "dnsmasq",
-                "--no-daemon",
-                "--conf-file=/dev/null",
-            ])
+        // In the foreground, logging to stderr, where the watcher reads
+        // that the DHCP range is set up (or why it is not).
+        let mut dnsmasq = Command::new("ip");
+        dnsmasq
+            .args(["netns", "exec", &netns.name, "dnsmasq"])
+            .args(["--no-daemon", "--log-facility=-", "--conf-file=/dev/null"])
             .args([
                 "--interface",
                 Self::TAP,
@@ -736,19 +806,25 @@ impl DhcpNetns {
             .args([
                 "--dhcp-range=10.0.2.10,10.0.2.20,1h",
                 "--dhcp-leasefile=/dev/null",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq (Debian dnsmasq-base) is needed for the DHCP test");
-        DhcpNetns { name, dnsmasq }
+            ]);
+        netns.dnsmasq = Some(
+            WatchedProcess::start(
+                "dnsmasq (the DHCP server; Debian package dnsmasq-base, which `cargo xtask test` installs)",
+                dnsmasq,
+                Lifetime::UntilStopped,
+                Ready::StderrContains("DHCP, IP range"),
+                Duration::from_secs(30),
+            )
+            .unwrap_or_else(|e| panic!("{e}")),
+        );
+        netns
     }
 }
 
 impl Drop for DhcpNetns {
     fn drop(&mut self) {
-        let _ = self.dnsmasq.kill();
-        let _ = self.dnsmasq.wait();
+        // Kills and reaps dnsmasq.
+        drop(self.dnsmasq.take());
         let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
@@ -764,14 +840,14 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
     let Some(guest) = guest() else { return };
     let _one = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch_dir("dhcp");
-    let netns = DhcpNetns::new();
+    let mut netns = DhcpNetns::new();
     let serial = dir.join("serial.log");
     let vsock_uds = dir.join("vsock.sock");
     // The peers of the guest's `tcp` and `vsockrt` checks. The TCP server
     // runs in the namespace, on the tap's address; the vsock one is a Unix
     // socket on the host, where Keel's muxer connects for guest port 5202.
     // Their timeout outlasts the boot's; they are killed when not needed.
-    let servers = xfer_binary("TCP and vsock round trips").map(|xfer| {
+    let mut servers = xfer_binary("TCP and vsock round trips").map(|xfer| {
         let (port, bytes, seed) = TCP_XFER;
         let mut tcp = Command::new("ip");
         tcp.args(["netns", "exec", &netns.name])
@@ -779,21 +855,24 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
             .args(["-t", "660", "serve"])
             .arg(format!("tcp:{}:{port}", DhcpNetns::HOST_ADDR))
             .args([bytes.to_string(), seed.to_string()]);
-        let tcp = XferServer::start(tcp);
+        let tcp = xfer_server("keel-xfer serve (the guest's TCP peer)", tcp);
         let (port, bytes, seed) = VSOCK_XFER;
         let mut vsock = Command::new(&xfer);
         vsock
             .args(["-t", "660", "serve"])
             .arg(format!("unix:{}_{port}", vsock_uds.display()))
             .args([bytes.to_string(), seed.to_string()]);
-        (tcp, XferServer::start(vsock))
+        (
+            tcp,
+            xfer_server("keel-xfer serve (the guest's vsock peer)", vsock),
+        )
     });
     // `keel` itself runs inside the namespace, so the tap it opens is the
-    // test's tap and nothing it sends can leave.
-    let start = Instant::now();
-    // coreutils' timeout: a hung boot fails the test instead of the run.
-    let out = Command::new("timeout")
-        .args(["600", "ip", "netns", "exec", &netns.name])
+    // test's tap and nothing it sends can leave. While it boots, the DHCP
+    // server and the transfer servers are watched: one that dies ends the
+    // test at once with its stderr.
+    let mut keel = Command::new("ip");
+    keel.args(["netns", "exec", &netns.name])
         .arg(env!("CARGO_BIN_EXE_keel"))
         .args(["--kernel", guest.bzimage.to_str().unwrap(), "--memory", "128M"])
         .args(["--transport", "mmio"])
@@ -803,38 +882,31 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
         .args([
             "--cmdline",
             &format!("{SERIAL_CMDLINE} ip=dhcp keel.test=net,tcp,vsockrt"),
-        ])
-        .arg("--serial")
-        .arg(format!("file:{}", serial.display()))
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let console = std::fs::read_to_string(&serial).unwrap_or_default();
-    println!("dhcp boot ended after {:.1} s", start.elapsed().as_secs_f64());
-    assert_has(&console, "IP-Config: Complete", "kernel IP autoconfiguration");
+        ]);
+    let mut watched: Vec<&mut WatchedProcess> = netns.dnsmasq.iter_mut().collect();
+    if let Some((tcp, vsock)) = servers.as_mut() {
+        watched.push(tcp);
+        watched.push(vsock);
+    }
+    let b =
+        run_vm(keel, &serial, None, Duration::from_secs(600), &mut watched).unwrap_or_else(|e| panic!("{e}"));
+    drop(watched);
+    let console = b.serial.as_str();
+    println!("dhcp boot ended after {:.1} s", b.elapsed.as_secs_f64());
+    assert_has(console, "IP-Config: Complete", "kernel IP autoconfiguration");
     assert_has(
-        &console,
+        console,
         &format!("IP-Config: Got DHCP answer from {}", DhcpNetns::HOST_ADDR),
         "DHCP server",
     );
-    assert_has(&console, "hwaddr=02:4b:45:45:4c:01", "the configured MAC");
-    assert_has(
-        &console,
-        "ipaddr=10.0.2.",
-        "an address from the namespace's range",
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_has(console, "hwaddr=02:4b:45:45:4c:01", "the configured MAC");
+    assert_has(console, "ipaddr=10.0.2.", "an address from the namespace's range");
+    assert_eq!(b.exit_code, Some(0), "{}", b.stderr);
+    let stderr = b.stderr.as_str();
     // The kernel's own part of the vsock path: its virtio-vsock driver
     // took the device (type 19) the round trip below goes through.
     assert_has(
-        &stderr,
+        stderr,
         "driver ready for device type 19",
         "virtio-vsock driver (keel's stderr)",
     );
@@ -847,7 +919,7 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
              host's KVM emulates guest ring 0 and guest user space cannot make system calls here",
         );
     } else {
-        assert_has(&console, "KEEL-TEST: ping ok", "ping from user space");
+        assert_has(console, "KEEL-TEST: ping ok", "ping from user space");
         if let Some((tcp, vsock)) = servers {
             // The guest ran its checks before rebooting: the servers are
             // done or about to be.
@@ -862,7 +934,7 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
                 else {
                     panic!("no `KEEL-TEST: {name} ok` (its server: {server:?}) in:\n{console}");
                 };
-                let guest_end = XferEnd {
+                let guest_end = ProcessEnd {
                     code: Some(0),
                     stdout: guest_line.to_string(),
                     stderr: String::new(),
