@@ -9,7 +9,9 @@
 //! the checks share boots: one full boot (bzImage, 2 vCPUs, initramfs, an
 //! ext4 root on virtio-blk, a read-only second disk, virtio-rng, the kernel
 //! log on hvc0) and two short ones that stop once both CPUs are up (ELF
-//! vmlinux through the 64-bit entry, and through PVH). The boots run one at
+//! vmlinux through the 64-bit entry, and through PVH), plus a DHCP boot
+//! with virtio-net and vsock, and a boot with every device on virtio-pci
+//! (root, network and vsock found by PCI enumeration). The boots run one at
 //! a time.
 //!
 //! `keel-xfer` (`guest/linux/keel-xfer.c`, `KEEL_GUEST_XFER`) is the program
