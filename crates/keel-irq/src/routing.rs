@@ -260,8 +260,9 @@ impl RoutingState {
     }
 }
 
-/// A VM's GSI routing table, merged from its parts (see the [module
-/// documentation](self)). Clones share the table: give one to the
+/// A VM's GSI routing table, merged from its parts: the base (the
+/// in-kernel irqchip's default routes, in kernel mode), the IOAPIC's routes
+/// (split mode) and MSI routes. Clones share the table: give one to the
 /// [`crate::Ioapic`] as its [`MsiRouter`] and others to the PCI devices'
 /// [`IrqfdMsiVectors`].
 ///

@@ -1,5 +1,5 @@
-//! Virtio for Keel virtual machines: the device model, the MMIO transport,
-//! and block, entropy, console, network and socket devices.
+//! Virtio for Keel virtual machines: the device model, the MMIO and PCI
+//! transports, and block, entropy, console, network and socket devices.
 //!
 //! A virtio device is the same device whether the guest finds it through
 //! MMIO registers or on a PCI bus, and whatever stores its bytes. This crate
@@ -10,10 +10,12 @@
 //!   hands them memory and queues ([`Activation`]). [`Block`], [`Rng`],
 //!   [`Console`], [`Net`] and [`Vsock`] are the devices so far.
 //! - **Transports** drive that trait from the guest's accesses.
-//!   [`MmioTransport`] is virtio-mmio version 2; a PCI transport can come
-//!   later without touching a device. Devices signal the guest through the
-//!   [`VirtioInterrupt`] the transport provides, so they never know which
-//!   interrupt mechanism is behind it.
+//!   [`MmioTransport`] is virtio-mmio version 2 (an IOAPIC pin per device);
+//!   [`PciTransport`] is modern virtio-pci with MSI-X ([`pci`]), a
+//!   `keel_pci::PciDevice`. Both run the same driver-state machine, so
+//!   every device works over either unchanged. Devices signal the guest
+//!   through the [`VirtioInterrupt`] the transport provides, so they never
+//!   know which interrupt mechanism is behind it.
 //! - **Backends** hold the bytes: [`BlockBackend`] ([`FileBackend`],
 //!   [`MemoryBackend`], or your own) for disks, [`ConsoleBackend`]
 //!   ([`StreamBackend`], [`UnixSocketBackend`]) for consoles, [`NetBackend`]
