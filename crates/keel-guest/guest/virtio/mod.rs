@@ -730,6 +730,13 @@ impl Transport {
         self.look_for_interrupts();
     }
 
+    /// Takes note of interrupts that arrived since the last look (reading
+    /// and acknowledging the interrupt status if any did), so the next
+    /// completion only sees newer ones.
+    pub fn catch_up_interrupts(&mut self) {
+        self.look_for_interrupts();
+    }
+
     fn look_for_interrupts(&mut self) {
         let Some(irq) = self.irq else {
             return;
