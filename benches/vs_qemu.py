@@ -9,7 +9,7 @@ programs; the guest times its own loops with the TSC, so boot time is not in
 the figures. Per round each program runs once under each VMM, the order
 alternating between rounds; the table gives medians.
 
-- Keel: `target/release/keel --memory 128M --cmdline PROGRAM [--disk IMG]`.
+- Keel: `target/release/keel --memory 128M --cmdline PROGRAM [--transport mmio --disk IMG]`.
   Keel enters the guest through its PVH entry or its 64-bit entry (its
   `--boot-protocol auto` picks PVH when the ELF has the note); the paths
   measured here run in ring 3 either way.
@@ -75,7 +75,8 @@ def guest_elf():
 
 def keel_cmd(program, disk):
     cmd = [KEEL, "--memory", f"{MEMORY_MIB}M", "--cmdline", program]
-    return cmd + (["--disk", disk] if disk else [])
+    # virtio-mmio on both sides: QEMU's microvm has it, and like is compared with like.
+    return cmd + (["--transport", "mmio", "--disk", disk] if disk else [])
 
 
 def qemu_cmd(elf, program, disk):

@@ -37,20 +37,27 @@ struct Args {
     #[arg(long, value_name = "PATH")]
     initrd: Option<PathBuf>,
 
-    /// A virtio-blk disk: PATH[,ro][,id=NAME]. Repeat for more (vda, vdb, …).
+    /// A virtio-blk disk: PATH[,ro][,id=NAME][,transport=mmio|pci]. Repeat
+    /// for more (vda, vdb, …).
     #[arg(long, value_name = "PATH[,ro][,id=NAME]")]
     disk: Vec<keel_vmm::DiskConfig>,
 
     /// A virtio-net card on a host tap device: tap=NAME[,mac=MAC], or fd=N for
-    /// an inherited, already-open tap. Repeatable.
+    /// an inherited, already-open tap; [,transport=mmio|pci]. Repeatable.
     #[arg(long, value_name = "tap=NAME|fd=N[,mac=MAC]")]
     net: Vec<keel_vmm::NetConfig>,
 
-    /// A virtio-vsock device: cid=N,uds=PATH (Firecracker's hybrid vsock:
-    /// host connects to PATH and sends "CONNECT <port>\n"; the guest's
-    /// connections to port P reach PATH_P).
+    /// A virtio-vsock device: cid=N,uds=PATH[,transport=mmio|pci]
+    /// (Firecracker's hybrid vsock: host connects to PATH and sends
+    /// "CONNECT <port>\n"; the guest's connections to port P reach PATH_P).
     #[arg(long, value_name = "cid=N,uds=PATH")]
     vsock: Option<keel_vmm::VsockConfig>,
+
+    /// The virtio transport of devices that do not choose their own: pci
+    /// (virtio-pci with MSI-X) or mmio (virtio-mmio, IOAPIC pins, 15 devices
+    /// at most; for kernels without virtio-pci) [default: pci].
+    #[arg(long, value_name = "TRANSPORT")]
+    transport: Option<keel_vmm::VirtioTransport>,
 
     /// Add a virtio-rng device fed by the host's getrandom.
     #[arg(long)]
@@ -91,8 +98,8 @@ struct Args {
 
     /// Read settings from a JSON file (keys: vcpus, memory_mib, kernel,
     /// cmdline, initrd, boot_protocol, ring0, irqchip, pit_reinject, serial,
-    /// disks, rng, console, nets, vsock); flags given on the command line override it (--disk and
-    /// --net add to its lists).
+    /// disks, rng, console, nets, vsock, transport); flags given on the command line override it
+    /// (--disk and --net add to its lists).
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
 
@@ -193,6 +200,9 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
     }
     if let Some(i) = args.irqchip {
         config.irqchip = i;
+    }
+    if let Some(t) = args.transport {
+        config.transport = t;
     }
     config.disks.extend(args.disk.iter().cloned());
     config.nets.extend(args.net.iter().cloned());

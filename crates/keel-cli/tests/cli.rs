@@ -65,6 +65,35 @@ fn both_irqchip_modes_run_the_built_in_guest() {
     assert!(err.contains("irqchip \"pic\": expected split or kernel"), "{err}");
 }
 
+#[test]
+fn disks_attach_over_either_transport_from_the_command_line() {
+    let image = std::env::temp_dir().join(format!("keel-cli-transport-{}.img", std::process::id()));
+    std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+    let disk = image.display().to_string();
+    let mmio_disk = format!("{disk},transport=mmio");
+    for (args, on_pci) in [
+        (vec!["--disk", &disk], true),
+        (vec!["--transport", "mmio", "--disk", &disk], false),
+        (vec!["--transport", "pci", "--disk", &disk], true),
+        (vec!["--disk", &mmio_disk], false),
+    ] {
+        let mut all = vec!["--memory", "32", "--cmdline", "virtio-blk"];
+        all.extend(args.iter().copied());
+        let (code, out, err) = keel(&all);
+        assert_eq!(code, 0, "{args:?}: stdout:\n{out}\nstderr:\n{err}");
+        assert_eq!(out.contains("virtio: PCI 00:01.0 "), on_pci, "{args:?}:\n{out}");
+        assert_eq!(
+            out.contains("virtio: 0xd0001000 GSI 5: "),
+            !on_pci,
+            "{args:?}:\n{out}"
+        );
+    }
+    let _ = std::fs::remove_file(&image);
+    let (code, _, err) = keel(&["--transport", "isa"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("transport \"isa\": expected mmio or pci"), "{err}");
+}
+
 fn assert_one_line_error(args: &[&str], needle: &str) {
     let (code, _, err) = keel(args);
     assert_ne!(code, 0, "{args:?} should fail");

@@ -9,7 +9,9 @@
 //! the checks share boots: one full boot (bzImage, 2 vCPUs, initramfs, an
 //! ext4 root on virtio-blk, a read-only second disk, virtio-rng, the kernel
 //! log on hvc0) and two short ones that stop once both CPUs are up (ELF
-//! vmlinux through the 64-bit entry, and through PVH). The boots run one at
+//! vmlinux through the 64-bit entry, and through PVH), plus a DHCP boot
+//! with virtio-net and vsock, and a boot with every device on virtio-pci
+//! (root, network and vsock found by PCI enumeration). The boots run one at
 //! a time.
 //!
 //! `keel-xfer` (`guest/linux/keel-xfer.c`, `KEEL_GUEST_XFER`) is the program
@@ -565,6 +567,8 @@ fn linux_full_boot_two_cpus_root_on_virtio_blk() {
             "2",
             "--memory",
             "256M",
+            "--transport",
+            "mmio",
             "--disk",
             &root_arg,
             "--disk",
@@ -873,6 +877,7 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
     keel.args(["netns", "exec", &netns.name])
         .arg(env!("CARGO_BIN_EXE_keel"))
         .args(["--kernel", guest.bzimage.to_str().unwrap(), "--memory", "128M"])
+        .args(["--transport", "mmio"])
         .args(["--initrd", guest.initramfs.to_str().unwrap()])
         .args(["--net", &format!("tap={},mac=02:4b:45:45:4c:01", DhcpNetns::TAP)])
         .args(["--vsock", &format!("cid=3,uds={}", vsock_uds.display())])
@@ -940,6 +945,87 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
             }
         }
     }
+    drop(netns);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A second boot with every device on PCI (`--transport pci`) and no
+/// `virtio_mmio.device=` on the command line: Linux enumerates the bus
+/// through ports 0xCF8/0xCFC (no ACPI needed), binds virtio-pci with MSI-X
+/// to the root disk, the network card and the vsock device, mounts the root
+/// and gets an address by DHCP before `Run /init`.
+#[test]
+fn linux_finds_root_network_and_vsock_through_pci() {
+    let Some(guest) = guest() else { return };
+    // The driver registers as "virtio-pci"; a kernel built without
+    // CONFIG_VIRTIO_PCI has no such string (its vmlinux is uncompressed).
+    let vmlinux = std::fs::read(&guest.vmlinux).unwrap();
+    if !vmlinux.windows(10).any(|w| w == b"virtio-pci") {
+        report_skip(
+            "the Linux boot over virtio-pci: the guest kernel has no virtio-pci driver \
+             (guest/linux/keel.config needs PCI, PCI_MSI and VIRTIO_PCI)",
+        );
+        return;
+    }
+    let _one = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir("pci");
+    let root = make_root_image(&guest, &dir);
+    let mut netns = DhcpNetns::new();
+    let serial = dir.join("serial.log");
+    let vsock_uds = dir.join("vsock.sock");
+    // `keel` runs inside the namespace (its tap is the test's); the DHCP
+    // server is watched while it boots.
+    let mut keel = Command::new("ip");
+    keel.args(["netns", "exec", &netns.name])
+        .arg(env!("CARGO_BIN_EXE_keel"))
+        .args(["--kernel", guest.bzimage.to_str().unwrap(), "--memory", "256M"])
+        .args(["--transport", "pci"])
+        .args(["--disk", &format!("{},id=keel-root", root.display())])
+        .args(["--net", &format!("tap={},mac=02:4b:45:45:4c:01", DhcpNetns::TAP)])
+        .args(["--vsock", &format!("cid=3,uds={}", vsock_uds.display())])
+        .args([
+            "--cmdline",
+            &format!(
+                "{SERIAL_CMDLINE} root=/dev/vda rw rootfstype=ext4 rdinit=/keel-no-rdinit init=/init ip=dhcp"
+            ),
+        ]);
+    let mut watched: Vec<&mut WatchedProcess> = netns.dnsmasq.iter_mut().collect();
+    let b =
+        run_vm(keel, &serial, None, Duration::from_secs(900), &mut watched).unwrap_or_else(|e| panic!("{e}"));
+    drop(watched);
+    let s = b.serial.as_str();
+    let stderr = b.stderr.as_str();
+    println!("PCI boot ended after {:.1} s", b.elapsed.as_secs_f64());
+    if let Some(line) = stderr.lines().find(|l| l.contains("reached `Run /init`")) {
+        println!("{line}");
+    }
+    assert!(!s.contains("virtio_mmio"), "a virtio-mmio device in:\n{s}");
+    assert_has(
+        s,
+        "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000",
+        "host bridge",
+    );
+    for (function, what) in [("01", "root disk"), ("02", "network card"), ("03", "vsock")] {
+        assert_has(s, &format!("pci 0000:00:{function}.0: [1af4:"), what);
+    }
+    assert_has(
+        s,
+        "[vda] 131072 512-byte logical blocks",
+        "root disk on virtio-pci",
+    );
+    assert_has(s, "EXT4-fs (vda): mounted filesystem", "root mounted");
+    assert_has(s, "IP-Config: Complete", "DHCP over virtio-pci");
+    assert_has(s, "hwaddr=02:4b:45:45:4c:01", "the configured MAC");
+    assert_has(s, "Run /init as init process", "init started");
+    for device_type in [1, 2, 19] {
+        assert_has(
+            stderr,
+            &format!("virtio-pci: driver ready for device type {device_type} "),
+            "Linux's virtio-pci driver (keel's stderr)",
+        );
+    }
+    assert_has(stderr, "reached `Run /init`", "Run /init timing");
+    assert_eq!(b.exit_code, Some(0), "{stderr}");
     drop(netns);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -33,6 +33,7 @@ pub const PROGRAMS: &[&str] = &[
     "virtio-hostile",
     "virtio-net",
     "virtio-vsock",
+    "pci-hostile",
 ];
 
 /// Exit status: the program ran and every check passed.

@@ -101,6 +101,12 @@ pub fn init(enabled: u32) {
     }
 }
 
+/// This CPU's local APIC ID (valid after [`init`]): the destination of the
+/// MSI messages the guest programs.
+pub fn apic_id() -> u32 {
+    APIC_ID.load(Ordering::Relaxed)
+}
+
 /// Unmasks IOAPIC pin `pin` (below [`IRQ_LINES`]; others are ignored) on
 /// top of what is already unmasked.
 pub fn unmask(pin: u8) {

@@ -18,6 +18,7 @@ mod interrupts;
 mod irq;
 mod mem_intrinsics;
 mod mmio;
+mod pci;
 mod port;
 mod programs;
 mod ring0;

@@ -38,6 +38,37 @@ impl MmioRegion {
         // SAFETY: `new`'s contract: mapped device memory, not Rust-owned RAM.
         unsafe { write_volatile((self.base + offset) as *mut u32, value) }
     }
+
+    /// Reads the 16-bit register at `offset` (2-byte aligned).
+    pub fn read16(&self, offset: u64) -> u16 {
+        // SAFETY: `new`'s contract: mapped device memory, not Rust-owned RAM.
+        unsafe { read_volatile((self.base + offset) as *const u16) }
+    }
+
+    /// Writes the 16-bit register at `offset` (2-byte aligned).
+    pub fn write16(&self, offset: u64, value: u16) {
+        // SAFETY: `new`'s contract: mapped device memory, not Rust-owned RAM.
+        unsafe { write_volatile((self.base + offset) as *mut u16, value) }
+    }
+
+    /// Reads the 8-bit register at `offset`.
+    pub fn read8(&self, offset: u64) -> u8 {
+        // SAFETY: `new`'s contract: mapped device memory, not Rust-owned RAM.
+        unsafe { read_volatile((self.base + offset) as *const u8) }
+    }
+
+    /// Writes the 8-bit register at `offset`.
+    pub fn write8(&self, offset: u64, value: u8) {
+        // SAFETY: `new`'s contract: mapped device memory, not Rust-owned RAM.
+        unsafe { write_volatile((self.base + offset) as *mut u8, value) }
+    }
+
+    /// The region `offset` bytes further on.
+    pub fn offset(&self, offset: u64) -> MmioRegion {
+        MmioRegion {
+            base: self.base + offset,
+        }
+    }
 }
 
 /// The register window of `len` bytes at `addr`, checked to be 4-byte

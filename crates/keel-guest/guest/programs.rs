@@ -69,9 +69,8 @@ fn virtio_devices(ctx: &Context<'_>) -> Result<virtio::Devices, Failure> {
     })?;
     for found in devices.iter() {
         println!(
-            "virtio: {:#x} GSI {}: {} (device ID {}, vendor {:#x})",
-            found.slot.base,
-            found.slot.gsi,
+            "virtio: {}: {} (device ID {}, vendor {:#x})",
+            found.location,
             virtio::type_name(found.device_id),
             found.device_id,
             found.vendor_id
@@ -79,9 +78,6 @@ fn virtio_devices(ctx: &Context<'_>) -> Result<virtio::Devices, Failure> {
     }
     Ok(devices)
 }
-
-/// virtio-mmio `InterruptStatus` register.
-const INTERRUPT_STATUS_OFFSET: u64 = 0x60;
 
 /// How long a program waits at its end for a device's first interrupt.
 const FIRST_INTERRUPT_WAIT_MS: u64 = 2000;
@@ -94,8 +90,8 @@ fn check_interrupts(
 ) -> Outcome {
     let Some(count) = transport.settle_interrupts(FIRST_INTERRUPT_WAIT_MS) else {
         println!(
-            "{prefix}: completion polled only (GSI {} is not used as an IOAPIC pin)",
-            transport.slot.gsi
+            "{prefix}: completion polled only (the device at {} has no interrupt line in use)",
+            transport.location
         );
         return Ok(());
     };
@@ -107,7 +103,7 @@ fn check_interrupts(
     );
     if count == 0 && stats.completions > 0 {
         // Did the device raise it? Its InterruptStatus stays set until acked.
-        let raised = transport.read(INTERRUPT_STATUS_OFFSET) & 1 != 0;
+        let raised = transport.interrupt_status() & virtio::isr::USED_BUFFER != 0;
         if raised {
             // The device did its part; delivery through the host's IOAPIC is
             // what failed (seen rarely on hosts whose KVM emulates ring 0).
@@ -127,13 +123,14 @@ fn check_interrupts(
             return Ok(());
         }
         fail!(
-            "{prefix}: no interrupt arrived on IRQ {irq} (GSI {}) within {FIRST_INTERRUPT_WAIT_MS} ms: check the device's irqfd, the IOAPIC and the local APIC",
-            transport.slot.gsi
+            "{prefix}: no interrupt arrived on IRQ {irq} (device at {}) within {FIRST_INTERRUPT_WAIT_MS} ms: check the device's irqfd, the IOAPIC or MSI-X routes and the local APIC",
+            transport.location
         );
     }
     Ok(())
 }
 
+mod pci_hostile;
 mod virtio_blk;
 mod virtio_console;
 mod virtio_hostile;
@@ -160,12 +157,13 @@ pub fn run(ctx: &Context<'_>) -> u8 {
             virtio_blk::run,
             &["pattern", "irq", "event-idx", "indirect"],
         ),
-        "virtio-blk-bench" => (virtio_blk::bench, &["size", "count", "disk"]),
+        "virtio-blk-bench" => (virtio_blk::bench, &["size", "count", "disk", "irq"]),
         "virtio-blk-flush-wait" => (virtio_blk::flush_wait, &["pattern"]),
         "virtio-rng" => (virtio_rng::run, &["irq"]),
         "virtio-console" => (virtio_console::run, &["lines", "timeout-ms", "irq"]),
         "virtio-vsock" => (virtio_vsock::run, virtio_vsock::KEYS),
         "virtio-hostile" => (virtio_hostile::run, &[]),
+        "pci-hostile" => (pci_hostile::run, &[]),
         "virtio-net" => (
             virtio_net::run,
             &["mac", "host", "me", "udp-port", "burst", "flood"],
@@ -179,7 +177,7 @@ pub fn run(ctx: &Context<'_>) -> u8 {
     for key in ctx
         .cmdline
         .unknown_keys(keys)
-        .filter(|&k| k != virtio::CMDLINE_KEY)
+        .filter(|&k| k != virtio::CMDLINE_KEY && k != crate::pci::CMDLINE_KEY)
     {
         println!("keel-guest: note: {name} ignores {key}=");
     }

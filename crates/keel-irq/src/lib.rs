@@ -22,6 +22,12 @@
 //!   device whose redirection entries become KVM MSI routes through an
 //!   [`MsiRouter`]. Devices keep their [`IrqfdLine`]s, and KVM still injects
 //!   without the VMM.
+//! - [`GsiRouting`] is the VM's one GSI routing table, merged from the
+//!   interrupt controller's routes (the in-kernel irqchip's defaults, or the
+//!   user-space [`Ioapic`]'s) and the MSI routes of PCI devices, because
+//!   `KVM_SET_GSI_ROUTING` replaces the whole table; [`MsiVectors`]
+//!   ([`IrqfdMsiVectors`], [`RecordingMsiVectors`]) is what an MSI-X
+//!   capability raises its vectors through.
 //!
 //! # Example: split irqchip
 //!
@@ -66,11 +72,16 @@
 mod gsi;
 mod irqchip;
 mod line;
+mod routing;
 mod split;
 
 pub use gsi::{GsiAllocator, IOAPIC_PINS, LEGACY_ISA_GSIS};
 pub use irqchip::{create_in_kernel_irqchip, set_pit_ticks, PitTicks};
 pub use line::{InterruptLine, IrqfdLine, RecordingLine};
+pub use routing::{
+    default_irqchip_routes, GsiRoute, GsiRouting, IrqfdMsiVectors, MsiMessage, MsiVectors,
+    RecordingMsiVectors, RecordingRoutes, RouteInstaller, FIRST_MSI_GSI, MSI_GSI_END,
+};
 pub use split::{enable_split_irqchip, Ioapic, MsiRoute, MsiRouter, RecordingRouter};
 
 /// Errors from setting up or raising interrupts.
@@ -155,6 +166,37 @@ pub enum Error {
         /// What the host reported.
         #[source]
         source: std::io::Error,
+    },
+    /// Every GSI [`GsiRouting::allocate_msi_gsi`] may hand out is in use.
+    #[error("no free MSI GSI: every GSI in {first}..{end} is in use")]
+    MsiGsiExhausted {
+        /// The first MSI GSI.
+        first: u32,
+        /// One past the last.
+        end: u32,
+    },
+    /// A route for a GSI that [`GsiRouting::allocate_msi_gsi`] never gave.
+    #[error("GSI {gsi} is not an allocated MSI GSI")]
+    MsiGsiNotAllocated {
+        /// The GSI asked for.
+        gsi: u32,
+    },
+    /// KVM refused the merged routing table after a route changed.
+    #[error("KVM_SET_GSI_ROUTING after changing the route of GSI {gsi} failed: {source}")]
+    SetGsiRouting {
+        /// The GSI whose route changed.
+        gsi: u32,
+        /// What KVM reported.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An MSI vector a device does not have.
+    #[error("MSI vector {vector} does not exist (the device has {count})")]
+    NoSuchVector {
+        /// The vector asked for.
+        vector: u16,
+        /// How many the device has.
+        count: u16,
     },
     /// A [`RecordingLine`] was told to fail, and did.
     #[error("trigger refused: this RecordingLine was set to fail (RecordingLine::set_failing)")]

@@ -14,10 +14,7 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use kvm_bindings::{
-    kvm_enable_cap, kvm_irq_routing_entry, kvm_irq_routing_msi, KvmIrqRouting, KVM_CAP_SPLIT_IRQCHIP,
-    KVM_IRQ_ROUTING_MSI,
-};
+use kvm_bindings::{kvm_enable_cap, KVM_CAP_SPLIT_IRQCHIP};
 use kvm_ioctls::VmFd;
 use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
@@ -118,32 +115,11 @@ pub trait MsiRouter: Send {
 }
 
 /// `KVM_SET_GSI_ROUTING` with one `KVM_IRQ_ROUTING_MSI` entry per route.
+/// (A VM with PCI devices gives its IOAPIC a [`crate::GsiRouting`] instead.)
 impl MsiRouter for Arc<VmFd> {
     fn set_msi_routes(&self, routes: &[MsiRoute]) -> std::io::Result<()> {
-        let mut table = KvmIrqRouting::new(routes.len()).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!(
-                    "cannot build a GSI routing table of {} routes: {e:?}",
-                    routes.len()
-                ),
-            )
-        })?;
-        for (entry, route) in table.as_mut_slice().iter_mut().zip(routes) {
-            *entry = kvm_irq_routing_entry {
-                gsi: route.gsi,
-                type_: KVM_IRQ_ROUTING_MSI,
-                ..Default::default()
-            };
-            entry.u.msi = kvm_irq_routing_msi {
-                address_lo: route.address as u32,
-                address_hi: (route.address >> 32) as u32,
-                data: route.data,
-                ..Default::default()
-            };
-        }
-        self.set_gsi_routing(&table)?;
-        Ok(())
+        let routes: Vec<crate::GsiRoute> = routes.iter().copied().map(crate::GsiRoute::Msi).collect();
+        crate::RouteInstaller::install(self, &routes)
     }
 }
 

@@ -8,12 +8,27 @@ use vm_memory::GuestAddress;
 pub const MMIO_GAP_START: u64 = 0xC000_0000;
 /// End (exclusive) of the 32-bit MMIO gap; RAM above the gap starts here.
 pub const MMIO_GAP_END: u64 = 4 * GIB;
-/// Part of the gap handed out to devices (virtio-mmio, user devices).
-/// `[MMIO_GAP_START, MMIO_DEVICES_START)` is kept free for a PCI ECAM window.
-pub const MMIO_DEVICES_START: u64 = 0xD000_0000;
-/// End (exclusive) of the device window: the IOAPIC sits at 0xFEC0_0000 and
-/// the local APIC at 0xFEE0_0000.
-pub const MMIO_DEVICES_END: u64 = 0xFEC0_0000;
+/// The PCI configuration window (ECAM, PCI Express "enhanced configuration
+/// access mechanism"): 4 KiB of configuration space per function, 1 MiB per
+/// bus, at the start of the gap. ACPI's MCFG table points here.
+pub const PCI_ECAM_START: u64 = 0xC000_0000;
+/// Size of the ECAM window: buses 0–255.
+pub const PCI_ECAM_SIZE: u64 = 0x1000_0000;
+/// Part of the gap handed out to devices that are not on PCI (virtio-mmio,
+/// user devices), right after the ECAM window.
+pub const MMIO_DEVICES_START: u64 = PCI_ECAM_START + PCI_ECAM_SIZE;
+/// End (exclusive) of the non-PCI device window; the 32-bit PCI window
+/// follows.
+pub const MMIO_DEVICES_END: u64 = 0xE000_0000;
+/// The 32-bit PCI memory window: PCI BARs below 4 GiB are allocated here,
+/// and the PCI host bridge forwards this range to its bus.
+pub const PCI_MMIO32_START: u64 = MMIO_DEVICES_END;
+/// End (exclusive) of the 32-bit PCI window: the IOAPIC sits at
+/// 0xFEC0_0000 and the local APIC at 0xFEE0_0000.
+pub const PCI_MMIO32_END: u64 = 0xFEC0_0000;
+/// Size of the 64-bit PCI memory window, which starts above RAM (see
+/// [`GuestLayout::pci_mmio64_window`]).
+pub const PCI_MMIO64_SIZE: u64 = 64 * GIB;
 /// Where the in-kernel IOAPIC decodes.
 pub const IOAPIC_START: u64 = 0xFEC0_0000;
 /// Where the local APIC decodes.
@@ -102,6 +117,22 @@ impl GuestLayout {
         GuestAddress(self.mem_size.min(MMIO_GAP_START))
     }
 
+    /// The 64-bit PCI memory window `(start, size)`: [`PCI_MMIO64_SIZE`]
+    /// bytes from the first 1 GiB boundary at or above both 4 GiB and the
+    /// end of RAM, so it never overlaps RAM or the 32-bit gap.
+    ///
+    /// ```
+    /// use keel_memory::{GuestLayout, GIB, MIB, PCI_MMIO64_SIZE};
+    /// let small = GuestLayout::new(256 * MIB).unwrap();
+    /// assert_eq!(small.pci_mmio64_window(), (4 * GIB, PCI_MMIO64_SIZE));
+    /// let large = GuestLayout::new(4 * GIB + 4096).unwrap(); // RAM up to 5 GiB + 4 KiB
+    /// assert_eq!(large.pci_mmio64_window().0, 6 * GIB);
+    /// ```
+    pub fn pci_mmio64_window(&self) -> (u64, u64) {
+        let end = self.ram_end().0.max(MMIO_GAP_END);
+        (end.next_multiple_of(GIB), PCI_MMIO64_SIZE)
+    }
+
     /// Maps anonymous, unreserved host memory for this layout. No guest page
     /// is touched.
     pub fn create_memory(&self) -> Result<GuestMemoryMmap> {
@@ -172,6 +203,21 @@ mod tests {
     fn device_window_is_inside_the_gap_and_below_the_ioapic() {
         const { assert!(MMIO_GAP_START <= MMIO_DEVICES_START) };
         const { assert!(MMIO_DEVICES_END <= IOAPIC_START) };
+        const { assert!(PCI_MMIO32_END <= IOAPIC_START) };
+    }
+
+    #[test]
+    fn pci_windows_do_not_overlap_each_other_or_the_device_window() {
+        const { assert!(PCI_ECAM_START == MMIO_GAP_START) };
+        const { assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= MMIO_DEVICES_START) };
+        const { assert!(MMIO_DEVICES_END <= PCI_MMIO32_START) };
+        const { assert!(PCI_MMIO32_START < PCI_MMIO32_END) };
+        for size in [MIN_MEMORY, 3 * GIB, 4 * GIB, 5 * GIB + 4096, MAX_MEMORY] {
+            let layout = GuestLayout::new(size).unwrap();
+            let (start, len) = layout.pci_mmio64_window();
+            assert!(start >= layout.ram_end().0 && start >= MMIO_GAP_END, "{size:#x}");
+            assert!(start.is_multiple_of(GIB) && len == PCI_MMIO64_SIZE);
+        }
         const { assert!(IOAPIC_START < LAPIC_START && LAPIC_START < MMIO_GAP_END) };
     }
 

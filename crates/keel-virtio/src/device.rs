@@ -9,7 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Error, Result};
 
-/// A virtio device, as a transport (MMIO now, PCI later) sees it.
+/// A virtio device, as a transport (virtio-mmio or virtio-pci) sees it.
 ///
 /// # Lifecycle
 ///

@@ -1,5 +1,5 @@
-//! Virtio for Keel virtual machines: the device model, the MMIO transport,
-//! and block, entropy, console, network and socket devices.
+//! Virtio for Keel virtual machines: the device model, the MMIO and PCI
+//! transports, and block, entropy, console, network and socket devices.
 //!
 //! A virtio device is the same device whether the guest finds it through
 //! MMIO registers or on a PCI bus, and whatever stores its bytes. This crate
@@ -10,10 +10,12 @@
 //!   hands them memory and queues ([`Activation`]). [`Block`], [`Rng`],
 //!   [`Console`], [`Net`] and [`Vsock`] are the devices so far.
 //! - **Transports** drive that trait from the guest's accesses.
-//!   [`MmioTransport`] is virtio-mmio version 2; a PCI transport can come
-//!   later without touching a device. Devices signal the guest through the
-//!   [`VirtioInterrupt`] the transport provides, so they never know which
-//!   interrupt mechanism is behind it.
+//!   [`MmioTransport`] is virtio-mmio version 2 (an IOAPIC pin per device);
+//!   [`PciTransport`] is modern virtio-pci with MSI-X ([`pci`]), a
+//!   `keel_pci::PciDevice`. Both run the same driver-state machine, so
+//!   every device works over either unchanged. Devices signal the guest
+//!   through the [`VirtioInterrupt`] the transport provides, so they never
+//!   know which interrupt mechanism is behind it.
 //! - **Backends** hold the bytes: [`BlockBackend`] ([`FileBackend`],
 //!   [`MemoryBackend`], or your own) for disks, [`ConsoleBackend`]
 //!   ([`StreamBackend`], [`UnixSocketBackend`]) for consoles, [`NetBackend`]
@@ -235,10 +237,12 @@ mod block;
 mod chain;
 mod console;
 mod device;
+mod driver_state;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod guest_driver;
 mod mmio;
 mod net;
+pub mod pci;
 mod rng;
 mod vsock;
 
@@ -259,6 +263,7 @@ pub use net::{
     net_offload, MemoryNetBackend, Net, NetBackend, NetCounters, NetError, NetOptions, TapBackend,
     MAX_FRAME_LEN, VNET_HDR_LEN,
 };
+pub use pci::{NoIoeventfds, NotifyRegistrar, PciTransport, RecordingRegistrar};
 pub use rng::{Rng, MAX_RNG_REQUEST_BYTES};
 pub use virtio_queue::Queue;
 pub use vm_memory::GuestMemoryMmap;
@@ -408,6 +413,16 @@ pub enum Error {
     /// Standard input could not be duplicated for a console.
     #[error("cannot use stdin as console input: {0}")]
     ConsoleStdin(#[source] std::io::Error),
+    /// The PCI side of a virtio-pci transport could not be built.
+    #[error("virtio-pci: {0}")]
+    Pci(#[from] keel_pci::Error),
+    /// A device type that has no virtio-pci device ID (0x1040 + type must
+    /// fit in 16 bits).
+    #[error("device type {device_type} has no virtio-pci device ID")]
+    NoPciDeviceId {
+        /// The device's type ID.
+        device_type: u32,
+    },
     /// A console output file could not be opened.
     #[error("cannot open console output file {path}: {source}", path = path.display())]
     ConsoleFile {

@@ -38,12 +38,14 @@
 
 mod boot_progress;
 mod config;
+mod pci;
 mod vm;
 
 pub use boot_progress::{ConsoleWatcher, RUN_INIT_MARKER};
 pub use config::{
     BootProtocolChoice, ConsoleConfig, DiskConfig, IrqchipChoice, NetConfig, Ring0Choice, SerialMode,
-    VmConfig, VsockConfig, DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE, MAX_VCPUS,
+    VirtioTransport, VmConfig, VsockConfig, DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE,
+    DEFAULT_LINUX_PCI_CMDLINE, MAX_VCPUS,
 };
 pub use vm::{
     ExitReason, SerialSource, StopHandle, Vm, VmBuilder, VmHandle, BOOT_TIMER_ADDR, DEFAULT_KVM_DEVICE,

@@ -26,27 +26,44 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot_progress::ConsoleWatcher;
 use crate::{
-    BootProtocolChoice, ConsoleConfig, Error, IrqchipChoice, Result, Ring0Choice, SerialMode, VmConfig,
+    BootProtocolChoice, ConsoleConfig, Error, IrqchipChoice, Result, Ring0Choice, SerialMode,
+    VirtioTransport, VmConfig,
 };
 
-/// Everything a virtio-mmio device needs from the VM, while it is built.
+/// Everything a virtio device needs from the VM, while it is built.
 struct VirtioWiring<'a> {
-    vm_fd: &'a VmFd,
+    vm_fd: &'a Arc<VmFd>,
     mem: &'a GuestMemoryMmap,
     io: &'a mut IoManager,
     mmio_allocator: &'a mut AddressAllocator,
     gsis: keel_irq::GsiAllocator,
+    pci: crate::pci::PciWiring,
     cmdline: Vec<String>,
     subscribers: &'a mut Vec<Subscriber>,
 }
 
 impl VirtioWiring<'_> {
-    /// Gives `device` an MMIO window and a GSI, puts its transport on the
-    /// bus, turns its queue notifications into ioeventfds, hands it to the
-    /// event loop, and announces it on the command line.
-    fn add<D>(&mut self, what: &str, device: Arc<Mutex<D>>) -> Result<()>
+    /// Attaches `device` with `transport` and hands it to the event loop.
+    fn add<D>(&mut self, what: &str, device: Arc<Mutex<D>>, transport: VirtioTransport) -> Result<()>
     where
         D: keel_virtio::VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        match transport {
+            VirtioTransport::Mmio => self.add_mmio(what, device.clone())?,
+            VirtioTransport::Pci => {
+                self.pci.add_virtio(what, device.clone(), self.vm_fd, self.mem)?;
+            }
+        }
+        self.subscribers.push(device);
+        Ok(())
+    }
+
+    /// Gives `device` an MMIO window and a GSI, puts its transport on the
+    /// bus, turns its queue notifications into ioeventfds and announces it
+    /// on the command line.
+    fn add_mmio<D>(&mut self, what: &str, device: Arc<Mutex<D>>) -> Result<()>
+    where
+        D: keel_virtio::VirtioDevice + Send + 'static,
     {
         let place = |e: String| Error::DeviceRange(format!("{what}: {e}"));
         let window = self
@@ -72,7 +89,6 @@ impl VirtioWiring<'_> {
             .register_mmio(range, Arc::new(Mutex::new(transport)))
             .map_err(|e| place(format!("{e:?}")))?;
         self.cmdline.push(slot.cmdline_entry());
-        self.subscribers.push(device);
         log::debug!("{what}: virtio-mmio at {:#x}, GSI {gsi}", slot.base);
         Ok(())
     }
@@ -381,8 +397,9 @@ pub struct Vm {
     mem: GuestMemoryMmap,
 }
 
-/// Keel's user-space IOAPIC, its routes installed in this VM.
-type SplitIoapic = keel_irq::Ioapic<Arc<VmFd>>;
+/// Keel's user-space IOAPIC, its routes installed in this VM's merged
+/// routing table (shared with MSI-X vectors).
+type SplitIoapic = keel_irq::Ioapic<keel_irq::GsiRouting>;
 
 /// Where the vCPUs send their exits: the device buses, and the user-space
 /// IOAPIC's end-of-interrupt notifications in split-irqchip mode.
@@ -504,7 +521,9 @@ impl Vm {
         let layout = GuestLayout::new(config.memory_mib * keel_memory::MIB)?;
         let mem = layout.create_memory()?;
         keel_memory::register_with_kvm(&vm_fd, &mem)?;
-        let (pit_setup, ioapic) = match config.irqchip {
+        // KVM_SET_GSI_ROUTING replaces the whole table: the irqchip's routes
+        // and the MSI-X vectors' go through one merged table.
+        let (pit_setup, ioapic, routing) = match config.irqchip {
             IrqchipChoice::Kernel => {
                 keel_irq::create_in_kernel_irqchip(&vm_fd)?;
                 let pit_setup = if config.pit_reinject {
@@ -512,12 +531,13 @@ impl Vm {
                 } else {
                     discard_pit_ticks(&vm_fd)
                 };
-                (pit_setup, None)
+                (pit_setup, None, keel_irq::GsiRouting::kernel(vm_fd.clone()))
             }
             IrqchipChoice::Split => {
                 keel_irq::enable_split_irqchip(&vm_fd)?;
-                let ioapic = Arc::new(Mutex::new(keel_irq::Ioapic::new(vm_fd.clone())));
-                (Background::default(), Some(ioapic))
+                let routing = keel_irq::GsiRouting::split(vm_fd.clone());
+                let ioapic = Arc::new(Mutex::new(keel_irq::Ioapic::new(routing.clone())));
+                (Background::default(), Some(ioapic), routing)
             }
         };
 
@@ -594,6 +614,7 @@ impl Vm {
             io: &mut io,
             mmio_allocator: &mut mmio_allocator,
             gsis: keel_irq::GsiAllocator::new(),
+            pci: crate::pci::PciWiring::new(&layout, routing)?,
             cmdline: Vec::new(),
             subscribers: &mut subscribers,
         };
@@ -610,6 +631,7 @@ impl Vm {
             virtio.add(
                 &format!("disk {}", disk.path.display()),
                 Arc::new(Mutex::new(block)),
+                disk.transport.unwrap_or(config.transport),
             )?;
         }
         for (index, net) in config.nets.iter().enumerate() {
@@ -637,11 +659,15 @@ impl Vm {
             };
             let card = keel_virtio::Net::new(tap, options)
                 .map_err(|e| Error::Config(format!("net tap={}: {e}", net.tap)))?;
-            virtio.add(&format!("net tap={}", net.tap), Arc::new(Mutex::new(card)))?;
+            virtio.add(
+                &format!("net tap={}", net.tap),
+                Arc::new(Mutex::new(card)),
+                net.transport.unwrap_or(config.transport),
+            )?;
         }
         if config.rng {
             let rng = keel_virtio::Rng::new().map_err(|e| Error::DeviceRange(format!("virtio-rng: {e}")))?;
-            virtio.add("virtio-rng", Arc::new(Mutex::new(rng)))?;
+            virtio.add("virtio-rng", Arc::new(Mutex::new(rng)), config.transport)?;
         }
         if let Some(console) = &config.console {
             let device = match console {
@@ -650,7 +676,7 @@ impl Vm {
                 ConsoleConfig::Socket(path) => keel_virtio::Console::unix_listener(path),
             }
             .map_err(|e| Error::Config(format!("console {console:?}: {e}")))?;
-            virtio.add("virtio-console", Arc::new(Mutex::new(device)))?;
+            virtio.add("virtio-console", Arc::new(Mutex::new(device)), config.transport)?;
         }
         if let Some(vsock) = &config.vsock {
             let device = keel_virtio::Vsock::new(vsock.cid, &vsock.uds, keel_virtio::VsockOptions::default())
@@ -661,9 +687,19 @@ impl Vm {
                         vsock.uds.display()
                     ))
                 })?;
-            virtio.add("virtio-vsock", Arc::new(Mutex::new(device)))?;
+            virtio.add(
+                "virtio-vsock",
+                Arc::new(Mutex::new(device)),
+                vsock.transport.unwrap_or(config.transport),
+            )?;
         }
-        let virtio_cmdline = std::mem::take(&mut virtio.cmdline);
+        let VirtioWiring {
+            cmdline: virtio_cmdline,
+            pci,
+            io: bus,
+            ..
+        } = virtio;
+        pci.register(bus)?;
 
         let kernel = match &config.kernel {
             Some(path) => {

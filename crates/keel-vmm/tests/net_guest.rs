@@ -32,6 +32,7 @@
 //!   none it had taken. Figures vary with the host's load; the guest fails
 //!   only on nothing received, or a malformed or duplicated datagram.
 
+#[macro_use]
 mod common;
 use common::Serial;
 use std::io::Write;
@@ -43,7 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use keel_vmm::{ExitReason, NetConfig, VmBuilder, VmConfig};
+use keel_vmm::{ExitReason, NetConfig, VirtioTransport, VmBuilder, VmConfig};
 
 const TAP: &str = "keelnet0";
 const HOST_ADDR: &str = "10.0.2.1";
@@ -71,8 +72,10 @@ fn ip(args: &[&str]) -> bool {
 }
 
 impl Netns {
-    fn new() -> Option<Netns> {
-        let name = format!("keel-net-{}", std::process::id());
+    /// A namespace named after this process and `tag` (tests run in
+    /// parallel threads of one process).
+    fn new(tag: &str) -> Option<Netns> {
+        let name = format!("keel-net-{}-{tag}", std::process::id());
         if !ip(&["netns", "add", &name]) {
             return None;
         }
@@ -290,8 +293,9 @@ fn usable() -> bool {
     root && ip_ok && Path::new("/dev/kvm").exists() && Path::new("/dev/net/tun").exists()
 }
 
-#[test]
-fn guest_talks_arp_icmp_and_udp_to_the_host_over_virtio_net() {
+over_both_transports!(guest_talks_arp_icmp_and_udp_to_the_host_over_virtio_net);
+
+fn guest_talks_arp_icmp_and_udp_to_the_host_over_virtio_net(transport: VirtioTransport) {
     if !usable() {
         // On the real stderr: libtest captures eprintln!, and a skip must
         // never look like a silent pass.
@@ -301,7 +305,7 @@ fn guest_talks_arp_icmp_and_udp_to_the_host_over_virtio_net() {
         );
         return;
     }
-    let Some(netns) = Netns::new() else {
+    let Some(netns) = Netns::new(&transport.to_string()) else {
         let _ = writeln!(std::io::stderr(), "SKIPPED: cannot create a network namespace");
         return;
     };
@@ -333,6 +337,7 @@ fn guest_talks_arp_icmp_and_udp_to_the_host_over_virtio_net() {
                     tap: TAP.to_string(),
                     fd: None,
                     mac: Some(GUEST_MAC.to_string()),
+                    transport: Some(transport),
                 }],
                 ..Default::default()
             };

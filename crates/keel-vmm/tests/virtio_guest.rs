@@ -3,12 +3,15 @@
 //! programs): block devices on sparse temporary images (read-write and
 //! read-only), the entropy device, the console on a file and on a Unix
 //! socket, hostile drivers, and a throughput figure. Each boots one VM with
-//! a watchdog and takes well under a second.
+//! a watchdog and takes well under a second, and each runs twice: over
+//! virtio-mmio (`NAME::mmio`) and over virtio-pci with MSI-X
+//! (`NAME::pci`).
 //!
 //! After a VM exits, the block tests read the host image and check that it
 //! holds exactly what the guest says it wrote, recomputing the guest's
 //! pattern ([`keel_guest::blk_pattern_sector`]).
 
+#[macro_use]
 mod common;
 use common::Serial;
 use std::io::{BufRead, BufReader, Write};
@@ -20,7 +23,7 @@ use std::time::{Duration, Instant};
 use keel_guest::{
     blk_pattern_sector, fnv1a64, BLK_DISCARD_RANGE, BLK_HEAD_RANGE, BLK_MULTI_RANGE, BLK_ZEROED_RANGE,
 };
-use keel_vmm::{ConsoleConfig, DiskConfig, ExitReason, VmBuilder, VmConfig};
+use keel_vmm::{ConsoleConfig, DiskConfig, ExitReason, VirtioTransport, VmBuilder, VmConfig};
 
 const SECTOR: usize = 512;
 /// Longest any VM here may run before the test fails as hung.
@@ -66,15 +69,30 @@ fn disk(image: &TempFile, read_only: bool, id: &str) -> DiskConfig {
         path: image.0.clone(),
         read_only,
         id: Some(id.to_string()),
+        transport: None,
     }
 }
 
-fn config() -> VmConfig {
+/// A small VM whose virtio devices use `transport`.
+fn config(transport: VirtioTransport) -> VmConfig {
     VmConfig {
         memory_mib: 32,
+        transport,
         ..Default::default()
     }
 }
+
+over_both_transports!(
+    blk_pattern_lands_on_the_image_and_a_read_only_disk_stays_identical,
+    blk_two_writable_disks_without_ring_features_get_their_own_patterns,
+    blk_bench_reports_its_figures,
+    rng_fills_buffers_of_every_size,
+    console_output_reaches_a_file,
+    console_on_a_socket_echoes_a_line,
+    console_socket_client_connected_before_boot_sees_the_first_output,
+    hostile_driver_cannot_hurt_the_devices,
+    virtio_programs_without_their_device_fail_cleanly,
+);
 
 /// What a run gave: how the VM ended, the serial text and the time taken.
 struct Run {
@@ -85,8 +103,18 @@ struct Run {
 
 /// Boots the built-in guest with `config` and `cmdline`, failing the test
 /// if it hangs or the VMM reports an error.
+/// With `config`'s devices on PCI, the guest must have found them there.
 fn run(config: VmConfig, cmdline: &str) -> Run {
-    run_with(VmBuilder::new(config).unwrap(), cmdline)
+    let on_pci = config.uses_pci();
+    let run = run_with(VmBuilder::new(config).unwrap(), cmdline);
+    if on_pci {
+        assert!(
+            run.serial.contains("virtio: PCI 00:"),
+            "the guest found no virtio-pci device; serial:\n{}",
+            run.serial
+        );
+    }
+    run
 }
 
 /// Like [`run`], with a builder made by the caller.
@@ -231,14 +259,13 @@ fn read_only_content(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 + i / 512) as u8).collect()
 }
 
-#[test]
-fn blk_pattern_lands_on_the_image_and_a_read_only_disk_stays_identical() {
+fn blk_pattern_lands_on_the_image_and_a_read_only_disk_stays_identical(transport: VirtioTransport) {
     let rw = TempFile::sparse_image("rw.img", 4 << 20);
     let ro_content = read_only_content(1 << 20);
     let ro = TempFile::image_with("ro.img", &ro_content);
     let config = VmConfig {
         disks: vec![disk(&rw, false, "keel-rw"), disk(&ro, true, "keel-ro")],
-        ..config()
+        ..config(transport)
     };
     // Without EVENT_IDX every completion interrupts, which this test checks.
     // With it, the device interrupts only when the driver's used_event asks,
@@ -304,13 +331,12 @@ fn blk_pattern_lands_on_the_image_and_a_read_only_disk_stays_identical() {
     eprintln!("virtio-blk with 2 disks: {:?}", run.elapsed);
 }
 
-#[test]
-fn blk_two_writable_disks_without_ring_features_get_their_own_patterns() {
+fn blk_two_writable_disks_without_ring_features_get_their_own_patterns(transport: VirtioTransport) {
     let a = TempFile::sparse_image("a.img", 1 << 20);
     let b = TempFile::sparse_image("b.img", (2 << 20) + 512);
     let config = VmConfig {
         disks: vec![disk(&a, false, "a"), disk(&b, false, "b")],
-        ..config()
+        ..config(transport)
     };
     let run = run(config, "virtio-blk pattern=0x1234 event-idx=0 indirect=0");
     run.assert_passed("virtio-blk");
@@ -318,13 +344,12 @@ fn blk_two_writable_disks_without_ring_features_get_their_own_patterns() {
     check_written_image(&b.read(), 0x1234, 1, &run);
 }
 
-#[test]
-fn blk_bench_reports_its_figures() {
+fn blk_bench_reports_its_figures(transport: VirtioTransport) {
     let image = TempFile::sparse_image("bench.img", 16 << 20);
     for size in [4096, 65536] {
         let config = VmConfig {
             disks: vec![disk(&image, false, "bench")],
-            ..config()
+            ..config(transport)
         };
         let run = run(config, &format!("virtio-blk-bench size={size} count=256"));
         run.assert_passed("virtio-blk-bench");
@@ -336,11 +361,10 @@ fn blk_bench_reports_its_figures() {
     }
 }
 
-#[test]
-fn rng_fills_buffers_of_every_size() {
+fn rng_fills_buffers_of_every_size(transport: VirtioTransport) {
     let config = VmConfig {
         rng: true,
-        ..config()
+        ..config(transport)
     };
     let run = run(config, "virtio-rng");
     run.assert_passed("virtio-rng");
@@ -355,12 +379,11 @@ fn rng_fills_buffers_of_every_size() {
     }
 }
 
-#[test]
-fn console_output_reaches_a_file() {
+fn console_output_reaches_a_file(transport: VirtioTransport) {
     let out = TempFile::path("console.txt");
     let config = VmConfig {
         console: Some(ConsoleConfig::File(out.0.clone())),
-        ..config()
+        ..config(transport)
     };
     let run = run(config, "virtio-console lines=0");
     run.assert_passed("virtio-console");
@@ -371,11 +394,11 @@ fn console_output_reaches_a_file() {
 /// Boots `virtio-console lines=1` with the console on a Unix socket that a
 /// client connects to before the guest starts and sends a line on; returns
 /// the run and everything the client received up to the echo.
-fn socket_console_round() -> (Run, String) {
+fn socket_console_round(transport: VirtioTransport) -> (Run, String) {
     let socket = TempFile::path("console.sock");
     let config = VmConfig {
         console: Some(ConsoleConfig::Socket(socket.0.clone())),
-        ..config()
+        ..config(transport)
     };
     let serial = Serial::default();
     let vm = VmBuilder::new(config)
@@ -414,9 +437,8 @@ fn socket_console_round() -> (Run, String) {
     (run, received)
 }
 
-#[test]
-fn console_on_a_socket_echoes_a_line() {
-    let (run, received) = socket_console_round();
+fn console_on_a_socket_echoes_a_line(transport: VirtioTransport) {
+    let (run, received) = socket_console_round(transport);
     run.assert_passed("virtio-console");
     assert!(
         run.serial
@@ -436,10 +458,9 @@ fn console_on_a_socket_echoes_a_line() {
 /// the socket backend then accepts a waiting client before it writes, so a
 /// client that connected before boot never loses the greeting (it did in 2
 /// of 15 runs on a loaded host before that fix).
-#[test]
-fn console_socket_client_connected_before_boot_sees_the_first_output() {
+fn console_socket_client_connected_before_boot_sees_the_first_output(transport: VirtioTransport) {
     for round in 0..10 {
-        let (run, received) = socket_console_round();
+        let (run, received) = socket_console_round(transport);
         run.assert_passed("virtio-console");
         assert!(
             received.contains("KEEL-HVC: hello from the guest\n"),
@@ -460,14 +481,13 @@ fn connect(path: &Path) -> UnixStream {
     }
 }
 
-#[test]
-fn hostile_driver_cannot_hurt_the_devices() {
+fn hostile_driver_cannot_hurt_the_devices(transport: VirtioTransport) {
     let content = read_only_content(1 << 20);
     let image = TempFile::image_with("hostile.img", &content);
     let config = VmConfig {
         disks: vec![disk(&image, false, "hostile")],
         rng: true,
-        ..config()
+        ..config(transport)
     };
     let run = run(config, "virtio-hostile");
     run.assert_passed("virtio-hostile");
@@ -503,10 +523,9 @@ fn hostile_driver_cannot_hurt_the_devices() {
     );
 }
 
-#[test]
-fn virtio_programs_without_their_device_fail_cleanly() {
+fn virtio_programs_without_their_device_fail_cleanly(transport: VirtioTransport) {
     for program in ["virtio-blk", "virtio-rng", "virtio-console", "virtio-hostile"] {
-        let run = run(config(), program);
+        let run = run(config(transport), program);
         assert_eq!(run.exit, ExitReason::GuestExit(1), "{program}:\n{}", run.serial);
         assert!(run
             .serial

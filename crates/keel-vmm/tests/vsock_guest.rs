@@ -9,6 +9,7 @@
 //! byte the guest sends, and that each connection ends in EOF (or a reset)
 //! after the guest's SHUTDOWN or RST.
 
+#[macro_use]
 mod common;
 use common::Serial;
 use std::io::{ErrorKind, Read, Write};
@@ -18,7 +19,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use keel_vmm::{ExitReason, VmBuilder, VmConfig, VsockConfig};
+use keel_vmm::{ExitReason, VirtioTransport, VmBuilder, VmConfig, VsockConfig};
 
 const GUEST_PORT: u32 = 1234;
 const HOST_PORT: u32 = 1235;
@@ -277,7 +278,7 @@ struct Run {
 }
 
 /// Boots `virtio-vsock conns=K bytes=B` with the host side in threads.
-fn run(conns: usize, bytes: u64, watchdog: Duration) -> Run {
+fn run(transport: VirtioTransport, conns: usize, bytes: u64, watchdog: Duration) -> Run {
     let dir = TempDir::new();
     let uds = dir.0.join("v.sock");
     let config = VmConfig {
@@ -285,6 +286,7 @@ fn run(conns: usize, bytes: u64, watchdog: Duration) -> Run {
         vsock: Some(VsockConfig {
             cid: GUEST_CID,
             uds: uds.clone(),
+            transport: Some(transport),
         }),
         ..Default::default()
     };
@@ -381,10 +383,15 @@ impl Run {
     }
 }
 
-#[test]
-fn vsock_host_and_guest_initiated_connections_carry_data_and_close() {
+over_both_transports!(
+    vsock_host_and_guest_initiated_connections_carry_data_and_close,
+    vsock_throughput_figures,
+    vsock_program_without_the_device_fails_cleanly,
+);
+
+fn vsock_host_and_guest_initiated_connections_carry_data_and_close(transport: VirtioTransport) {
     let (conns, bytes) = (3, 200_000);
-    let run = run(conns, bytes, Duration::from_secs(30));
+    let run = run(transport, conns, bytes, Duration::from_secs(30));
     run.assert_passed(conns, bytes);
     // Every host-initiated connection ended with the host's SHUTDOWN and
     // the guest's RST.
@@ -409,29 +416,28 @@ fn rate(bytes: u64, time: Duration) -> String {
     format!("{:.1} MiB/s ({:.0} bytes/s)", per_s / (1 << 20) as f64, per_s)
 }
 
-#[test]
-fn vsock_throughput_figures() {
+fn vsock_throughput_figures(transport: VirtioTransport) {
     let bytes = 8 << 20;
-    let run = run(1, bytes, Duration::from_secs(60));
+    let run = run(transport, 1, bytes, Duration::from_secs(60));
     run.assert_passed(1, bytes);
     let host = &run.host_initiated[0];
     let guest = &run.guest_initiated[0];
     println!(
-        "vsock host-initiated, {bytes} bytes each way: host -> guest {}, guest -> host {}",
+        "vsock over {transport}, host-initiated, {bytes} bytes each way: host -> guest {}, guest -> host {}",
         rate(bytes, host.to_guest),
         rate(bytes, host.from_guest)
     );
     println!(
-        "vsock guest-initiated, {bytes} bytes each way: guest -> host {}, host -> guest {}",
+        "vsock over {transport}, guest-initiated, {bytes} bytes each way: guest -> host {}, host -> guest {}",
         rate(bytes, guest.from_guest),
         rate(bytes, guest.to_guest)
     );
 }
 
-#[test]
-fn vsock_program_without_the_device_fails_cleanly() {
+fn vsock_program_without_the_device_fails_cleanly(transport: VirtioTransport) {
     let config = VmConfig {
         memory_mib: 32,
+        transport,
         ..Default::default()
     };
     let serial = Serial::default();

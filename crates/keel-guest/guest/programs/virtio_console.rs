@@ -143,13 +143,13 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
     // Port 0 only: no MULTIPORT, SIZE or EMERG_WRITE.
     if let Err(e) = init_device(&port.transport, 0, &mut [&mut port.rx, &mut port.tx], 16) {
         fail!(
-            "virtio-console at {:#x}: initialisation: {e}",
-            found.slot.base
+            "virtio-console at {}: initialisation: {e}",
+            found.location
         );
     }
     println!(
-        "virtio-console: port 0 at {:#x} GSI {}",
-        found.slot.base, found.slot.gsi
+        "virtio-console: port 0 at {}",
+        found.location
     );
     for i in 0..RX_BUFFERS {
         if !port.post(i) {

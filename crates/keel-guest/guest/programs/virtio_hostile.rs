@@ -19,7 +19,7 @@ use crate::virtio::blk::{
     status_name, Blk, SECTOR, S_IOERR, S_OK, S_UNSUPP, T_DISCARD, T_IN, T_OUT,
 };
 use crate::virtio::queue::{Chain, Entry, Next, Virtqueue, Wait, DESC_F_INDIRECT, DESC_F_WRITE};
-use crate::virtio::{device_id, feature, reg, status, InitError, Transport};
+use crate::virtio::{device_id, feature, status, InitError, Transport};
 
 const ARENA: usize = 64 * 1024;
 /// Arena layout: request header, indirect table, data, status byte.
@@ -188,9 +188,7 @@ fn await_answer(t: &Transport, q: &mut Virtqueue, head: Option<u16>, case: &Case
             Seen::Answered(case.status_at.map(|at| case.arena.byte(at)), len)
         }
         Wait::NeedsReset { .. } => {
-            let isr = t.read(reg::INTERRUPT_STATUS);
-            t.ack_interrupt();
-            Seen::NeedsReset(isr)
+            Seen::NeedsReset(t.ack_interrupt())
         }
         Wait::Timeout(_) => Seen::Timeout,
     }
@@ -373,8 +371,8 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
     let mut blk = match Blk::init(found, ctx.params, wanted, false, QUEUE) {
         Ok(blk) => blk,
         Err(e) => fail!(
-            "hostile: virtio-blk at {:#x}: initialisation: {e}",
-            found.slot.base
+            "hostile: virtio-blk at {}: initialisation: {e}",
+            found.location
         ),
     };
     blk.use_indirect = false;
@@ -407,8 +405,8 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
     }
     let capacity = h.blk.config.capacity;
     println!(
-        "hostile: virtio-blk at {:#x}, {capacity} sectors, queue size {QUEUE}, RAM ends at {:#x}; virtio-rng: {}",
-        found.slot.base,
+        "hostile: virtio-blk at {}, {capacity} sectors, queue size {QUEUE}, RAM ends at {:#x}; virtio-rng: {}",
+        found.location,
         h.ram_end,
         if h.rng.is_some() { "yes" } else { "no" }
     );
@@ -643,7 +641,7 @@ fn blk_cases(h: &mut Hostile, capacity: u64) {
     let env = Env {
         a: h.arena,
         ram_end: h.ram_end,
-        mmio: h.blk.transport.slot.base,
+        mmio: h.blk.transport.regs_base(),
         capacity,
     };
     for (name, build, allow) in BLK_CASES {

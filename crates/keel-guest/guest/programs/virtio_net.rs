@@ -533,9 +533,8 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
     let mac = nic.transport.config(0, 6).to_le_bytes();
     nic.mac.copy_from_slice(&mac[..6]);
     println!(
-        "virtio-net: card at {:#x} GSI {}, features {accepted:#x}, MAC {}",
-        found.slot.base,
-        found.slot.gsi,
+        "virtio-net: card at {}, features {accepted:#x}, MAC {}",
+        found.location,
         Mac(nic.mac)
     );
     if let Some(want) = want_mac {

@@ -66,16 +66,16 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
             Ok(rng) => rng,
             Err(e) => {
                 println!(
-                    "FAIL: virtio-rng: rng{i} at {:#x}: initialisation: {e}",
-                    found.slot.base
+                    "FAIL: virtio-rng: rng{i} at {}: initialisation: {e}",
+                    found.location
                 );
                 result = Err(Failure::Test);
                 continue;
             }
         };
         println!(
-            "virtio-rng: rng{i} at {:#x} GSI {}",
-            found.slot.base, found.slot.gsi
+            "virtio-rng: rng{i} at {}",
+            found.location
         );
         if let Err(e) = check(&mut rng, i, buffer) {
             result = Err(e);

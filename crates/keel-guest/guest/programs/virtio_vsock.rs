@@ -547,14 +547,14 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
         QUEUE_SIZE,
     ) {
         fail!(
-            "virtio-vsock at {:#x}: initialisation: {e}",
-            found.slot.base
+            "virtio-vsock at {}: initialisation: {e}",
+            found.location
         );
     }
     dev.cid = dev.transport.config(0, 8);
     println!(
-        "virtio-vsock: device at {:#x} GSI {}: guest CID {}",
-        found.slot.base, found.slot.gsi, dev.cid
+        "virtio-vsock: device at {}: guest CID {}",
+        found.location, dev.cid
     );
     for i in 0..RX_BUFFERS {
         dev.post(i)?;

@@ -11,7 +11,10 @@ use vm_memory::Bytes;
 
 use super::*;
 use crate::guest_driver::{Buf, DriverQueue, DATA};
+use crate::{device_status, features, Activation};
 use crate::{read_config_space, Block, BlockBackend, BlockOptions, MemoryBackend};
+use virtio_queue::Queue;
+use vm_memory::GuestAddress;
 
 const ACK: u32 = device_status::ACKNOWLEDGE;
 const DRIVER: u32 = device_status::DRIVER;

@@ -23,3 +23,22 @@ impl Serial {
         String::from_utf8_lossy(&self.0.lock().unwrap()).replace('\r', "")
     }
 }
+
+/// Turns each listed function `NAME(transport: VirtioTransport)` into two
+/// tests, `NAME::mmio` and `NAME::pci`: every device test runs over both
+/// virtio transports.
+#[macro_export]
+macro_rules! over_both_transports {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[test]
+            fn mmio() {
+                super::$name(keel_vmm::VirtioTransport::Mmio)
+            }
+            #[test]
+            fn pci() {
+                super::$name(keel_vmm::VirtioTransport::Pci)
+            }
+        }
+    )*};
+}

@@ -1,0 +1,454 @@
+//! What the driver programs into any virtio transport — feature pages, queue
+//! setup, the device status — and the state machine around it, shared by
+//! the MMIO and PCI transports, which differ only in where these registers
+//! sit and how interrupts leave.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::device::{Activation, StopSignal, VirtioDevice, VirtioInterrupt};
+use crate::{device_status, features, Error, Result};
+
+/// Interrupt-side state a transport shares with its device's interrupt
+/// object, without a lock: the interrupt status bits (ISR), the
+/// `DEVICE_NEEDS_RESET` flag and the configuration generation.
+#[derive(Debug, Default)]
+pub(crate) struct SignalState {
+    pub isr: AtomicU32,
+    pub needs_reset: AtomicBool,
+    pub config_generation: AtomicU32,
+}
+
+/// What the driver wrote for one queue, checked only at activation.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueRegisters {
+    pub max_size: u16,
+    pub size: u32,
+    pub ready: bool,
+    pub desc: u64,
+    pub driver: u64,
+    pub device: u64,
+}
+
+impl QueueRegisters {
+    fn new(max_size: u16) -> Self {
+        Self {
+            max_size,
+            size: u32::from(max_size),
+            ready: false,
+            desc: 0,
+            driver: 0,
+            device: 0,
+        }
+    }
+
+    /// The queue the driver described, or why it cannot be used.
+    fn build(&self, index: usize, event_idx: bool, mem: &GuestMemoryMmap) -> Result<Queue> {
+        let invalid = |reason: String| Error::InvalidQueue { index, reason };
+        if !self.ready {
+            return Err(invalid("QueueReady is 0 at DRIVER_OK".into()));
+        }
+        let mut queue =
+            Queue::new(self.max_size).map_err(|e| invalid(format!("maximum size {}: {e}", self.max_size)))?;
+        let size_ok = u16::try_from(self.size).is_ok_and(|size| queue.try_set_size(size).is_ok());
+        if !size_ok {
+            return Err(invalid(format!(
+                "size {} is not a power of two between 1 and {}",
+                self.size, self.max_size
+            )));
+        }
+        queue
+            .try_set_desc_table_address(GuestAddress(self.desc))
+            .map_err(|_| {
+                invalid(format!(
+                    "descriptor table at {:#x} is not 16-byte aligned",
+                    self.desc
+                ))
+            })?;
+        queue
+            .try_set_avail_ring_address(GuestAddress(self.driver))
+            .map_err(|_| {
+                invalid(format!(
+                    "available ring at {:#x} is not 2-byte aligned",
+                    self.driver
+                ))
+            })?;
+        queue
+            .try_set_used_ring_address(GuestAddress(self.device))
+            .map_err(|_| invalid(format!("used ring at {:#x} is not 4-byte aligned", self.device)))?;
+        if self.driver == 0 {
+            // virtio-queue treats an available ring at 0 as "not set up".
+            return Err(invalid("available ring at address 0".into()));
+        }
+        queue.set_event_idx(event_idx);
+        queue.set_ready(true);
+        if !queue.is_valid(mem) {
+            return Err(invalid(format!(
+                "rings of {} entries at desc {:#x}, driver {:#x}, device {:#x} are not all in \
+                 guest RAM",
+                self.size, self.desc, self.driver, self.device
+            )));
+        }
+        Ok(queue)
+    }
+}
+
+/// The driver-programmed state of one virtio device and the device itself:
+/// feature negotiation in 32-bit pages, queue setup (writable only before
+/// `DRIVER_OK` and while the queue is not ready), the status state machine
+/// (virtio 1.2, sections 2.1 and 3.1), activation and reset.
+pub(crate) struct DriverState {
+    /// Names the transport (and where the device is) in log messages:
+    /// `virtio-mmio 0xd0001000`, `virtio-pci`.
+    pub transport: String,
+    pub device: Arc<Mutex<dyn VirtioDevice>>,
+    pub mem: GuestMemoryMmap,
+    pub signals: Arc<SignalState>,
+    pub stop: StopSignal,
+
+    pub device_type: u32,
+    pub device_features: u64,
+    pub queue_events: Vec<EventFd>,
+
+    pub device_features_select: u32,
+    pub driver_features_select: u32,
+    pub driver_features: u64,
+    /// The driver set bits in feature pages past the 64 bits a device has.
+    driver_features_beyond_64: bool,
+    pub queue_select: u32,
+    pub queues: Vec<QueueRegisters>,
+    status: u32,
+    /// The device refused a reset; it stays out of service.
+    device_broken: bool,
+}
+
+impl DriverState {
+    /// The state of `device` right after power-on, with `mem` as guest RAM
+    /// and one (non-blocking) notification eventfd per queue.
+    pub fn new(
+        transport: String,
+        device: Arc<Mutex<dyn VirtioDevice>>,
+        mem: GuestMemoryMmap,
+    ) -> Result<Self> {
+        let (device_type, device_features, queue_max_sizes) = {
+            let d = lock(&device);
+            (d.device_type(), d.features(), d.queue_max_sizes().to_vec())
+        };
+        if u16::try_from(queue_max_sizes.len()).is_err() {
+            return Err(Error::TooManyQueues {
+                count: queue_max_sizes.len(),
+            });
+        }
+        let queue_events = queue_max_sizes
+            .iter()
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(Error::CreateEventFd))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            transport,
+            device,
+            mem,
+            signals: Arc::new(SignalState::default()),
+            stop: StopSignal::new(),
+            device_type,
+            device_features,
+            queue_events,
+            device_features_select: 0,
+            driver_features_select: 0,
+            driver_features: 0,
+            driver_features_beyond_64: false,
+            queue_select: 0,
+            queues: queue_max_sizes.into_iter().map(QueueRegisters::new).collect(),
+            status: 0,
+            device_broken: false,
+        })
+    }
+
+    /// The device status as the driver reads it, `DEVICE_NEEDS_RESET`
+    /// included.
+    pub fn status(&self) -> u32 {
+        let mut status = self.status;
+        if self.signals.needs_reset.load(Ordering::SeqCst) {
+            status |= device_status::DEVICE_NEEDS_RESET;
+        }
+        status
+    }
+
+    /// Whether the device was activated (and not reset or failed since).
+    pub fn is_activated(&self) -> bool {
+        self.status & device_status::DRIVER_OK != 0 && !self.signals.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// The 32 feature bits of the page `DeviceFeaturesSel` selects.
+    pub fn device_features_page(&self) -> u32 {
+        match self.device_features_select {
+            0 => self.device_features as u32,
+            1 => (self.device_features >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    /// The 32 driver feature bits of the page `DriverFeaturesSel` selects,
+    /// as written so far.
+    pub fn driver_features_page(&self) -> u32 {
+        match self.driver_features_select {
+            0 => self.driver_features as u32,
+            1 => (self.driver_features >> 32) as u32,
+            _ => 0,
+        }
+    }
+
+    pub fn selected_queue(&self) -> Option<&QueueRegisters> {
+        self.queues.get(self.queue_select as usize)
+    }
+
+    pub fn write_driver_features(&mut self, value: u32) {
+        let negotiating =
+            self.status & device_status::DRIVER != 0 && self.status & device_status::FEATURES_OK == 0;
+        if !negotiating {
+            log::warn!(
+                "{}: driver features written in status {:#x}, ignored",
+                self.transport,
+                self.status
+            );
+            return;
+        }
+        match self.driver_features_select {
+            0 => self.driver_features = (self.driver_features & !0xffff_ffff) | u64::from(value),
+            1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
+            page => {
+                if value != 0 {
+                    log::warn!(
+                        "{}: driver accepted features {value:#x} in page {page}, which the device \
+                         never offered",
+                        self.transport
+                    );
+                    self.driver_features_beyond_64 = true;
+                }
+            }
+        }
+    }
+
+    /// Queue setup registers may change only before `DRIVER_OK` and while the
+    /// selected queue is not ready.
+    pub fn with_queue_setup(&mut self, change: impl FnOnce(&mut QueueRegisters)) {
+        let status = self.status;
+        let select = self.queue_select;
+        match self.queues.get_mut(select as usize) {
+            Some(q) if status & device_status::DRIVER_OK == 0 && !q.ready => change(q),
+            Some(_) => log::warn!(
+                "{}: queue {select} setup written while ready or after DRIVER_OK, ignored",
+                self.transport
+            ),
+            None => log::warn!(
+                "{}: setup written for missing queue {select}, ignored",
+                self.transport
+            ),
+        }
+    }
+
+    /// Marks the selected queue ready (or not), before `DRIVER_OK` only.
+    pub fn set_queue_ready(&mut self, ready: bool) {
+        let status = self.status;
+        let select = self.queue_select;
+        match self.queues.get_mut(select as usize) {
+            Some(q) if status & device_status::DRIVER_OK == 0 => q.ready = ready,
+            Some(_) => log::warn!(
+                "{}: queue {select} enabled after DRIVER_OK, ignored",
+                self.transport
+            ),
+            None => log::warn!("{}: missing queue {select} enabled", self.transport),
+        }
+    }
+
+    /// A notification for `queue` that reached the transport instead of an
+    /// ioeventfd: signals the same eventfd.
+    pub fn notify_queue(&self, queue: u32) {
+        match self.queue_events.get(queue as usize) {
+            Some(event) => {
+                if let Err(e) = event.write(1) {
+                    log::error!("{}: cannot signal queue {queue}: {e}", self.transport);
+                }
+            }
+            None => log::warn!("{}: notification for missing queue {queue}", self.transport),
+        }
+    }
+
+    /// The device status state machine (virtio 1.2, sections 2.1 and 3.1).
+    /// `interrupt` is what the device gets at activation. Returns whether
+    /// the write reset the device (the transport then resets its own
+    /// registers too).
+    pub fn write_status(&mut self, value: u32, interrupt: &Arc<dyn VirtioInterrupt>) -> bool {
+        use device_status::*;
+
+        if value == 0 {
+            self.reset();
+            return true;
+        }
+        if self.status & FAILED != 0 {
+            log::warn!(
+                "{}: status {value:#x} written after FAILED; reset first",
+                self.transport
+            );
+            return false;
+        }
+        if value & FAILED != 0 {
+            log::info!(
+                "{}: the driver gave up on device type {}",
+                self.transport,
+                self.device_type
+            );
+            self.status |= FAILED;
+            return false;
+        }
+        if self.signals.needs_reset.load(Ordering::SeqCst) {
+            log::warn!(
+                "{}: status {value:#x} written while the device needs a reset",
+                self.transport
+            );
+            return false;
+        }
+        let known = ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK;
+        let value = value & known;
+        let old = self.status & known;
+        // The driver sets bits one step at a time and clears them only by a
+        // reset; each step needs the ones before it.
+        let valid_ladder = [
+            ACKNOWLEDGE,
+            ACKNOWLEDGE | DRIVER,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK,
+            ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
+        ];
+        if value & old != old || !valid_ladder.contains(&value) {
+            log::warn!(
+                "{}: status change {old:#x} -> {value:#x} is not allowed, ignored",
+                self.transport
+            );
+            return false;
+        }
+        let added = value & !old;
+        if added & FEATURES_OK != 0 && !self.accept_features() {
+            // The driver reads the status back and finds FEATURES_OK unset.
+            self.status = (self.status & !known) | (value & !FEATURES_OK & !DRIVER_OK);
+            return false;
+        }
+        self.status = (self.status & !known) | value;
+        if added & DRIVER_OK != 0 {
+            log::info!(
+                "{}: driver ready for device type {} (features {:#x})",
+                self.transport,
+                self.device_type,
+                self.driver_features
+            );
+            if let Err(e) = self.activate(interrupt.clone()) {
+                log::warn!(
+                    "{}: cannot activate device type {}: {e}; device needs reset",
+                    self.transport,
+                    self.device_type
+                );
+                if let Err(e) = interrupt.signal_needs_reset() {
+                    log::error!("{}: cannot signal DEVICE_NEEDS_RESET: {e}", self.transport);
+                }
+            }
+        }
+        false
+    }
+
+    fn accept_features(&mut self) -> bool {
+        let unoffered = self.driver_features & !self.device_features;
+        if unoffered != 0 || self.driver_features_beyond_64 {
+            log::warn!(
+                "{}: driver accepted features {:#x} the device never offered; FEATURES_OK refused",
+                self.transport,
+                unoffered
+            );
+            return false;
+        }
+        if self.driver_features & features::VERSION_1 == 0 {
+            log::warn!(
+                "{}: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported); \
+                 FEATURES_OK refused",
+                self.transport
+            );
+            return false;
+        }
+        lock(&self.device).ack_features(self.driver_features);
+        true
+    }
+
+    fn activate(&mut self, interrupt: Arc<dyn VirtioInterrupt>) -> Result<()> {
+        if self.device_broken {
+            return Err(Error::DeviceUnresettable {
+                device_type: self.device_type,
+            });
+        }
+        let event_idx = self.driver_features & features::RING_EVENT_IDX != 0;
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(index, q)| q.build(index, event_idx, &self.mem))
+            .collect::<Result<Vec<_>>>()?;
+        let queue_events = self
+            .queue_events
+            .iter()
+            .map(|e| e.try_clone().map_err(Error::CreateEventFd))
+            .collect::<Result<Vec<_>>>()?;
+        lock(&self.device).activate(Activation {
+            mem: self.mem.clone(),
+            queues,
+            queue_events,
+            interrupt,
+            stop: self.stop.clone(),
+        })
+    }
+
+    /// Writing 0 to the status: back to the state after power-on.
+    fn reset(&mut self) {
+        // Ask a device busy on the event loop to stop between requests, then
+        // wait for it: once reset() returns, it touches no guest memory.
+        self.stop.raise();
+        let reset = lock(&self.device).reset();
+        self.stop.lower();
+        if !reset {
+            log::error!(
+                "{}: device type {} cannot be reset; it stays out of service",
+                self.transport,
+                self.device_type
+            );
+            self.device_broken = true;
+        }
+        for event in &self.queue_events {
+            // Drop notifications from before the reset (non-blocking read).
+            let _ = event.read();
+        }
+        self.device_features_select = 0;
+        self.driver_features_select = 0;
+        self.driver_features = 0;
+        self.driver_features_beyond_64 = false;
+        self.queue_select = 0;
+        for q in &mut self.queues {
+            *q = QueueRegisters::new(q.max_size);
+        }
+        self.status = 0;
+        self.signals.isr.store(0, Ordering::SeqCst);
+        self.signals.needs_reset.store(false, Ordering::SeqCst);
+    }
+}
+
+pub(crate) fn set_low(field: &mut u64, value: u32) {
+    *field = (*field & !0xffff_ffff) | u64::from(value);
+}
+
+pub(crate) fn set_high(field: &mut u64, value: u32) {
+    *field = (*field & 0xffff_ffff) | (u64::from(value) << 32);
+}
+
+pub(crate) fn lock(device: &Mutex<dyn VirtioDevice>) -> MutexGuard<'_, dyn VirtioDevice + 'static> {
+    // A device whose lock was poisoned by a panic elsewhere still has
+    // consistent registers; keep serving the guest.
+    device.lock().unwrap_or_else(PoisonError::into_inner)
+}
