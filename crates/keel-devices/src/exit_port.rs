@@ -63,14 +63,14 @@ impl MutDevicePio for ExitPort {
     fn pio_write(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
         match (offset, data) {
             (0, [status]) => {
-                log::info!("exit port: guest requested exit with status {status}");
+                keel_ratelimit::info_limited!("exit port: guest requested exit with status {status}");
                 self.power.request_exit(*status);
             }
             _ => {
                 self.ignored_accesses += 1;
                 let len = data.len();
                 if self.ignored_accesses == 1 {
-                    log::warn!("exit port: ignored {len}-byte write at offset {offset}: only 1-byte writes at offset 0 request an exit");
+                    keel_ratelimit::warn_limited!("exit port: ignored {len}-byte write at offset {offset}: only 1-byte writes at offset 0 request an exit");
                 } else {
                     log::debug!("exit port: ignored {len}-byte write at offset {offset}");
                 }

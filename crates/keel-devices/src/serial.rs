@@ -176,19 +176,11 @@ impl<W: Write + Send> SerialConsole<W> {
         match error {
             UartError::Trigger(e) => {
                 self.interrupt_failures += 1;
-                if self.interrupt_failures == 1 {
-                    log::warn!("serial: cannot raise the interrupt: {e} (further failures are logged at debug level)");
-                } else {
-                    log::debug!("serial: cannot raise the interrupt: {e}");
-                }
+                keel_ratelimit::warn_limited!("serial: cannot raise the interrupt: {e}");
             }
             UartError::IOError(e) => {
                 // Already counted by `ConsoleEvents::tx_lost_byte`.
-                if self.lost_output_bytes() == 1 {
-                    log::warn!("serial: output byte lost: {e} (further losses are logged at debug level)");
-                } else {
-                    log::debug!("serial: output byte lost: {e}");
-                }
+                keel_ratelimit::warn_limited!("serial: output byte lost: {e}");
             }
             UartError::FullFifo => {}
         }

@@ -34,6 +34,7 @@ pub const PROGRAMS: &[&str] = &[
     "virtio-net",
     "virtio-vsock",
     "pci-hostile",
+    "flood",
 ];
 
 /// Exit status: the program ran and every check passed.

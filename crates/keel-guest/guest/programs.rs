@@ -130,6 +130,7 @@ fn check_interrupts(
     Ok(())
 }
 
+mod flood;
 mod pci_hostile;
 mod virtio_blk;
 mod virtio_console;
@@ -164,6 +165,7 @@ pub fn run(ctx: &Context<'_>) -> u8 {
         "virtio-vsock" => (virtio_vsock::run, virtio_vsock::KEYS),
         "virtio-hostile" => (virtio_hostile::run, &[]),
         "pci-hostile" => (pci_hostile::run, &[]),
+        "flood" => (flood::run, &["ms"]),
         "virtio-net" => (
             virtio_net::run,
             &["mac", "host", "me", "udp-port", "burst", "flood"],

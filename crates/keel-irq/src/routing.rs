@@ -253,7 +253,7 @@ impl RoutingState {
             Err(e) => {
                 self.installed = false;
                 self.install_errors += 1;
-                log::warn!("cannot install {} GSI routes: {e}", routes.len());
+                keel_ratelimit::warn_limited!("cannot install {} GSI routes: {e}", routes.len());
                 Err(e)
             }
         }

@@ -323,7 +323,20 @@ pub struct Ioapic<R: MsiRouter> {
     /// what it holds is unknown.
     installed: Option<Vec<MsiRoute>>,
     route_errors: u64,
+    /// Paces routing-table rewrites (see [`ROUTE_UPDATE_LIMIT`]).
+    route_limit: keel_ratelimit::TokenBucket,
+    route_updates: u64,
+    throttled_route_updates: u64,
 }
+
+/// How fast a guest may make an [`Ioapic`] rewrite KVM's routing table: a
+/// burst of 64 rewrites, then 640 per second. Each rewrite is a
+/// `KVM_SET_GSI_ROUTING`, which costs the host kernel an RCU grace period;
+/// Linux rewrites a handful of entries at boot and on interrupt affinity
+/// changes, far below this. A guest that asks for more waits on its own
+/// vCPU thread for the next token, so the cost falls on the guest's time,
+/// not the host's.
+pub const ROUTE_UPDATE_LIMIT: keel_ratelimit::BucketConfig = keel_ratelimit::BucketConfig::new(64, 100);
 
 impl<R: MsiRouter> Ioapic<R> {
     /// Where the IOAPIC's MMIO window sits in guest physical memory.
@@ -341,7 +354,27 @@ impl<R: MsiRouter> Ioapic<R> {
             entries: [RTE_MASKED; IOAPIC_PINS as usize],
             installed: Some(Vec::new()),
             route_errors: 0,
+            route_limit: keel_ratelimit::TokenBucket::new(ROUTE_UPDATE_LIMIT),
+            route_updates: 0,
+            throttled_route_updates: 0,
         }
+    }
+
+    /// The same IOAPIC with another pace for routing-table rewrites than
+    /// [`ROUTE_UPDATE_LIMIT`].
+    pub fn with_route_limit(mut self, limit: keel_ratelimit::BucketConfig) -> Self {
+        self.route_limit = keel_ratelimit::TokenBucket::new(limit);
+        self
+    }
+
+    /// Routing-table rewrites handed to the router so far.
+    pub fn route_updates(&self) -> u64 {
+        self.route_updates
+    }
+
+    /// Rewrites that had to wait for the rate limit.
+    pub fn throttled_route_updates(&self) -> u64 {
+        self.throttled_route_updates
     }
 
     /// Reads `data.len()` bytes at `offset` in the MMIO window. Only 4-byte
@@ -449,11 +482,11 @@ impl<R: MsiRouter> Ioapic<R> {
         }
         let delivery_mode = delivery_mode(entry);
         if DM_RESERVED.contains(&delivery_mode) {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "IOAPIC entry {pin} ({entry:#018x}) has reserved delivery mode {delivery_mode}: not routed"
             );
         } else if delivery_mode == DM_FIXED && entry & RTE_VECTOR < 16 {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "IOAPIC entry {pin} ({entry:#018x}) sends fixed vector {}, which the local APIC rejects as illegal",
                 entry & RTE_VECTOR
             );
@@ -474,6 +507,15 @@ impl<R: MsiRouter> Ioapic<R> {
         if self.installed.as_ref() == Some(&routes) {
             return;
         }
+        if !self.route_limit.reduce(1) {
+            // The guest rewrites its routes faster than any OS needs to:
+            // its vCPU waits for the next token (see ROUTE_UPDATE_LIMIT).
+            self.throttled_route_updates += 1;
+            let wait = self.route_limit.time_until_at(1, std::time::Instant::now());
+            std::thread::sleep(wait);
+            self.route_limit.reduce(1);
+        }
+        self.route_updates += 1;
         match self.router.set_msi_routes(&routes) {
             Ok(()) => {
                 log::debug!("IOAPIC routes: {routes:x?}");
@@ -482,7 +524,7 @@ impl<R: MsiRouter> Ioapic<R> {
             Err(e) => {
                 self.route_errors += 1;
                 self.installed = None;
-                log::warn!("cannot install {} IOAPIC MSI routes: {e}", routes.len());
+                keel_ratelimit::warn_limited!("cannot install {} IOAPIC MSI routes: {e}", routes.len());
             }
         }
     }
@@ -795,6 +837,32 @@ mod tests {
         write_reg(&mut ioapic, REG_REDTBL + 18, 0x0000_0041);
         assert_eq!(router.updates(), 3);
         assert_eq!(router.routes()[0].address, 0xfee0_1000);
+    }
+
+    #[test]
+    fn a_guest_flipping_a_mask_bit_cannot_rewrite_routes_faster_than_the_limit() {
+        let router = RecordingRouter::new();
+        // 10 rewrites at once, then 100 per second.
+        let mut ioapic =
+            Ioapic::new(router.clone()).with_route_limit(keel_ratelimit::BucketConfig::new(10, 100));
+        write_reg(&mut ioapic, 0x10 + 2 * 5 + 1, 0);
+        let started = std::time::Instant::now();
+        for i in 0..40u32 {
+            // Unmasked vector 0x31, then masked, and so on.
+            write_reg(&mut ioapic, 0x10 + 2 * 5, 0x31 | ((i & 1) << 16));
+        }
+        let elapsed = started.elapsed();
+        assert_eq!(router.updates(), 40, "every change is installed, none lost");
+        assert_eq!(ioapic.route_updates(), 40);
+        assert!(
+            ioapic.throttled_route_updates() >= 29,
+            "{}",
+            ioapic.throttled_route_updates()
+        );
+        // 30 rewrites past the burst at 100/s take at least 0.3 s.
+        assert!(elapsed >= std::time::Duration::from_millis(290), "{elapsed:?}");
+        // The table in force is the last one written (masked: no routes).
+        assert_eq!(router.routes(), []);
     }
 
     #[test]

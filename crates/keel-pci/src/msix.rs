@@ -370,7 +370,7 @@ impl Msix {
                 data: entry.data,
             })
         } else {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "MSI-X vector {index}: address {:#x} is not an interrupt address; the vector is dropped",
                 entry.address
             );
@@ -380,7 +380,7 @@ impl Msix {
         if self.pending[index] {
             self.pending[index] = false;
             if let Err(e) = self.send(index) {
-                log::warn!("MSI-X vector {index}: cannot send the pending message: {e}");
+                keel_ratelimit::warn_limited!("MSI-X vector {index}: cannot send the pending message: {e}");
             }
         }
     }
@@ -391,7 +391,7 @@ impl Msix {
         }
         match self.vectors.set_message(index as u16, message) {
             Ok(()) => self.routed[index] = message,
-            Err(e) => log::warn!("MSI-X vector {index}: cannot route it: {e}"),
+            Err(e) => keel_ratelimit::warn_limited!("MSI-X vector {index}: cannot route it: {e}"),
         }
     }
 

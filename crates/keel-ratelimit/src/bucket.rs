@@ -185,6 +185,18 @@ impl TokenBucket {
         true
     }
 
+    /// Takes `tokens` at `now` whether or not the bucket has them, leaving it
+    /// in debt if not: for work that was already done (bytes written) and
+    /// must be paid for afterwards. Returns whether the bucket is out of
+    /// debt.
+    pub fn charge_at(&mut self, tokens: u64, now: Instant) -> bool {
+        self.refill(now);
+        let from_burst = tokens.min(self.one_time_burst);
+        self.one_time_burst -= from_burst;
+        self.budget = self.budget.saturating_sub(i128::from(tokens - from_burst));
+        self.budget >= 0
+    }
+
     /// [`reduce_at`](Self::reduce_at) now.
     pub fn reduce(&mut self, tokens: u64) -> bool {
         self.reduce_at(tokens, Instant::now())
@@ -307,6 +319,17 @@ mod tests {
         assert_eq!(b.time_until_at(100, t0), ms(100));
         assert_eq!(b.time_until_at(100, t0 + ms(40)), ms(60));
         assert_eq!(b.time_until_at(100, t0 + ms(100)), Duration::ZERO);
+    }
+
+    #[test]
+    fn charges_may_leave_debt_that_the_refill_pays_back() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new_at(BucketConfig::new(100, 1000), t0);
+        assert!(b.charge_at(60, t0));
+        assert!(!b.charge_at(90, t0)); // 50 in debt
+        assert_eq!(b.time_until_at(1, t0), ms(510));
+        assert!(!b.reduce_at(1, t0 + ms(500)));
+        assert!(b.reduce_at(1, t0 + ms(510)));
     }
 
     #[test]

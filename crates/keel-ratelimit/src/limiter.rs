@@ -134,6 +134,24 @@ impl RateLimiter {
         self.consume_at(0, bytes, Instant::now())
     }
 
+    /// Charges `bytes` already moved (post-paid) to the bandwidth bucket,
+    /// which may go into debt. Returns whether the caller may go on; if not,
+    /// the limiter is blocked until the debt is paid back and the timer
+    /// fires. For a device that cannot know a request's size before doing
+    /// it.
+    pub fn charge_bytes(&mut self, bytes: u64) -> bool {
+        let Some(bucket) = self.bandwidth.as_mut() else {
+            return !self.blocked;
+        };
+        let now = Instant::now();
+        if bucket.charge_at(bytes, now) {
+            return !self.blocked;
+        }
+        let wait = bucket.time_until_at(1, now);
+        self.block_for(wait);
+        false
+    }
+
     fn consume_at(&mut self, ops: u64, bytes: u64, now: Instant) -> bool {
         if self.blocked {
             return false;
@@ -320,6 +338,23 @@ mod tests {
         assert!(l.consume_bytes(1 << 20));
         assert!(l.consume(0));
         assert!(!l.consume(0));
+    }
+
+    #[test]
+    fn post_paid_bytes_block_until_the_debt_is_paid() {
+        let mut l = RateLimiter::new(Some(BucketConfig::new(1000, 100)), None).unwrap();
+        assert!(l.charge_bytes(600));
+        let start = Instant::now();
+        assert!(!l.charge_bytes(900)); // 500 in debt: 50 ms
+        assert!(l.is_blocked());
+        assert!(readable(l.timer_fd(), 1000));
+        assert!(
+            start.elapsed() >= Duration::from_millis(45),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(l.on_timer());
+        assert!(l.charge_bytes(1));
     }
 
     #[test]

@@ -258,24 +258,21 @@ impl Vcpu {
         let rip = self.kvm("KVM_GET_REGS", self.fd.get_regs())?.rip;
         let sregs = self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?;
         let linear = sregs.cs.base.wrapping_add(rip);
-        let mut bytes = Vec::with_capacity(15);
-        let mut addr = linear;
-        while bytes.len() < 15 {
-            let t = self.kvm("KVM_TRANSLATE", self.fd.translate_gva(addr))?;
-            if t.valid == 0 {
-                break;
-            }
-            let in_page = (4096 - (addr & 0xfff)) as usize;
-            let mut chunk = vec![0u8; in_page.min(15 - bytes.len())];
-            if self
-                .mem
-                .read_slice(&mut chunk, GuestAddress(t.physical_address))
-                .is_err()
-            {
-                break;
-            }
-            addr += chunk.len() as u64;
-            bytes.extend_from_slice(&chunk);
+        let mut translate_error = None;
+        let bytes = fetch_instruction(
+            linear,
+            |addr| match self.fd.translate_gva(addr) {
+                Ok(t) if t.valid != 0 => Some(t.physical_address),
+                Ok(_) => None,
+                Err(e) => {
+                    translate_error = Some(e);
+                    None
+                }
+            },
+            |gpa, chunk| self.mem.read_slice(chunk, GuestAddress(gpa)).is_ok(),
+        );
+        if let Some(e) = translate_error {
+            return self.kvm("KVM_TRANSLATE", Err(e));
         }
         Ok((rip, bytes))
     }
@@ -358,5 +355,78 @@ impl Vcpu {
                 RunOutcome::PowerOff => return Ok(VcpuStop::PowerOff),
             }
         }
+    }
+}
+
+/// Up to 15 bytes of the instruction at linear address `linear`, page by
+/// page: `translate` maps a linear address to a guest physical one (`None`
+/// where unmapped), `read` fills a chunk from guest memory. Stops at the
+/// first unmapped or unreadable page, and at the top of the address space
+/// (the guest chooses RIP and CS.base; nothing here may overflow).
+fn fetch_instruction(
+    linear: u64,
+    mut translate: impl FnMut(u64) -> Option<u64>,
+    mut read: impl FnMut(u64, &mut [u8]) -> bool,
+) -> Vec<u8> {
+    const MAX_INSTRUCTION: usize = 15;
+    let mut bytes = Vec::with_capacity(MAX_INSTRUCTION);
+    let mut addr = Some(linear);
+    while let Some(at) = addr {
+        if bytes.len() >= MAX_INSTRUCTION {
+            break;
+        }
+        let Some(gpa) = translate(at) else {
+            break;
+        };
+        // 1..=4096: what is left of this page.
+        let in_page = 4096 - (at & 0xfff);
+        let len = usize::try_from(in_page)
+            .unwrap_or(MAX_INSTRUCTION)
+            .min(MAX_INSTRUCTION - bytes.len());
+        let mut chunk = [0u8; MAX_INSTRUCTION];
+        let Some(chunk) = chunk.get_mut(..len) else {
+            break;
+        };
+        if !read(gpa, chunk) {
+            break;
+        }
+        bytes.extend_from_slice(chunk);
+        addr = at.checked_add(len as u64);
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod fetch_tests {
+    use super::fetch_instruction;
+
+    #[test]
+    fn an_instruction_at_the_top_of_the_address_space_stops_there() {
+        // RIP at 2^64 - 3: three bytes exist, then the address would wrap.
+        let bytes = fetch_instruction(u64::MAX - 2, Some, |gpa, chunk| {
+            chunk.fill(gpa as u8);
+            true
+        });
+        assert_eq!(bytes.len(), 3);
+    }
+
+    #[test]
+    fn an_instruction_across_a_page_boundary_is_read_from_both_pages() {
+        let bytes = fetch_instruction(
+            0x1ffd,
+            |addr| Some(addr + 0x10_0000),
+            |gpa, chunk| {
+                chunk.fill(if gpa < 0x10_2000 { 1 } else { 2 });
+                true
+            },
+        );
+        assert_eq!(bytes, [1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn an_unmapped_next_page_ends_the_bytes_there() {
+        let bytes = fetch_instruction(0x1ffe, |addr| (addr < 0x2000).then_some(addr), |_, _| true);
+        assert_eq!(bytes.len(), 2);
+        assert!(fetch_instruction(0x5000, |_| None, |_, _| true).is_empty());
     }
 }

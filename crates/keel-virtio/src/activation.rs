@@ -190,7 +190,7 @@ impl ActivationState {
                 true
             }
             EventSource::Other => {
-                log::warn!("{}: event on unknown fd {fd}", self.device);
+                keel_ratelimit::warn_limited!("{}: event on unknown fd {fd}", self.device);
                 false
             }
         }
@@ -222,7 +222,7 @@ impl ActivationState {
     /// Puts the device in `DEVICE_NEEDS_RESET` after the driver broke the
     /// rules, and stops listening to its notifications until the reset.
     pub fn fail(&mut self, ops: &mut EventOps, error: &QueueError) {
-        log::warn!(
+        keel_ratelimit::warn_limited!(
             "{}: the driver broke the virtqueue rules, device needs reset: {error}",
             self.device
         );
@@ -288,6 +288,10 @@ pub(crate) enum QueueRun {
 pub(crate) enum Handled {
     /// Return the chain with this many bytes written into it.
     Used(u32),
+    /// Return the chain like `Used`, and end the pass here: the device's
+    /// own budget for this pass (bytes, a rate limiter) is spent. The pass
+    /// ends as [`QueueRun::BudgetSpent`].
+    UsedAndSpent(u32),
     /// The request cannot be answered (for instance no room for a status);
     /// the device needs a reset.
     Unanswerable(&'static str),
@@ -344,7 +348,7 @@ pub(crate) fn notify_guest(active: &mut Active, queue: usize) -> std::result::Re
     if needed {
         // Queue indices fit in u16: transports have at most 65536 queues.
         if let Err(e) = active.interrupt.signal_used_queue(queue as u16) {
-            log::warn!("cannot signal used buffers on queue {queue}: {e}");
+            keel_ratelimit::warn_limited!("cannot signal used buffers on queue {queue}: {e}");
         }
     }
     Ok(())
@@ -390,6 +394,11 @@ where
             let head = buffers.head();
             match handle(&active.mem, &buffers) {
                 Handled::Used(len) => complete(active, queue, head, len)?,
+                Handled::UsedAndSpent(len) => {
+                    complete(active, queue, head, len)?;
+                    used += 1;
+                    break 'run QueueRun::BudgetSpent;
+                }
                 Handled::Unanswerable(reason) => {
                     return Err(QueueError::Unanswerable { queue, head, reason })
                 }

@@ -209,7 +209,7 @@ impl DriverState {
         let negotiating =
             self.status & device_status::DRIVER != 0 && self.status & device_status::FEATURES_OK == 0;
         if !negotiating {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "{}: driver features written in status {:#x}, ignored",
                 self.transport,
                 self.status
@@ -221,7 +221,7 @@ impl DriverState {
             1 => self.driver_features = (self.driver_features & 0xffff_ffff) | (u64::from(value) << 32),
             page => {
                 if value != 0 {
-                    log::warn!(
+                    keel_ratelimit::warn_limited!(
                         "{}: driver accepted features {value:#x} in page {page}, which the device \
                          never offered",
                         self.transport
@@ -239,11 +239,11 @@ impl DriverState {
         let select = self.queue_select;
         match self.queues.get_mut(select as usize) {
             Some(q) if status & device_status::DRIVER_OK == 0 && !q.ready => change(q),
-            Some(_) => log::warn!(
+            Some(_) => keel_ratelimit::warn_limited!(
                 "{}: queue {select} setup written while ready or after DRIVER_OK, ignored",
                 self.transport
             ),
-            None => log::warn!(
+            None => keel_ratelimit::warn_limited!(
                 "{}: setup written for missing queue {select}, ignored",
                 self.transport
             ),
@@ -256,11 +256,11 @@ impl DriverState {
         let select = self.queue_select;
         match self.queues.get_mut(select as usize) {
             Some(q) if status & device_status::DRIVER_OK == 0 => q.ready = ready,
-            Some(_) => log::warn!(
+            Some(_) => keel_ratelimit::warn_limited!(
                 "{}: queue {select} enabled after DRIVER_OK, ignored",
                 self.transport
             ),
-            None => log::warn!("{}: missing queue {select} enabled", self.transport),
+            None => keel_ratelimit::warn_limited!("{}: missing queue {select} enabled", self.transport),
         }
     }
 
@@ -273,7 +273,9 @@ impl DriverState {
                     log::error!("{}: cannot signal queue {queue}: {e}", self.transport);
                 }
             }
-            None => log::warn!("{}: notification for missing queue {queue}", self.transport),
+            None => {
+                keel_ratelimit::warn_limited!("{}: notification for missing queue {queue}", self.transport)
+            }
         }
     }
 
@@ -289,14 +291,14 @@ impl DriverState {
             return true;
         }
         if self.status & FAILED != 0 {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "{}: status {value:#x} written after FAILED; reset first",
                 self.transport
             );
             return false;
         }
         if value & FAILED != 0 {
-            log::info!(
+            keel_ratelimit::info_limited!(
                 "{}: the driver gave up on device type {}",
                 self.transport,
                 self.device_type
@@ -305,7 +307,7 @@ impl DriverState {
             return false;
         }
         if self.signals.needs_reset.load(Ordering::SeqCst) {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "{}: status {value:#x} written while the device needs a reset",
                 self.transport
             );
@@ -323,7 +325,7 @@ impl DriverState {
             ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK,
         ];
         if value & old != old || !valid_ladder.contains(&value) {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "{}: status change {old:#x} -> {value:#x} is not allowed, ignored",
                 self.transport
             );
@@ -337,14 +339,14 @@ impl DriverState {
         }
         self.status = (self.status & !known) | value;
         if added & DRIVER_OK != 0 {
-            log::info!(
+            keel_ratelimit::info_limited!(
                 "{}: driver ready for device type {} (features {:#x})",
                 self.transport,
                 self.device_type,
                 self.driver_features
             );
             if let Err(e) = self.activate(interrupt.clone()) {
-                log::warn!(
+                keel_ratelimit::warn_limited!(
                     "{}: cannot activate device type {}: {e}; device needs reset",
                     self.transport,
                     self.device_type
@@ -360,7 +362,7 @@ impl DriverState {
     fn accept_features(&mut self) -> bool {
         let unoffered = self.driver_features & !self.device_features;
         if unoffered != 0 || self.driver_features_beyond_64 {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "{}: driver accepted features {:#x} the device never offered; FEATURES_OK refused",
                 self.transport,
                 unoffered
@@ -368,7 +370,7 @@ impl DriverState {
             return false;
         }
         if self.driver_features & features::VERSION_1 == 0 {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "{}: driver did not accept VIRTIO_F_VERSION_1 (legacy drivers are not supported); \
                  FEATURES_OK refused",
                 self.transport

@@ -250,7 +250,10 @@ pub use block::{
     Block, BlockBackend, BlockOptions, FileBackend, MemoryBackend, DISCARD_SECTOR_ALIGNMENT, ID_BYTES,
     MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE,
 };
-pub use console::{Console, ConsoleBackend, StreamBackend, UnixSocketBackend};
+pub use console::{
+    Console, ConsoleBackend, ConsoleCounters, StreamBackend, UnixSocketBackend, DEFAULT_FILE_OUTPUT_LIMIT,
+    MAX_OUTPUT_PASS_BYTES, MAX_OUTPUT_REQUEST_BYTES,
+};
 pub use device::{
     check_queue_count, read_config_space, Activation, RecordingInterrupt, StopSignal, VirtioDevice,
     VirtioInterrupt, VirtioSignal,

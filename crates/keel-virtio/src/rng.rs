@@ -72,7 +72,7 @@ impl Rng {
             let handled = fill(buffer, mem, chain);
             if let Handled::Used(n) = handled {
                 if *served == 0 && n > 0 {
-                    log::info!("virtio-rng: served the guest's first {n} random bytes");
+                    keel_ratelimit::info_limited!("virtio-rng: served the guest's first {n} random bytes");
                 }
                 *served += u64::from(n);
             }
@@ -85,7 +85,7 @@ impl Rng {
 fn fill(buffer: &mut [u8], mem: &GuestMemoryMmap, chain: &RequestBuffers) -> Handled {
     let want = chain.writable_len().min(buffer.len() as u64) as usize;
     if let Err(e) = getrandom(&mut buffer[..want]) {
-        log::warn!("virtio-rng: getrandom failed: {e}");
+        keel_ratelimit::warn_limited!("virtio-rng: getrandom failed: {e}");
         return Handled::Used(0);
     }
     let mut writer = chain.writer(mem, want as u64);

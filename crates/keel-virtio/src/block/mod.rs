@@ -303,7 +303,7 @@ impl<B: BlockBackend> Disk<B> {
         match result {
             Ok(()) => OK,
             Err(e) => {
-                log::warn!("virtio-blk: backend {what} failed: {e}");
+                keel_ratelimit::warn_limited!("virtio-blk: backend {what} failed: {e}");
                 IOERR
             }
         }
@@ -336,7 +336,7 @@ impl<B: BlockBackend> Disk<B> {
         let mut reader = buffers.reader(mem);
         let mut header = [0u8; HEADER_SIZE];
         if reader.read_exact(&mut header).is_err() {
-            log::warn!("virtio-blk: request shorter than its 16-byte header");
+            keel_ratelimit::warn_limited!("virtio-blk: request shorter than its 16-byte header");
             return (IOERR, 0);
         }
         let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
@@ -344,7 +344,7 @@ impl<B: BlockBackend> Disk<B> {
             header[8], header[9], header[10], header[11], header[12], header[13], header[14], header[15],
         ]);
         if buffers.longest_segment() > self.max_segment_size {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "virtio-blk: a buffer of {} bytes exceeds size_max {}",
                 buffers.longest_segment(),
                 self.max_segment_size
@@ -384,11 +384,11 @@ impl<B: BlockBackend> Disk<B> {
     fn read(&mut self, sector: u64, writer: &mut crate::chain::GuestWriter<'_>) -> Status {
         let len = writer.remaining();
         if !len.is_multiple_of(SECTOR_SIZE) {
-            log::warn!("virtio-blk: read of {len} bytes is not a whole number of sectors");
+            keel_ratelimit::warn_limited!("virtio-blk: read of {len} bytes is not a whole number of sectors");
             return IOERR;
         }
         let Some(offset) = self.byte_range(sector, len) else {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "virtio-blk: read of {len} bytes at sector {sector} is past the end ({} sectors)",
                 self.capacity_sectors
             );
@@ -398,7 +398,7 @@ impl<B: BlockBackend> Disk<B> {
         while done < len {
             let n = (len - done).min(self.bounce.len() as u64) as usize;
             if let Err(e) = self.backend.read_at(offset + done, &mut self.bounce[..n]) {
-                log::warn!("virtio-blk: backend read at {} failed: {e}", offset + done);
+                keel_ratelimit::warn_limited!("virtio-blk: backend read at {} failed: {e}", offset + done);
                 return IOERR;
             }
             if writer.write(&self.bounce[..n]).is_err() {
@@ -416,11 +416,13 @@ impl<B: BlockBackend> Disk<B> {
         }
         let len = reader.remaining();
         if !len.is_multiple_of(SECTOR_SIZE) {
-            log::warn!("virtio-blk: write of {len} bytes is not a whole number of sectors");
+            keel_ratelimit::warn_limited!(
+                "virtio-blk: write of {len} bytes is not a whole number of sectors"
+            );
             return IOERR;
         }
         let Some(offset) = self.byte_range(sector, len) else {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "virtio-blk: write of {len} bytes at sector {sector} is past the end ({} sectors)",
                 self.capacity_sectors
             );
@@ -433,7 +435,7 @@ impl<B: BlockBackend> Disk<B> {
                 return IOERR;
             }
             if let Err(e) = self.backend.write_at(offset + done, &self.bounce[..n]) {
-                log::warn!("virtio-blk: backend write at {} failed: {e}", offset + done);
+                keel_ratelimit::warn_limited!("virtio-blk: backend write at {} failed: {e}", offset + done);
                 return IOERR;
             }
             done += n as u64;
@@ -460,7 +462,9 @@ impl<B: BlockBackend> Disk<B> {
             || count == 0
             || count > u64::from(MAX_DISCARD_SEGMENTS)
         {
-            log::warn!("virtio-blk: discard/write-zeroes payload of {payload} bytes is malformed");
+            keel_ratelimit::warn_limited!(
+                "virtio-blk: discard/write-zeroes payload of {payload} bytes is malformed"
+            );
             return IOERR;
         }
         let mut ranges = Vec::with_capacity(count as usize);

@@ -215,7 +215,7 @@ impl UnixSocketBackend {
         };
         let (stream, _) = listener.accept()?;
         stream.set_nonblocking(true)?;
-        log::info!("virtio-console: client connected on {}", self.path.display());
+        keel_ratelimit::info_limited!("virtio-console: client connected on {}", self.path.display());
         self.client = Some(stream);
         // Nothing read yet; the console now watches the client.
         Err(ErrorKind::WouldBlock.into())
@@ -240,7 +240,9 @@ impl ConsoleBackend for UnixSocketBackend {
             match self.accept() {
                 Ok(_) => {}
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
-                Err(e) => log::warn!("virtio-console: accept on {}: {e}", self.path.display()),
+                Err(e) => {
+                    keel_ratelimit::warn_limited!("virtio-console: accept on {}: {e}", self.path.display())
+                }
             }
         }
         let Some(client) = self.client.as_ref() else {
@@ -299,9 +301,9 @@ impl ConsoleBackend for UnixSocketBackend {
 
     fn input_ended(&mut self) {
         if self.client.take().is_some() {
-            log::info!("virtio-console: client on {} disconnected", self.path.display());
+            keel_ratelimit::info_limited!("virtio-console: client on {} disconnected", self.path.display());
         } else if self.listener.take().is_some() {
-            log::warn!(
+            keel_ratelimit::warn_limited!(
                 "virtio-console: stopped accepting clients on {}",
                 self.path.display()
             );

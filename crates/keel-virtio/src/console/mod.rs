@@ -7,6 +7,7 @@ use std::os::unix::io::RawFd;
 use std::path::Path;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use keel_ratelimit::{BucketConfig, BucketUpdate, RateLimiter};
 use virtio_queue::QueueT;
 
 pub use backend::{ConsoleBackend, StreamBackend, UnixSocketBackend};
@@ -27,6 +28,20 @@ const QUEUE_SIZE: u16 = 256;
 const INPUT_CHUNK: usize = 4096;
 /// How much guest output is copied to the backend at once.
 const OUTPUT_CHUNK: usize = 4096;
+/// Most bytes of one transmit request that reach the backend; the rest of
+/// a longer chain is dropped (and counted). Linux's `hvc` driver sends at
+/// most a page per request.
+pub const MAX_OUTPUT_REQUEST_BYTES: u64 = 64 * 1024;
+/// Most bytes one pass over the transmit queue hands the backend before it
+/// lets the event loop serve others. With repeated heads, a queue of 256
+/// entries could otherwise name the same 64 KiB 256 times per pass.
+pub const MAX_OUTPUT_PASS_BYTES: u64 = 256 * 1024;
+/// The output limit of a console whose output goes to a file
+/// ([`Console::file`]): 1 MiB/s sustained after a one-time 16 MiB, so a guest
+/// cannot fill the host's disk faster than that. Change it with
+/// [`Console::set_output_limit`].
+pub const DEFAULT_FILE_OUTPUT_LIMIT: BucketConfig =
+    BucketConfig::new(1 << 20, 1000).with_one_time_burst(16 << 20);
 /// `cols`, `rows`, `max_nr_ports`, `emerg_wr`: all zero, as no feature that
 /// makes them valid is offered.
 const CONFIG_SPACE: [u8; 12] = [0; 12];
@@ -51,6 +66,24 @@ pub struct Console {
     pending: Vec<u8>,
     watched_input: Option<RawFd>,
     scratch: Vec<u8>,
+    /// Paces output (bytes per second); unlimited unless set.
+    output_limiter: RateLimiter,
+    counters: ConsoleCounters,
+}
+
+/// What a [`Console`] has done with guest output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConsoleCounters {
+    /// Bytes handed to the backend.
+    pub tx_bytes: u64,
+    /// Transmit requests served.
+    pub tx_requests: u64,
+    /// Bytes of requests longer than [`MAX_OUTPUT_REQUEST_BYTES`] that were
+    /// dropped.
+    pub tx_truncated_bytes: u64,
+    /// Times the output rate limit held the transmit queue back.
+    pub tx_throttled: u64,
 }
 
 impl std::fmt::Debug for Console {
@@ -73,7 +106,29 @@ impl Console {
             pending: Vec::new(),
             watched_input: None,
             scratch: vec![0; INPUT_CHUNK.max(OUTPUT_CHUNK)],
+            output_limiter: RateLimiter::unlimited().map_err(crate::Error::CreateEventFd)?,
+            counters: ConsoleCounters::default(),
         })
+    }
+
+    /// Limits guest output to `limit` (bytes; see [`BucketConfig`]), or lifts
+    /// the limit with `None`. May be called on a running device.
+    pub fn set_output_limit(&mut self, limit: Option<BucketConfig>) {
+        let update = match limit {
+            Some(config) => BucketUpdate::Set(config),
+            None => BucketUpdate::Disable,
+        };
+        self.output_limiter.update(update, BucketUpdate::Keep);
+    }
+
+    /// The output limit in force, if any.
+    pub fn output_limit(&self) -> Option<BucketConfig> {
+        self.output_limiter.bandwidth()
+    }
+
+    /// What the console did with guest output so far.
+    pub fn counters(&self) -> ConsoleCounters {
+        self.counters
     }
 
     /// A console on the VMM's stdin and stdout
@@ -83,8 +138,11 @@ impl Console {
     }
 
     /// A console whose output is appended to the file at `path`; no input.
+    /// Output is limited to [`DEFAULT_FILE_OUTPUT_LIMIT`].
     pub fn file(path: impl AsRef<Path>) -> Result<Self> {
-        Self::new(Box::new(StreamBackend::file(path)?))
+        let mut console = Self::new(Box::new(StreamBackend::file(path)?))?;
+        console.set_output_limit(Some(DEFAULT_FILE_OUTPUT_LIMIT));
+        Ok(console)
     }
 
     /// A console served on a Unix socket at `path`, one client at a time.
@@ -118,30 +176,68 @@ impl Console {
         self.sync_input(ops);
     }
 
-    /// Copies guest output to the backend.
+    /// Copies guest output to the backend, at most
+    /// [`MAX_OUTPUT_PASS_BYTES`] per pass and within the output limit.
     fn transmit(&mut self, ops: &mut EventOps) {
+        if self.output_limiter.is_blocked() {
+            // The limiter's timer brings us back.
+            return;
+        }
         let Some(active) = self.activation.active_mut() else {
             return;
         };
         let budget = usize::from(active.queues[TRANSMITQ].size());
         let backend = &mut self.backend;
         let scratch = &mut self.scratch[..OUTPUT_CHUNK];
+        let limiter = &mut self.output_limiter;
+        let counters = &mut self.counters;
+        let mut pass_bytes = 0u64;
         let run = process_queue(active, TRANSMITQ, budget, |mem, chain| {
             let mut reader = chain.reader(mem);
-            loop {
-                match reader.read(scratch) {
+            let mut sent = 0u64;
+            while sent < MAX_OUTPUT_REQUEST_BYTES {
+                // At most OUTPUT_CHUNK, so it fits in usize.
+                let want = (MAX_OUTPUT_REQUEST_BYTES - sent).min(OUTPUT_CHUNK as u64) as usize;
+                match reader.read(&mut scratch[..want]) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
+                        sent += n as u64;
                         if let Err(e) = backend.write_output(&scratch[..n]) {
                             log::debug!("virtio-console: output dropped: {e}");
                         }
                     }
                 }
             }
+            let dropped = reader.remaining();
+            if dropped > 0 {
+                counters.tx_truncated_bytes = counters.tx_truncated_bytes.saturating_add(dropped);
+                keel_ratelimit::warn_limited!(
+                    "virtio-console: a {}-byte transmit request was cut to {MAX_OUTPUT_REQUEST_BYTES} bytes",
+                    sent.saturating_add(dropped)
+                );
+            }
+            counters.tx_requests = counters.tx_requests.saturating_add(1);
+            counters.tx_bytes = counters.tx_bytes.saturating_add(sent);
+            pass_bytes = pass_bytes.saturating_add(sent);
+            let paced = limiter.charge_bytes(sent);
+            if !paced {
+                counters.tx_throttled = counters.tx_throttled.saturating_add(1);
+            }
             // The device writes nothing into transmit buffers.
-            Handled::Used(0)
+            if !paced || pass_bytes >= MAX_OUTPUT_PASS_BYTES {
+                Handled::UsedAndSpent(0)
+            } else {
+                Handled::Used(0)
+            }
         });
         if self.activation.end_pass(ops, TRANSMITQ, run) {
+            self.sync_input(ops);
+        }
+    }
+
+    fn on_output_timer(&mut self, ops: &mut EventOps) {
+        if self.output_limiter.on_timer() {
+            self.transmit(ops);
             self.sync_input(ops);
         }
     }
@@ -204,7 +300,7 @@ impl Console {
     }
 
     fn end_input(&mut self, ops: &mut EventOps, reason: &str) {
-        log::info!("virtio-console: input stopped: {reason}");
+        keel_ratelimit::info_limited!("virtio-console: input stopped: {reason}");
         // Out of the epoll set before the backend may close it.
         self.unwatch_input(ops);
         self.backend.input_ended();
@@ -239,7 +335,9 @@ impl Console {
                     return;
                 }
                 Err(e) => {
-                    log::warn!("virtio-console: cannot watch input fd {fd} (is it pollable?): {e:?}");
+                    keel_ratelimit::warn_limited!(
+                        "virtio-console: cannot watch input fd {fd} (is it pollable?): {e:?}"
+                    );
                     self.backend.input_ended();
                 }
             }
@@ -287,6 +385,9 @@ impl VirtioDevice for Console {
 impl MutEventSubscriber for Console {
     fn init(&mut self, ops: &mut EventOps) {
         self.activation.init(ops);
+        if let Err(e) = ops.add(Events::new_raw(self.output_limiter.timer_fd(), EventSet::IN)) {
+            log::error!("virtio-console: cannot watch the output limiter's timer: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -309,8 +410,9 @@ impl MutEventSubscriber for Console {
                 // Transmitting may have accepted a socket client.
                 self.sync_input(ops);
             }
+            EventSource::Other if fd == self.output_limiter.timer_fd() => self.on_output_timer(ops),
             EventSource::Other if Some(fd) == self.watched_input => self.on_input(ops),
-            EventSource::Other => log::warn!("virtio-console: event on unknown fd {fd}"),
+            EventSource::Other => keel_ratelimit::warn_limited!("virtio-console: event on unknown fd {fd}"),
         }
     }
 }

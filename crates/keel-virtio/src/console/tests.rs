@@ -422,3 +422,156 @@ fn offers_no_console_features_and_a_zeroed_config_space() {
     console.read_config(0, &mut config);
     assert_eq!(config, [0; 12]);
 }
+
+/// Counts what reaches the backend without keeping it.
+#[derive(Clone, Default)]
+struct CountingOutput(Arc<std::sync::atomic::AtomicU64>);
+
+impl CountingOutput {
+    fn bytes(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Write for CountingOutput {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The amplification the issue measured: a 256-entry transmit queue whose
+/// every descriptor points at the same 32 KiB buffer, chained into one
+/// 8 MiB request, and that one head published 256 times, then one notify.
+/// The console, what reached its backend, the transmit queue's
+/// notification eventfd and the event loop.
+type Amplified = (
+    Arc<Mutex<Console>>,
+    CountingOutput,
+    EventFd,
+    EventManager<Arc<Mutex<Console>>>,
+);
+
+fn amplification_guest(mem: &GuestMemoryMmap, limit: Option<BucketConfig>) -> Amplified {
+    use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
+    const SIZE: u16 = 256;
+    let output = CountingOutput::default();
+    let console = Arc::new(Mutex::new(
+        Console::new(Box::new(StreamBackend::output_only(output.clone()))).unwrap(),
+    ));
+    console.lock().unwrap().set_output_limit(limit);
+    let mut event_loop = EventManager::new().unwrap();
+    event_loop.add_subscriber(console.clone());
+    let rx = DriverQueue::at(mem, GuestAddress(0x1000), 16);
+    let tx = DriverQueue::at(mem, GuestAddress(0x4000), SIZE);
+    for i in 0..SIZE {
+        let last = i == SIZE - 1;
+        let flags = if last { 0 } else { VRING_DESC_F_NEXT as u16 };
+        tx.store(
+            i,
+            crate::guest_driver::raw_desc(DATA, 32 * 1024, flags, i.wrapping_add(1)),
+        );
+    }
+    for _ in 0..SIZE {
+        tx.publish(0);
+    }
+    let tx_notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    console
+        .lock()
+        .unwrap()
+        .activate(Activation {
+            mem: mem.clone(),
+            queues: vec![rx.queue(), tx.queue()],
+            queue_events: vec![
+                EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+                tx_notify.try_clone().unwrap(),
+            ],
+            interrupt: Arc::new(RecordingInterrupt::new()),
+            stop: StopSignal::new(),
+        })
+        .unwrap();
+    event_loop.run_with_timeout(100).unwrap();
+    (console, output, tx_notify, event_loop)
+}
+
+#[test]
+fn repeated_heads_of_huge_chains_cost_at_most_the_request_cap_each_and_a_pass_cap_per_pass() {
+    let mem = memory();
+    let (console, output, tx_notify, mut event_loop) = amplification_guest(&mem, None);
+    // Activation already ran one pass over what was published.
+    assert_eq!(output.bytes(), MAX_OUTPUT_PASS_BYTES);
+    tx_notify.write(1).unwrap();
+    // One pass per round; each must stop at the pass cap and come back.
+    let mut passes = 1u64;
+    let mut last = output.bytes();
+    loop {
+        let started = std::time::Instant::now();
+        event_loop.run_with_timeout(0).unwrap();
+        let pass = output.bytes() - last;
+        last = output.bytes();
+        assert!(pass <= MAX_OUTPUT_PASS_BYTES, "{pass} bytes in one pass");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "a pass held the device for {:?}",
+            started.elapsed()
+        );
+        if pass == 0 {
+            break;
+        }
+        passes += 1;
+    }
+    // Every one of the 256 publications was served, each cut to the request cap.
+    let expected = 256 * MAX_OUTPUT_REQUEST_BYTES;
+    assert_eq!(output.bytes(), expected, "bytes written for one notify");
+    assert_eq!(passes, expected / MAX_OUTPUT_PASS_BYTES);
+    let counters = console.lock().unwrap().counters();
+    assert_eq!(counters.tx_requests, 256);
+    assert_eq!(
+        counters.tx_truncated_bytes,
+        256 * (8 * 1024 * 1024 - MAX_OUTPUT_REQUEST_BYTES)
+    );
+}
+
+#[test]
+fn an_output_limit_paces_a_flooding_guest_by_its_timer_without_polling() {
+    let mem = memory();
+    // 1 MiB/s with 256 KiB bursts.
+    let limit = BucketConfig::new(256 * 1024, 250);
+    let (console, output, tx_notify, mut event_loop) = amplification_guest(&mem, Some(limit));
+    tx_notify.write(1).unwrap();
+    let started = std::time::Instant::now();
+    let mut rounds = 0u64;
+    while started.elapsed() < Duration::from_millis(500) {
+        // A round only returns early when an event fired; a busy loop would
+        // show up as thousands of rounds.
+        event_loop.run_with_timeout(50).unwrap();
+        rounds += 1;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let bytes = output.bytes() as f64;
+    // The burst (256 KiB) plus 1 MiB/s, and one request of slack.
+    let allowed = 256.0 * 1024.0 + elapsed * 1024.0 * 1024.0 + MAX_OUTPUT_REQUEST_BYTES as f64;
+    assert!(
+        bytes <= allowed,
+        "{bytes} bytes in {elapsed:.3} s (at most {allowed})"
+    );
+    assert!(bytes >= 256.0 * 1024.0, "the burst went out: {bytes}");
+    assert!(rounds < 200, "{rounds} event-loop rounds in 0.5 s: polling?");
+    assert!(console.lock().unwrap().counters().tx_throttled > 0);
+}
+
+#[test]
+fn a_file_console_is_limited_by_default() {
+    let dir = std::env::temp_dir().join(format!("keel-console-limit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let console = Console::file(dir.join("out.log")).unwrap();
+    assert_eq!(console.output_limit(), Some(DEFAULT_FILE_OUTPUT_LIMIT));
+    let mut console = console;
+    console.set_output_limit(None);
+    assert_eq!(console.output_limit(), None);
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -285,14 +285,18 @@ impl<B: NetBackend> Net<B> {
             }
             Err(e) => match backend.set_offload(PROBE_OFFLOADS_NO_UFO) {
                 Ok(()) => {
-                    log::info!("virtio-net: backend refuses UDP fragmentation offload, not offering it: {e}");
+                    keel_ratelimit::info_limited!(
+                        "virtio-net: backend refuses UDP fragmentation offload, not offering it: {e}"
+                    );
                     offered |= receive_offloads;
                 }
-                Err(e) => log::info!("virtio-net: backend refuses receive offloads, not offering them: {e}"),
+                Err(e) => keel_ratelimit::info_limited!(
+                    "virtio-net: backend refuses receive offloads, not offering them: {e}"
+                ),
             },
         }
         if let Err(e) = backend.set_offload(0) {
-            log::warn!("virtio-net: cannot clear the backend's offloads: {e}");
+            keel_ratelimit::warn_limited!("virtio-net: cannot clear the backend's offloads: {e}");
         }
 
         let mut config = [0u8; CONFIG_SPACE_SIZE];
@@ -466,7 +470,9 @@ impl<B: NetBackend> Net<B> {
                         continue;
                     }
                     Err(e) => {
-                        log::warn!("virtio-net: cannot read from the backend, receive stops: {e}");
+                        keel_ratelimit::warn_limited!(
+                            "virtio-net: cannot read from the backend, receive stops: {e}"
+                        );
                         self.counters.rx_backend_errors += 1;
                         self.backend_failed = true;
                         break;
@@ -488,6 +494,10 @@ impl<B: NetBackend> Net<B> {
                     self.counters.rx_dropped_too_big += 1;
                 }
                 Delivery::NoBuffers => break,
+                Delivery::Busy => {
+                    spent = true;
+                    break;
+                }
             }
             self.rx_pending = 0;
             frames += 1;
@@ -510,7 +520,9 @@ impl<B: NetBackend> Net<B> {
             match ops.add(events) {
                 Ok(()) => self.watching_backend = true,
                 Err(e) => {
-                    log::warn!("virtio-net: cannot watch the backend's fd, receive stops: {e:?}");
+                    keel_ratelimit::warn_limited!(
+                        "virtio-net: cannot watch the backend's fd, receive stops: {e:?}"
+                    );
                     self.backend_failed = true;
                 }
             }
@@ -621,6 +633,10 @@ enum Delivery {
     /// Not enough buffers yet: keep it. The chains are left in the ring and
     /// the driver asked to notify when it adds more.
     NoBuffers,
+    /// The driver kept moving its available index without the buffers
+    /// showing up: keep the frame and come back later, so a driver racing
+    /// its own index cannot hold the device in this loop.
+    Busy,
 }
 
 /// Writes `frame` (header first) into the receive queue's next chains.
@@ -634,11 +650,19 @@ fn deliver(
     let need = frame.len() as u64;
     let mut chains: Vec<RequestBuffers> = Vec::new();
     let mut capacity = 0u64;
+    // Rounds of re-checking the ring after re-arming, bounded like every
+    // other pass over a queue.
+    let mut rechecks = 0usize;
     while capacity < need {
         let Some(chain) = pop_chain(active, RXQ)? else {
             // Ask for a notification first, then look again: buffers added
             // meanwhile are taken now, not missed.
             if rearm_notification(active, RXQ)? {
+                rechecks += 1;
+                if rechecks > ring_size {
+                    active.queues[RXQ].set_next_avail(start);
+                    return Ok(Delivery::Busy);
+                }
                 continue;
             }
             // Put back what was taken; the notification request stays at
@@ -705,7 +729,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         self.acked = acked & self.offered;
         let flags = self.offload_flags();
         if let Err(e) = self.backend.set_offload(flags) {
-            log::warn!("virtio-net: cannot set the backend's offloads to {flags:#x}: {e}");
+            keel_ratelimit::warn_limited!("virtio-net: cannot set the backend's offloads to {flags:#x}: {e}");
         }
     }
 
@@ -735,7 +759,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         }
         self.acked = 0;
         if let Err(e) = self.backend.set_offload(0) {
-            log::warn!("virtio-net: cannot clear the backend's offloads: {e}");
+            keel_ratelimit::warn_limited!("virtio-net: cannot clear the backend's offloads: {e}");
         }
         true
     }
@@ -766,13 +790,15 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
                 if events.event_set().intersects(EventSet::ERROR | EventSet::HANG_UP)
                     && !events.event_set().contains(EventSet::IN)
                 {
-                    log::warn!("virtio-net: the backend's fd reports an error, receive stops");
+                    keel_ratelimit::warn_limited!(
+                        "virtio-net: the backend's fd reports an error, receive stops"
+                    );
                     self.counters.rx_backend_errors += 1;
                     self.backend_failed = true;
                 }
                 self.receive(ops);
             }
-            EventSource::Other => log::warn!("virtio-net: event on unknown fd {fd}"),
+            EventSource::Other => keel_ratelimit::warn_limited!("virtio-net: event on unknown fd {fd}"),
         }
     }
 }

@@ -759,3 +759,49 @@ fn tap_names_that_cannot_be_interface_names_are_refused() {
         assert!(matches!(err, NetError::OpenTap { .. }), "{name:?}: {err}");
     }
 }
+
+#[test]
+fn rx_with_a_driver_racing_its_available_index_never_holds_the_device() {
+    // A frame waits for buffers; a second "vCPU" flips the available index
+    // back and forth as fast as it can, so re-arming notifications keeps
+    // reporting new buffers that a pop then does not see. Each pass must
+    // end within its budget whatever the interleaving.
+    let mem = memory();
+    let mut h = Harness::new(&mem, MRG);
+    h.run_once();
+    h.backend.push_frame(incoming(1500, 3));
+    h.run_once();
+    assert!(h.net.lock().unwrap().is_rx_paused());
+    let idx_addr = GuestAddress(h.rx.avail_addr() + 2);
+    let base: u16 = mem.read_obj(idx_addr).unwrap();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flipper = {
+        let mem = mem.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut flips = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                mem.write_obj(base.wrapping_add((flips & 1) as u16), idx_addr)
+                    .unwrap();
+                flips += 1;
+            }
+            mem.write_obj(base, idx_addr).unwrap();
+        })
+    };
+    let started = std::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_millis(300) {
+        let pass = std::time::Instant::now();
+        h.rx_notify.write(1).unwrap();
+        h.event_loop.run_with_timeout(10).unwrap();
+        assert!(
+            pass.elapsed() < std::time::Duration::from_secs(1),
+            "one rx pass held the device for {:?}",
+            pass.elapsed()
+        );
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flipper.join().unwrap();
+    // Whatever the race did (the frame kept, or the device failed on the
+    // empty chain it popped), the device answers its event loop.
+    h.event_loop.run_with_timeout(10).unwrap();
+}

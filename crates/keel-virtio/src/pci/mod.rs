@@ -571,14 +571,18 @@ impl PciTransport {
                 let checked = vectors.checked(v16);
                 match vectors.queues.get_mut(select) {
                     Some(vector) => *vector = checked,
-                    None => log::warn!("virtio-pci: MSI-X vector set for missing queue {select}"),
+                    None => keel_ratelimit::warn_limited!(
+                        "virtio-pci: MSI-X vector set for missing queue {select}"
+                    ),
                 }
             }
             (QUEUE_ENABLE, 2) => {
                 if v16 == 1 {
                     self.state.set_queue_ready(true);
                 } else {
-                    log::warn!("virtio-pci: queue_enable {v16} written; only 1 is allowed");
+                    keel_ratelimit::warn_limited!(
+                        "virtio-pci: queue_enable {v16} written; only 1 is allowed"
+                    );
                 }
             }
             (QUEUE_DESC..COMMON_CFG_SIZE, 4 | 8) if offset.is_multiple_of(len as u64) => {
@@ -612,7 +616,7 @@ impl PciTransport {
                 };
                 // new() checked that queue indices fit in u16.
                 if let Err(e) = self.registrar.unregister(event, address, queue as u16) {
-                    log::warn!(
+                    keel_ratelimit::warn_limited!(
                         "virtio-pci: cannot unregister the ioeventfd of queue {queue} at {address:#x}: {e}"
                     );
                 }
@@ -623,12 +627,16 @@ impl PciTransport {
         };
         for (queue, event) in self.state.queue_events.iter().enumerate() {
             let Some(address) = base.checked_add(queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)) else {
-                log::warn!("virtio-pci: queue {queue}'s notification address overflows past {base:#x}");
+                keel_ratelimit::warn_limited!(
+                    "virtio-pci: queue {queue}'s notification address overflows past {base:#x}"
+                );
                 continue;
             };
             if let Err(e) = self.registrar.register(event, address, queue as u16) {
                 // Notifications still arrive, as MMIO exits.
-                log::warn!("virtio-pci: cannot register an ioeventfd for queue {queue} at {address:#x}: {e}");
+                keel_ratelimit::warn_limited!(
+                    "virtio-pci: cannot register an ioeventfd for queue {queue} at {address:#x}: {e}"
+                );
             }
         }
         self.notify_base = Some(base);

@@ -148,7 +148,7 @@ impl Muxer {
         let tick = (self.options.connect_timeout / 2).max(Duration::from_millis(10));
         match self.timer.reset(tick, Some(tick)) {
             Ok(()) => self.timer_armed = true,
-            Err(e) => log::warn!("virtio-vsock: cannot arm the connect timer: {e}"),
+            Err(e) => keel_ratelimit::warn_limited!("virtio-vsock: cannot arm the connect timer: {e}"),
         }
     }
 
@@ -232,7 +232,7 @@ impl Muxer {
         } else if let Some(&key) = self.by_fd.get(&fd) {
             self.socket_event(key, set, ops);
         } else {
-            log::warn!("virtio-vsock: event on unknown fd {fd}");
+            keel_ratelimit::warn_limited!("virtio-vsock: event on unknown fd {fd}");
         }
     }
 
@@ -247,13 +247,13 @@ impl Muxer {
                         Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
                     ) =>
                 {
-                    log::warn!("virtio-vsock: accept failed, pausing the listener: {e}");
+                    keel_ratelimit::warn_limited!("virtio-vsock: accept failed, pausing the listener: {e}");
                     let _ = ops.remove(Events::empty(&self.listener));
                     self.listener_watched = false;
                     return;
                 }
                 Err(e) => {
-                    log::warn!("virtio-vsock: accept failed: {e}");
+                    keel_ratelimit::warn_limited!("virtio-vsock: accept failed: {e}");
                     continue;
                 }
             };
@@ -503,7 +503,7 @@ impl Muxer {
             match result {
                 Ok(()) => entry.watched = want,
                 Err(e) => {
-                    log::warn!("virtio-vsock: cannot update a socket's events: {e:?}");
+                    keel_ratelimit::warn_limited!("virtio-vsock: cannot update a socket's events: {e:?}");
                     entry.conn.host_error();
                 }
             }

@@ -1,0 +1,12 @@
+/work/wt/lead/target-before/release/deps/vm_device-10d5c4bf9db5ad03.d: /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/lib.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/bus/mod.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/bus/address.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/bus/range.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/device_manager.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/resources.rs
+
+/work/wt/lead/target-before/release/deps/libvm_device-10d5c4bf9db5ad03.rlib: /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/lib.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/bus/mod.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/bus/address.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/bus/range.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/device_manager.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/resources.rs
+
+/work/wt/lead/target-before/release/deps/libvm_device-10d5c4bf9db5ad03.rmeta: /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/lib.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/bus/mod.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/bus/address.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/bus/range.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/device_manager.rs /root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/resources.rs
+
+/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/lib.rs:
+/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/bus/mod.rs:
+/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/bus/address.rs:
+/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/bus/range.rs:
+/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/device_manager.rs:
+/root/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f/vm-device-0.1.0/src/resources.rs:
