@@ -34,6 +34,7 @@
 
 #![deny(missing_docs)]
 
+mod acpi;
 mod e820;
 mod initrd;
 mod kernel;
@@ -41,6 +42,11 @@ mod mptable;
 mod pvh;
 mod zero_page;
 
+pub use acpi::{
+    dsdt_bytes, write_acpi_tables, AcpiPlatform, AcpiSleepRegisters, GedWindow, LegacyDevice,
+    MmioDeviceWindow, PciHostBridge, ACPI_RSDP_START, ACPI_TABLES_END, DEFAULT_SLEEP_REGISTERS,
+    GED_EVENT_POWER_BUTTON, GED_WINDOW_SIZE, SLEEP_TYPE_S5,
+};
 pub use e820::{e820_map, E820Entry, E820_RAM, E820_RESERVED};
 pub use initrd::{initrd_address, load_initrd};
 pub use kernel::{load_kernel, BootProtocol, KernelImage};
@@ -67,6 +73,14 @@ pub enum Error {
         format: &'static str,
         /// What linux-loader reported.
         source: linux_loader::loader::Error,
+    },
+    /// The ACPI tables do not fit in the area kept for them.
+    #[error("ACPI tables need {bytes} bytes; only {room} fit below 1 MiB")]
+    AcpiTooLarge {
+        /// Bytes the tables need.
+        bytes: u64,
+        /// Bytes available.
+        room: u64,
     },
     /// The command line does not fit.
     #[error("kernel command line is {len} bytes: at most {} fit", keel_memory::CMDLINE_MAX_SIZE - 1)]

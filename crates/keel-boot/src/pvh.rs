@@ -11,11 +11,13 @@ use crate::{e820_map, Error, Result};
 pub const XEN_HVM_START_MAGIC_VALUE: u32 = 0x336e_c578;
 
 /// Writes `hvm_start_info` at [`PVH_INFO_START`], followed by the module
-/// list (the initrd) and the memory map. `EBX` must point at it on entry.
+/// list (the initrd) and the memory map, with the ACPI RSDP's address if
+/// there are tables. `EBX` must point at it on entry.
 pub fn write_pvh_start_info(
     mem: &GuestMemoryMmap,
     layout: &GuestLayout,
     initrd: Option<(GuestAddress, u64)>,
+    acpi_rsdp: Option<GuestAddress>,
 ) -> Result<GuestAddress> {
     let start_info_size = std::mem::size_of::<hvm_start_info>() as u64;
     let modlist_addr = GuestAddress(PVH_INFO_START.0 + start_info_size);
@@ -24,6 +26,7 @@ pub fn write_pvh_start_info(
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: 1,
         cmdline_paddr: CMDLINE_START.0,
+        rsdp_paddr: acpi_rsdp.map_or(0, |a| a.0),
         ..Default::default()
     };
     if let Some((addr, size)) = initrd {
@@ -77,11 +80,18 @@ mod tests {
     fn start_info_points_at_cmdline_memmap_and_initrd() {
         let layout = GuestLayout::new(64 * MIB).unwrap();
         let mem = layout.create_memory().unwrap();
-        let at = write_pvh_start_info(&mem, &layout, Some((GuestAddress(0x300_0000), 1234))).unwrap();
+        let at = write_pvh_start_info(
+            &mem,
+            &layout,
+            Some((GuestAddress(0x300_0000), 1234)),
+            Some(GuestAddress(0xe_0000)),
+        )
+        .unwrap();
         let info: hvm_start_info = mem.read_obj(at).unwrap();
         assert_eq!(info.magic, XEN_HVM_START_MAGIC_VALUE);
         assert_eq!(info.cmdline_paddr, CMDLINE_START.0);
         assert_eq!(info.nr_modules, 1);
+        assert_eq!(info.rsdp_paddr, 0xe_0000);
         let module: hvm_modlist_entry = mem.read_obj(GuestAddress(info.modlist_paddr)).unwrap();
         assert_eq!((module.paddr, module.size), (0x300_0000, 1234));
         assert_eq!(info.memmap_entries, 3);
@@ -94,7 +104,7 @@ mod tests {
         let layout = GuestLayout::new(64 * MIB).unwrap();
         let mem = layout.create_memory().unwrap();
         let info: hvm_start_info = mem
-            .read_obj(write_pvh_start_info(&mem, &layout, None).unwrap())
+            .read_obj(write_pvh_start_info(&mem, &layout, None, None).unwrap())
             .unwrap();
         assert_eq!((info.nr_modules, info.modlist_paddr), (0, 0));
         assert_eq!(info.memmap_paddr, PVH_INFO_START.0 + 56);

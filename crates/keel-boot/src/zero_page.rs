@@ -16,6 +16,7 @@ const KERNEL_MIN_ALIGNMENT_BYTES: u32 = 0x100_0000;
 pub struct BootConfig {
     cmdline: String,
     initrd: Option<(GuestAddress, u64)>,
+    acpi_rsdp: Option<GuestAddress>,
 }
 
 impl BootConfig {
@@ -24,12 +25,21 @@ impl BootConfig {
         BootConfig {
             cmdline: cmdline.into(),
             initrd: None,
+            acpi_rsdp: None,
         }
     }
 
     /// Records an initrd already placed in guest memory.
     pub fn initrd(mut self, addr: GuestAddress, size: u64) -> Self {
         self.initrd = Some((addr, size));
+        self
+    }
+
+    /// Tells the kernel where the ACPI RSDP is (see
+    /// [`write_acpi_tables`](crate::write_acpi_tables)): the zero page's
+    /// `acpi_rsdp_addr`, or `hvm_start_info.rsdp_paddr` for PVH.
+    pub fn acpi_rsdp(mut self, rsdp: GuestAddress) -> Self {
+        self.acpi_rsdp = Some(rsdp);
         self
     }
 
@@ -58,7 +68,7 @@ impl BootConfig {
                 source,
             })?;
         if kernel.protocol == crate::BootProtocol::Pvh {
-            crate::write_pvh_start_info(mem, layout, self.initrd)?;
+            crate::write_pvh_start_info(mem, layout, self.initrd, self.acpi_rsdp)?;
             return Ok(());
         }
 
@@ -85,6 +95,9 @@ impl BootConfig {
             };
         }
         params.e820_entries = map.len().min(params.e820_table.len()) as u8;
+        if let Some(rsdp) = self.acpi_rsdp {
+            params.acpi_rsdp_addr = rsdp.0;
+        }
         mem.write_obj(params, ZERO_PAGE_START)
             .map_err(|source| Error::GuestMemory {
                 what: "zero page",

@@ -17,6 +17,9 @@
 //!   from an `event-manager` loop, with backpressure.
 //! - [`I8042Reset`]: the keyboard controller's CPU reset command.
 //! - [`ExitPort`]: a port the guest writes its exit status to.
+//! - [`Rtc`]: the CMOS real-time clock (MC146818) on the host's wall clock.
+//! - [`AcpiSleep`] and [`Ged`]: the ACPI platform's sleep registers (power
+//!   off) and generic event device (the power button).
 //! - [`ports`]: where a PC guest looks for each of them.
 //!
 //! Nothing the guest does to these devices — any port, any access size, any
@@ -57,18 +60,22 @@
 
 #![deny(missing_docs)]
 
+mod acpi;
 mod boot_timer;
 mod exit_port;
 mod i8042;
 pub mod ports;
 mod power;
+mod rtc;
 mod serial;
 mod serial_input;
 
+pub use acpi::{ged_event, AcpiSleep, Ged, GedHandle, SLEEP_ENABLE, SLEEP_TYPE_SOFT_OFF};
 pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC};
 pub use exit_port::ExitPort;
 pub use i8042::I8042Reset;
 pub use power::{PowerControl, PowerRequest, RecordingPowerControl};
+pub use rtc::{rtc_reg, DateTime, HostClock, Rtc, WallClock};
 pub use serial::{SerialConsole, SERIAL_FIFO_SIZE};
 pub use serial_input::SerialInput;
 

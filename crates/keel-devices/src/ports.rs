@@ -58,6 +58,15 @@ fn fixed_range(base: u16, count: u16) -> PioRange {
     pio_range(base, count).expect("standard port ranges are valid")
 }
 
+/// The CMOS real-time clock's index port (the data port follows).
+pub const RTC: u16 = 0x70;
+/// The CMOS clock's two ports.
+pub const RTC_PORT_COUNT: u16 = 2;
+/// The ACPI sleep control register (the status register follows).
+pub const ACPI_SLEEP_CONTROL: u16 = 0x600;
+/// The ACPI sleep registers' two ports.
+pub const ACPI_SLEEP_PORT_COUNT: u16 = 2;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -83,3 +92,4 @@ mod tests {
         assert!(pio_range(0xfff8, 8).is_ok());
     }
 }
+

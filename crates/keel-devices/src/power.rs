@@ -41,6 +41,13 @@ pub trait PowerControl: Send + Sync {
     /// The guest asked the machine to stop with `status` (e.g. a write to the
     /// exit port).
     fn request_exit(&self, status: u8);
+
+    /// The guest powered the machine off (ACPI S5). By default the same as
+    /// [`request_exit`](Self::request_exit)`(0)`; a VMM that tells the two
+    /// apart overrides it.
+    fn request_power_off(&self) {
+        self.request_exit(0);
+    }
 }
 
 /// One request made through [`PowerControl`], as recorded by
@@ -51,6 +58,8 @@ pub enum PowerRequest {
     Reset,
     /// [`PowerControl::request_exit`] was called with this status.
     Exit(u8),
+    /// [`PowerControl::request_power_off`] was called.
+    PowerOff,
 }
 
 /// A test double for [`PowerControl`] that records every request in order.
@@ -108,5 +117,9 @@ impl PowerControl for RecordingPowerControl {
 
     fn request_exit(&self, status: u8) {
         self.record(PowerRequest::Exit(status));
+    }
+
+    fn request_power_off(&self) {
+        self.record(PowerRequest::PowerOff);
     }
 }
