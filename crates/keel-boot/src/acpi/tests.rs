@@ -47,7 +47,10 @@ fn full_platform() -> AcpiPlatform {
 
 /// The tables as written: RSDP, then every table the XSDT lists, by
 /// signature.
-fn written(platform: &AcpiPlatform) -> (Vec<u8>, Vec<([u8; 4], Vec<u8>)>) {
+/// Tables by signature, in the order found.
+type Tables = Vec<([u8; 4], Vec<u8>)>;
+
+fn written(platform: &AcpiPlatform) -> (Vec<u8>, Tables) {
     let layout = GuestLayout::new(64 * MIB).unwrap();
     let mem = layout.create_memory().unwrap();
     let rsdp_at = write_acpi_tables(&mem, platform).unwrap();
