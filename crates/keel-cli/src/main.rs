@@ -63,6 +63,11 @@ struct Args {
     #[arg(long)]
     rng: bool,
 
+    /// No ACPI tables: an MP table and virtio_mmio.device= command-line
+    /// entries instead, for kernels built without ACPI.
+    #[arg(long)]
+    no_acpi: bool,
+
     /// A virtio-console (hvc0): stdio (output), file:PATH or socket:PATH.
     #[arg(long, value_name = "MODE")]
     console: Option<keel_vmm::ConsoleConfig>,
@@ -211,6 +216,9 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
     }
     if args.rng {
         config.rng = true;
+    }
+    if args.no_acpi {
+        config.acpi = false;
     }
     if let Some(c) = &args.console {
         config.console = Some(c.clone());

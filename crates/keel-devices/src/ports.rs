@@ -92,4 +92,3 @@ mod tests {
         assert!(pio_range(0xfff8, 8).is_ok());
     }
 }
-

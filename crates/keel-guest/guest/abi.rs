@@ -35,6 +35,8 @@ pub const PROGRAMS: &[&str] = &[
     "virtio-vsock",
     "pci-hostile",
     "flood",
+    "acpi-poweroff",
+    "acpi-power-button",
 ];
 
 /// Exit status: the program ran and every check passed.

@@ -130,6 +130,7 @@ fn check_interrupts(
     Ok(())
 }
 
+mod acpi;
 mod flood;
 mod pci_hostile;
 mod virtio_blk;
@@ -166,6 +167,8 @@ pub fn run(ctx: &Context<'_>) -> u8 {
         "virtio-hostile" => (virtio_hostile::run, &[]),
         "pci-hostile" => (pci_hostile::run, &[]),
         "flood" => (flood::run, &["ms"]),
+        "acpi-poweroff" => (acpi::poweroff, &[]),
+        "acpi-power-button" => (acpi::power_button, &["timeout-ms"]),
         "virtio-net" => (
             virtio_net::run,
             &["mac", "host", "me", "udp-port", "burst", "flood"],
@@ -179,7 +182,7 @@ pub fn run(ctx: &Context<'_>) -> u8 {
     for key in ctx
         .cmdline
         .unknown_keys(keys)
-        .filter(|&k| k != virtio::CMDLINE_KEY && k != crate::pci::CMDLINE_KEY)
+        .filter(|&k| k != virtio::CMDLINE_KEY && k != crate::pci::CMDLINE_KEY && k != acpi::GED_KEY)
     {
         println!("keel-guest: note: {name} ignores {key}=");
     }

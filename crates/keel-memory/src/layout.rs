@@ -33,6 +33,9 @@ pub const PCI_MMIO64_SIZE: u64 = 64 * GIB;
 pub const IOAPIC_START: u64 = 0xFEC0_0000;
 /// Where the local APIC decodes.
 pub const LAPIC_START: u64 = 0xFEE0_0000;
+/// The ACPI generic event device's register page (after the local APIC's
+/// megabyte, below the BIOS area).
+pub const ACPI_GED_START: u64 = 0xFEF0_0000;
 
 /// The GDT the boot path installs for a 64-bit entry.
 pub const BOOT_GDT_START: GuestAddress = GuestAddress(0x500);

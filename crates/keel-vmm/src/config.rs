@@ -81,6 +81,13 @@ pub struct VmConfig {
     /// [`VirtioTransport`].
     #[serde(default)]
     pub transport: VirtioTransport,
+    /// Whether the guest gets ACPI tables (the default): a stock kernel
+    /// finds its CPUs, interrupt controller, virtio-mmio devices, PCI host
+    /// bridge and power controls there. `false` gives today's MP table and
+    /// `virtio_mmio.device=` command-line entries instead, for kernels
+    /// built without ACPI.
+    #[serde(default = "default_acpi")]
+    pub acpi: bool,
 }
 
 /// How a virtio device is attached: as a virtio-pci function (found by PCI
@@ -426,6 +433,10 @@ fn default_vcpus() -> u8 {
     1
 }
 
+fn default_acpi() -> bool {
+    true
+}
+
 fn default_memory_mib() -> u64 {
     128
 }
@@ -457,6 +468,7 @@ impl Default for VmConfig {
             pit_reinject: false,
             irqchip: IrqchipChoice::default(),
             transport: VirtioTransport::default(),
+            acpi: default_acpi(),
         }
     }
 }

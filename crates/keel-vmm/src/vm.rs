@@ -39,6 +39,8 @@ struct VirtioWiring<'a> {
     gsis: keel_irq::GsiAllocator,
     pci: crate::pci::PciWiring,
     cmdline: Vec<String>,
+    /// The virtio-mmio windows, for the ACPI tables.
+    mmio_windows: Vec<keel_boot::MmioDeviceWindow>,
     subscribers: &'a mut Vec<Subscriber>,
 }
 
@@ -89,6 +91,11 @@ impl VirtioWiring<'_> {
             .register_mmio(range, Arc::new(Mutex::new(transport)))
             .map_err(|e| place(format!("{e:?}")))?;
         self.cmdline.push(slot.cmdline_entry());
+        self.mmio_windows.push(keel_boot::MmioDeviceWindow {
+            base: slot.base,
+            size: keel_virtio::MMIO_WINDOW_SIZE,
+            gsi,
+        });
         log::debug!("{what}: virtio-mmio at {:#x}, GSI {gsi}", slot.base);
         Ok(())
     }
@@ -189,7 +196,7 @@ impl std::fmt::Display for ExitReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ExitReason::GuestReset => write!(f, "guest reset"),
-            ExitReason::GuestShutdown => write!(f, "guest shut down"),
+            ExitReason::GuestShutdown => write!(f, "guest powered off"),
             ExitReason::GuestExit(status) => write!(f, "guest exited with status {status}"),
             ExitReason::TripleFault { vcpu } => write!(f, "triple fault on vCPU {vcpu}"),
             ExitReason::Stopped => write!(f, "stopped by the host"),
@@ -237,6 +244,10 @@ impl PowerControl for Control {
 
     fn request_exit(&self, status: u8) {
         self.finish(Ok(ExitReason::GuestExit(status)));
+    }
+
+    fn request_power_off(&self) {
+        self.finish(Ok(ExitReason::GuestShutdown));
     }
 }
 
@@ -392,6 +403,8 @@ pub struct Vm {
     // torn down, then its memory unmapped (unmapping first would make KVM
     // zap the guest's mappings page range by page range for nothing).
     pit_setup: Background,
+    /// The ACPI generic event device's power button, with ACPI.
+    ged: Option<keel_devices::GedHandle>,
     _vm_fd: Arc<VmFd>,
     // Kept alive as long as the VM: the vCPUs and slots refer to them.
     mem: GuestMemoryMmap,
@@ -594,7 +607,19 @@ impl Vm {
             &mut io,
             keel_devices::ports::EXIT_PORT,
             1,
-            Arc::new(Mutex::new(ExitPort::new(power))),
+            Arc::new(Mutex::new(ExitPort::new(power.clone()))),
+        )?;
+        register_pio(
+            &mut io,
+            keel_devices::ports::RTC,
+            keel_devices::ports::RTC_PORT_COUNT,
+            Arc::new(Mutex::new(keel_devices::Rtc::new())),
+        )?;
+        register_pio(
+            &mut io,
+            keel_devices::ports::ACPI_SLEEP_CONTROL,
+            keel_devices::ports::ACPI_SLEEP_PORT_COUNT,
+            Arc::new(Mutex::new(keel_devices::AcpiSleep::new(power))),
         )?;
         for (range, dev) in builder.pio_devices {
             register_pio(&mut io, range.base().0, range.size(), dev)?;
@@ -616,6 +641,7 @@ impl Vm {
             gsis: keel_irq::GsiAllocator::new(),
             pci: crate::pci::PciWiring::new(&layout, routing)?,
             cmdline: Vec::new(),
+            mmio_windows: Vec::new(),
             subscribers: &mut subscribers,
         };
         for disk in &config.disks {
@@ -693,8 +719,31 @@ impl Vm {
                 vsock.transport.unwrap_or(config.transport),
             )?;
         }
+        // The ACPI event device takes the next GSI after the devices', so
+        // theirs do not depend on whether ACPI is on.
+        let ged = if config.acpi {
+            let gsi = virtio
+                .gsis
+                .allocate()
+                .map_err(|e| Error::DeviceRange(format!("ACPI event device: {e}")))?;
+            let ged = keel_devices::Ged::new(Arc::new(IrqfdLine::new(&vm_fd, gsi)?));
+            let handle = ged.handle();
+            let range = MmioRange::new(
+                MmioAddress(keel_memory::ACPI_GED_START),
+                keel_boot::GED_WINDOW_SIZE,
+            )
+            .expect("valid range");
+            virtio
+                .io
+                .register_mmio(range, Arc::new(Mutex::new(ged)))
+                .map_err(|e| Error::DeviceRange(format!("ACPI event device: {e}")))?;
+            Some((handle, gsi))
+        } else {
+            None
+        };
         let VirtioWiring {
             cmdline: virtio_cmdline,
+            mmio_windows,
             pci,
             io: bus,
             ..
@@ -735,8 +784,42 @@ impl Vm {
             cmdline.push(' ');
             cmdline.push_str(EMULATED_RING0_CMDLINE);
         }
-        let cmdline = with_kernel_params(&cmdline, &virtio_cmdline);
+        // With ACPI, Linux finds its virtio-mmio devices in the DSDT; the
+        // built-in guest reads them from its command line either way.
+        let mut cmdline_devices: Vec<String> = if config.acpi && is_linux {
+            Vec::new()
+        } else {
+            virtio_cmdline
+        };
+        if let (Some((_, gsi)), false) = (&ged, is_linux) {
+            // The built-in guest does not parse the DSDT: it is told where
+            // the ACPI event device is.
+            cmdline_devices.push(format!("keel.ged={:#x}:{gsi}", keel_memory::ACPI_GED_START));
+        }
+        let cmdline = with_kernel_params(&cmdline, &cmdline_devices);
         let mut boot = keel_boot::BootConfig::new(cmdline);
+        if let Some((_, ged_gsi)) = &ged {
+            let mut platform = keel_boot::AcpiPlatform::new(config.vcpus);
+            platform.legacy_pic = config.irqchip == IrqchipChoice::Kernel;
+            platform.virtio_mmio = mmio_windows;
+            platform.pci = Some(keel_boot::PciHostBridge {
+                ecam_base: keel_memory::PCI_ECAM_START,
+                last_bus: 0,
+                mmio32: (keel_memory::PCI_MMIO32_START, keel_memory::PCI_MMIO32_END),
+                mmio64: Some({
+                    let (start, size) = layout.pci_mmio64_window();
+                    (start, start + size)
+                }),
+            });
+            platform.ged = Some(keel_boot::GedWindow {
+                base: keel_memory::ACPI_GED_START,
+                gsi: *ged_gsi,
+            });
+            let rsdp =
+                keel_boot::write_acpi_tables(&mem, &platform).map_err(|e| Error::Boot(e.to_string()))?;
+            boot = boot.acpi_rsdp(rsdp);
+        }
+        let ged = ged.map(|(handle, _)| handle);
         if let Some(path) = &config.initrd {
             let mut file = std::fs::File::open(path)
                 .map_err(|e| Error::Config(format!("initrd {}: {e}", path.display())))?;
@@ -746,7 +829,9 @@ impl Vm {
         }
         boot.write(&mem, &layout, &kernel)
             .map_err(|e| Error::Boot(e.to_string()))?;
-        keel_boot::write_mptable(&mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))?;
+        if !config.acpi {
+            keel_boot::write_mptable(&mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))?;
+        }
         keel_vcpu::write_boot_tables(&mem)?;
 
         let supported = kvm
@@ -781,6 +866,7 @@ impl Vm {
             subscribers,
             vcpus,
             pit_setup,
+            ged,
             _vm_fd: vm_fd,
             mem,
         })
@@ -799,6 +885,7 @@ impl Vm {
             subscribers,
             vcpus,
             pit_setup,
+            ged,
             _vm_fd,
             mem,
         } = self;
@@ -846,6 +933,7 @@ impl Vm {
             control,
             threads,
             _pit_setup: pit_setup,
+            ged,
             _vm_fd,
             mem,
         })
@@ -921,6 +1009,7 @@ pub struct VmHandle {
     threads: Vec<JoinHandle<()>>,
     // Dropped in this order, for the reasons given on `Vm`.
     _pit_setup: Background,
+    ged: Option<keel_devices::GedHandle>,
     _vm_fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
 }
@@ -958,6 +1047,18 @@ impl VmHandle {
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
             control: self.control.clone(),
+        }
+    }
+
+    /// Presses the machine's ACPI power button: the guest's ACPI gets a
+    /// power-button notification through the generic event device (Linux
+    /// then shuts down in an orderly way where its user space handles the
+    /// button; Keel's built-in guest's `acpi-power-button` program powers
+    /// off). Fails if the VM was built without ACPI.
+    pub fn press_power_button(&self) -> Result<()> {
+        match &self.ged {
+            Some(ged) => ged.press_power_button().map_err(Error::Irq),
+            None => Err(Error::Config("the power button needs ACPI (acpi: true)".into())),
         }
     }
 
