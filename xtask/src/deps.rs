@@ -170,6 +170,12 @@ pub const HOST_DEPS: &[Dep] = &[
         LinuxTests,
         "the DHCP server of keel linux_e2e's virtio-net boot",
     ),
+    dep(
+        Tool("iasl"),
+        "acpica-tools",
+        LinuxTests,
+        "disassembles the generated DSDT in keel-boot's ACPI tests",
+    ),
 ];
 
 /// The entries of [`HOST_DEPS`] whose [`Need`] is one of `needs`.
@@ -311,7 +317,7 @@ mod tests {
         // keel-vmm net_guest and keel's cli tests run even with --no-linux.
         assert_eq!(tools(&[Tests]), ["ip", "timeout", "sysctl"]);
         // keel linux_e2e: the root disk and the DHCP server.
-        assert_eq!(tools(&[LinuxTests]), ["mkfs.ext4", "dnsmasq"]);
+        assert_eq!(tools(&[LinuxTests]), ["mkfs.ext4", "dnsmasq", "iasl"]);
         let pkgs = packages(&needed_for(&[Tests, LinuxTests]));
         for p in ["iproute2", "coreutils", "procps", "e2fsprogs", "dnsmasq-base"] {
             assert!(pkgs.contains(&p), "{p} in {pkgs:?}");

@@ -530,6 +530,34 @@ fn a_helper_that_finishes_its_job_lets_the_vm_run_on() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Checks the kernel's `rtc_cmos …: setting system clock to … (EPOCH)`
+/// line against the host's clock: the guest's time at boot must be the
+/// host's within two seconds. The host's time then is when the VM started
+/// plus the printk timestamp of the line (the guest's uptime, which
+/// kvm-clock keeps in step with the host).
+fn assert_rtc_matches_host(serial: &str, host_start: std::time::SystemTime) {
+    let line = serial
+        .lines()
+        .find(|l| l.contains("rtc_cmos") && l.contains("setting system clock to"))
+        .unwrap_or_else(|| panic!("no `rtc_cmos … setting system clock` line in:\n{serial}"));
+    let epoch: i64 = line
+        .rsplit('(')
+        .next()
+        .and_then(|t| t.trim_end_matches(')').trim().parse().ok())
+        .unwrap_or_else(|| panic!("no epoch in {line:?}"));
+    let uptime: f64 = line
+        .split(']')
+        .next()
+        .and_then(|t| t.trim_start_matches('[').trim().parse().ok())
+        .unwrap_or_else(|| panic!("no printk timestamp in {line:?}"));
+    let start = host_start.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let host_then = start + uptime;
+    let drift = epoch as f64 - host_then;
+    println!("guest clock at boot: {line} (host {host_then:.1}, drift {drift:+.1} s)");
+    // The RTC has whole seconds; allow its truncation on top of 2 s.
+    assert!(drift.abs() <= 3.0, "the guest's clock is {drift:+.1} s off the host's: {line}");
+}
+
 fn assert_has(text: &str, needle: &str, what: &str) {
     assert!(text.contains(needle), "{what}: no {needle:?} in:\n{text}");
 }
@@ -549,6 +577,7 @@ fn linux_full_boot_two_cpus_root_on_virtio_blk() {
     std::fs::write(&ro, &ro_content).unwrap();
     let hvc = dir.join("hvc.log");
     let mounts_before = ext4_mount_count(&root);
+    let host_start = std::time::SystemTime::now();
 
     let cmdline = format!(
         "{SERIAL_CMDLINE} console=hvc0 root=/dev/vda rw rootfstype=ext4 rdinit=/keel-no-rdinit init=/init \
@@ -603,6 +632,16 @@ fn linux_full_boot_two_cpus_root_on_virtio_blk() {
         "e820 RAM to 256 MiB",
     );
     assert_has(s, "smp: Brought up 1 node, 2 CPUs", "SMP");
+    // The machine through ACPI: the CPUs from the MADT, the devices from
+    // the DSDT (no virtio_mmio.device= on the command line), the tables
+    // accepted without firmware bugs.
+    assert_has(s, "ACPI: RSDP 0x00000000000E0000", "the RSDP where Keel put it");
+    assert_has(s, "ACPI: Using ACPI (MADT) for SMP configuration information", "CPUs from the MADT");
+    assert!(!s.contains("virtio_mmio.device="), "command-line devices with ACPI:\n{s}");
+    for bad in ["[Firmware Bug]", "ACPI Error", "ACPI BIOS Error", "ACPI Warning"] {
+        assert!(!s.contains(bad), "the guest complains about the tables ({bad}):\n{s}");
+    }
+    assert_rtc_matches_host(s, host_start);
     let total_kib: u64 = s
         .lines()
         .find_map(|l| l.split("Memory: ").nth(1))
@@ -949,9 +988,9 @@ fn linux_gets_an_address_by_dhcp_over_virtio_net() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A second boot with every device on PCI (`--transport pci`) and no
-/// `virtio_mmio.device=` on the command line: Linux enumerates the bus
-/// through ports 0xCF8/0xCFC (no ACPI needed), binds virtio-pci with MSI-X
+/// A second boot with every device on PCI (`--transport pci`): Linux finds
+/// the host bridge in the DSDT and its configuration window in the MCFG,
+/// enumerates the bus, binds virtio-pci with MSI-X
 /// to the root disk, the network card and the vsock device, mounts the root
 /// and gets an address by DHCP before `Run /init`.
 #[test]
@@ -1000,6 +1039,7 @@ fn linux_finds_root_network_and_vsock_through_pci() {
         println!("{line}");
     }
     assert!(!s.contains("virtio_mmio"), "a virtio-mmio device in:\n{s}");
+    assert_has(s, "ACPI: PCI Root Bridge [PCI0]", "the host bridge from the DSDT");
     assert_has(
         s,
         "pci 0000:00:00.0: [1b36:0008] type 00 class 0x060000",

@@ -42,7 +42,7 @@ pub struct CpuidConfig {
     /// ([`KVM_FEATURES_WITHOUT_HYPERCALLS`]). Needed where hypercalls hang.
     pub no_pv_hypercalls: bool,
     /// Hide features whose instructions a software-emulated ring 0 cannot
-    /// execute (see `host-kvm-notes.md`). Harmless but unnecessary on VT-x /
+    /// execute (see `docs/host-kvm-notes.md`). Harmless but unnecessary on VT-x /
     /// AMD-V hosts.
     pub hide_unemulated_instructions: bool,
     /// The guest's TSC frequency in kHz (`KVM_GET_TSC_KHZ`), published in

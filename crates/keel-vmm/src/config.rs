@@ -42,7 +42,7 @@ pub struct VmConfig {
     pub boot_protocol: BootProtocolChoice,
     /// Whether this host's KVM runs guest ring 0 in its emulator; `auto`
     /// probes at start. Decides the guest workarounds (see
-    /// `host-kvm-notes.md`); they are only applied to a Linux kernel.
+    /// `docs/host-kvm-notes.md`); they are only applied to a Linux kernel.
     #[serde(default)]
     pub ring0: Ring0Choice,
     /// Where the 16550 serial console goes.

@@ -134,7 +134,7 @@ mod tests {
 pub const BOOT_TIMER_ADDR: u64 = MMIO_DEVICES_START;
 
 /// Kernel parameters that keep Linux off what a software-emulated ring 0
-/// cannot run (see `host-kvm-notes.md`): XSAVE, and the instructions whose
+/// cannot run (see `docs/host-kvm-notes.md`): XSAVE, and the instructions whose
 /// CPUID bits KVM cannot hide there.
 pub const EMULATED_RING0_CMDLINE: &str = "noxsave clearcpuid=smap,smep,umip,pku,fsgsbase,rdpid,cx16,avx,avx2,xsave,popcnt,rdrand,rdseed,movbe,bmi1,bmi2,abm,erms,fsrm";
 
