@@ -137,6 +137,7 @@ mod virtio_blk;
 mod virtio_console;
 mod virtio_hostile;
 mod virtio_net;
+mod virtio_request;
 mod virtio_rng;
 mod virtio_vsock;
 
@@ -162,6 +163,7 @@ pub fn run(ctx: &Context<'_>) -> u8 {
         "virtio-blk-bench" => (virtio_blk::bench, &["size", "count", "disk", "irq"]),
         "virtio-blk-flush-wait" => (virtio_blk::flush_wait, &["pattern"]),
         "virtio-rng" => (virtio_rng::run, &["irq"]),
+        "virtio-request" => (virtio_request::run, virtio_request::KEYS),
         "virtio-console" => (virtio_console::run, &["lines", "timeout-ms", "irq"]),
         "virtio-vsock" => (virtio_vsock::run, virtio_vsock::KEYS),
         "virtio-hostile" => (virtio_hostile::run, &[]),

@@ -8,7 +8,10 @@
 //! - **Devices** implement [`VirtioDevice`]: their type, the features they
 //!   offer, their configuration space, and what they do once the driver
 //!   hands them memory and queues ([`Activation`]). [`Block`], [`Rng`],
-//!   [`Console`], [`Net`] and [`Vsock`] are the devices so far.
+//!   [`Console`], [`Net`] and [`Vsock`] are the devices so far; a device of
+//!   your own is either a [`VirtioDevice`] implementation or, for a
+//!   request/reply device, a [`RequestHandler`] inside a [`RequestDevice`],
+//!   which does the virtio part.
 //! - **Transports** drive that trait from the guest's accesses.
 //!   [`MmioTransport`] is virtio-mmio version 2 (an IOAPIC pin per device);
 //!   [`PciTransport`] is modern virtio-pci with MSI-X ([`pci`]), a
@@ -243,6 +246,7 @@ pub mod guest_driver;
 mod mmio;
 mod net;
 pub mod pci;
+mod request_device;
 mod rng;
 mod vsock;
 
@@ -267,6 +271,7 @@ pub use net::{
     MAX_FRAME_LEN, VNET_HDR_LEN,
 };
 pub use pci::{NoIoeventfds, NotifyRegistrar, PciTransport, RecordingRegistrar};
+pub use request_device::{RequestDevice, RequestHandler, MAX_REQUEST_BYTES};
 pub use rng::{Rng, MAX_RNG_REQUEST_BYTES};
 pub use virtio_queue::Queue;
 pub use vm_memory::GuestMemoryMmap;
