@@ -73,9 +73,10 @@ fn ticks_each(console: &str) -> u64 {
 
 fn keel_run(program: &str, count: u64) -> u64 {
     let console = Console::default();
-    let mut builder = VmBuilder::new(VmConfig {
-        memory_mib: 32,
-        ..Default::default()
+    let mut builder = VmBuilder::new({
+        let mut config = VmConfig::default();
+        config.memory_mib = 32;
+        config
     })
     .unwrap();
     let addr = builder

@@ -17,10 +17,11 @@ use std::time::{Duration, Instant};
 use keel_vmm::{ExitReason, SerialMode, VmBuilder, VmConfig};
 
 fn one_vm() {
-    let config = VmConfig {
-        memory_mib: 128,
-        serial: SerialMode::None,
-        ..Default::default()
+    let config = {
+        let mut config = VmConfig::default();
+        config.memory_mib = 128;
+        config.serial = SerialMode::None;
+        config
     };
     let vm = VmBuilder::new(config)
         .unwrap()

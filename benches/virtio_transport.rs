@@ -49,11 +49,12 @@ impl Images {
     fn disks(&self, n: usize) -> Vec<DiskConfig> {
         self.1[..n]
             .iter()
-            .map(|path| DiskConfig {
-                path: path.clone(),
-                read_only: false,
-                id: None,
-                transport: None,
+            .map(|path| {
+                let mut disk = DiskConfig::new(path.clone());
+                disk.read_only = false;
+                disk.id = None;
+                disk.transport = None;
+                disk
             })
             .collect()
     }
@@ -78,12 +79,13 @@ fn run(transport: VirtioTransport, disks: Vec<DiskConfig>, cmdline: &str) -> (Du
             Ok(())
         }
     }
-    let config = VmConfig {
-        memory_mib: 64,
-        serial: SerialMode::None,
-        disks,
-        transport,
-        ..Default::default()
+    let config = {
+        let mut config = VmConfig::default();
+        config.memory_mib = 64;
+        config.serial = SerialMode::None;
+        config.disks = disks;
+        config.transport = transport;
+        config
     };
     let start = Instant::now();
     let vm = VmBuilder::new(config)

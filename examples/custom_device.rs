@@ -73,9 +73,10 @@ impl MutDeviceMmio for ScratchDevice {
 
 fn main() -> ExitCode {
     let device = Arc::new(Mutex::new(ScratchDevice::default()));
-    let config = VmConfig {
-        memory_mib: 64,
-        ..Default::default()
+    let config = {
+        let mut config = VmConfig::default();
+        config.memory_mib = 64;
+        config
     };
     let result = VmBuilder::new(config).and_then(|mut builder| {
         let addr = builder.add_mmio_device(0x1000, device.clone())?;

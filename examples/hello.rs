@@ -35,9 +35,10 @@ impl DeviceMmio for IdRegister {
 
 fn main() -> ExitCode {
     let started = Instant::now();
-    let config = VmConfig {
-        memory_mib: 128,
-        ..Default::default()
+    let config = {
+        let mut config = VmConfig::default();
+        config.memory_mib = 128;
+        config
     };
     let result = VmBuilder::new(config).and_then(|mut builder| {
         let addr = builder.add_mmio_device(4, Arc::new(IdRegister))?;

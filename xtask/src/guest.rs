@@ -1066,7 +1066,8 @@ mod tests {
         }
         // A distribution kernel's way to find devices: no command-line ones.
         assert!(
-            !s.iter().any(|x| x.name == "VIRTIO_MMIO_CMDLINE_DEVICES" && x.value == Yes),
+            !s.iter()
+                .any(|x| x.name == "VIRTIO_MMIO_CMDLINE_DEVICES" && x.value == Yes),
             "keel.config must not enable VIRTIO_MMIO_CMDLINE_DEVICES"
         );
         for n in ["PTP_1588_CLOCK_KVM", "MODULES"] {

@@ -175,9 +175,23 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
         Some(path) => {
             let text =
                 std::fs::read_to_string(path).map_err(|e| format!("config file {}: {e}", path.display()))?;
-            VmConfig::from_json(&text).map_err(|e| format!("config file {}: {e}", path.display()))?
+            let mut config =
+                VmConfig::from_json(&text).map_err(|e| format!("config file {}: {e}", path.display()))?;
+            // The library's default console goes nowhere; this command's
+            // goes to the terminal unless the file says otherwise.
+            let names_serial = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .is_some_and(|v| v.get("serial").is_some());
+            if !names_serial {
+                config.serial = SerialMode::Stdio;
+            }
+            config
         }
-        None => VmConfig::default(),
+        None => {
+            let mut config = VmConfig::default();
+            config.serial = SerialMode::Stdio;
+            config
+        }
     };
     if let Some(k) = &args.kernel {
         config.kernel = Some(k.clone());
@@ -262,6 +276,7 @@ fn main() -> ExitCode {
                 ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => ExitCode::SUCCESS,
                 ExitReason::GuestExit(status) => ExitCode::from(status),
                 ExitReason::TripleFault { .. } => ExitCode::FAILURE,
+                _ => ExitCode::FAILURE,
             }
         }
         Err(message) => {

@@ -550,12 +550,18 @@ fn assert_rtc_matches_host(serial: &str, host_start: std::time::SystemTime) {
         .next()
         .and_then(|t| t.trim_start_matches('[').trim().parse().ok())
         .unwrap_or_else(|| panic!("no printk timestamp in {line:?}"));
-    let start = host_start.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let start = host_start
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
     let host_then = start + uptime;
     let drift = epoch as f64 - host_then;
     println!("guest clock at boot: {line} (host {host_then:.1}, drift {drift:+.1} s)");
     // The RTC has whole seconds; allow its truncation on top of 2 s.
-    assert!(drift.abs() <= 3.0, "the guest's clock is {drift:+.1} s off the host's: {line}");
+    assert!(
+        drift.abs() <= 3.0,
+        "the guest's clock is {drift:+.1} s off the host's: {line}"
+    );
 }
 
 fn assert_has(text: &str, needle: &str, what: &str) {
@@ -636,10 +642,20 @@ fn linux_full_boot_two_cpus_root_on_virtio_blk() {
     // the DSDT (no virtio_mmio.device= on the command line), the tables
     // accepted without firmware bugs.
     assert_has(s, "ACPI: RSDP 0x00000000000E0000", "the RSDP where Keel put it");
-    assert_has(s, "ACPI: Using ACPI (MADT) for SMP configuration information", "CPUs from the MADT");
-    assert!(!s.contains("virtio_mmio.device="), "command-line devices with ACPI:\n{s}");
+    assert_has(
+        s,
+        "ACPI: Using ACPI (MADT) for SMP configuration information",
+        "CPUs from the MADT",
+    );
+    assert!(
+        !s.contains("virtio_mmio.device="),
+        "command-line devices with ACPI:\n{s}"
+    );
     for bad in ["[Firmware Bug]", "ACPI Error", "ACPI BIOS Error", "ACPI Warning"] {
-        assert!(!s.contains(bad), "the guest complains about the tables ({bad}):\n{s}");
+        assert!(
+            !s.contains(bad),
+            "the guest complains about the tables ({bad}):\n{s}"
+        );
     }
     assert_rtc_matches_host(s, host_start);
     let total_kib: u64 = s

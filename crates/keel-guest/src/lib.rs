@@ -59,7 +59,7 @@
 //!   guest maps (the first GiB) is ignored (no command line: `hello`; no
 //!   memory map) rather than read, so a broken VMM cannot fault the guest
 //!   before it can say so. At most 128 memory map entries are read.
-//! * At least 16 MiB of RAM from address 0. The guest identity-maps the first
+//! * At least 16 MiB ([`MIN_MEMORY_MIB`]) of RAM from address 0. The guest identity-maps the first
 //!   GiB (RAM) and 0xC000_0000–0xFFFF_FFFF (the 32-bit MMIO gap, where MMIO
 //!   devices under test must live), all user-accessible.
 //! * Platform: a local APIC at 0xFEE0_0000 (xAPIC mode, enabled in
@@ -393,6 +393,9 @@ static IMAGE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/keel-guest.elf")
 pub fn elf() -> &'static [u8] {
     IMAGE
 }
+
+/// The least RAM the guest runs in, in MiB (see the boot contract).
+pub const MIN_MEMORY_MIB: u64 = 16;
 
 /// The exit status the guest reports for an unexpected exception `vector`.
 pub const fn exception_status(vector: u8) -> u8 {

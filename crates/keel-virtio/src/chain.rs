@@ -142,7 +142,6 @@ impl RequestBuffers {
     }
 
     /// Total bytes the device may read.
-    #[cfg(test)]
     pub fn readable_len(&self) -> u64 {
         total(&self.readable)
     }

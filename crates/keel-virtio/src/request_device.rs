@@ -161,7 +161,10 @@ impl<H: RequestHandler> VirtioDevice for RequestDevice<H> {
     }
 
     fn features(&self) -> u64 {
-        features::VERSION_1 | features::RING_EVENT_IDX | features::RING_INDIRECT_DESC | self.handler.features()
+        features::VERSION_1
+            | features::RING_EVENT_IDX
+            | features::RING_INDIRECT_DESC
+            | self.handler.features()
     }
 
     fn ack_features(&mut self, _acked: u64) {}

@@ -19,6 +19,7 @@ pub const MAX_VCPUS: u8 = 254;
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct VmConfig {
     /// Number of vCPUs, 1..=[`MAX_VCPUS`].
     #[serde(default = "default_vcpus")]
@@ -102,6 +103,7 @@ pub struct VmConfig {
 /// needs `mmio`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum VirtioTransport {
     /// virtio-mmio version 2.
     Mmio,
@@ -137,6 +139,7 @@ impl std::fmt::Display for VirtioTransport {
 /// connecting to host port P reaches the Unix socket `<uds>_P`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct VsockConfig {
     /// The guest's context ID (3 or more).
     pub cid: u64,
@@ -145,6 +148,18 @@ pub struct VsockConfig {
     /// Its transport (default: the VM's [`VmConfig::transport`]).
     #[serde(default)]
     pub transport: Option<VirtioTransport>,
+}
+
+impl VsockConfig {
+    /// A vsock device with guest CID `cid` whose host side listens at and
+    /// connects through the Unix socket `uds`, on the VM's default transport.
+    pub fn new(cid: u64, uds: impl Into<PathBuf>) -> Self {
+        Self {
+            cid,
+            uds: uds.into(),
+            transport: None,
+        }
+    }
 }
 
 impl std::str::FromStr for VsockConfig {
@@ -181,6 +196,7 @@ impl std::str::FromStr for VsockConfig {
 /// One virtio-net card.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct NetConfig {
     /// Name of the host tap device (opened with `IFF_TAP | IFF_NO_PI |
     /// IFF_VNET_HDR`; it must exist or be creatable by this process). Empty
@@ -201,6 +217,27 @@ pub struct NetConfig {
 }
 
 impl NetConfig {
+    /// A card on the host tap device `tap`, MAC address chosen by index, on
+    /// the VM's default transport.
+    pub fn tap(tap: impl Into<String>) -> Self {
+        Self {
+            tap: tap.into(),
+            fd: None,
+            mac: None,
+            transport: None,
+        }
+    }
+
+    /// A card on an open tap file descriptor that the VM takes over.
+    pub fn fd(fd: i32) -> Self {
+        Self {
+            tap: String::new(),
+            fd: Some(fd),
+            mac: None,
+            transport: None,
+        }
+    }
+
     /// The MAC as bytes (the configured one, or the default for card
     /// `index`).
     pub fn mac_bytes(&self, index: usize) -> std::result::Result<[u8; 6], String> {
@@ -280,6 +317,7 @@ impl std::str::FromStr for NetConfig {
 /// One virtio-blk disk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct DiskConfig {
     /// Raw image file (sparse is fine).
     pub path: PathBuf,
@@ -292,6 +330,19 @@ pub struct DiskConfig {
     /// Its transport (default: the VM's [`VmConfig::transport`]).
     #[serde(default)]
     pub transport: Option<VirtioTransport>,
+}
+
+impl DiskConfig {
+    /// A read-write disk on the image at `path`, no ID, on the VM's default
+    /// transport.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            read_only: false,
+            id: None,
+            transport: None,
+        }
+    }
 }
 
 impl std::str::FromStr for DiskConfig {
@@ -331,6 +382,7 @@ impl std::str::FromStr for DiskConfig {
 /// Where a virtio-console's port 0 goes.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum ConsoleConfig {
     /// This process's stdout (output only; stdin belongs to the serial
     /// console).
@@ -358,6 +410,7 @@ impl std::str::FromStr for ConsoleConfig {
 /// How to enter the kernel.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum BootProtocolChoice {
     /// PVH when the ELF has a PVH entry point, the Linux 64-bit entry
     /// otherwise.
@@ -372,6 +425,7 @@ pub enum BootProtocolChoice {
 /// Which interrupt controllers KVM emulates and which the VMM does.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum IrqchipChoice {
     /// KVM emulates the local APICs; Keel emulates the IOAPIC in user space
     /// (`keel_irq::Ioapic`, its entries turned into KVM MSI routes, so
@@ -391,6 +445,7 @@ pub enum IrqchipChoice {
 /// What the host's KVM does with guest ring 0.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Ring0Choice {
     /// Probe the host at start.
     #[default]
@@ -405,11 +460,13 @@ pub enum Ring0Choice {
 /// input comes from when the embedder wires one).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum SerialMode {
-    /// Discard output.
+    /// Discard output (the library's default: an embedder says where the
+    /// console goes; the `keel` command defaults to `stdio`).
+    #[default]
     None,
     /// This process's standard output.
-    #[default]
     Stdio,
     /// Append to a file.
     File(PathBuf),
@@ -459,7 +516,7 @@ impl Default for VmConfig {
             initrd: None,
             boot_protocol: BootProtocolChoice::Auto,
             ring0: Ring0Choice::Auto,
-            serial: SerialMode::Stdio,
+            serial: SerialMode::None,
             disks: Vec::new(),
             rng: false,
             console: None,
@@ -497,6 +554,13 @@ impl VmConfig {
             .checked_mul(keel_memory::MIB)
             .ok_or_else(|| Error::Config(format!("memory {} MiB: too large", self.memory_mib)))?;
         keel_memory::GuestLayout::new(bytes).map_err(|e| Error::Config(e.to_string()))?;
+        if self.kernel.is_none() && self.memory_mib < keel_guest::MIN_MEMORY_MIB {
+            return Err(Error::Config(format!(
+                "memory {} MiB: the built-in guest needs at least {} MiB",
+                self.memory_mib,
+                keel_guest::MIN_MEMORY_MIB
+            )));
+        }
         if let Some(host) = host_memory_bytes() {
             if bytes > host {
                 return Err(Error::Config(format!(

@@ -27,7 +27,8 @@
 //! }
 //!
 //! let console = Capture::default();
-//! let config = VmConfig { memory_mib: 32, ..Default::default() };
+//! let mut config = VmConfig::default();
+//! config.memory_mib = 32;
 //! let vm = VmBuilder::new(config).unwrap().serial_output(console.clone()).build().unwrap();
 //! assert_eq!(vm.run().unwrap(), ExitReason::GuestExit(0));
 //! let text = String::from_utf8_lossy(&console.0.lock().unwrap()).into_owned();
@@ -54,6 +55,7 @@ pub use vm::{
 
 /// Errors from building or running a VM.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A configuration value is wrong.
     #[error("invalid configuration: {0}")]
@@ -66,9 +68,20 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
-    /// The kernel's KVM speaks another API version.
-    #[error("/dev/kvm reports API version {0}; Keel needs {expected}", expected = kvm_bindings::KVM_API_VERSION)]
-    KvmApiVersion(i32),
+    /// The KVM device speaks another API version.
+    #[error("{}: KVM reports API version {version}; Keel needs {expected}", path.display(), expected = kvm_bindings::KVM_API_VERSION)]
+    KvmApiVersion {
+        /// The device node opened.
+        path: std::path::PathBuf,
+        /// The version it reported.
+        version: i32,
+    },
+    /// The file opened as the KVM device does not answer KVM's ioctls.
+    #[error("{}: not a KVM device (it does not answer KVM_GET_API_VERSION)", path.display())]
+    NotKvm {
+        /// The path opened.
+        path: std::path::PathBuf,
+    },
     /// A VM-level KVM ioctl failed.
     #[error("{0}: {1}")]
     Kvm(&'static str, kvm_ioctls::Error),

@@ -50,23 +50,31 @@ impl VirtioWiring<'_> {
     where
         D: keel_virtio::VirtioDevice + MutEventSubscriber + Send + 'static,
     {
+        self.add_shared(what, device.clone(), device, transport)
+    }
+
+    /// [`Self::add`] for a device seen through its two roles.
+    fn add_shared(
+        &mut self,
+        what: &str,
+        device: Arc<Mutex<dyn keel_virtio::VirtioDevice>>,
+        subscriber: Subscriber,
+        transport: VirtioTransport,
+    ) -> Result<()> {
         match transport {
-            VirtioTransport::Mmio => self.add_mmio(what, device.clone())?,
+            VirtioTransport::Mmio => self.add_mmio(what, device)?,
             VirtioTransport::Pci => {
-                self.pci.add_virtio(what, device.clone(), self.vm_fd, self.mem)?;
+                self.pci.add_virtio(what, device, self.vm_fd, self.mem)?;
             }
         }
-        self.subscribers.push(device);
+        self.subscribers.push(subscriber);
         Ok(())
     }
 
     /// Gives `device` an MMIO window and a GSI, puts its transport on the
     /// bus, turns its queue notifications into ioeventfds and announces it
     /// on the command line.
-    fn add_mmio<D>(&mut self, what: &str, device: Arc<Mutex<D>>) -> Result<()>
-    where
-        D: keel_virtio::VirtioDevice + Send + 'static,
-    {
+    fn add_mmio(&mut self, what: &str, device: Arc<Mutex<dyn keel_virtio::VirtioDevice>>) -> Result<()> {
         let place = |e: String| Error::DeviceRange(format!("{what}: {e}"));
         let window = self
             .mmio_allocator
@@ -78,7 +86,7 @@ impl VirtioWiring<'_> {
             gsi,
         };
         let line = Arc::new(IrqfdLine::new(self.vm_fd, gsi)?);
-        let transport = keel_virtio::MmioTransport::new(device.clone(), self.mem.clone(), line, slot)
+        let transport = keel_virtio::MmioTransport::new(device, self.mem.clone(), line, slot)
             .map_err(|e| place(e.to_string()))?;
         for notifier in transport.queue_notifiers() {
             let address = kvm_ioctls::IoEventAddress::Mmio(notifier.address);
@@ -175,7 +183,24 @@ fn serial_sink(mode: &SerialMode) -> Result<Console> {
 }
 
 /// Why a VM stopped.
+///
+/// The VM's outcome is the last of three words for "why it stopped", each
+/// at its own layer: `keel_vcpu::RunOutcome` is why one `KVM_RUN` returned
+/// (an exit handled, a kick, a halt, a triple fault, a KVM system event);
+/// `keel_vcpu::VcpuStop` is why one vCPU's run loop ended; `ExitReason` is
+/// why the whole VM ended, whichever vCPU or device decided it:
+///
+/// | `VcpuStop` | or a device | `ExitReason` |
+/// |---|---|---|
+/// | `TripleFault` | | [`TripleFault`](Self::TripleFault) `{ vcpu }` |
+/// | `Reset` | i8042 reset line | [`GuestReset`](Self::GuestReset) |
+/// | `PowerOff` | ACPI S5 (sleep control register) | [`GuestShutdown`](Self::GuestShutdown) |
+/// | | exit port | [`GuestExit`](Self::GuestExit) |
+/// | `Requested` | | [`Stopped`](Self::Stopped) (after [`StopHandle::stop`]) |
+///
+/// A vCPU error is not an outcome but the `Err` of [`VmHandle::wait`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ExitReason {
     /// The guest reset the machine (i8042 reset line, `reboot`, `panic=-1`).
     GuestReset,
@@ -262,6 +287,50 @@ pub struct VmBuilder {
     mmio_allocator: AddressAllocator,
     mmio_devices: Vec<(MmioRange, Arc<dyn DeviceMmio + Send + Sync>)>,
     pio_devices: Vec<(PioRange, Arc<dyn DevicePio + Send + Sync>)>,
+    virtio_devices: Vec<UserVirtioDevice>,
+}
+
+/// A virtio device the caller built, waiting for [`VmBuilder::build`].
+struct UserVirtioDevice {
+    name: String,
+    device: Arc<Mutex<dyn keel_virtio::VirtioDevice>>,
+    subscriber: Subscriber,
+    transport: Option<VirtioTransport>,
+}
+
+/// The ports Keel's own devices hold in every VM, and who holds them.
+const PLATFORM_PORTS: &[(u16, u16, &str)] = &[
+    (
+        keel_devices::ports::I8042,
+        keel_devices::ports::I8042_PORT_COUNT,
+        "the i8042 reset controller",
+    ),
+    (
+        keel_devices::ports::RTC,
+        keel_devices::ports::RTC_PORT_COUNT,
+        "the CMOS clock (RTC)",
+    ),
+    (keel_devices::ports::EXIT_PORT, 1, "the guest exit port"),
+    (
+        keel_devices::ports::COM1,
+        keel_devices::ports::SERIAL_PORT_COUNT,
+        "the serial console (COM1)",
+    ),
+    (
+        keel_devices::ports::ACPI_SLEEP_CONTROL,
+        keel_devices::ports::ACPI_SLEEP_PORT_COUNT,
+        "the ACPI sleep registers",
+    ),
+    (
+        keel_pci::CONFIG_ADDRESS_PORT,
+        keel_pci::CONFIG_PORTS,
+        "the PCI configuration ports",
+    ),
+];
+
+/// Whether `[a, a + a_len)` and `[b, b + b_len)` share an address.
+fn overlaps(a: u64, a_len: u64, b: u64, b_len: u64) -> bool {
+    a < b.saturating_add(b_len) && b < a.saturating_add(a_len)
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -291,6 +360,7 @@ impl VmBuilder {
             mmio_allocator,
             mmio_devices: Vec::new(),
             pio_devices: Vec::new(),
+            virtio_devices: Vec::new(),
         })
     }
 
@@ -343,47 +413,236 @@ impl VmBuilder {
         Ok(range.start())
     }
 
-    /// Registers a device on the MMIO bus at `base`.
+    /// Registers a device on the MMIO bus at `base`. The range must not
+    /// touch guest RAM or anything Keel or an earlier device placed there;
+    /// the error names the address, the size and what holds it.
     pub fn add_mmio_device_at(
         &mut self,
         base: u64,
         size: u64,
         device: Arc<dyn DeviceMmio + Send + Sync>,
     ) -> Result<()> {
+        let what = || format!("MMIO device at {base:#x} ({size:#x} bytes)");
+        if size == 0 || base.checked_add(size).is_none() {
+            return Err(Error::DeviceRange(format!(
+                "{}: the range is empty or wraps around the address space",
+                what()
+            )));
+        }
+        if let Some((start, len, owner)) = self
+            .mmio_occupants()
+            .into_iter()
+            .find(|&(start, len, _)| overlaps(base, size, start, len))
+        {
+            return Err(Error::DeviceRange(format!(
+                "{}: overlaps {owner} at {start:#x}..{:#x}",
+                what(),
+                start.saturating_add(len)
+            )));
+        }
         if (MMIO_DEVICES_START..MMIO_DEVICES_END).contains(&base) {
             self.mmio_allocator
-                .allocate(size.max(1), 1, AllocPolicy::ExactMatch(base))
-                .map_err(|e| {
-                    Error::DeviceRange(format!("MMIO device at {base:#x} ({size:#x} bytes): {e}"))
-                })?;
+                .allocate(size, 1, AllocPolicy::ExactMatch(base))
+                .map_err(|e| Error::DeviceRange(format!("{}: {e}", what())))?;
         }
         self.push_mmio(base, size, device)
+    }
+
+    /// Every MMIO range already taken before build: guest RAM, Keel's
+    /// platform windows and the devices added so far, with who holds it.
+    fn mmio_occupants(&self) -> Vec<(u64, u64, String)> {
+        let mut taken: Vec<(u64, u64, String)> = Vec::new();
+        if let Ok(layout) = GuestLayout::new(self.config.memory_mib.saturating_mul(keel_memory::MIB)) {
+            for (start, len) in layout.ram_ranges() {
+                taken.push((start.0, len, "guest RAM".into()));
+            }
+            let (start, len) = layout.pci_mmio64_window();
+            taken.push((start, len, "the 64-bit PCI BAR window".into()));
+        }
+        taken.push((
+            keel_memory::PCI_ECAM_START,
+            keel_memory::PCI_ECAM_SIZE,
+            "the PCI configuration window (ECAM)".into(),
+        ));
+        taken.push((BOOT_TIMER_ADDR, 0x1000, "the boot timer".into()));
+        taken.push((
+            keel_memory::PCI_MMIO32_START,
+            keel_memory::PCI_MMIO32_END - keel_memory::PCI_MMIO32_START,
+            "the 32-bit PCI BAR window".into(),
+        ));
+        taken.push((keel_memory::IOAPIC_START, 0x1000, "the IOAPIC".into()));
+        taken.push((keel_memory::LAPIC_START, 0x1000, "the local APIC".into()));
+        if self.config.acpi {
+            taken.push((
+                keel_memory::ACPI_GED_START,
+                keel_boot::GED_WINDOW_SIZE,
+                "the ACPI generic event device".into(),
+            ));
+        }
+        for (range, _) in &self.mmio_devices {
+            taken.push((
+                range.base().0,
+                range.size(),
+                format!("the MMIO device added at {:#x}", range.base().0),
+            ));
+        }
+        taken
     }
 
     fn push_mmio(&mut self, base: u64, size: u64, device: Arc<dyn DeviceMmio + Send + Sync>) -> Result<()> {
         let range = MmioRange::new(MmioAddress(base), size)
             .map_err(|e| Error::DeviceRange(format!("MMIO device at {base:#x} ({size:#x} bytes): {e}")))?;
-        if let Some((r, _)) = self.mmio_devices.iter().find(|(r, _)| r.overlaps(&range)) {
-            return Err(Error::DeviceRange(format!(
-                "MMIO device at {base:#x} ({size:#x} bytes) overlaps the device at {:#x}",
-                r.base().0
-            )));
-        }
         self.mmio_devices.push((range, device));
         Ok(())
     }
 
-    /// Registers a device on the port I/O bus at `base`.
+    /// Registers a device on the port I/O bus at `base`. The ports must not
+    /// be Keel's own (COM1, the i8042, the CMOS clock, the exit port, the
+    /// ACPI sleep registers, the PCI configuration ports) or an earlier
+    /// device's; the error names the port and its owner.
     pub fn add_pio_device(
         &mut self,
         base: u16,
         size: u16,
         device: Arc<dyn DevicePio + Send + Sync>,
     ) -> Result<()> {
+        let what = || format!("port device at {base:#x} ({size} ports)");
         let range = PioRange::new(PioAddress(base), size)
-            .map_err(|e| Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}")))?;
+            .map_err(|e| Error::DeviceRange(format!("{}: {e:?}", what())))?;
+        let (base64, size64) = (u64::from(base), u64::from(size));
+        let platform = PLATFORM_PORTS
+            .iter()
+            .map(|&(start, len, owner)| (start, len, owner.to_string()));
+        let added = self.pio_devices.iter().map(|(r, _)| {
+            (
+                r.base().0,
+                r.size(),
+                format!("the port device added at {:#x}", r.base().0),
+            )
+        });
+        if let Some((start, _, owner)) = platform
+            .chain(added)
+            .find(|&(start, len, _)| overlaps(base64, size64, u64::from(start), u64::from(len)))
+        {
+            let port = base.max(start);
+            return Err(Error::DeviceRange(format!(
+                "{}: port {port:#x} belongs to {owner}",
+                what()
+            )));
+        }
         self.pio_devices.push((range, device));
         Ok(())
+    }
+
+    /// Attaches a virtio device the caller built — one of keel-virtio's,
+    /// a [`keel_virtio::RequestDevice`], or any type implementing
+    /// [`keel_virtio::VirtioDevice`] and `MutEventSubscriber` — on the
+    /// VM's default transport ([`VmConfig::transport`]). At
+    /// [`build`](Self::build) the VM gives it an MMIO window and a GSI (and
+    /// a `virtio_mmio.device=` entry) or a PCI function with MSI-X,
+    /// ioeventfds for its queues and irqfds for its interrupts, and runs it
+    /// on the VM's event loop. Devices added here come after the
+    /// configuration's, in the order added. `name` appears in errors and
+    /// logs. Keep a clone of `device` to look at it while the VM runs.
+    pub fn add_virtio_device<D>(&mut self, name: impl Into<String>, device: Arc<Mutex<D>>) -> Result<()>
+    where
+        D: keel_virtio::VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        self.push_virtio(name.into(), device, None)
+    }
+
+    /// [`add_virtio_device`](Self::add_virtio_device) on `transport`
+    /// rather than the VM's default.
+    pub fn add_virtio_device_on<D>(
+        &mut self,
+        name: impl Into<String>,
+        device: Arc<Mutex<D>>,
+        transport: VirtioTransport,
+    ) -> Result<()>
+    where
+        D: keel_virtio::VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        self.push_virtio(name.into(), device, Some(transport))
+    }
+
+    fn push_virtio<D>(
+        &mut self,
+        name: String,
+        device: Arc<Mutex<D>>,
+        transport: Option<VirtioTransport>,
+    ) -> Result<()>
+    where
+        D: keel_virtio::VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        if self.virtio_devices.iter().any(|d| d.name == name) {
+            return Err(Error::DeviceRange(format!(
+                "virtio device {name:?}: a device of that name was already added"
+            )));
+        }
+        self.virtio_devices.push(UserVirtioDevice {
+            name,
+            device: device.clone(),
+            subscriber: device,
+            transport,
+        });
+        Ok(())
+    }
+
+    /// Adds a virtio-blk disk on the caller's own backend (a
+    /// [`keel_virtio::MemoryBackend`], a copy-on-write layer, a network
+    /// block store: any [`keel_virtio::BlockBackend`]). Returns the device,
+    /// to look at while the VM runs. Disks from the configuration come
+    /// first; see [`add_virtio_device`](Self::add_virtio_device).
+    pub fn add_disk<B>(
+        &mut self,
+        backend: B,
+        options: keel_virtio::BlockOptions,
+    ) -> Result<Arc<Mutex<keel_virtio::Block<B>>>>
+    where
+        B: keel_virtio::BlockBackend + 'static,
+    {
+        let name = format!("disk {} (caller's backend)", self.virtio_devices.len());
+        let block =
+            keel_virtio::Block::new(backend, options).map_err(|e| Error::Config(format!("{name}: {e}")))?;
+        let block = Arc::new(Mutex::new(block));
+        self.push_virtio(name, block.clone(), None)?;
+        Ok(block)
+    }
+
+    /// Adds a virtio-net card on the caller's own backend (any
+    /// [`keel_virtio::NetBackend`], e.g. [`keel_virtio::MemoryNetBackend`]
+    /// or a user-space switch). Returns the device.
+    pub fn add_network_interface<B>(
+        &mut self,
+        backend: B,
+        options: keel_virtio::NetOptions,
+    ) -> Result<Arc<Mutex<keel_virtio::Net<B>>>>
+    where
+        B: keel_virtio::NetBackend + 'static,
+    {
+        let name = format!(
+            "network interface {} (caller's backend)",
+            self.virtio_devices.len()
+        );
+        let card =
+            keel_virtio::Net::new(backend, options).map_err(|e| Error::Config(format!("{name}: {e}")))?;
+        let card = Arc::new(Mutex::new(card));
+        self.push_virtio(name, card.clone(), None)?;
+        Ok(card)
+    }
+
+    /// Adds a virtio-console whose port 0 is the caller's
+    /// [`keel_virtio::ConsoleBackend`]. Returns the device.
+    pub fn add_console(
+        &mut self,
+        backend: Box<dyn keel_virtio::ConsoleBackend>,
+    ) -> Result<Arc<Mutex<keel_virtio::Console>>> {
+        let name = format!("console {} (caller's backend)", self.virtio_devices.len());
+        let console =
+            keel_virtio::Console::new(backend).map_err(|e| Error::Config(format!("{name}: {e}")))?;
+        let console = Arc::new(Mutex::new(console));
+        self.push_virtio(name, console.clone(), None)?;
+        Ok(console)
     }
 
     /// Creates the VM: KVM objects, memory, interrupt controller, devices,
@@ -505,8 +764,16 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm> {
     let kvm =
         Kvm::new_with_path(&c_path).map_err(|e| open_error(std::io::Error::from_raw_os_error(e.errno())))?;
     let version = kvm.get_api_version();
+    if version < 0 {
+        return Err(Error::NotKvm {
+            path: path.to_owned(),
+        });
+    }
     if version != kvm_bindings::KVM_API_VERSION as i32 {
-        return Err(Error::KvmApiVersion(version));
+        return Err(Error::KvmApiVersion {
+            path: path.to_owned(),
+            version,
+        });
     }
     Ok(kvm)
 }
@@ -717,6 +984,14 @@ impl Vm {
                 "virtio-vsock",
                 Arc::new(Mutex::new(device)),
                 vsock.transport.unwrap_or(config.transport),
+            )?;
+        }
+        for user in builder.virtio_devices {
+            virtio.add_shared(
+                &user.name,
+                user.device,
+                user.subscriber,
+                user.transport.unwrap_or(config.transport),
             )?;
         }
         // The ACPI event device takes the next GSI after the devices', so

@@ -19,10 +19,11 @@ fn kvm() -> bool {
 }
 
 fn config(cmdline: &str) -> VmConfig {
-    VmConfig {
-        memory_mib: 32,
-        cmdline: Some(cmdline.into()),
-        ..Default::default()
+    {
+        let mut config = VmConfig::default();
+        config.memory_mib = 32;
+        config.cmdline = Some(cmdline.into());
+        config
     }
 }
 
@@ -38,9 +39,10 @@ fn acpi_tables_are_in_guest_memory_by_default_and_absent_without_acpi() {
         .unwrap();
     assert_eq!(&signature, b"RSD PTR ");
 
-    let vm = VmBuilder::new(VmConfig {
-        acpi: false,
-        ..config("exit code=0")
+    let vm = VmBuilder::new({
+        let mut config = config("exit code=0");
+        config.acpi = false;
+        config
     })
     .unwrap()
     .build()
@@ -101,9 +103,10 @@ fn without_acpi_there_is_no_power_button() {
     if !kvm() {
         return;
     }
-    let handle = VmBuilder::new(VmConfig {
-        acpi: false,
-        ..config("serial-echo timeout-ms=2000")
+    let handle = VmBuilder::new({
+        let mut config = config("serial-echo timeout-ms=2000");
+        config.acpi = false;
+        config
     })
     .unwrap()
     .build()

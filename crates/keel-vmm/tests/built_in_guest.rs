@@ -12,9 +12,10 @@ use vm_device::bus::{MmioAddress, MmioAddressOffset};
 use vm_device::MutDeviceMmio;
 
 fn config() -> VmConfig {
-    VmConfig {
-        memory_mib: 32,
-        ..Default::default()
+    {
+        let mut config = VmConfig::default();
+        config.memory_mib = 32;
+        config
     }
 }
 
@@ -63,10 +64,11 @@ fn hello_prints_banner_with_serial_interrupts_and_exits_zero() {
 
 #[test]
 fn hello_takes_serial_interrupts_through_the_in_kernel_irqchip_too() {
-    let config = VmConfig {
-        irqchip: IrqchipChoice::Kernel,
-        pit_reinject: true,
-        ..config()
+    let config = {
+        let mut config = config();
+        config.irqchip = IrqchipChoice::Kernel;
+        config.pit_reinject = true;
+        config
     };
     let (result, console) = run_guest(VmBuilder::new(config).unwrap(), "hello");
     assert_eq!(result.unwrap(), ExitReason::GuestExit(0), "{console}");
@@ -77,9 +79,10 @@ fn hello_takes_serial_interrupts_through_the_in_kernel_irqchip_too() {
 /// boot structure (zero page or `hvm_start_info`): the command line and a
 /// memory map with the VM's RAM.
 fn hello_through(protocol: BootProtocolChoice) {
-    let config = VmConfig {
-        boot_protocol: protocol,
-        ..config()
+    let config = {
+        let mut config = config();
+        config.boot_protocol = protocol;
+        config
     };
     let cmdline = "hello note-from=the-host";
     let (result, console) = run_guest(VmBuilder::new(config).unwrap(), cmdline);
@@ -285,10 +288,11 @@ fn dropping_a_running_vm_stops_its_threads() {
 
 #[test]
 fn guest_with_two_vcpus_runs_on_the_boot_cpu() {
-    let config = VmConfig {
-        vcpus: 2,
-        memory_mib: 32,
-        ..Default::default()
+    let config = {
+        let mut config = VmConfig::default();
+        config.vcpus = 2;
+        config.memory_mib = 32;
+        config
     };
     let (result, console) = run_guest(VmBuilder::new(config).unwrap(), "hello");
     assert_eq!(result.unwrap(), ExitReason::GuestExit(0), "{console}");
@@ -298,9 +302,10 @@ fn guest_with_two_vcpus_runs_on_the_boot_cpu() {
 fn large_guest_memory_is_not_touched_at_build() {
     // 2 GiB of guest RAM must cost almost nothing until the guest uses it.
     let before = rss_kib();
-    let config = VmConfig {
-        memory_mib: 2048,
-        ..Default::default()
+    let config = {
+        let mut config = VmConfig::default();
+        config.memory_mib = 2048;
+        config
     };
     let (result, console) = run_guest(VmBuilder::new(config).unwrap(), "exit code=0");
     assert_eq!(result.unwrap(), ExitReason::GuestExit(0), "{console}");
@@ -319,9 +324,10 @@ fn rss_kib() -> u64 {
 
 #[test]
 fn missing_kernel_file_is_a_clear_error() {
-    let config = VmConfig {
-        kernel: Some("/no/such/vmlinux".into()),
-        ..config()
+    let config = {
+        let mut config = config();
+        config.kernel = Some("/no/such/vmlinux".into());
+        config
     };
     let err = VmBuilder::new(config).unwrap_err();
     assert!(err.to_string().contains("/no/such/vmlinux"), "{err}");
@@ -331,9 +337,10 @@ fn missing_kernel_file_is_a_clear_error() {
 fn garbage_kernel_file_is_a_clear_error() {
     let path = std::env::temp_dir().join(format!("keel-garbage-kernel-{}", std::process::id()));
     std::fs::write(&path, b"this is not a kernel").unwrap();
-    let config = VmConfig {
-        kernel: Some(path.clone()),
-        ..config()
+    let config = {
+        let mut config = config();
+        config.kernel = Some(path.clone());
+        config
     };
     let err = VmBuilder::new(config).unwrap().build().unwrap_err();
     std::fs::remove_file(&path).unwrap();

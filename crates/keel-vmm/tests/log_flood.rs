@@ -43,17 +43,19 @@ fn a_flooding_guest_gets_a_bounded_number_of_log_lines_and_the_rest_are_counted(
     std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
     let serial = Serial::default();
     let flood_ms = 2000;
-    let config = VmConfig {
-        memory_mib: 32,
-        transport: VirtioTransport::Mmio,
-        cmdline: Some(format!("flood ms={flood_ms}")),
-        disks: vec![DiskConfig {
-            path: image.clone(),
-            read_only: false,
-            id: None,
-            transport: None,
-        }],
-        ..Default::default()
+    let config = {
+        let mut config = VmConfig::default();
+        config.memory_mib = 32;
+        config.transport = VirtioTransport::Mmio;
+        config.cmdline = Some(format!("flood ms={flood_ms}"));
+        config.disks = vec![{
+            let mut disk = DiskConfig::new(image.clone());
+            disk.read_only = false;
+            disk.id = None;
+            disk.transport = None;
+            disk
+        }];
+        config
     };
     let suppressed_before = keel_ratelimit::suppressed_log_lines();
     let started = Instant::now();

@@ -331,15 +331,17 @@ fn guest_talks_arp_icmp_and_udp_to_the_host_over_virtio_net(transport: VirtioTra
             scope.spawn(move || sink(discard, stop, sunk));
             let (stop, blasts) = (netns.stop.clone(), blasts.clone());
             scope.spawn(move || blaster(blast, stop, blasts));
-            let config = VmConfig {
-                memory_mib: 32,
-                nets: vec![NetConfig {
-                    tap: TAP.to_string(),
-                    fd: None,
-                    mac: Some(GUEST_MAC.to_string()),
-                    transport: Some(transport),
-                }],
-                ..Default::default()
+            let config = {
+                let mut config = VmConfig::default();
+                config.memory_mib = 32;
+                config.nets = vec![{
+                    let mut net = NetConfig::tap(TAP.to_string());
+                    net.fd = None;
+                    net.mac = Some(GUEST_MAC.to_string());
+                    net.transport = Some(transport);
+                    net
+                }];
+                config
             };
             let vm = VmBuilder::new(config)
                 .unwrap()

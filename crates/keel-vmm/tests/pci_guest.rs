@@ -33,11 +33,12 @@ impl Images {
                 // Sector 0 says which disk it is.
                 std::os::unix::fs::FileExt::write_at(&file, format!("disk {i}").as_bytes(), 0).unwrap();
                 file.set_len(bytes).unwrap();
-                DiskConfig {
-                    path,
-                    read_only: false,
-                    id: Some(format!("pci{i}")),
-                    transport: None,
+                {
+                    let mut disk = DiskConfig::new(path);
+                    disk.read_only = false;
+                    disk.id = Some(format!("pci{i}"));
+                    disk.transport = None;
+                    disk
                 }
             })
             .collect();
@@ -72,12 +73,13 @@ fn run(config: VmConfig, cmdline: &str) -> (ExitReason, String) {
 
 fn hostile_guest_cannot_hurt_the_pci_bus_or_msix(irqchip: IrqchipChoice) {
     let (_images, disks) = Images::new(&format!("hostile-{irqchip:?}"), 2, 1 << 20);
-    let config = VmConfig {
-        memory_mib: 32,
-        disks,
-        irqchip,
-        transport: VirtioTransport::Pci,
-        ..Default::default()
+    let config = {
+        let mut config = VmConfig::default();
+        config.memory_mib = 32;
+        config.disks = disks;
+        config.irqchip = irqchip;
+        config.transport = VirtioTransport::Pci;
+        config
     };
     let (exit, text) = run(config, "pci-hostile");
     assert_eq!(exit, ExitReason::GuestExit(0), "serial:\n{text}");
@@ -120,11 +122,12 @@ fn hostile_guest_cannot_hurt_the_pci_bus_or_msix_with_the_in_kernel_irqchip() {
 #[test]
 fn pci_hostile_without_a_pci_disk_fails_cleanly() {
     let (_images, disks) = Images::new("hostile-mmio", 1, 1 << 20);
-    let config = VmConfig {
-        memory_mib: 32,
-        disks,
-        transport: VirtioTransport::Mmio,
-        ..Default::default()
+    let config = {
+        let mut config = VmConfig::default();
+        config.memory_mib = 32;
+        config.disks = disks;
+        config.transport = VirtioTransport::Mmio;
+        config
     };
     let (exit, text) = run(config, "pci-hostile");
     assert_eq!(exit, ExitReason::GuestExit(1), "serial:\n{text}");
@@ -137,11 +140,12 @@ fn pci_hostile_without_a_pci_disk_fails_cleanly() {
 #[test]
 fn more_than_fifteen_mmio_devices_are_refused_naming_the_limit() {
     let (_images, disks) = Images::new("mmio-limit", 16, 1 << 20);
-    let config = VmConfig {
-        memory_mib: 32,
-        disks,
-        transport: VirtioTransport::Mmio,
-        ..Default::default()
+    let config = {
+        let mut config = VmConfig::default();
+        config.memory_mib = 32;
+        config.disks = disks;
+        config.transport = VirtioTransport::Mmio;
+        config
     };
     let err = VmBuilder::new(config).unwrap().build().unwrap_err().to_string();
     assert!(err.contains("no free GSI"), "{err}");
@@ -188,26 +192,28 @@ fn thirty_two_disks_and_eight_nics_attach_over_pci() {
     let (_images, disks) = Images::new("many", 32, 1 << 20);
     let dir = std::env::temp_dir().join(format!("keel-pci-{}-many-sockets", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let config = VmConfig {
-        memory_mib: 64,
-        disks,
-        nets: (0..8)
-            .map(|i| NetConfig {
-                tap: format!("keelpci{i}"),
-                fd: None,
-                mac: None,
-                transport: None,
+    let config = {
+        let mut config = VmConfig::default();
+        config.memory_mib = 64;
+        config.disks = disks;
+        config.nets = (0..8)
+            .map(|i| {
+                let mut net = NetConfig::tap(format!("keelpci{i}"));
+                net.fd = None;
+                net.mac = None;
+                net.transport = None;
+                net
             })
-            .collect(),
-        rng: true,
-        console: Some(ConsoleConfig::File(dir.join("hvc0.txt"))),
-        vsock: Some(VsockConfig {
-            cid: 3,
-            uds: dir.join("v.sock"),
-            transport: None,
-        }),
-        transport: VirtioTransport::Pci,
-        ..Default::default()
+            .collect();
+        config.rng = true;
+        config.console = Some(ConsoleConfig::File(dir.join("hvc0.txt")));
+        config.vsock = Some({
+            let mut vsock = VsockConfig::new(3, dir.join("v.sock"));
+            vsock.transport = None;
+            vsock
+        });
+        config.transport = VirtioTransport::Pci;
+        config
     };
     let outcome = in_netns("many", || run(config, "virtio-blk event-idx=0"));
     let _ = std::fs::remove_dir_all(&dir);

@@ -65,20 +65,22 @@ impl Drop for TempFile {
 }
 
 fn disk(image: &TempFile, read_only: bool, id: &str) -> DiskConfig {
-    DiskConfig {
-        path: image.0.clone(),
-        read_only,
-        id: Some(id.to_string()),
-        transport: None,
+    {
+        let mut disk = DiskConfig::new(image.0.clone());
+        disk.read_only = read_only;
+        disk.id = Some(id.to_string());
+        disk.transport = None;
+        disk
     }
 }
 
 /// A small VM whose virtio devices use `transport`.
 fn config(transport: VirtioTransport) -> VmConfig {
-    VmConfig {
-        memory_mib: 32,
-        transport,
-        ..Default::default()
+    {
+        let mut config = VmConfig::default();
+        config.memory_mib = 32;
+        config.transport = transport;
+        config
     }
 }
 
@@ -263,9 +265,10 @@ fn blk_pattern_lands_on_the_image_and_a_read_only_disk_stays_identical(transport
     let rw = TempFile::sparse_image("rw.img", 4 << 20);
     let ro_content = read_only_content(1 << 20);
     let ro = TempFile::image_with("ro.img", &ro_content);
-    let config = VmConfig {
-        disks: vec![disk(&rw, false, "keel-rw"), disk(&ro, true, "keel-ro")],
-        ..config(transport)
+    let config = {
+        let mut config = config(transport);
+        config.disks = vec![disk(&rw, false, "keel-rw"), disk(&ro, true, "keel-ro")];
+        config
     };
     // Without EVENT_IDX every completion interrupts, which this test checks.
     // With it, the device interrupts only when the driver's used_event asks,
@@ -334,9 +337,10 @@ fn blk_pattern_lands_on_the_image_and_a_read_only_disk_stays_identical(transport
 fn blk_two_writable_disks_without_ring_features_get_their_own_patterns(transport: VirtioTransport) {
     let a = TempFile::sparse_image("a.img", 1 << 20);
     let b = TempFile::sparse_image("b.img", (2 << 20) + 512);
-    let config = VmConfig {
-        disks: vec![disk(&a, false, "a"), disk(&b, false, "b")],
-        ..config(transport)
+    let config = {
+        let mut config = config(transport);
+        config.disks = vec![disk(&a, false, "a"), disk(&b, false, "b")];
+        config
     };
     let run = run(config, "virtio-blk pattern=0x1234 event-idx=0 indirect=0");
     run.assert_passed("virtio-blk");
@@ -347,9 +351,10 @@ fn blk_two_writable_disks_without_ring_features_get_their_own_patterns(transport
 fn blk_bench_reports_its_figures(transport: VirtioTransport) {
     let image = TempFile::sparse_image("bench.img", 16 << 20);
     for size in [4096, 65536] {
-        let config = VmConfig {
-            disks: vec![disk(&image, false, "bench")],
-            ..config(transport)
+        let config = {
+            let mut config = config(transport);
+            config.disks = vec![disk(&image, false, "bench")];
+            config
         };
         let run = run(config, &format!("virtio-blk-bench size={size} count=256"));
         run.assert_passed("virtio-blk-bench");
@@ -362,9 +367,10 @@ fn blk_bench_reports_its_figures(transport: VirtioTransport) {
 }
 
 fn rng_fills_buffers_of_every_size(transport: VirtioTransport) {
-    let config = VmConfig {
-        rng: true,
-        ..config(transport)
+    let config = {
+        let mut config = config(transport);
+        config.rng = true;
+        config
     };
     let run = run(config, "virtio-rng");
     run.assert_passed("virtio-rng");
@@ -381,9 +387,10 @@ fn rng_fills_buffers_of_every_size(transport: VirtioTransport) {
 
 fn console_output_reaches_a_file(transport: VirtioTransport) {
     let out = TempFile::path("console.txt");
-    let config = VmConfig {
-        console: Some(ConsoleConfig::File(out.0.clone())),
-        ..config(transport)
+    let config = {
+        let mut config = config(transport);
+        config.console = Some(ConsoleConfig::File(out.0.clone()));
+        config
     };
     let run = run(config, "virtio-console lines=0");
     run.assert_passed("virtio-console");
@@ -396,9 +403,10 @@ fn console_output_reaches_a_file(transport: VirtioTransport) {
 /// the run and everything the client received up to the echo.
 fn socket_console_round(transport: VirtioTransport) -> (Run, String) {
     let socket = TempFile::path("console.sock");
-    let config = VmConfig {
-        console: Some(ConsoleConfig::Socket(socket.0.clone())),
-        ..config(transport)
+    let config = {
+        let mut config = config(transport);
+        config.console = Some(ConsoleConfig::Socket(socket.0.clone()));
+        config
     };
     let serial = Serial::default();
     let vm = VmBuilder::new(config)
@@ -484,10 +492,11 @@ fn connect(path: &Path) -> UnixStream {
 fn hostile_driver_cannot_hurt_the_devices(transport: VirtioTransport) {
     let content = read_only_content(1 << 20);
     let image = TempFile::image_with("hostile.img", &content);
-    let config = VmConfig {
-        disks: vec![disk(&image, false, "hostile")],
-        rng: true,
-        ..config(transport)
+    let config = {
+        let mut config = config(transport);
+        config.disks = vec![disk(&image, false, "hostile")];
+        config.rng = true;
+        config
     };
     let run = run(config, "virtio-hostile");
     run.assert_passed("virtio-hostile");

@@ -281,14 +281,15 @@ struct Run {
 fn run(transport: VirtioTransport, conns: usize, bytes: u64, watchdog: Duration) -> Run {
     let dir = TempDir::new();
     let uds = dir.0.join("v.sock");
-    let config = VmConfig {
-        memory_mib: 32,
-        vsock: Some(VsockConfig {
-            cid: GUEST_CID,
-            uds: uds.clone(),
-            transport: Some(transport),
-        }),
-        ..Default::default()
+    let config = {
+        let mut config = VmConfig::default();
+        config.memory_mib = 32;
+        config.vsock = Some({
+            let mut vsock = VsockConfig::new(GUEST_CID, uds.clone());
+            vsock.transport = Some(transport);
+            vsock
+        });
+        config
     };
     let listener = UnixListener::bind(format!("{}_{HOST_PORT}", uds.display())).unwrap();
     let serial = Serial::default();
@@ -435,10 +436,11 @@ fn vsock_throughput_figures(transport: VirtioTransport) {
 }
 
 fn vsock_program_without_the_device_fails_cleanly(transport: VirtioTransport) {
-    let config = VmConfig {
-        memory_mib: 32,
-        transport,
-        ..Default::default()
+    let config = {
+        let mut config = VmConfig::default();
+        config.memory_mib = 32;
+        config.transport = transport;
+        config
     };
     let serial = Serial::default();
     let vm = VmBuilder::new(config)
