@@ -18,8 +18,9 @@ use std::sync::{Arc, Mutex};
 use keel_virtio::{RequestDevice, RequestHandler};
 use keel_vmm::{ExitReason, VmBuilder, VmConfig};
 
-/// A device type ID no guest driver claims.
-const UPPER_CASE_DEVICE: u32 = 0x7e;
+/// A device type ID no guest driver claims, within the 0–63 that
+/// virtio-pci device IDs (0x1040 + type) can carry.
+const UPPER_CASE_DEVICE: u32 = 0x3f;
 
 /// Replies with the request in upper case.
 #[derive(Debug, Default)]

@@ -426,7 +426,7 @@ pub enum Error {
     Pci(#[from] keel_pci::Error),
     /// A device type that has no virtio-pci device ID (0x1040 + type must
     /// fit in 16 bits).
-    #[error("device type {device_type} has no virtio-pci device ID")]
+    #[error("device type {device_type} has no virtio-pci device ID (0x1040 + type carries types 0 to 63)")]
     NoPciDeviceId {
         /// The device's type ID.
         device_type: u32,

@@ -219,7 +219,7 @@ mod tests {
 
     impl RequestHandler for Upper {
         fn device_type(&self) -> u32 {
-            0x7e
+            0x3f
         }
         fn queue_max_sizes(&self) -> &[u16] {
             &[16]

@@ -404,8 +404,11 @@ impl PciTransport {
         if queue_count > MAX_QUEUES {
             return Err(Error::TooManyQueues { count: queue_count });
         }
+        // Modern virtio-pci device IDs are 0x1040..=0x107f (virtio 1.2,
+        // 4.1.2.1): types 0 to 63.
         let device_id = u16::try_from(state.device_type)
             .ok()
+            .filter(|&t| t < 0x40)
             .and_then(|t| DEVICE_ID_BASE.checked_add(t))
             .ok_or(Error::NoPciDeviceId {
                 device_type: state.device_type,
