@@ -3,12 +3,30 @@
 //! [`VmConfig`] says what the VM is (as data, from JSON or code);
 //! [`VmBuilder`] validates it, takes the devices and console a caller adds,
 //! and builds a [`Vm`]: KVM objects, guest memory (`keel-memory`), the
-//! in-kernel interrupt controller (`keel-irq`), the platform devices on the
-//! I/O bus (`keel-devices`), the kernel and its boot information
-//! (`keel-boot`) and the vCPUs (`keel-vcpu`). [`Vm::start`] runs one thread
+//! interrupt controller (`keel-irq`: by default a split irqchip, local APICs
+//! in KVM and the IOAPIC in user space; or KVM's in-kernel one), the
+//! platform devices on the I/O bus (`keel-devices`), ACPI tables, the
+//! kernel and its boot information (`keel-boot`), the virtio devices on PCI
+//! or MMIO (`keel-virtio`, your own included:
+//! [`VmBuilder::add_virtio_device`], [`VmBuilder::add_disk`]) and the vCPUs
+//! (`keel-vcpu`). [`Vm::start`] runs one thread
 //! per vCPU and returns a [`VmHandle`] to wait on; [`StopHandle`] stops it
 //! from anywhere. There is no global state and nothing here exits the
 //! process, so one process can run many VMs.
+//!
+//! # The built-in test guest
+//!
+//! Without a kernel the VM boots Keel's built-in guest (`keel-guest`): the
+//! command line names one of its programs (`hello`, `mmio-rw`,
+//! `virtio-blk`, `virtio-request`, … — the list, arguments and status codes
+//! are in `keel_guest`'s documentation), and the guest ends the VM with
+//! [`ExitReason::GuestExit`]`(0)` when every check passed, 1 when one failed
+//! (after a `FAIL:` line on the serial console), 2 for bad arguments.
+//!
+//! # Signals
+//!
+//! vCPU threads are kicked out of `KVM_RUN` with a real-time signal whose
+//! handler `keel-vcpu` installs once per process; see its documentation.
 //!
 //! # Example
 //!
