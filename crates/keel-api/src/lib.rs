@@ -134,7 +134,10 @@ fn from_control(result: Result<(), ControlError>) -> Response {
 
 fn body<T: DeserializeOwned>(what: &str, body: &[u8]) -> Result<T, Response> {
     if body.is_empty() {
-        return Err(Response::fault(400, &format!("{what}: the request needs a JSON body")));
+        return Err(Response::fault(
+            400,
+            &format!("{what}: the request needs a JSON body"),
+        ));
     }
     serde_json::from_slice(body).map_err(|e| Response::fault(400, &format!("{what}: invalid body: {e}")))
 }
@@ -152,7 +155,11 @@ fn count(metrics: &MetricsRegistry, method: &str, resource: &str, response: &Res
 /// Routes one request to `vmm` and says what to answer. `path` is the
 /// request target without a query string.
 pub fn handle_request(vmm: &mut Vmm, method: &str, path: &str, request_body: &[u8]) -> Response {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let segments: Vec<&str> = path
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
     let metrics = vmm.metrics();
     let (resource, response) = route(vmm, method, &segments, request_body);
     count(&metrics, method, resource, &response);
@@ -174,7 +181,8 @@ fn route(vmm: &mut Vmm, method: &str, segments: &[&str], request_body: &[u8]) ->
         ("GET", ["machine-config"]) => ("machine_cfg", Response::json(&vmm.machine_config())),
         ("PUT", ["machine-config"]) => (
             "machine_cfg",
-            with_body!("machine-config", |b: models::MachineConfig| vmm.put_machine_config(b)),
+            with_body!("machine-config", |b: models::MachineConfig| vmm
+                .put_machine_config(b)),
         ),
         ("PATCH", ["machine-config"]) => (
             "machine_cfg",
@@ -237,11 +245,18 @@ fn route(vmm: &mut Vmm, method: &str, segments: &[&str], request_body: &[u8]) ->
         ),
         ("PUT", ["actions"]) => (
             "actions",
-            with_body!("actions", |b: models::InstanceActionInfo| vmm.action(b.action_type)),
+            with_body!("actions", |b: models::InstanceActionInfo| vmm
+                .action(b.action_type)),
         ),
-        ("PATCH", ["vm"]) => ("vm", with_body!("vm", |b: models::VmState| vmm.set_vm_state(b.state))),
+        ("PATCH", ["vm"]) => (
+            "vm",
+            with_body!("vm", |b: models::VmState| vmm.set_vm_state(b.state)),
+        ),
         ("GET", ["vm", "config"]) => ("vm_config", Response::json(&vmm.vm_config())),
-        ("PUT", ["logger"]) => ("logger", with_body!("logger", |b: models::Logger| vmm.put_logger(b))),
+        ("PUT", ["logger"]) => (
+            "logger",
+            with_body!("logger", |b: models::Logger| vmm.put_logger(b)),
+        ),
         ("PUT", ["metrics"]) => (
             "metrics",
             with_body!("metrics", |b: models::Metrics| vmm.put_metrics(b)),
@@ -257,6 +272,19 @@ fn route(vmm: &mut Vmm, method: &str, segments: &[&str], request_body: &[u8]) ->
                 ),
             ),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_path;
+
+    #[test]
+    fn request_targets_in_origin_and_absolute_form_give_the_path() {
+        assert_eq!(request_path("/drives/root"), "/drives/root");
+        assert_eq!(request_path("/vm?x=1"), "/vm");
+        assert_eq!(request_path("http://localhost/machine-config"), "/machine-config");
+        assert_eq!(request_path("http://localhost"), "/");
     }
 }
 
@@ -354,6 +382,20 @@ pub fn serve_connection(mut stream: UnixStream, vmm: &Mutex<Vmm>) {
     }
 }
 
+/// The path of a request target: origin-form (`/drives/a?x`) or
+/// absolute-form (`http://localhost/drives/a`, which servers must accept),
+/// without the query.
+fn request_path(target: &str) -> &str {
+    let without_scheme = target
+        .strip_prefix("http://")
+        .or_else(|| target.strip_prefix("https://"));
+    let path = match without_scheme {
+        Some(rest) => rest.find('/').map_or("/", |i| &rest[i..]),
+        None => target,
+    };
+    path.split('?').next().unwrap_or("/")
+}
+
 fn read_request(stream: &mut UnixStream, buffer: &mut Vec<u8>) -> Incoming {
     let mut chunk = [0u8; 4096];
     // The head.
@@ -363,8 +405,7 @@ fn read_request(stream: &mut UnixStream, buffer: &mut Vec<u8>) -> Incoming {
         match request.parse(buffer) {
             Ok(httparse::Status::Complete(len)) => {
                 let method = request.method.unwrap_or("").to_string();
-                let target = request.path.unwrap_or("/");
-                let path = target.split('?').next().unwrap_or("/").to_string();
+                let path = request_path(request.path.unwrap_or("/")).to_string();
                 let mut content_length = 0usize;
                 let mut expect_continue = false;
                 let mut close = request.version == Some(0);
@@ -421,7 +462,10 @@ fn read_request(stream: &mut UnixStream, buffer: &mut Vec<u8>) -> Incoming {
     while buffer.len() < head_len + content_length {
         match stream.read(&mut chunk) {
             Ok(0) | Err(_) => {
-                return Incoming::Bad(Response::fault(400, "the connection closed before the whole body arrived"))
+                return Incoming::Bad(Response::fault(
+                    400,
+                    "the connection closed before the whole body arrived",
+                ))
             }
             Ok(n) => buffer.extend_from_slice(&chunk[..n]),
         }

@@ -261,7 +261,9 @@ impl Vmm {
             return Err(invalid(format!("huge_pages {h:?}: only \"None\" is supported")));
         }
         if let Some(t) = machine.cpu_template.as_deref().filter(|&t| t != "None") {
-            return Err(invalid(format!("cpu_template {t:?}: CPU templates are not supported")));
+            return Err(invalid(format!(
+                "cpu_template {t:?}: CPU templates are not supported"
+            )));
         }
         Ok(())
     }
@@ -350,7 +352,12 @@ impl Vmm {
                 )));
             }
         }
-        match self.config.drives.iter_mut().find(|d| d.drive_id == drive.drive_id) {
+        match self
+            .config
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == drive.drive_id)
+        {
             Some(slot) => *slot = drive,
             None => self.config.drives.push(drive),
         }
@@ -429,7 +436,12 @@ impl Vmm {
             )));
         }
         self.controller(&format!("network-interfaces/{path_id}"))?;
-        if !self.config.network_interfaces.iter().any(|n| n.iface_id == path_id) {
+        if !self
+            .config
+            .network_interfaces
+            .iter()
+            .any(|n| n.iface_id == path_id)
+        {
             return Err(invalid(format!(
                 "network-interfaces/{path_id}: no interface with that ID"
             )));
@@ -513,7 +525,9 @@ impl Vmm {
     /// `PUT /metrics`: opens `metrics_path` for appending JSON lines.
     pub fn put_metrics(&mut self, metrics: Metrics) -> Result<()> {
         if self.metrics_file.is_some() {
-            return Err(wrong_state("metrics: already configured (Firecracker allows it once)"));
+            return Err(wrong_state(
+                "metrics: already configured (Firecracker allows it once)",
+            ));
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -613,9 +627,8 @@ impl Vmm {
         }
         if let Some(root) = drives.first().filter(|d| d.is_root_device) {
             if config.kernel.is_some() {
-                let line = cmdline.get_or_insert_with(|| {
-                    keel_vmm::DEFAULT_LINUX_CMDLINE.replace(" pci=off", "")
-                });
+                let line =
+                    cmdline.get_or_insert_with(|| keel_vmm::DEFAULT_LINUX_CMDLINE.replace(" pci=off", ""));
                 if !line.split_whitespace().any(|w| w.starts_with("root=")) {
                     let device = match &root.partuuid {
                         Some(uuid) => format!("PARTUUID={uuid}"),
@@ -633,7 +646,10 @@ impl Vmm {
             config.nets.push(net);
         }
         if let Some(vsock) = &self.config.vsock {
-            config.vsock = Some(VsockConfig::new(u64::from(vsock.guest_cid), vsock.uds_path.clone()));
+            config.vsock = Some(VsockConfig::new(
+                u64::from(vsock.guest_cid),
+                vsock.uds_path.clone(),
+            ));
         }
         config.rng = self.config.entropy.is_some();
         config.validate()?;
@@ -728,7 +744,9 @@ impl Vmm {
             .map(|m| m.metrics_path.clone())
             .unwrap_or_default();
         let Some(file) = self.metrics_file.as_mut() else {
-            return Err(wrong_state("FlushMetrics: no metrics_path is configured (PUT /metrics first)"));
+            return Err(wrong_state(
+                "FlushMetrics: no metrics_path is configured (PUT /metrics first)",
+            ));
         };
         use std::io::Write;
         writeln!(file, "{line}").map_err(|source| ControlError::Host {

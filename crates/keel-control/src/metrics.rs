@@ -71,7 +71,13 @@ impl MetricsRegistry {
     pub fn prometheus(&self, uptime: Duration) -> String {
         fn name(s: &str) -> String {
             s.chars()
-                .map(|c| if c.is_ascii_alphanumeric() || c == '_' { c } else { '_' })
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '_' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
                 .collect()
         }
         let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
