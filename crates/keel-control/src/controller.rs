@@ -66,6 +66,13 @@ pub trait LogControl: Send + Sync {
     fn configure(&self, logger: &Logger) -> std::result::Result<(), String>;
 }
 
+/// The VM's outcome as the control plane reports it: why it ended, or the
+/// error that ended it.
+pub type Outcome = std::result::Result<ExitReason, String>;
+
+/// Called once, on the VM's waiter thread, when the VM ends.
+pub type ExitCallback = Box<dyn Fn(&Outcome) + Send + Sync>;
+
 /// How the VMM runs its VM, beyond what the API configures.
 #[non_exhaustive]
 pub struct VmmOptions {
@@ -81,7 +88,7 @@ pub struct VmmOptions {
     /// What `PUT /logger` reconfigures; refused when absent.
     pub log_control: Option<Arc<dyn LogControl>>,
     /// Called on the VM's waiter thread when the VM ends.
-    pub on_exit: Option<Box<dyn Fn(&std::result::Result<ExitReason, String>) + Send + Sync>>,
+    pub on_exit: Option<ExitCallback>,
 }
 
 impl VmmOptions {
@@ -111,13 +118,13 @@ impl std::fmt::Debug for VmmOptions {
 /// The VM's outcome, once it has ended; shared with the waiter thread.
 #[derive(Debug, Default)]
 pub struct ExitWatch {
-    outcome: Mutex<Option<std::result::Result<ExitReason, String>>>,
+    outcome: Mutex<Option<Outcome>>,
     ended: Condvar,
 }
 
 impl ExitWatch {
     /// Waits at most `timeout` for the VM to end and returns its outcome.
-    pub fn wait_timeout(&self, timeout: Duration) -> Option<std::result::Result<ExitReason, String>> {
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Outcome> {
         let deadline = Instant::now() + timeout;
         let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         while slot.is_none() {
@@ -135,7 +142,7 @@ impl ExitWatch {
     }
 
     /// The outcome, if the VM has ended.
-    pub fn outcome(&self) -> Option<std::result::Result<ExitReason, String>> {
+    pub fn outcome(&self) -> Option<Outcome> {
         self.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }

@@ -33,7 +33,9 @@ mod controller;
 mod metrics;
 pub mod models;
 
-pub use controller::{ControlError, ExitWatch, LogControl, Vmm, VmmOptions, BUILT_IN_GUEST};
+pub use controller::{
+    ControlError, ExitCallback, ExitWatch, LogControl, Outcome, Vmm, VmmOptions, BUILT_IN_GUEST,
+};
 pub use metrics::MetricsRegistry;
 
 /// Result type of this crate.

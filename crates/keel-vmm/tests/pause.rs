@@ -2,7 +2,6 @@
 //! resumed one continues, and the calls that do not fit the VM's state say
 //! so.
 
-mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
