@@ -332,6 +332,11 @@ impl Vmm {
                 "drives/{path_id} socket: vhost-user drives are not supported"
             )));
         }
+        if drive.rate_limiter.is_some() {
+            return Err(invalid(format!(
+                "drives/{path_id} rate_limiter: not available in this build"
+            )));
+        }
         let Some(path) = &drive.path_on_host else {
             return Err(invalid(format!("drives/{path_id}: path_on_host is required")));
         };
@@ -398,6 +403,11 @@ impl Vmm {
             return Err(invalid(format!(
                 "iface_id {:?}: does not match the path's {path_id:?}",
                 iface.iface_id
+            )));
+        }
+        if iface.rx_rate_limiter.is_some() || iface.tx_rate_limiter.is_some() {
+            return Err(invalid(format!(
+                "network-interfaces/{path_id} rx_rate_limiter/tx_rate_limiter: not available in this build"
             )));
         }
         let mut probe = NetConfig::tap(iface.host_dev_name.clone());
@@ -477,6 +487,9 @@ impl Vmm {
     /// `PUT /entropy`.
     pub fn put_entropy(&mut self, entropy: Entropy) -> Result<()> {
         self.before_start("entropy")?;
+        if entropy.rate_limiter.is_some() {
+            return Err(invalid("entropy rate_limiter: not available in this build"));
+        }
         self.config.entropy = Some(entropy);
         Ok(())
     }
