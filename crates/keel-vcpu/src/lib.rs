@@ -61,6 +61,7 @@
 #![deny(missing_docs)]
 
 mod boot_state;
+mod complete;
 mod cpuid;
 mod exit_handler;
 mod kick;

@@ -53,6 +53,7 @@ pub struct Vcpu {
     mem: GuestMemoryMmap,
     bp_injections: u64,
     emulated_fwaits: u64,
+    completed_instructions: u64,
 }
 
 impl Vcpu {
@@ -71,6 +72,7 @@ impl Vcpu {
             mem,
             bp_injections: 0,
             emulated_fwaits: 0,
+            completed_instructions: 0,
         })
     }
 
@@ -95,6 +97,13 @@ impl Vcpu {
             vcpu: self.id,
             source,
         })
+    }
+
+    /// How many other instructions the host's KVM could not emulate were
+    /// completed by the VMM (`ldmxcsr`, `fxrstor`, …; see
+    /// `docs/host-kvm-notes.md`).
+    pub fn completed_instructions(&self) -> u64 {
+        self.completed_instructions
     }
 
     /// How many `fwait` emulation failures were completed by the VMM.
@@ -296,12 +305,68 @@ impl Vcpu {
             self.emulate_fwait(rip)?;
             return Ok(RunOutcome::Continue);
         }
+        if internal.suberror == KVM_INTERNAL_ERROR_EMULATION && self.complete_instruction(rip, &bytes)? {
+            return Ok(RunOutcome::Continue);
+        }
         Err(Error::InternalError {
             vcpu: self.id,
             suberror: internal.suberror,
             rip,
             bytes,
         })
+    }
+
+    /// Completes an instruction the host's emulator lacks, if it is one
+    /// Keel knows (see [`crate::complete`]); `false` if not.
+    fn complete_instruction(&mut self, rip: u64, bytes: &[u8]) -> Result<bool> {
+        let regs = self.kvm("KVM_GET_REGS", self.fd.get_regs())?;
+        let mut sregs = self.kvm("KVM_GET_SREGS", self.fd.get_sregs())?;
+        let fpu = self.kvm("KVM_GET_FPU", self.fd.get_fpu())?;
+        let mut machine = GuestMachine {
+            fd: &self.fd,
+            mem: &self.mem,
+            regs: &regs,
+            sregs: &sregs,
+            fpu,
+        };
+        let completion = crate::complete::complete(bytes, rip, &mut machine);
+        let fpu = machine.fpu;
+        let inject =
+            |fd: &VcpuFd, nr: u8, error_code: Option<u32>| -> std::result::Result<(), kvm_ioctls::Error> {
+                let mut events = fd.get_vcpu_events()?;
+                events.exception.injected = 1;
+                events.exception.nr = nr;
+                events.exception.has_error_code = u8::from(error_code.is_some());
+                events.exception.error_code = error_code.unwrap_or(0);
+                fd.set_vcpu_events(&events)
+            };
+        match completion {
+            crate::complete::Completion::Unsupported => return Ok(false),
+            crate::complete::Completion::Done { len } => {
+                self.kvm("KVM_SET_FPU", self.fd.set_fpu(&fpu))?;
+                let mut regs = regs;
+                regs.rip = rip.wrapping_add(len);
+                self.kvm("KVM_SET_REGS", self.fd.set_regs(&regs))?;
+            }
+            crate::complete::Completion::GeneralProtection => {
+                self.kvm("KVM_SET_VCPU_EVENTS", inject(&self.fd, 13, Some(0)))?;
+            }
+            crate::complete::Completion::PageFault { address, write } => {
+                // Not present, in supervisor mode (the emulator only fails
+                // in ring 0); a write sets bit 1.
+                sregs.cr2 = address;
+                self.kvm("KVM_SET_SREGS", self.fd.set_sregs(&sregs))?;
+                let error_code = if write { 2 } else { 0 };
+                self.kvm("KVM_SET_VCPU_EVENTS", inject(&self.fd, 14, Some(error_code)))?;
+            }
+        }
+        self.completed_instructions += 1;
+        log::debug!(
+            "vCPU {}: completed {:02x?} at {rip:#x} for the host's emulator: {completion:?}",
+            self.id,
+            bytes
+        );
+        Ok(true)
     }
 
     fn emulate_fwait(&mut self, rip: u64) -> Result<()> {
@@ -428,5 +493,102 @@ mod fetch_tests {
         let bytes = fetch_instruction(0x1ffe, |addr| (addr < 0x2000).then_some(addr), |_, _| true);
         assert_eq!(bytes.len(), 2);
         assert!(fetch_instruction(0x5000, |_| None, |_, _| true).is_empty());
+    }
+}
+
+/// The guest as [`crate::complete`] sees it: registers, segment bases,
+/// linear memory through the guest's page tables, and the FPU.
+struct GuestMachine<'a> {
+    fd: &'a VcpuFd,
+    mem: &'a GuestMemoryMmap,
+    regs: &'a kvm_bindings::kvm_regs,
+    sregs: &'a kvm_bindings::kvm_sregs,
+    fpu: kvm_bindings::kvm_fpu,
+}
+
+impl GuestMachine<'_> {
+    /// Calls `access(gpa, range)` for each page-sized piece of `len` bytes
+    /// at `linear`; `Err(addr)` at the first unmapped byte.
+    fn each_page(
+        &self,
+        linear: u64,
+        len: usize,
+        mut access: impl FnMut(u64, std::ops::Range<usize>) -> bool,
+    ) -> std::result::Result<(), u64> {
+        let mut done = 0usize;
+        while done < len {
+            let at = linear.wrapping_add(done as u64);
+            let in_page = (4096 - (at & 0xfff)) as usize;
+            let n = in_page.min(len - done);
+            let gpa = match self.fd.translate_gva(at) {
+                Ok(t) if t.valid != 0 => t.physical_address,
+                _ => return Err(at),
+            };
+            if !access(gpa, done..done + n) {
+                return Err(at);
+            }
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl crate::complete::Machine for GuestMachine<'_> {
+    fn gpr(&self, register: iced_x86::Register) -> u64 {
+        use iced_x86::Register as R;
+        let r = self.regs;
+        match register.full_register() {
+            R::RAX => r.rax,
+            R::RBX => r.rbx,
+            R::RCX => r.rcx,
+            R::RDX => r.rdx,
+            R::RSI => r.rsi,
+            R::RDI => r.rdi,
+            R::RSP => r.rsp,
+            R::RBP => r.rbp,
+            R::R8 => r.r8,
+            R::R9 => r.r9,
+            R::R10 => r.r10,
+            R::R11 => r.r11,
+            R::R12 => r.r12,
+            R::R13 => r.r13,
+            R::R14 => r.r14,
+            R::R15 => r.r15,
+            R::RIP => r.rip,
+            _ => 0,
+        }
+    }
+
+    fn segment_base(&self, register: iced_x86::Register) -> u64 {
+        use iced_x86::Register as R;
+        match register {
+            R::FS => self.sregs.fs.base,
+            R::GS => self.sregs.gs.base,
+            R::CS => self.sregs.cs.base,
+            R::DS => self.sregs.ds.base,
+            R::ES => self.sregs.es.base,
+            R::SS => self.sregs.ss.base,
+            _ => 0,
+        }
+    }
+
+    fn read(&mut self, linear: u64, buf: &mut [u8]) -> std::result::Result<(), u64> {
+        let mem = self.mem;
+        self.each_page(linear, buf.len(), |gpa, range| {
+            mem.read_slice(&mut buf[range], GuestAddress(gpa)).is_ok()
+        })
+    }
+
+    fn write(&mut self, linear: u64, data: &[u8]) -> std::result::Result<(), u64> {
+        let mem = self.mem;
+        // Check every page first, so a fault leaves memory untouched.
+        self.each_page(linear, data.len(), |_, _| true)?;
+        self.each_page(linear, data.len(), |gpa, range| {
+            mem.write_slice(&data[range], GuestAddress(gpa)).is_ok()
+        })
+    }
+
+    fn fpu(&mut self) -> &mut kvm_bindings::kvm_fpu {
+        &mut self.fpu
     }
 }
