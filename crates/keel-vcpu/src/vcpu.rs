@@ -461,41 +461,6 @@ fn fetch_instruction(
     bytes
 }
 
-#[cfg(test)]
-mod fetch_tests {
-    use super::fetch_instruction;
-
-    #[test]
-    fn an_instruction_at_the_top_of_the_address_space_stops_there() {
-        // RIP at 2^64 - 3: three bytes exist, then the address would wrap.
-        let bytes = fetch_instruction(u64::MAX - 2, Some, |gpa, chunk| {
-            chunk.fill(gpa as u8);
-            true
-        });
-        assert_eq!(bytes.len(), 3);
-    }
-
-    #[test]
-    fn an_instruction_across_a_page_boundary_is_read_from_both_pages() {
-        let bytes = fetch_instruction(
-            0x1ffd,
-            |addr| Some(addr + 0x10_0000),
-            |gpa, chunk| {
-                chunk.fill(if gpa < 0x10_2000 { 1 } else { 2 });
-                true
-            },
-        );
-        assert_eq!(bytes, [1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]);
-    }
-
-    #[test]
-    fn an_unmapped_next_page_ends_the_bytes_there() {
-        let bytes = fetch_instruction(0x1ffe, |addr| (addr < 0x2000).then_some(addr), |_, _| true);
-        assert_eq!(bytes.len(), 2);
-        assert!(fetch_instruction(0x5000, |_| None, |_, _| true).is_empty());
-    }
-}
-
 /// The guest as [`crate::complete`] sees it: registers, segment bases,
 /// linear memory through the guest's page tables, and the FPU.
 struct GuestMachine<'a> {
@@ -590,5 +555,40 @@ impl crate::complete::Machine for GuestMachine<'_> {
 
     fn fpu(&mut self) -> &mut kvm_bindings::kvm_fpu {
         &mut self.fpu
+    }
+}
+
+#[cfg(test)]
+mod fetch_tests {
+    use super::fetch_instruction;
+
+    #[test]
+    fn an_instruction_at_the_top_of_the_address_space_stops_there() {
+        // RIP at 2^64 - 3: three bytes exist, then the address would wrap.
+        let bytes = fetch_instruction(u64::MAX - 2, Some, |gpa, chunk| {
+            chunk.fill(gpa as u8);
+            true
+        });
+        assert_eq!(bytes.len(), 3);
+    }
+
+    #[test]
+    fn an_instruction_across_a_page_boundary_is_read_from_both_pages() {
+        let bytes = fetch_instruction(
+            0x1ffd,
+            |addr| Some(addr + 0x10_0000),
+            |gpa, chunk| {
+                chunk.fill(if gpa < 0x10_2000 { 1 } else { 2 });
+                true
+            },
+        );
+        assert_eq!(bytes, [1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn an_unmapped_next_page_ends_the_bytes_there() {
+        let bytes = fetch_instruction(0x1ffe, |addr| (addr < 0x2000).then_some(addr), |_, _| true);
+        assert_eq!(bytes.len(), 2);
+        assert!(fetch_instruction(0x5000, |_| None, |_, _| true).is_empty());
     }
 }
