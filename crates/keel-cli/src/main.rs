@@ -352,6 +352,9 @@ fn run_firecracker_style(args: &Args, logger: logger::ProcessLogger, process_sta
         }
     };
     let vmm = Arc::new(std::sync::Mutex::new(vmm));
+    if let Err(e) = keel_control::spawn_periodic_flush(&vmm, keel_control::METRICS_FLUSH_PERIOD) {
+        log::warn!("no periodic metrics flush: {e}");
+    }
     match keel_api::ApiServer::bind(sock, vmm) {
         Ok(server) => {
             log::info!("API listening on {}", server.path().display());

@@ -175,6 +175,18 @@ fn configure_start_pause_resume_and_power_off_over_the_socket() {
         "after the VM has started",
     );
     keel.fault("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#), "not paused");
+    let metrics = temp_path("lifecycle-metrics.json");
+    let _ = std::fs::remove_file(&metrics);
+    keel.ok(
+        "PUT",
+        "/metrics",
+        &format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()),
+    );
+    keel.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert!(line["vcpu"]["exit_io_out"].as_u64().unwrap() > 0, "{line}");
+    let _ = std::fs::remove_file(&metrics);
     keel.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     assert_eq!(keel.state(), "Paused");
     keel.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);

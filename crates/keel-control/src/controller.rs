@@ -744,13 +744,37 @@ impl Vmm {
         }
     }
 
+    /// Copies the running VM's counters into the registry, under
+    /// Firecracker's group names (`net_<iface_id>` for a card).
+    fn sample_vm(&self) {
+        let Phase::Started { controller, .. } = &self.phase else {
+            return;
+        };
+        for (group, counters) in controller.metrics() {
+            let group = match group.strip_prefix("net_") {
+                Some(tap) => self
+                    .config
+                    .network_interfaces
+                    .iter()
+                    .find(|n| n.host_dev_name == tap)
+                    .map_or(group.clone(), |n| format!("net_{}", n.iface_id)),
+                None => group,
+            };
+            for (name, value) in counters {
+                self.metrics.set(&group, name, value);
+            }
+        }
+    }
+
     /// The metrics now, as one JSON object (what `FlushMetrics` writes).
     pub fn metrics_json(&self) -> serde_json::Value {
+        self.sample_vm();
         self.metrics.snapshot_json(self.started_at.elapsed())
     }
 
     /// The metrics now in Prometheus' text format (`GET /metrics`).
     pub fn metrics_prometheus(&self) -> String {
+        self.sample_vm();
         self.metrics.prometheus(self.started_at.elapsed())
     }
 
@@ -775,6 +799,29 @@ impl Vmm {
             source,
         })
     }
+}
+
+/// How often [`spawn_periodic_flush`] writes the metrics (Firecracker's
+/// period).
+pub const METRICS_FLUSH_PERIOD: Duration = Duration::from_secs(60);
+
+/// Flushes `vmm`'s metrics every `period` (when a metrics path is set) on a
+/// thread of its own, until `vmm` is dropped.
+pub fn spawn_periodic_flush(vmm: &Arc<Mutex<Vmm>>, period: Duration) -> std::io::Result<()> {
+    let vmm = Arc::downgrade(vmm);
+    std::thread::Builder::new()
+        .name("keel-metrics".into())
+        .spawn(move || loop {
+            std::thread::sleep(period);
+            let Some(vmm) = vmm.upgrade() else { return };
+            let mut vmm = vmm.lock().unwrap_or_else(|e| e.into_inner());
+            if vmm.metrics_file.is_some() {
+                if let Err(e) = vmm.flush_metrics() {
+                    log::warn!("periodic metrics flush: {e}");
+                }
+            }
+        })
+        .map(drop)
 }
 
 impl Drop for Vmm {

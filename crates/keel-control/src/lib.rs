@@ -34,7 +34,8 @@ mod metrics;
 pub mod models;
 
 pub use controller::{
-    ControlError, ExitCallback, ExitWatch, LogControl, Outcome, Vmm, VmmOptions, BUILT_IN_GUEST,
+    spawn_periodic_flush, ControlError, ExitCallback, ExitWatch, LogControl, Outcome, Vmm, VmmOptions,
+    BUILT_IN_GUEST, METRICS_FLUSH_PERIOD,
 };
 pub use metrics::MetricsRegistry;
 

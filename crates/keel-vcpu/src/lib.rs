@@ -62,6 +62,7 @@
 
 mod boot_state;
 mod complete;
+mod counters;
 mod cpuid;
 mod exit_handler;
 mod kick;
@@ -72,6 +73,7 @@ pub use boot_state::{
     boot_fpu, boot_msrs, gdt_entry, lint_pins_as_pc, long_mode_regs, long_mode_sregs, msr_index, pvh_regs,
     pvh_sregs, segment_from_gdt, write_boot_tables, BOOT_CS, BOOT_DS, BOOT_GDT, BOOT_TSS,
 };
+pub use counters::VcpuCounters;
 pub use cpuid::{CpuidConfig, KVM_CPUID_FEATURES, KVM_FEATURES_WITHOUT_HYPERCALLS};
 pub use exit_handler::ExitHandler;
 pub use kick::{install_kick_handler, kick_signal, VcpuKicker, KICK_SIGNAL_OFFSET};

@@ -54,6 +54,7 @@ pub struct Vcpu {
     bp_injections: u64,
     emulated_fwaits: u64,
     completed_instructions: u64,
+    counters: std::sync::Arc<crate::VcpuCounters>,
 }
 
 impl Vcpu {
@@ -73,7 +74,13 @@ impl Vcpu {
             bp_injections: 0,
             emulated_fwaits: 0,
             completed_instructions: 0,
+            counters: Default::default(),
         })
+    }
+
+    /// The exit counters, to read from another thread while this vCPU runs.
+    pub fn counters(&self) -> std::sync::Arc<crate::VcpuCounters> {
+        self.counters.clone()
     }
 
     /// This vCPU's index (and APIC ID).
@@ -158,7 +165,24 @@ impl Vcpu {
     pub fn run_once(&mut self, io: &dyn ExitHandler) -> Result<RunOutcome> {
         let _running = RunningGuard::new(self.fd.get_kvm_run());
         let id = self.id;
-        let pio = match self.fd.run() {
+        let counters = &*self.counters;
+        let count = |c: &std::sync::atomic::AtomicU64| crate::VcpuCounters::bump(c);
+        let exit = self.fd.run();
+        match &exit {
+            Ok(VcpuExit::IoOut(..)) => count(&counters.io_out),
+            Ok(VcpuExit::IoIn(..)) => count(&counters.io_in),
+            Ok(VcpuExit::MmioRead(..)) => count(&counters.mmio_read),
+            Ok(VcpuExit::MmioWrite(..)) => count(&counters.mmio_write),
+            Ok(VcpuExit::IoapicEoi(..)) => count(&counters.ioapic_eoi),
+            Ok(VcpuExit::Hlt) => count(&counters.hlt),
+            Ok(VcpuExit::Shutdown) => count(&counters.shutdown),
+            Ok(VcpuExit::SystemEvent(..)) => count(&counters.system_event),
+            Ok(VcpuExit::InternalError) => count(&counters.internal_error),
+            Ok(VcpuExit::Intr) => count(&counters.interrupted),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => count(&counters.interrupted),
+            _ => count(&counters.failures),
+        }
+        let pio = match exit {
             Ok(VcpuExit::IoOut(port, _)) => Some((port, true)),
             Ok(VcpuExit::IoIn(port, _)) => Some((port, false)),
             Ok(VcpuExit::MmioRead(addr, data)) => {
@@ -361,6 +385,7 @@ impl Vcpu {
             }
         }
         self.completed_instructions += 1;
+        crate::VcpuCounters::bump(&self.counters.completed_instructions);
         log::debug!(
             "vCPU {}: completed {:02x?} at {rip:#x} for the host's emulator: {completion:?}",
             self.id,

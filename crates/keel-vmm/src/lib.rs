@@ -68,7 +68,7 @@ pub use config::{
     DEFAULT_LINUX_PCI_CMDLINE, MAX_VCPUS,
 };
 pub use vm::{
-    ExitReason, SerialSource, StopHandle, Vm, VmBuilder, VmController, VmHandle, BOOT_TIMER_ADDR,
+    Counters, ExitReason, SerialSource, StopHandle, Vm, VmBuilder, VmController, VmHandle, BOOT_TIMER_ADDR,
     DEFAULT_KVM_DEVICE, EMULATED_RING0_CMDLINE,
 };
 

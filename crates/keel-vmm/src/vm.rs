@@ -243,6 +243,32 @@ struct Control {
     kickers: Mutex<Vec<VcpuKicker>>,
     /// Wakes the event loop so it sees `stop` or a pause.
     wake_event_loop: EventFd,
+    /// Where the VM's counters come from, for [`VmController::metrics`].
+    metrics: Mutex<Vec<MetricsSource>>,
+}
+
+/// Counters of one part of the VM (the vCPUs, a device), by name.
+pub type Counters = Vec<(&'static str, u64)>;
+
+/// A named group of counters and how to sample it.
+type MetricsSource = (String, Box<dyn Fn() -> Counters + Send + Sync>);
+
+impl Control {
+    fn add_metrics(&self, group: impl Into<String>, sample: impl Fn() -> Counters + Send + Sync + 'static) {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((group.into(), Box::new(sample)));
+    }
+
+    fn sample_metrics(&self) -> Vec<(String, Counters)> {
+        self.metrics
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(group, sample)| (group.clone(), sample()))
+            .collect()
+    }
 }
 
 impl Control {
@@ -897,6 +923,7 @@ impl Vm {
             stop: AtomicBool::new(false),
             leave_run: AtomicBool::new(false),
             pause: crate::pause::PauseGate::default(),
+            metrics: Mutex::new(Vec::new()),
             kickers: Mutex::new(Vec::new()),
             wake_event_loop: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventLoop)?,
         });
@@ -1024,15 +1051,39 @@ impl Vm {
             };
             let card = keel_virtio::Net::new(tap, options)
                 .map_err(|e| Error::Config(format!("net tap={}: {e}", net.tap)))?;
+            let card = Arc::new(Mutex::new(card));
+            let sampled = card.clone();
+            control.add_metrics(format!("net_{}", net.tap), move || {
+                let c = sampled.lock().unwrap_or_else(|e| e.into_inner()).counters();
+                vec![
+                    ("rx_bytes_count", c.rx_bytes),
+                    ("rx_packets_count", c.rx_frames),
+                    ("rx_fails", c.rx_backend_errors),
+                    (
+                        "rx_dropped",
+                        c.rx_dropped_too_big + c.rx_dropped_malformed + c.rx_dropped_reset,
+                    ),
+                    ("tx_bytes_count", c.tx_bytes),
+                    ("tx_packets_count", c.tx_frames),
+                    ("tx_fails", c.tx_backend_errors),
+                    ("tx_dropped", c.tx_dropped_malformed + c.tx_dropped_oversized),
+                ]
+            });
             virtio.add(
                 &format!("net tap={}", net.tap),
-                Arc::new(Mutex::new(card)),
+                card,
                 net.transport.unwrap_or(config.transport),
             )?;
         }
         if config.rng {
             let rng = keel_virtio::Rng::new().map_err(|e| Error::DeviceRange(format!("virtio-rng: {e}")))?;
-            virtio.add("virtio-rng", Arc::new(Mutex::new(rng)), config.transport)?;
+            let rng = Arc::new(Mutex::new(rng));
+            let sampled = rng.clone();
+            control.add_metrics("entropy", move || {
+                let bytes = sampled.lock().unwrap_or_else(|e| e.into_inner()).bytes_served();
+                vec![("entropy_bytes", bytes)]
+            });
+            virtio.add("virtio-rng", rng, config.transport)?;
         }
         if let Some(console) = &config.console {
             let device = match console {
@@ -1041,7 +1092,18 @@ impl Vm {
                 ConsoleConfig::Socket(path) => keel_virtio::Console::unix_listener(path),
             }
             .map_err(|e| Error::Config(format!("console {console:?}: {e}")))?;
-            virtio.add("virtio-console", Arc::new(Mutex::new(device)), config.transport)?;
+            let device = Arc::new(Mutex::new(device));
+            let sampled = device.clone();
+            control.add_metrics("console", move || {
+                let c = sampled.lock().unwrap_or_else(|e| e.into_inner()).counters();
+                vec![
+                    ("tx_bytes", c.tx_bytes),
+                    ("tx_requests", c.tx_requests),
+                    ("tx_truncated_bytes", c.tx_truncated_bytes),
+                    ("tx_throttled", c.tx_throttled),
+                ]
+            });
+            virtio.add("virtio-console", device, config.transport)?;
         }
         if let Some(vsock) = &config.vsock {
             let device = keel_virtio::Vsock::new(vsock.cid, &vsock.uds, keel_virtio::VsockOptions::default())
@@ -1206,6 +1268,20 @@ impl Vm {
             vcpu.configure_lapic()?;
             vcpus.push(vcpu);
         }
+        let counters: Vec<_> = vcpus.iter().map(Vcpu::counters).collect();
+        control.add_metrics("vcpu", move || {
+            // Summed over the vCPUs, as Firecracker reports them.
+            let mut total: Counters = Vec::new();
+            for c in &counters {
+                for (i, (name, value)) in c.snapshot().into_iter().enumerate() {
+                    match total.get_mut(i) {
+                        Some((_, sum)) => *sum += value,
+                        None => total.push((name, value)),
+                    }
+                }
+            }
+            total
+        });
 
         Ok(Vm {
             control,
@@ -1456,6 +1532,13 @@ impl VmController {
     /// See [`VmHandle::press_power_button`].
     pub fn press_power_button(&self) -> Result<()> {
         press_power_button(self.ged.as_ref())
+    }
+
+    /// The VM's counters now, by group: `vcpu` (exits by reason, summed
+    /// over the vCPUs), `net_<tap>` (bytes, packets, failures, drops),
+    /// `entropy`, `console`.
+    pub fn metrics(&self) -> Vec<(String, Counters)> {
+        self.control.sample_metrics()
     }
 
     /// Stops the VM, as [`StopHandle::stop`].
