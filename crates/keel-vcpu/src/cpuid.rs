@@ -46,7 +46,7 @@ pub struct CpuidConfig {
     /// AMD-V hosts.
     pub hide_unemulated_instructions: bool,
     /// The guest's TSC frequency in kHz (`KVM_GET_TSC_KHZ`), published in
-    /// the hypervisor timing leaf [`TIMING_LEAF`] (EAX: TSC kHz, EBX: local
+    /// the hypervisor timing leaf 0x4000_0010 (EAX: TSC kHz, EBX: local
     /// APIC timer kHz), as QEMU and VMware do, so a guest without a PIT to
     /// calibrate against still knows it. `None`: no timing leaf.
     pub tsc_khz: Option<u32>,

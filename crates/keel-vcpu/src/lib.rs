@@ -10,6 +10,17 @@
 //! A vCPU runs on its own thread; another thread stops it by setting a flag
 //! and kicking it with a [`VcpuKicker`] (a signal plus `immediate_exit`).
 //!
+//! # Signals
+//!
+//! [`Vcpu::new`] installs, once per process, a handler for a real-time
+//! signal ([`kick_signal`]: `SIGRTMIN` unless [`set_kick_signal`] chose
+//! another before the first vCPU). The handler only sets `immediate_exit`
+//! in the `kvm_run` of the vCPU the receiving thread is running, and does
+//! nothing on any other thread. An embedder must leave that signal alone:
+//! no handler of its own, not blocked on vCPU threads. See the `kick`
+//! module documentation on [`VcpuKicker`] for how kicks stay sound after a
+//! vCPU thread has exited.
+//!
 //! On hosts whose KVM emulates ring 0 in software, `int3` and `fwait`
 //! cannot be emulated; the run loop completes them as the CPU would (#BP
 //! after `int3`; `fwait` is a no-op unless an unmasked x87 exception is
@@ -76,7 +87,9 @@ pub use boot_state::{
 pub use counters::VcpuCounters;
 pub use cpuid::{CpuidConfig, KVM_CPUID_FEATURES, KVM_FEATURES_WITHOUT_HYPERCALLS};
 pub use exit_handler::ExitHandler;
-pub use kick::{install_kick_handler, kick_signal, VcpuKicker, KICK_SIGNAL_OFFSET};
+pub use kick::{
+    install_kick_handler, kick_signal, set_kick_signal, KickBinding, VcpuKicker, KICK_SIGNAL_OFFSET,
+};
 pub use probe::{probe_ring0_execution, Ring0Execution};
 pub use vcpu::{RunOutcome, Vcpu, VcpuStop};
 
@@ -151,6 +164,14 @@ pub enum Error {
     /// Sending a kick failed.
     #[error("cannot kick vCPU thread: {0}")]
     Kick(std::io::Error),
+    /// A kick signal that cannot be used.
+    #[error("kick signal {signal}: {reason}")]
+    KickSignal {
+        /// The signal number asked for.
+        signal: i32,
+        /// Why it cannot be used.
+        reason: String,
+    },
 }
 
 /// Result type of this crate.

@@ -431,6 +431,9 @@ impl Vcpu {
     /// Runs until `stop` is set (then kick the thread with a
     /// [`crate::VcpuKicker`]) or the guest ends its own life.
     pub fn run(&mut self, io: &dyn ExitHandler, stop: &AtomicBool) -> Result<VcpuStop> {
+        // Marked as running for the whole loop, so a kick that lands
+        // between the flag check and KVM_RUN still sets immediate_exit.
+        let _running = RunningGuard::new(self.fd.get_kvm_run());
         loop {
             if stop.load(Ordering::Acquire) {
                 return Ok(VcpuStop::Requested);

@@ -1,7 +1,6 @@
 //! Building a VM from its layers, running it, and learning why it ended.
 
 use std::io::Write;
-use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -1321,9 +1320,16 @@ impl Vm {
             let io = io.clone();
             let id = vcpu.id();
             control.pause.join();
+            let kicker = VcpuKicker::new();
+            control
+                .kickers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(kicker.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("keel-vcpu{id}"))
                 .spawn(move || {
+                    let _bound = kicker.bind_current_thread();
                     let control = control_for_thread;
                     let outcome = loop {
                         match vcpu.run(&*io, &control.leave_run) {
@@ -1354,11 +1360,6 @@ impl Vm {
                     return Err(Error::Thread(e));
                 }
             };
-            control
-                .kickers
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(VcpuKicker::for_thread(thread.as_pthread_t()));
             threads.push(thread);
         }
         // A stop requested while threads were being spawned must reach them.
@@ -1432,8 +1433,8 @@ fn spawn_event_loop(control: Arc<Control>, subscribers: Vec<Subscriber>) -> Resu
         })
 }
 
-/// Stops and joins the vCPU threads. The kickers are taken out first, under
-/// their lock, so no kick can ever target a joined thread.
+/// Stops and joins the vCPU threads (a kick reaches a vCPU thread only
+/// while it is bound; see `keel_vcpu::VcpuKicker`).
 fn halt_threads(control: &Control, threads: Vec<JoinHandle<()>>) {
     let kickers = std::mem::take(&mut *control.kickers.lock().unwrap_or_else(|e| e.into_inner()));
     control.stop.store(true, Ordering::Release);
