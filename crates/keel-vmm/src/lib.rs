@@ -62,9 +62,9 @@ mod vm;
 
 pub use boot_progress::{ConsoleWatcher, RUN_INIT_MARKER};
 pub use config::{
-    BootProtocolChoice, ConsoleConfig, DiskConfig, IrqchipChoice, NetConfig, Ring0Choice, SerialMode,
-    VirtioTransport, VmConfig, VsockConfig, DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE,
-    DEFAULT_LINUX_PCI_CMDLINE, MAX_VCPUS,
+    BootProtocolChoice, ConsoleConfig, DiskConfig, IrqchipChoice, NetConfig, RateLimiterConfig, Ring0Choice,
+    SerialMode, TokenBucketConfig, VirtioTransport, VmConfig, VsockConfig, DEFAULT_GUEST_CMDLINE,
+    DEFAULT_LINUX_CMDLINE, DEFAULT_LINUX_PCI_CMDLINE, MAX_VCPUS,
 };
 pub use vm::{
     ExitReason, SerialSource, StopHandle, Vm, VmBuilder, VmHandle, BOOT_TIMER_ADDR, DEFAULT_KVM_DEVICE,

@@ -919,8 +919,12 @@ impl Vm {
                 id: disk.id.clone().unwrap_or_default(),
                 ..Default::default()
             };
-            let block = keel_virtio::Block::new(backend, options)
+            let mut block = keel_virtio::Block::new(backend, options)
                 .map_err(|e| Error::Config(format!("disk {}: {e}", disk.path.display())))?;
+            if let Some(limiter) = &disk.rate_limiter {
+                let (bandwidth, ops) = limiter.updates();
+                block.update_rate_limiter(bandwidth, ops);
+            }
             virtio.add(
                 &format!("disk {}", disk.path.display()),
                 Arc::new(Mutex::new(block)),
@@ -950,8 +954,16 @@ impl Vm {
                 mac,
                 ..Default::default()
             };
-            let card = keel_virtio::Net::new(tap, options)
+            let mut card = keel_virtio::Net::new(tap, options)
                 .map_err(|e| Error::Config(format!("net tap={}: {e}", net.tap)))?;
+            if let Some(limiter) = &net.rx_rate_limiter {
+                let (bandwidth, ops) = limiter.updates();
+                card.update_rx_rate_limiter(bandwidth, ops);
+            }
+            if let Some(limiter) = &net.tx_rate_limiter {
+                let (bandwidth, ops) = limiter.updates();
+                card.update_tx_rate_limiter(bandwidth, ops);
+            }
             virtio.add(
                 &format!("net tap={}", net.tap),
                 Arc::new(Mutex::new(card)),
@@ -959,7 +971,12 @@ impl Vm {
             )?;
         }
         if config.rng {
-            let rng = keel_virtio::Rng::new().map_err(|e| Error::DeviceRange(format!("virtio-rng: {e}")))?;
+            let mut rng =
+                keel_virtio::Rng::new().map_err(|e| Error::DeviceRange(format!("virtio-rng: {e}")))?;
+            if let Some(limiter) = &config.rng_rate_limiter {
+                let (bandwidth, ops) = limiter.updates();
+                rng.update_rate_limiter(bandwidth, ops);
+            }
             virtio.add("virtio-rng", Arc::new(Mutex::new(rng)), config.transport)?;
         }
         if let Some(console) = &config.console {
