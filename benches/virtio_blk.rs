@@ -379,7 +379,11 @@ fn bench_rate_limiter(c: &mut Criterion) {
                     BucketUpdate::Set(BucketConfig::new(1 << 40, 1)),
                 );
             }
-            let name = if limited { "limit_never_reached" } else { "no_limit" };
+            let name = if limited {
+                "limit_never_reached"
+            } else {
+                "no_limit"
+            };
             group.throughput(Throughput::Bytes(4096));
             group.bench_function(BenchmarkId::new(name, format!("read_4KiB_batch{batch}")), |b| {
                 b.iter_custom(|requests| rig.time(requests))
