@@ -29,6 +29,9 @@
 //! notification (`avail_event`), and that exactly one interrupt was raised
 //! per round.
 //!
+//! The `virtio_blk_rate_limiter` group times 4 KiB reads on a device with no
+//! rate limit set and on one whose limits are never reached, side by side.
+//!
 //! Run: `cargo bench --bench virtio_blk` (`-- --quick` for a short run).
 
 use std::sync::{Arc, Mutex};
@@ -359,11 +362,43 @@ fn bench_request_path(c: &mut Criterion) {
     group.finish();
 }
 
+/// The rate limiter's cost on the request path, side by side: a device with
+/// no limit set (its limiter holds no bucket: one branch per request) and
+/// the same device with bandwidth and ops buckets so large they never
+/// throttle (every request pays the token arithmetic and a clock read).
+fn bench_rate_limiter(c: &mut Criterion) {
+    use keel_ratelimit::{BucketConfig, BucketUpdate};
+    let mut group = c.benchmark_group("virtio_blk_rate_limiter");
+    for batch in [1, BATCH] {
+        for limited in [false, true] {
+            let mem = memory();
+            let mut rig = Rig::new(&mem, Op::Read, 4096, batch);
+            if limited {
+                rig.disk.lock().unwrap().update_rate_limiter(
+                    BucketUpdate::Set(BucketConfig::new(1 << 50, 1)),
+                    BucketUpdate::Set(BucketConfig::new(1 << 40, 1)),
+                );
+            }
+            let name = if limited {
+                "limit_never_reached"
+            } else {
+                "no_limit"
+            };
+            group.throughput(Throughput::Bytes(4096));
+            group.bench_function(BenchmarkId::new(name, format!("read_4KiB_batch{batch}")), |b| {
+                b.iter_custom(|requests| rig.time(requests))
+            });
+            assert_eq!(rig.disk.lock().unwrap().throttled_count(), 0);
+        }
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench_request_path
+    targets = bench_request_path, bench_rate_limiter
 }
 criterion_main!(benches);

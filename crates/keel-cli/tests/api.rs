@@ -149,11 +149,28 @@ fn configure_start_pause_resume_and_power_off_over_the_socket() {
         "PUT",
         "/drives/data",
         &format!(
-            r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+            r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false,
+                 "rate_limiter": {{"bandwidth": {{"size": 1048576, "refill_time": 100}}}}}}"#,
             disk.display()
         ),
     );
-    keel.ok("PUT", "/entropy", "{}");
+    keel.ok(
+        "PUT",
+        "/entropy",
+        r#"{"rate_limiter": {"ops": {"size": 100, "one_time_burst": 10, "refill_time": 1000}}}"#,
+    );
+    keel.fault(
+        "PUT",
+        "/entropy",
+        Some(r#"{"rate_limiter": {"ops": {"size": 1, "refill": 1}}}"#),
+        "unknown field `refill`",
+    );
+    keel.fault(
+        "PATCH",
+        "/drives/data",
+        Some(r#"{"drive_id": "data", "rate_limiter": {}}"#),
+        "has not been started",
+    );
     keel.fault(
         "PATCH",
         "/vm",
@@ -187,6 +204,33 @@ fn configure_start_pause_resume_and_power_off_over_the_socket() {
     let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
     assert!(line["vcpu"]["exit_io_out"].as_u64().unwrap() > 0, "{line}");
     let _ = std::fs::remove_file(&metrics);
+    // A running drive gets a new image and a new limit; a bad path changes
+    // nothing.
+    let bigger = temp_path("bigger.img");
+    std::fs::File::create(&bigger).unwrap().set_len(4 << 20).unwrap();
+    keel.ok(
+        "PATCH",
+        "/drives/data",
+        &format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}", "rate_limiter": {{"ops": {{"size": 1000, "refill_time": 1000}}}}}}"#,
+            bigger.display()
+        ),
+    );
+    keel.fault(
+        "PATCH",
+        "/drives/data",
+        Some(r#"{"drive_id": "data", "path_on_host": "/no/such/image"}"#),
+        "/no/such/image",
+    );
+    keel.fault(
+        "PATCH",
+        "/drives/other",
+        Some(r#"{"drive_id": "other"}"#),
+        "no drive with that ID",
+    );
+    let (_, config) = keel.call("GET", "/vm/config", None);
+    assert!(config.contains(&bigger.display().to_string()), "{config}");
+    let _ = std::fs::remove_file(&bigger);
     keel.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     assert_eq!(keel.state(), "Paused");
     keel.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);

@@ -332,11 +332,6 @@ impl Vmm {
                 "drives/{path_id} socket: vhost-user drives are not supported"
             )));
         }
-        if drive.rate_limiter.is_some() {
-            return Err(invalid(format!(
-                "drives/{path_id} rate_limiter: not available in this build"
-            )));
-        }
         let Some(path) = &drive.path_on_host else {
             return Err(invalid(format!("drives/{path_id}: path_on_host is required")));
         };
@@ -388,12 +383,55 @@ impl Vmm {
         if !self.config.drives.iter().any(|d| d.drive_id == path_id) {
             return Err(invalid(format!("drives/{path_id}: no drive with that ID")));
         }
-        if let Some(path) = &update.path_on_host {
-            check_readable(&format!("drives/{path_id} path_on_host"), path)?;
+        let index = self
+            .disk_order()
+            .iter()
+            .position(|d| d.drive_id == path_id)
+            .ok_or_else(|| invalid(format!("drives/{path_id}: no drive with that ID")))?;
+        let device = self
+            .controller(&format!("drives/{path_id}"))?
+            .disk(index)
+            .ok_or_else(|| invalid(format!("drives/{path_id}: the running VM has no such disk")))?;
+        let read_only = self
+            .config
+            .drives
+            .iter()
+            .find(|d| d.drive_id == path_id)
+            .is_some_and(|d| d.is_read_only);
+        // Open the new image before touching the device: a bad path changes
+        // nothing.
+        let backend = match &update.path_on_host {
+            Some(path) => Some(
+                keel_vmm::keel_virtio::FileBackend::open(path, read_only)
+                    .map_err(|e| invalid(format!("drives/{path_id} path_on_host {path}: {e}")))?,
+            ),
+            None => None,
+        };
+        let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(backend) = backend {
+            device.replace_backend(backend);
         }
-        Err(wrong_state(format!(
-            "drives/{path_id}: updating a running drive is not available in this build"
-        )))
+        if let Some(limiter) = &update.rate_limiter {
+            let (bandwidth, ops) = limiter.updates();
+            device.update_rate_limiter(bandwidth, ops);
+        }
+        drop(device);
+        if let Some(drive) = self.config.drives.iter_mut().find(|d| d.drive_id == path_id) {
+            if update.path_on_host.is_some() {
+                drive.path_on_host = update.path_on_host;
+            }
+            if update.rate_limiter.is_some() {
+                drive.rate_limiter = update.rate_limiter;
+            }
+        }
+        Ok(())
+    }
+
+    /// The drives in the order the VM gets them: the root drive first.
+    fn disk_order(&self) -> Vec<&Drive> {
+        let mut drives: Vec<&Drive> = self.config.drives.iter().filter(|d| d.is_root_device).collect();
+        drives.extend(self.config.drives.iter().filter(|d| !d.is_root_device));
+        drives
     }
 
     /// `PUT /network-interfaces/{iface_id}`.
@@ -403,11 +441,6 @@ impl Vmm {
             return Err(invalid(format!(
                 "iface_id {:?}: does not match the path's {path_id:?}",
                 iface.iface_id
-            )));
-        }
-        if iface.rx_rate_limiter.is_some() || iface.tx_rate_limiter.is_some() {
-            return Err(invalid(format!(
-                "network-interfaces/{path_id} rx_rate_limiter/tx_rate_limiter: not available in this build"
             )));
         }
         let mut probe = NetConfig::tap(iface.host_dev_name.clone());
@@ -463,9 +496,39 @@ impl Vmm {
                 "network-interfaces/{path_id}: no interface with that ID"
             )));
         }
-        Err(wrong_state(format!(
-            "network-interfaces/{path_id}: updating a running interface is not available in this build"
-        )))
+        let index = self
+            .config
+            .network_interfaces
+            .iter()
+            .position(|n| n.iface_id == path_id)
+            .ok_or_else(|| invalid(format!("network-interfaces/{path_id}: no interface with that ID")))?;
+        let device = self
+            .controller(&format!("network-interfaces/{path_id}"))?
+            .network_interface(index)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "network-interfaces/{path_id}: the running VM has no such card"
+                ))
+            })?;
+        let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(limiter) = &update.rx_rate_limiter {
+            let (bandwidth, ops) = limiter.updates();
+            device.update_rx_rate_limiter(bandwidth, ops);
+        }
+        if let Some(limiter) = &update.tx_rate_limiter {
+            let (bandwidth, ops) = limiter.updates();
+            device.update_tx_rate_limiter(bandwidth, ops);
+        }
+        drop(device);
+        if let Some(iface) = self.config.network_interfaces.get_mut(index) {
+            if update.rx_rate_limiter.is_some() {
+                iface.rx_rate_limiter = update.rx_rate_limiter;
+            }
+            if update.tx_rate_limiter.is_some() {
+                iface.tx_rate_limiter = update.tx_rate_limiter;
+            }
+        }
+        Ok(())
     }
 
     /// `PUT /vsock`.
@@ -487,9 +550,6 @@ impl Vmm {
     /// `PUT /entropy`.
     pub fn put_entropy(&mut self, entropy: Entropy) -> Result<()> {
         self.before_start("entropy")?;
-        if entropy.rate_limiter.is_some() {
-            return Err(invalid("entropy rate_limiter: not available in this build"));
-        }
         self.config.entropy = Some(entropy);
         Ok(())
     }
@@ -635,14 +695,14 @@ impl Vmm {
             config.initrd = boot.initrd_path.clone().map(Into::into);
         }
         // The root drive is the first disk (vda), as Firecracker orders it.
-        let mut drives: Vec<&Drive> = self.config.drives.iter().filter(|d| d.is_root_device).collect();
-        drives.extend(self.config.drives.iter().filter(|d| !d.is_root_device));
+        let drives = self.disk_order();
         for drive in &drives {
             let Some(path) = &drive.path_on_host else { continue };
             let mut disk = DiskConfig::new(path);
             disk.read_only = drive.is_read_only;
             // virtio-blk IDs are at most 20 bytes; longer ones are not given.
             disk.id = Some(drive.drive_id.clone()).filter(|id| id.len() <= 20);
+            disk.rate_limiter = drive.rate_limiter;
             config.disks.push(disk);
         }
         if let Some(root) = drives.first().filter(|d| d.is_root_device) {
@@ -663,6 +723,8 @@ impl Vmm {
         for iface in &self.config.network_interfaces {
             let mut net = NetConfig::tap(iface.host_dev_name.clone());
             net.mac = iface.guest_mac.clone();
+            net.rx_rate_limiter = iface.rx_rate_limiter;
+            net.tx_rate_limiter = iface.tx_rate_limiter;
             config.nets.push(net);
         }
         if let Some(vsock) = &self.config.vsock {
@@ -672,6 +734,7 @@ impl Vmm {
             ));
         }
         config.rng = self.config.entropy.is_some();
+        config.rng_rate_limiter = self.config.entropy.as_ref().and_then(|e| e.rate_limiter);
         config.validate()?;
         Ok(config)
     }

@@ -113,41 +113,12 @@ impl BootSource {
     }
 }
 
-/// One token bucket of a [`RateLimiter`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct TokenBucket {
-    /// Tokens (bytes or operations) the bucket holds.
-    pub size: u64,
-    /// Tokens available once on top of `size`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub one_time_burst: Option<u64>,
-    /// Milliseconds to refill the bucket from empty.
-    pub refill_time: u64,
-}
-
-impl TokenBucket {
-    /// The bucket as Keel's rate limiter takes it.
-    pub fn to_config(&self) -> keel_ratelimit::BucketConfig {
-        keel_ratelimit::BucketConfig::new(self.size, self.refill_time)
-            .with_one_time_burst(self.one_time_burst.unwrap_or(0))
-    }
-}
-
-/// A device's rate limiter: a bandwidth bucket (bytes) and an operations
-/// bucket (requests), each optional.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct RateLimiter {
-    /// Bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bandwidth: Option<TokenBucket>,
-    /// Operations.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ops: Option<TokenBucket>,
-}
+/// A device's rate limiter: Firecracker's `{"bandwidth": …, "ops": …}`,
+/// the same type `keel-vmm`'s configuration uses.
+pub use keel_vmm::RateLimiterConfig as RateLimiter;
+/// One token bucket of a [`RateLimiter`]: `size`, `one_time_burst`,
+/// `refill_time` (ms).
+pub use keel_vmm::TokenBucketConfig as TokenBucket;
 
 /// `PUT /drives/{drive_id}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -211,7 +211,8 @@ impl ActivationState {
                 self.requeue(index);
                 false
             }
-            Ok(QueueRun::Drained | QueueRun::Stopped) => false,
+            // A throttled queue is resumed by its rate limiter's timer.
+            Ok(QueueRun::Drained | QueueRun::Stopped | QueueRun::Throttled) => false,
             Err(e) => {
                 self.fail(ops, &e);
                 true
@@ -282,6 +283,9 @@ pub(crate) enum QueueRun {
     BudgetSpent,
     /// The transport is resetting the device.
     Stopped,
+    /// The device's rate limiter refused a request, which is left on the
+    /// available ring; the limiter's timer brings the device back.
+    Throttled,
 }
 
 /// What a device does with one request.
@@ -295,6 +299,11 @@ pub(crate) enum Handled {
     /// The request cannot be answered (for instance no room for a status);
     /// the device needs a reset.
     Unanswerable(&'static str),
+    /// The device's rate limiter refused the request: it is not consumed
+    /// (it goes back on the available ring, untouched) and the pass ends as
+    /// [`QueueRun::Throttled`]. The handler must not have written into the
+    /// chain.
+    Throttled,
 }
 
 /// Takes the next chain off a queue, if there is one.
@@ -402,6 +411,12 @@ where
                 Handled::Unanswerable(reason) => {
                     return Err(QueueError::Unanswerable { queue, head, reason })
                 }
+                Handled::Throttled => {
+                    // Un-pop: the chain is served when the limiter allows.
+                    // Notifications stay off, the timer brings us back.
+                    active.queues[queue].go_to_previous_position();
+                    break 'run QueueRun::Throttled;
+                }
             }
             processed += 1;
             used += 1;
@@ -457,6 +472,41 @@ mod tests {
         let run = process_queue(&mut active, 0, 3, |_, _| Handled::Used(0)).unwrap();
         assert_eq!(run, QueueRun::Drained);
         assert_eq!(driver.used().len(), 5);
+    }
+
+    #[test]
+    fn a_throttled_request_stays_on_the_available_ring() {
+        let mem = crate::guest_driver::memory();
+        let mut driver = DriverQueue::new(&mem, 16);
+        for _ in 0..3 {
+            driver.add(&[Buf::writable(0x8_0000, 4)]);
+        }
+        let interrupt = Arc::new(RecordingInterrupt::new());
+        let mut active = active(&mem, driver.queue(), interrupt.clone());
+
+        let mut calls = 0;
+        let run = process_queue(&mut active, 0, 16, |_, _| {
+            calls += 1;
+            if calls == 2 {
+                Handled::Throttled
+            } else {
+                Handled::Used(0)
+            }
+        })
+        .unwrap();
+        assert_eq!(run, QueueRun::Throttled);
+        assert_eq!(driver.used().len(), 1, "only the first request was served");
+        assert_eq!(active.queues[0].next_avail(), 1, "the refused chain was put back");
+
+        let mut heads = Vec::new();
+        let run = process_queue(&mut active, 0, 16, |_, chain| {
+            heads.push(chain.head());
+            Handled::Used(0)
+        })
+        .unwrap();
+        assert_eq!(run, QueueRun::Drained);
+        assert_eq!(heads.len(), 2, "the refused chain is served next, then the last");
+        assert_eq!(driver.used().len(), 3);
     }
 
     #[test]

@@ -53,6 +53,20 @@
 //! VMM, and devices write only into the writable buffers of the request they
 //! are answering.
 //!
+//! # Rate limiting
+//!
+//! [`Block`], [`Net`] (each direction) and [`Rng`] carry a
+//! [`keel_ratelimit::RateLimiter`] with Firecracker's semantics: a
+//! bandwidth and an operations token bucket, no limit unless set. A request
+//! the limiter refuses is left on the available ring, untouched (a received
+//! frame stays in the device and the backend goes unwatched); the device
+//! watches the limiter's timerfd on its event loop and resumes the queue
+//! when it fires, so a throttled device costs no CPU. Limits change on a
+//! running device through `update_rate_limiter` (`update_rx_rate_limiter` /
+//! `update_tx_rate_limiter` for [`Net`]), called with the device's mutex
+//! held from any thread; a throttled queue resumes at once under the new
+//! limits, since the update fires the limiter's timer.
+//!
 //! # Example
 //!
 //! A block device on a [`MemoryBackend`] behind an [`MmioTransport`], driven

@@ -1,14 +1,15 @@
 //! virtio-rng, the entropy device (virtio 1.2, section 5.4): random bytes
 //! from the host's `getrandom(2)` into the guest's buffers.
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use keel_ratelimit::{BucketUpdate, RateLimiter};
 use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
-use crate::activation::{process_queue, ActivationState, Handled};
+use crate::activation::{process_queue, ActivationState, EventSource, Handled};
 use crate::chain::RequestBuffers;
 use crate::device::{Activation, VirtioDevice};
-use crate::{check_queue_count, device_type, features, Result};
+use crate::{check_queue_count, device_type, features, Error, Result};
 
 /// Most random bytes one request gets. The spec lets the device fill less
 /// than the whole buffer; capping keeps one guest request from holding the
@@ -25,11 +26,19 @@ const QUEUE_SIZE: u16 = 256;
 ///
 /// Like every device here it is shared by its transport and the event loop:
 /// see the crate documentation.
+///
+/// A [`RateLimiter`] ([`update_rate_limiter`](Self::update_rate_limiter),
+/// Firecracker's `entropy` `rate_limiter`) paces the requests: each costs
+/// one operation and the bytes it will get. A refused request stays on the
+/// available ring until the limiter's timerfd, watched on the event loop,
+/// says it can pass.
 pub struct Rng {
     activation: ActivationState,
     queue_sizes: [u16; 1],
     buffer: Vec<u8>,
     served: u64,
+    limiter: RateLimiter,
+    throttled: u64,
 }
 
 impl std::fmt::Debug for Rng {
@@ -48,7 +57,26 @@ impl Rng {
             queue_sizes: [QUEUE_SIZE],
             buffer: vec![0; MAX_RNG_REQUEST_BYTES],
             served: 0,
+            limiter: RateLimiter::unlimited().map_err(Error::CreateEventFd)?,
+            throttled: 0,
         })
+    }
+
+    /// Changes the rate limiter's bandwidth (random bytes) and operations
+    /// (requests) buckets. May be called on a running device: a throttled
+    /// queue resumes under the new limits at once.
+    pub fn update_rate_limiter(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) {
+        self.limiter.update(bandwidth, ops);
+    }
+
+    /// The rate limiter (its buckets, whether it is holding the queue back).
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// Times the rate limiter held the queue back.
+    pub fn throttled_count(&self) -> u64 {
+        self.throttled
     }
 
     /// Random bytes handed to the guest so far.
@@ -62,13 +90,24 @@ impl Rng {
     }
 
     fn process_requests(&mut self, ops: &mut EventOps) {
+        if self.limiter.is_blocked() {
+            // The limiter's timer brings us back.
+            return;
+        }
         let Some(active) = self.activation.active_mut() else {
             return;
         };
         let budget = usize::from(active.queues[0].size());
         let buffer = &mut self.buffer;
         let served = &mut self.served;
+        let limiter = &mut self.limiter;
+        let throttled = &mut self.throttled;
         let result = process_queue(active, 0, budget, |mem, chain| {
+            let want = chain.writable_len().min(MAX_RNG_REQUEST_BYTES as u64);
+            if !limiter.consume(want) {
+                *throttled = throttled.saturating_add(1);
+                return Handled::Throttled;
+            }
             let handled = fill(buffer, mem, chain);
             if let Handled::Used(n) = handled {
                 if *served == 0 && n > 0 {
@@ -156,10 +195,18 @@ impl VirtioDevice for Rng {
 impl MutEventSubscriber for Rng {
     fn init(&mut self, ops: &mut EventOps) {
         self.activation.init(ops);
+        if let Err(e) = ops.add(Events::new_raw(self.limiter.timer_fd(), EventSet::IN)) {
+            log::error!("virtio-rng: cannot watch the rate limiter's timer: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.activation.queue_event(events.fd(), ops) {
+        let fd = events.fd();
+        if self.activation.classify(fd) == EventSource::Other && fd == self.limiter.timer_fd() {
+            if self.limiter.on_timer() {
+                self.process_requests(ops);
+            }
+        } else if self.activation.queue_event(fd, ops) {
             self.process_requests(ops);
         }
     }
@@ -178,6 +225,7 @@ mod tests {
     use crate::guest_driver::{memory, Buf, DriverQueue, DATA};
 
     struct Harness<'a> {
+        rng: Arc<Mutex<Rng>>,
         driver: DriverQueue<'a>,
         interrupt: Arc<RecordingInterrupt>,
         notify: EventFd,
@@ -203,6 +251,7 @@ mod tests {
             .unwrap();
         event_loop.run_with_timeout(100).unwrap();
         Harness {
+            rng,
             driver,
             interrupt,
             notify,
@@ -253,6 +302,67 @@ mod tests {
         let mut bytes = [0u8; 8];
         mem.read_slice(&mut bytes, GuestAddress(DATA)).unwrap();
         assert_eq!(bytes, [7; 8], "readable buffers are never written");
+    }
+
+    fn run_until_used(h: &mut Harness<'_>, used: usize) {
+        let start = std::time::Instant::now();
+        while h.driver.used().len() < used && start.elapsed() < std::time::Duration::from_secs(5) {
+            h.event_loop.run_with_timeout(10).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_bandwidth_bucket_paces_random_bytes_and_the_timer_resumes_the_queue() {
+        use keel_ratelimit::{BucketConfig, BucketUpdate};
+        let mem = memory();
+        let mut h = activated(&mem);
+        h.rng.lock().unwrap().update_rate_limiter(
+            BucketUpdate::Set(BucketConfig::new(1000, 100)),
+            BucketUpdate::Keep,
+        );
+        for i in 0..3 {
+            h.driver.add(&[Buf::writable(DATA + i * 0x1000, 1000)]);
+        }
+        h.notify.write(1).unwrap();
+        let start = std::time::Instant::now();
+        h.event_loop.run_with_timeout(10).unwrap();
+        assert_eq!(h.driver.used().len(), 1, "1000 bytes per 100 ms");
+        let mut untouched = [0u8; 16];
+        mem.read_slice(&mut untouched, GuestAddress(DATA + 0x1000))
+            .unwrap();
+        assert_eq!(untouched, [0; 16], "the refused request was not filled");
+        run_until_used(&mut h, 3);
+        assert_eq!(h.driver.used().len(), 3);
+        assert!(
+            start.elapsed() >= std::time::Duration::from_millis(180),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(h.rng.lock().unwrap().bytes_served(), 3000);
+    }
+
+    #[test]
+    fn the_ops_bucket_limits_requests_and_disabling_it_lifts_the_limit() {
+        use keel_ratelimit::{BucketConfig, BucketUpdate};
+        let mem = memory();
+        let mut h = activated(&mem);
+        h.rng.lock().unwrap().update_rate_limiter(
+            BucketUpdate::Keep,
+            BucketUpdate::Set(BucketConfig::new(2, 60_000)),
+        );
+        for i in 0..5 {
+            h.driver.add(&[Buf::writable(DATA + i * 0x1000, 16)]);
+        }
+        h.notify.write(1).unwrap();
+        h.event_loop.run_with_timeout(10).unwrap();
+        assert_eq!(h.driver.used().len(), 2);
+        assert_eq!(h.rng.lock().unwrap().throttled_count(), 1);
+        h.rng
+            .lock()
+            .unwrap()
+            .update_rate_limiter(BucketUpdate::Keep, BucketUpdate::Disable);
+        run_until_used(&mut h, 5);
+        assert_eq!(h.driver.used().len(), 5, "the update woke the device");
     }
 
     #[test]

@@ -55,6 +55,10 @@ pub struct VmConfig {
     /// Whether to add a virtio-rng device fed by the host's `getrandom`.
     #[serde(default)]
     pub rng: bool,
+    /// Limits the virtio-rng device (Firecracker's `entropy`
+    /// `rate_limiter`); needs `rng`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rng_rate_limiter: Option<RateLimiterConfig>,
     /// A virtio-console (port 0, `hvc0` in Linux) and where it goes.
     #[serde(default)]
     pub console: Option<ConsoleConfig>,
@@ -214,6 +218,13 @@ pub struct NetConfig {
     /// Its transport (default: the VM's [`VmConfig::transport`]).
     #[serde(default)]
     pub transport: Option<VirtioTransport>,
+    /// Limits what the card hands the guest (Firecracker's
+    /// `rx_rate_limiter`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    /// Limits what the guest sends (Firecracker's `tx_rate_limiter`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl NetConfig {
@@ -225,6 +236,8 @@ impl NetConfig {
             fd: None,
             mac: None,
             transport: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         }
     }
 
@@ -235,6 +248,8 @@ impl NetConfig {
             fd: Some(fd),
             mac: None,
             transport: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         }
     }
 
@@ -308,6 +323,8 @@ impl std::str::FromStr for NetConfig {
             fd,
             mac,
             transport,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
         };
         config.mac_bytes(0)?;
         Ok(config)
@@ -330,6 +347,9 @@ pub struct DiskConfig {
     /// Its transport (default: the VM's [`VmConfig::transport`]).
     #[serde(default)]
     pub transport: Option<VirtioTransport>,
+    /// Limits the disk's requests (Firecracker's drive `rate_limiter`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 impl DiskConfig {
@@ -341,6 +361,7 @@ impl DiskConfig {
             read_only: false,
             id: None,
             transport: None,
+            rate_limiter: None,
         }
     }
 }
@@ -359,6 +380,7 @@ impl std::str::FromStr for DiskConfig {
             read_only: false,
             id: None,
             transport: None,
+            rate_limiter: None,
         };
         for part in parts {
             match part.split_once('=') {
@@ -519,6 +541,7 @@ impl Default for VmConfig {
             serial: SerialMode::None,
             disks: Vec::new(),
             rng: false,
+            rng_rate_limiter: None,
             console: None,
             nets: Vec::new(),
             vsock: None,
@@ -569,6 +592,11 @@ impl VmConfig {
                     host / keel_memory::MIB
                 )));
             }
+        }
+        if self.rng_rate_limiter.is_some() && !self.rng {
+            return Err(Error::Config(
+                "rng_rate_limiter: set, but there is no virtio-rng device (rng is false)".into(),
+            ));
         }
         for (what, path) in [("kernel", &self.kernel), ("initrd", &self.initrd)] {
             if let Some(path) = path {
@@ -685,6 +713,91 @@ fn host_memory_bytes() -> Option<u64> {
             return None;
         }
         Some((info.totalram as u64).saturating_mul(u64::from(info.mem_unit)))
+    }
+}
+
+/// A device's rate limiter in Firecracker's API and config-file shape:
+/// `{"bandwidth": {"size": N, "one_time_burst": N, "refill_time": MS},
+/// "ops": {…}}`, either bucket optional.
+///
+/// Applied to a new device, a missing bucket means no limit of that kind;
+/// as an update of a running one (Firecracker's PATCH), a missing bucket
+/// keeps what the device has and a bucket of `size` or `refill_time` 0
+/// removes the limit ([`updates`](Self::updates)).
+///
+/// ```
+/// let limiter: keel_vmm::RateLimiterConfig = serde_json::from_str(
+///     r#"{"bandwidth": {"size": 41943, "refill_time": 10}}"#,
+/// ).unwrap();
+/// assert_eq!(limiter.bandwidth.unwrap().size, 41943);
+/// assert!(limiter.ops.is_none());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct RateLimiterConfig {
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucketConfig>,
+    /// Operations (requests, frames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucketConfig>,
+}
+
+impl RateLimiterConfig {
+    /// A limiter with these buckets.
+    pub fn new(bandwidth: Option<TokenBucketConfig>, ops: Option<TokenBucketConfig>) -> Self {
+        Self { bandwidth, ops }
+    }
+
+    /// The bandwidth and ops changes this configuration makes to a device's
+    /// limiter: `Keep` for a missing bucket, `Set` otherwise (a bucket that
+    /// limits nothing then removes it).
+    pub fn updates(&self) -> (keel_ratelimit::BucketUpdate, keel_ratelimit::BucketUpdate) {
+        let update = |bucket: Option<TokenBucketConfig>| match bucket {
+            Some(bucket) => keel_ratelimit::BucketUpdate::Set(bucket.bucket()),
+            None => keel_ratelimit::BucketUpdate::Keep,
+        };
+        (update(self.bandwidth), update(self.ops))
+    }
+}
+
+/// One token bucket in Firecracker's shape: `size` tokens refilled in
+/// `refill_time` milliseconds, plus `one_time_burst` tokens once. A `size`
+/// or `refill_time` of 0 means no limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct TokenBucketConfig {
+    /// Most tokens the bucket holds.
+    pub size: u64,
+    /// Tokens available once, on top of the first full bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    /// Milliseconds to refill the bucket from empty.
+    pub refill_time: u64,
+}
+
+impl TokenBucketConfig {
+    /// `size` tokens per `refill_time` milliseconds, no one-time burst.
+    pub fn new(size: u64, refill_time: u64) -> Self {
+        Self {
+            size,
+            one_time_burst: None,
+            refill_time,
+        }
+    }
+
+    /// The same with `tokens` available once on top.
+    pub fn with_one_time_burst(mut self, tokens: u64) -> Self {
+        self.one_time_burst = Some(tokens);
+        self
+    }
+
+    /// The bucket as [`keel_ratelimit`] takes it.
+    pub fn bucket(&self) -> keel_ratelimit::BucketConfig {
+        keel_ratelimit::BucketConfig::new(self.size, self.refill_time)
+            .with_one_time_burst(self.one_time_burst.unwrap_or(0))
     }
 }
 
@@ -872,6 +985,7 @@ mod tests {
                 read_only: true,
                 id: Some("root".into()),
                 transport: None,
+                rate_limiter: None,
             }
         );
         assert!("/img,rx".parse::<DiskConfig>().unwrap_err().contains("\"rx\""));
@@ -986,5 +1100,74 @@ mod tests {
             ..Default::default()
         };
         assert!(linux.effective_cmdline().contains("console=ttyS0"));
+    }
+
+    #[test]
+    fn rate_limiters_take_firecrackers_shape() {
+        let disk: DiskConfig = serde_json::from_str(
+            r#"{"path": "/d", "rate_limiter": {
+                "bandwidth": {"size": 1048576, "one_time_burst": 4096, "refill_time": 1000},
+                "ops": {"size": 100, "refill_time": 100}}}"#,
+        )
+        .unwrap();
+        let limiter = disk.rate_limiter.unwrap();
+        assert_eq!(
+            limiter.bandwidth,
+            Some(TokenBucketConfig::new(1 << 20, 1000).with_one_time_burst(4096))
+        );
+        assert_eq!(
+            limiter.updates(),
+            (
+                keel_ratelimit::BucketUpdate::Set(
+                    keel_ratelimit::BucketConfig::new(1 << 20, 1000).with_one_time_burst(4096)
+                ),
+                keel_ratelimit::BucketUpdate::Set(keel_ratelimit::BucketConfig::new(100, 100)),
+            )
+        );
+        let net: NetConfig = serde_json::from_str(
+            r#"{"tap": "t0", "rx_rate_limiter": {"ops": {"size": 1, "refill_time": 1}},
+                "tx_rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}"#,
+        )
+        .unwrap();
+        assert!(net.rx_rate_limiter.unwrap().bandwidth.is_none());
+        assert!(net.tx_rate_limiter.unwrap().ops.is_none());
+        // Serialized back the same way, missing buckets left out.
+        let text = serde_json::to_string(&net).unwrap();
+        assert!(
+            text.contains(r#""rx_rate_limiter":{"ops":{"size":1,"refill_time":1}}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn rate_limiter_updates_keep_missing_buckets_and_remove_zero_ones() {
+        let patch: RateLimiterConfig =
+            serde_json::from_str(r#"{"bandwidth": {"size": 0, "refill_time": 100}}"#).unwrap();
+        let (bandwidth, ops) = patch.updates();
+        assert_eq!(ops, keel_ratelimit::BucketUpdate::Keep);
+        let keel_ratelimit::BucketUpdate::Set(bucket) = bandwidth else {
+            panic!("{bandwidth:?}");
+        };
+        assert!(!bucket.is_limiting(), "size 0 removes the limit");
+    }
+
+    #[test]
+    fn malformed_rate_limiters_are_refused_naming_the_field() {
+        for (body, names) in [
+            (r#"{"bandwidth": {"size": 1}}"#, "refill_time"),
+            (r#"{"bandwidth": {"size": -1, "refill_time": 1}}"#, "-1"),
+            (r#"{"bandwith": {"size": 1, "refill_time": 1}}"#, "bandwith"),
+            (r#"{"ops": {"size": 1, "refill_time": 1, "burst": 3}}"#, "burst"),
+        ] {
+            let err = serde_json::from_str::<RateLimiterConfig>(body)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(names), "{body}: {err}");
+        }
+        let c = VmConfig {
+            rng_rate_limiter: Some(RateLimiterConfig::default()),
+            ..Default::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("rng_rate_limiter"));
     }
 }

@@ -244,6 +244,16 @@ struct Control {
     wake_event_loop: EventFd,
     /// Where the VM's counters come from, for [`VmController::metrics`].
     metrics: Mutex<Vec<MetricsSource>>,
+    /// The configuration's devices, for changes while the VM runs.
+    devices: Mutex<ConfigDevices>,
+}
+
+/// The devices [`VmConfig`] asked for, typed, in configuration order.
+#[derive(Default)]
+struct ConfigDevices {
+    disks: Vec<Arc<Mutex<keel_virtio::Block<keel_virtio::FileBackend>>>>,
+    nets: Vec<Arc<Mutex<keel_virtio::Net<keel_virtio::TapBackend>>>>,
+    rng: Option<Arc<Mutex<keel_virtio::Rng>>>,
 }
 
 /// Counters of one part of the VM (the vCPUs, a device), by name.
@@ -253,6 +263,10 @@ pub type Counters = Vec<(&'static str, u64)>;
 type MetricsSource = (String, Box<dyn Fn() -> Counters + Send + Sync>);
 
 impl Control {
+    fn lock_devices(&self) -> std::sync::MutexGuard<'_, ConfigDevices> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn add_metrics(&self, group: impl Into<String>, sample: impl Fn() -> Counters + Send + Sync + 'static) {
         self.metrics
             .lock()
@@ -923,6 +937,7 @@ impl Vm {
             leave_run: AtomicBool::new(false),
             pause: crate::pause::PauseGate::default(),
             metrics: Mutex::new(Vec::new()),
+            devices: Mutex::new(ConfigDevices::default()),
             kickers: Mutex::new(Vec::new()),
             wake_event_loop: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventLoop)?,
         });
@@ -1017,11 +1032,17 @@ impl Vm {
                 id: disk.id.clone().unwrap_or_default(),
                 ..Default::default()
             };
-            let block = keel_virtio::Block::new(backend, options)
+            let mut block = keel_virtio::Block::new(backend, options)
                 .map_err(|e| Error::Config(format!("disk {}: {e}", disk.path.display())))?;
+            if let Some(limiter) = &disk.rate_limiter {
+                let (bandwidth, ops) = limiter.updates();
+                block.update_rate_limiter(bandwidth, ops);
+            }
+            let block = Arc::new(Mutex::new(block));
+            control.lock_devices().disks.push(block.clone());
             virtio.add(
                 &format!("disk {}", disk.path.display()),
-                Arc::new(Mutex::new(block)),
+                block,
                 disk.transport.unwrap_or(config.transport),
             )?;
         }
@@ -1048,8 +1069,16 @@ impl Vm {
                 mac,
                 ..Default::default()
             };
-            let card = keel_virtio::Net::new(tap, options)
+            let mut card = keel_virtio::Net::new(tap, options)
                 .map_err(|e| Error::Config(format!("net tap={}: {e}", net.tap)))?;
+            if let Some(limiter) = &net.rx_rate_limiter {
+                let (bandwidth, ops) = limiter.updates();
+                card.update_rx_rate_limiter(bandwidth, ops);
+            }
+            if let Some(limiter) = &net.tx_rate_limiter {
+                let (bandwidth, ops) = limiter.updates();
+                card.update_tx_rate_limiter(bandwidth, ops);
+            }
             let card = Arc::new(Mutex::new(card));
             let sampled = card.clone();
             control.add_metrics(format!("net_{}", net.tap), move || {
@@ -1068,6 +1097,7 @@ impl Vm {
                     ("tx_dropped", c.tx_dropped_malformed + c.tx_dropped_oversized),
                 ]
             });
+            control.lock_devices().nets.push(card.clone());
             virtio.add(
                 &format!("net tap={}", net.tap),
                 card,
@@ -1075,13 +1105,19 @@ impl Vm {
             )?;
         }
         if config.rng {
-            let rng = keel_virtio::Rng::new().map_err(|e| Error::DeviceRange(format!("virtio-rng: {e}")))?;
+            let mut rng =
+                keel_virtio::Rng::new().map_err(|e| Error::DeviceRange(format!("virtio-rng: {e}")))?;
+            if let Some(limiter) = &config.rng_rate_limiter {
+                let (bandwidth, ops) = limiter.updates();
+                rng.update_rate_limiter(bandwidth, ops);
+            }
             let rng = Arc::new(Mutex::new(rng));
             let sampled = rng.clone();
             control.add_metrics("entropy", move || {
                 let bytes = sampled.lock().unwrap_or_else(|e| e.into_inner()).bytes_served();
                 vec![("entropy_bytes", bytes)]
             });
+            control.lock_devices().rng = Some(rng.clone());
             virtio.add("virtio-rng", rng, config.transport)?;
         }
         if let Some(console) = &config.console {
@@ -1540,6 +1576,27 @@ impl VmController {
     /// `entropy`, `console`.
     pub fn metrics(&self) -> Vec<(String, Counters)> {
         self.control.sample_metrics()
+    }
+
+    /// The virtio-blk device of [`VmConfig::disks`]`[index]`, to change
+    /// while the VM runs (its rate limiter, its backend: see
+    /// `keel_virtio::Block::replace_backend`).
+    pub fn disk(&self, index: usize) -> Option<Arc<Mutex<keel_virtio::Block<keel_virtio::FileBackend>>>> {
+        self.control.lock_devices().disks.get(index).cloned()
+    }
+
+    /// The virtio-net device of [`VmConfig::nets`]`[index]` (its rate
+    /// limiters, its counters).
+    pub fn network_interface(
+        &self,
+        index: usize,
+    ) -> Option<Arc<Mutex<keel_virtio::Net<keel_virtio::TapBackend>>>> {
+        self.control.lock_devices().nets.get(index).cloned()
+    }
+
+    /// The virtio-rng device, if [`VmConfig::rng`].
+    pub fn rng(&self) -> Option<Arc<Mutex<keel_virtio::Rng>>> {
+        self.control.lock_devices().rng.clone()
     }
 
     /// Stops the VM, as [`StopHandle::stop`].

@@ -3,7 +3,8 @@
 
 mod backend;
 
-use event_manager::{EventOps, Events, MutEventSubscriber};
+use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use keel_ratelimit::{BucketUpdate, RateLimiter};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
     VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
@@ -15,7 +16,7 @@ use vm_memory::{Bytes, GuestMemoryMmap};
 
 pub use backend::{BlockBackend, FileBackend, MemoryBackend};
 
-use crate::activation::{process_queue, ActivationState, Handled};
+use crate::activation::{process_queue, ActivationState, EventSource, Handled};
 use crate::chain::RequestBuffers;
 use crate::device::{read_config_space, Activation, VirtioDevice};
 use crate::{check_queue_count, device_type, features, Error, Result};
@@ -97,12 +98,42 @@ impl Default for BlockOptions {
 /// put it in an `Arc<Mutex<_>>`, hand a clone to [`crate::MmioTransport`]
 /// and add another to the `EventManager`. See the crate documentation for
 /// the wiring.
+///
+/// # Rate limiting
+///
+/// A [`RateLimiter`] with Firecracker's semantics paces the requests
+/// ([`update_rate_limiter`](Self::update_rate_limiter)): every request
+/// costs one operation, reads and writes also their data length in bytes.
+/// A request the limiter refuses stays on the available ring, untouched;
+/// the device stops serving the queue and watches the limiter's timerfd on
+/// its event loop, which wakes it exactly when the request can pass. The
+/// limiter can be changed while the VM runs, from any thread holding the
+/// device's mutex; a throttled queue then resumes under the new limits at
+/// once. Without a limit set the check is one branch per request.
+///
+/// ```
+/// use keel_ratelimit::{BucketConfig, BucketUpdate};
+/// use keel_virtio::{Block, BlockOptions, MemoryBackend};
+///
+/// let mut disk = Block::new(MemoryBackend::new(1 << 20), BlockOptions::default()).unwrap();
+/// // 4 MiB/s in 10 ms slices, and at most 1000 requests per second.
+/// disk.update_rate_limiter(
+///     BucketUpdate::Set(BucketConfig::new(41_943, 10)),
+///     BucketUpdate::Set(BucketConfig::new(100, 100)),
+/// );
+/// assert_eq!(disk.rate_limiter().bandwidth(), Some(BucketConfig::new(41_943, 10)));
+/// // Later, on a running VM: lift the bandwidth limit, keep the other.
+/// disk.update_rate_limiter(BucketUpdate::Disable, BucketUpdate::Keep);
+/// assert!(disk.rate_limiter().bandwidth().is_none());
+/// ```
 pub struct Block<B: BlockBackend> {
     disk: Disk<B>,
     activation: ActivationState,
     features: u64,
     queue_sizes: [u16; 1],
     config: [u8; CONFIG_SPACE_SIZE],
+    limiter: RateLimiter,
+    throttled: u64,
 }
 
 impl<B: BlockBackend> std::fmt::Debug for Block<B> {
@@ -177,12 +208,50 @@ impl<B: BlockBackend> Block<B> {
             features,
             queue_sizes: [size],
             config,
+            limiter: RateLimiter::unlimited().map_err(Error::CreateEventFd)?,
+            throttled: 0,
         })
+    }
+
+    /// Changes the request rate limiter's bandwidth (bytes read or
+    /// written) and operations (requests) buckets; see the type's
+    /// documentation. May be called on a running device.
+    pub fn update_rate_limiter(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) {
+        self.limiter.update(bandwidth, ops);
+    }
+
+    /// The request rate limiter (its buckets, whether it is holding the
+    /// queue back).
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// Times the rate limiter held the queue back.
+    pub fn throttled_count(&self) -> u64 {
+        self.throttled
     }
 
     /// The backend.
     pub fn backend(&self) -> &B {
         &self.disk.backend
+    }
+
+    /// Puts `backend` in place of the current one (which is returned), on a
+    /// running device too: Firecracker's `PATCH /drives` with a new
+    /// `path_on_host`. The capacity follows the new backend and an active
+    /// driver gets a configuration-change interrupt so it rereads it.
+    /// Requests are served under the same lock, so none is cut in half.
+    pub fn replace_backend(&mut self, backend: B) -> B {
+        let capacity_sectors = backend.capacity() / SECTOR_SIZE;
+        let old = std::mem::replace(&mut self.disk.backend, backend);
+        self.disk.capacity_sectors = capacity_sectors;
+        put(&mut self.config, 0, &capacity_sectors.to_le_bytes());
+        if let Some(active) = self.activation.active_mut() {
+            if let Err(e) = active.interrupt.signal_config_change() {
+                log::warn!("virtio-blk: cannot signal the capacity change: {e}");
+            }
+        }
+        old
     }
 
     /// The backend, mutably.
@@ -201,13 +270,49 @@ impl<B: BlockBackend> Block<B> {
     }
 
     fn process_requests(&mut self, ops: &mut EventOps) {
+        if self.limiter.is_blocked() {
+            // The limiter's timer brings us back.
+            return;
+        }
         let Some(active) = self.activation.active_mut() else {
             return;
         };
         let budget = usize::from(active.queues[0].size());
         let disk = &mut self.disk;
-        let run = process_queue(active, 0, budget, |mem, buffers| disk.execute(mem, buffers));
+        let limiter = &mut self.limiter;
+        let throttled = &mut self.throttled;
+        let run = process_queue(active, 0, budget, |mem, buffers| {
+            if limiter.is_limiting() && !limiter.consume(transfer_len(mem, buffers)) {
+                *throttled = throttled.saturating_add(1);
+                return Handled::Throttled;
+            }
+            disk.execute(mem, buffers)
+        });
         self.activation.end_pass(ops, 0, run);
+    }
+
+    fn on_limiter_timer(&mut self, ops: &mut EventOps) {
+        if self.limiter.on_timer() {
+            self.process_requests(ops);
+        }
+    }
+}
+
+/// The bytes a request moves, as its rate limiter counts them (Firecracker's
+/// rule): the data length of a read or a write, nothing for other types or a
+/// request too short to say.
+fn transfer_len(mem: &GuestMemoryMmap, buffers: &RequestBuffers) -> u64 {
+    let mut reader = buffers.reader(mem);
+    let mut request_type = [0u8; 4];
+    if reader.read_exact(&mut request_type).is_err() {
+        return 0;
+    }
+    match u32::from_le_bytes(request_type) {
+        // Less the status byte.
+        VIRTIO_BLK_T_IN => buffers.writable_len().saturating_sub(1),
+        // Less the rest of the header.
+        VIRTIO_BLK_T_OUT => reader.remaining().saturating_sub(HEADER_SIZE as u64 - 4),
+        _ => 0,
     }
 }
 
@@ -259,10 +364,16 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
 impl<B: BlockBackend> MutEventSubscriber for Block<B> {
     fn init(&mut self, ops: &mut EventOps) {
         self.activation.init(ops);
+        if let Err(e) = ops.add(Events::new_raw(self.limiter.timer_fd(), EventSet::IN)) {
+            log::error!("virtio-blk: cannot watch the rate limiter's timer: {e:?}");
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        if self.activation.queue_event(events.fd(), ops) {
+        let fd = events.fd();
+        if self.activation.classify(fd) == EventSource::Other && fd == self.limiter.timer_fd() {
+            self.on_limiter_timer(ops);
+        } else if self.activation.queue_event(fd, ops) {
             self.process_requests(ops);
         }
     }

@@ -1108,3 +1108,231 @@ fn random_descriptor_tables_never_panic_and_never_touch_memory_outside_the_buffe
         );
     }
 }
+
+// --- rate limiting ------------------------------------------------------------
+
+mod rate_limiting {
+    use std::time::{Duration, Instant};
+
+    use keel_ratelimit::{BucketConfig, BucketUpdate};
+
+    use super::*;
+
+    fn limited(
+        mem: &GuestMemoryMmap,
+        bandwidth: BucketUpdate,
+        ops: BucketUpdate,
+    ) -> Harness<'_, MemoryBackend> {
+        let h = Harness::new(mem, MemoryBackend::new(DISK_SIZE), BlockOptions::default());
+        h.block.lock().unwrap().update_rate_limiter(bandwidth, ops);
+        h
+    }
+
+    /// Makes `count` 4 KiB reads available (at most 5 in flight: three
+    /// descriptors each in a 16-entry table) and notifies once.
+    fn queue_reads(h: &mut Harness<'_, MemoryBackend>, count: usize) {
+        for _ in 0..count {
+            let bufs = request(h.mem, VIRTIO_BLK_T_IN, 0, 4096);
+            h.driver.add(&bufs);
+        }
+        h.notify.write(1).unwrap();
+    }
+
+    /// Runs the event loop until `used` requests are done or `limit` passes.
+    fn run_until_used(h: &mut Harness<'_, MemoryBackend>, used: usize, limit: Duration) -> Duration {
+        let start = Instant::now();
+        while h.driver.used().len() < used && start.elapsed() < limit {
+            h.event_loop.run_with_timeout(10).unwrap();
+        }
+        start.elapsed()
+    }
+
+    #[test]
+    fn a_request_over_the_bandwidth_limit_stays_on_the_ring_until_the_timer_fires() {
+        let mem = memory();
+        // One 4 KiB read per 100 ms.
+        let mut h = limited(
+            &mem,
+            BucketUpdate::Set(BucketConfig::new(4096, 100)),
+            BucketUpdate::Keep,
+        );
+        queue_reads(&mut h, 2);
+        let start = Instant::now();
+        h.event_loop.run_with_timeout(10).unwrap();
+        assert_eq!(h.driver.used().len(), 1, "the second read waits for tokens");
+        assert_eq!(h.block.lock().unwrap().throttled_count(), 1);
+        assert!(h.block.lock().unwrap().rate_limiter().is_blocked());
+
+        run_until_used(&mut h, 2, Duration::from_secs(2));
+        let waited = start.elapsed();
+        assert_eq!(h.driver.used().len(), 2, "the timer resumed the queue");
+        assert!(waited >= Duration::from_millis(90), "served after {waited:?}");
+        assert_eq!(h.status(), OK);
+    }
+
+    #[test]
+    fn while_throttled_notifications_do_not_serve_the_queue() {
+        let mem = memory();
+        let mut h = limited(
+            &mem,
+            BucketUpdate::Set(BucketConfig::new(4096, 60_000)),
+            BucketUpdate::Keep,
+        );
+        queue_reads(&mut h, 2);
+        h.event_loop.run_with_timeout(10).unwrap();
+        for _ in 0..5 {
+            h.run();
+        }
+        assert_eq!(h.driver.used().len(), 1);
+        assert_eq!(
+            h.block.lock().unwrap().throttled_count(),
+            1,
+            "asked once, then waits"
+        );
+    }
+
+    #[test]
+    fn the_ops_bucket_limits_requests_of_any_type() {
+        let mem = memory();
+        // One request per 100 ms, whatever its size.
+        let mut h = limited(
+            &mem,
+            BucketUpdate::Keep,
+            BucketUpdate::Set(BucketConfig::new(1, 100)),
+        );
+        for _ in 0..3 {
+            let bufs = request(h.mem, VIRTIO_BLK_T_FLUSH, 0, 0);
+            h.driver.add(&bufs);
+        }
+        h.notify.write(1).unwrap();
+        let start = Instant::now();
+        h.event_loop.run_with_timeout(10).unwrap();
+        assert_eq!(h.driver.used().len(), 1);
+        run_until_used(&mut h, 3, Duration::from_secs(2));
+        assert_eq!(h.driver.used().len(), 3);
+        assert!(
+            start.elapsed() >= Duration::from_millis(180),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn reads_and_writes_pay_their_data_length_in_bytes() {
+        let mem = memory();
+        // 8 KiB, refilled in a minute: two 4 KiB transfers, any number of flushes.
+        let mut h = limited(
+            &mem,
+            BucketUpdate::Set(BucketConfig::new(8192, 60_000)),
+            BucketUpdate::Keep,
+        );
+        let write = request(h.mem, VIRTIO_BLK_T_OUT, 0, 4096);
+        h.driver.add(&write);
+        h.notify.write(1).unwrap();
+        h.event_loop.run_with_timeout(10).unwrap();
+        for _ in 0..4 {
+            let flush = request(h.mem, VIRTIO_BLK_T_FLUSH, 0, 0);
+            h.submit(&flush);
+        }
+        assert_eq!(h.driver.used().len(), 5, "flushes move no bytes");
+        queue_reads(&mut h, 2);
+        h.event_loop.run_with_timeout(10).unwrap();
+        assert_eq!(
+            h.driver.used().len(),
+            6,
+            "4 KiB written + 4 KiB read spent the bucket"
+        );
+    }
+
+    #[test]
+    fn an_update_on_a_running_device_applies_at_once_even_from_another_thread() {
+        let mem = memory();
+        // Practically nothing: 4 KiB per minute.
+        let mut h = limited(
+            &mem,
+            BucketUpdate::Set(BucketConfig::new(4096, 60_000)),
+            BucketUpdate::Keep,
+        );
+        queue_reads(&mut h, 3);
+        h.event_loop.run_with_timeout(10).unwrap();
+        assert_eq!(h.driver.used().len(), 1);
+
+        let block = h.block.clone();
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(20));
+                // 1 MiB per 100 ms: plenty for the two waiting reads.
+                block.lock().unwrap().update_rate_limiter(
+                    BucketUpdate::Set(BucketConfig::new(1 << 20, 100)),
+                    BucketUpdate::Keep,
+                );
+            });
+            run_until_used(&mut h, 3, Duration::from_secs(5));
+        });
+        assert_eq!(h.driver.used().len(), 3);
+        assert!(start.elapsed() < Duration::from_secs(5), "woken by the update");
+        assert_eq!(
+            h.block.lock().unwrap().rate_limiter().bandwidth(),
+            Some(BucketConfig::new(1 << 20, 100))
+        );
+    }
+
+    #[test]
+    fn disabling_the_limiter_removes_the_limit() {
+        let mem = memory();
+        let mut h = limited(
+            &mem,
+            BucketUpdate::Set(BucketConfig::new(4096, 60_000)),
+            BucketUpdate::Set(BucketConfig::new(1, 60_000)),
+        );
+        queue_reads(&mut h, 2);
+        h.event_loop.run_with_timeout(10).unwrap();
+        assert_eq!(h.driver.used().len(), 1);
+        h.block
+            .lock()
+            .unwrap()
+            .update_rate_limiter(BucketUpdate::Disable, BucketUpdate::Disable);
+        assert!(!h.block.lock().unwrap().rate_limiter().is_limiting());
+        run_until_used(&mut h, 2, Duration::from_secs(2));
+        assert_eq!(h.driver.used().len(), 2);
+        // Nothing limits any more: what the ring holds goes through in one pass.
+        queue_reads(&mut h, 5);
+        h.event_loop.run_with_timeout(10).unwrap();
+        assert_eq!(h.driver.used().len(), 7);
+    }
+
+    #[test]
+    fn an_unlimited_device_never_throttles() {
+        let mem = memory();
+        let mut h = Harness::new(&mem, MemoryBackend::new(DISK_SIZE), BlockOptions::default());
+        queue_reads(&mut h, 5);
+        h.event_loop.run_with_timeout(10).unwrap();
+        assert_eq!(h.driver.used().len(), 5);
+        assert_eq!(h.block.lock().unwrap().throttled_count(), 0);
+    }
+}
+
+#[test]
+fn replacing_the_backend_of_a_running_device_changes_the_capacity_and_tells_the_driver() {
+    let mem = memory();
+    let driver = DriverQueue::new(&mem, 16);
+    let mut block = Block::new(MemoryBackend::new(DISK_SIZE), BlockOptions::default()).unwrap();
+    let interrupt = Arc::new(RecordingInterrupt::new());
+    block
+        .activate(Activation {
+            mem: mem.clone(),
+            queues: vec![driver.queue()],
+            queue_events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+            interrupt: interrupt.clone(),
+            stop: StopSignal::new(),
+        })
+        .unwrap();
+    let old = block.replace_backend(MemoryBackend::new(4 * DISK_SIZE));
+    assert_eq!(old.data().len(), DISK_SIZE);
+    assert_eq!(block.capacity_sectors(), 4 * SECTORS);
+    let mut capacity = [0u8; 8];
+    block.read_config(0, &mut capacity);
+    assert_eq!(u64::from_le_bytes(capacity), 4 * SECTORS);
+    assert_eq!(interrupt.signals(), [VirtioSignal::ConfigChange]);
+}

@@ -7,6 +7,7 @@ mod backend;
 use std::io::{ErrorKind, IoSlice};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use keel_ratelimit::{BucketUpdate, RateLimiter};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_GUEST_UFO, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_HOST_UFO,
@@ -136,6 +137,10 @@ pub struct NetCounters {
     pub tx_dropped_oversized: u64,
     /// Guest frames the backend refused (its queue full, the link down).
     pub tx_backend_errors: u64,
+    /// Times the receive rate limiter held a frame back.
+    pub rx_throttled: u64,
+    /// Times the transmit rate limiter held the transmit queue back.
+    pub tx_throttled: u64,
 }
 
 /// A virtio network device with one receive and one transmit queue.
@@ -172,6 +177,20 @@ pub struct NetCounters {
 ///
 /// Like every device here it is shared by its transport and the event loop:
 /// see the crate documentation.
+///
+/// # Rate limiting
+///
+/// Each direction has a [`RateLimiter`] with Firecracker's semantics
+/// (`rx_rate_limiter`, `tx_rate_limiter`): a frame costs one operation and
+/// its length in bytes, `virtio_net_hdr_v1` included. A transmit chain the
+/// limiter refuses stays on the available ring, untouched; a received frame
+/// it refuses is kept by the device and the backend is left unwatched
+/// meanwhile (later frames wait in the tap). Either way the device watches
+/// the limiter's timerfd on its event loop and goes on when it fires,
+/// never polling. [`update_rx_rate_limiter`](Self::update_rx_rate_limiter)
+/// and [`update_tx_rate_limiter`](Self::update_tx_rate_limiter) change the
+/// limits of a running device (from any thread holding its mutex); a
+/// throttled direction resumes under the new limits at once.
 ///
 /// # Counters
 ///
@@ -241,6 +260,10 @@ pub struct Net<B: NetBackend> {
     watching_backend: bool,
     backend_failed: bool,
     counters: NetCounters,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
+    /// Whether the pending received frame was charged to `rx_limiter`.
+    rx_charged: bool,
 }
 
 impl<B: NetBackend> std::fmt::Debug for Net<B> {
@@ -318,7 +341,34 @@ impl<B: NetBackend> Net<B> {
             watching_backend: false,
             backend_failed: false,
             counters: NetCounters::default(),
+            rx_limiter: RateLimiter::unlimited().map_err(crate::Error::CreateEventFd)?,
+            tx_limiter: RateLimiter::unlimited().map_err(crate::Error::CreateEventFd)?,
+            rx_charged: false,
         })
+    }
+
+    /// Changes the receive rate limiter's bandwidth (bytes) and operations
+    /// (frames) buckets; see the type's documentation. May be called on a
+    /// running device.
+    pub fn update_rx_rate_limiter(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) {
+        self.rx_limiter.update(bandwidth, ops);
+    }
+
+    /// Changes the transmit rate limiter's bandwidth (bytes) and operations
+    /// (frames) buckets; see the type's documentation. May be called on a
+    /// running device.
+    pub fn update_tx_rate_limiter(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) {
+        self.tx_limiter.update(bandwidth, ops);
+    }
+
+    /// The receive rate limiter.
+    pub fn rx_rate_limiter(&self) -> &RateLimiter {
+        &self.rx_limiter
+    }
+
+    /// The transmit rate limiter.
+    pub fn tx_rate_limiter(&self) -> &RateLimiter {
+        &self.tx_limiter
     }
 
     /// The backend.
@@ -386,6 +436,10 @@ impl<B: NetBackend> Net<B> {
 
     /// Sends what the guest transmitted.
     fn transmit(&mut self, ops: &mut EventOps) {
+        if self.tx_limiter.is_blocked() {
+            // The limiter's timer brings us back.
+            return;
+        }
         let Some(active) = self.activation.active_mut() else {
             return;
         };
@@ -393,8 +447,13 @@ impl<B: NetBackend> Net<B> {
         let backend = &mut self.backend;
         let buffer = &mut self.tx_frame;
         let counters = &mut self.counters;
+        let limiter = &mut self.tx_limiter;
         let acked = self.acked;
         let run = process_queue(active, TXQ, budget, |mem, chain| {
+            if limiter.is_limiting() && !limiter.consume(chain.reader(mem).remaining()) {
+                counters.tx_throttled = counters.tx_throttled.saturating_add(1);
+                return Handled::Throttled;
+            }
             send(acked, backend, buffer, counters, mem, chain);
             // The device writes nothing into transmit buffers.
             Handled::Used(0)
@@ -479,6 +538,18 @@ impl<B: NetBackend> Net<B> {
                     }
                 }
             }
+            if !self.rx_charged {
+                if self.rx_limiter.is_blocked() {
+                    // Keep the frame; the limiter's timer brings us back.
+                    break;
+                }
+                if !self.rx_limiter.consume(self.rx_pending as u64) {
+                    // Keep the frame; the limiter's timer brings us back.
+                    self.counters.rx_throttled = self.counters.rx_throttled.saturating_add(1);
+                    break;
+                }
+                self.rx_charged = true;
+            }
             let frame = &mut self.rx_frame[..self.rx_pending];
             match deliver(active, mergeable, frame)? {
                 Delivery::Delivered(chains) => {
@@ -500,6 +571,7 @@ impl<B: NetBackend> Net<B> {
                 }
             }
             self.rx_pending = 0;
+            self.rx_charged = false;
             frames += 1;
         }
         if used > 0 {
@@ -755,6 +827,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         // A pending frame carries offloads the next driver may not accept.
         if self.rx_pending > 0 {
             self.rx_pending = 0;
+            self.rx_charged = false;
             self.counters.rx_dropped_reset += 1;
         }
         self.acked = 0;
@@ -768,6 +841,11 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
 impl<B: NetBackend> MutEventSubscriber for Net<B> {
     fn init(&mut self, ops: &mut EventOps) {
         self.activation.init(ops);
+        for limiter in [&self.rx_limiter, &self.tx_limiter] {
+            if let Err(e) = ops.add(Events::new_raw(limiter.timer_fd(), EventSet::IN)) {
+                log::error!("virtio-net: cannot watch a rate limiter's timer: {e:?}");
+            }
+        }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
@@ -785,6 +863,16 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
             EventSource::Queue(_) => {
                 self.activation.take_queue_event(TXQ);
                 self.transmit(ops);
+            }
+            EventSource::Other if fd == self.rx_limiter.timer_fd() => {
+                if self.rx_limiter.on_timer() {
+                    self.receive(ops);
+                }
+            }
+            EventSource::Other if fd == self.tx_limiter.timer_fd() => {
+                if self.tx_limiter.on_timer() {
+                    self.transmit(ops);
+                }
             }
             EventSource::Other if self.watching_backend && fd == self.backend.ready_fd() => {
                 if events.event_set().intersects(EventSet::ERROR | EventSet::HANG_UP)

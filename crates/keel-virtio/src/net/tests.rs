@@ -805,3 +805,143 @@ fn rx_with_a_driver_racing_its_available_index_never_holds_the_device() {
     // empty chain it popped), the device answers its event loop.
     h.event_loop.run_with_timeout(10).unwrap();
 }
+
+mod rate_limiting {
+    use std::time::{Duration, Instant};
+
+    use keel_ratelimit::{BucketConfig, BucketUpdate};
+
+    use super::*;
+
+    /// A 112-byte transmit chain (header and 100 bytes) at `slot`.
+    fn tx_frame(mem: &GuestMemoryMmap, slot: u64) -> [Buf; 1] {
+        let addr = DATA + slot * 0x1000;
+        mem.write_slice(&incoming(100, slot as u8), GuestAddress(addr))
+            .unwrap();
+        [Buf::readable(addr, 112)]
+    }
+
+    fn run_until(h: &mut Harness<'_>, mut done: impl FnMut(&Harness<'_>) -> bool) -> Duration {
+        let start = Instant::now();
+        while !done(h) && start.elapsed() < Duration::from_secs(5) {
+            h.event_loop.run_with_timeout(10).unwrap();
+        }
+        start.elapsed()
+    }
+
+    #[test]
+    fn tx_over_the_bandwidth_limit_stays_on_the_ring_until_the_timer_fires() {
+        let mem = memory();
+        let mut h = Harness::new(&mem, 0);
+        // 200 bytes per 100 ms: one 112-byte frame, then one per 56 ms.
+        h.net
+            .lock()
+            .unwrap()
+            .update_tx_rate_limiter(BucketUpdate::Set(BucketConfig::new(200, 100)), BucketUpdate::Keep);
+        for slot in 0..3 {
+            let frame = tx_frame(&mem, slot);
+            h.tx.add(&frame);
+        }
+        h.tx_notify.write(1).unwrap();
+        let start = Instant::now();
+        h.run_once();
+        assert_eq!(h.tx.used().len(), 1);
+        assert_eq!(h.backend.sent().len(), 1, "the refused frames were not sent");
+        assert_eq!(h.counters().tx_throttled, 1);
+
+        run_until(&mut h, |h| h.tx.used().len() == 3);
+        assert_eq!(h.backend.sent().len(), 3);
+        assert_eq!(h.backend.sent()[2][12..], incoming(100, 2)[12..], "in order");
+        assert!(
+            start.elapsed() >= Duration::from_millis(60),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+
+    #[test]
+    fn the_tx_ops_bucket_limits_frames_and_disabling_it_lifts_the_limit() {
+        let mem = memory();
+        let mut h = Harness::new(&mem, 0);
+        h.net.lock().unwrap().update_tx_rate_limiter(
+            BucketUpdate::Keep,
+            BucketUpdate::Set(BucketConfig::new(2, 60_000)),
+        );
+        for slot in 0..4 {
+            let frame = tx_frame(&mem, slot);
+            h.tx.add(&frame);
+        }
+        h.tx_notify.write(1).unwrap();
+        h.run_once();
+        assert_eq!(h.backend.sent().len(), 2);
+        h.net
+            .lock()
+            .unwrap()
+            .update_tx_rate_limiter(BucketUpdate::Keep, BucketUpdate::Disable);
+        let waited = run_until(&mut h, |h| h.tx.used().len() == 4);
+        assert_eq!(h.backend.sent().len(), 4);
+        assert!(waited < Duration::from_secs(1), "the update woke the device");
+    }
+
+    #[test]
+    fn rx_over_the_limit_keeps_the_frame_and_leaves_the_backend_unwatched_until_the_timer() {
+        let mem = memory();
+        let mut h = Harness::new(&mem, 0);
+        // One 112-byte frame per 100 ms.
+        h.net
+            .lock()
+            .unwrap()
+            .update_rx_rate_limiter(BucketUpdate::Set(BucketConfig::new(112, 100)), BucketUpdate::Keep);
+        h.rx.add(&[Buf::writable(DATA, 1526)]);
+        h.rx.add(&[Buf::writable(DATA + 0x1000, 1526)]);
+        h.notify_rx();
+        h.backend.push_frame(incoming(100, 1));
+        h.backend.push_frame(incoming(100, 2));
+        h.backend.push_frame(incoming(100, 3));
+        let start = Instant::now();
+        h.run_once();
+        assert_eq!(h.rx.used().len(), 1);
+        {
+            let net = h.net.lock().unwrap();
+            assert!(net.is_rx_paused(), "the second frame is kept");
+            assert!(!net.is_watching_backend(), "the third waits in the backend");
+            assert_eq!(net.counters().rx_throttled, 1);
+        }
+        assert_eq!(h.backend.queued_frames(), 1);
+
+        run_until(&mut h, |h| h.rx.used().len() == 2);
+        assert!(
+            start.elapsed() >= Duration::from_millis(90),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(guest_bytes(&mem, DATA + 0x1000 + 12, 100), incoming(100, 2)[12..]);
+        assert_eq!(h.counters().rx_frames, 2);
+    }
+
+    #[test]
+    fn an_rx_update_on_a_running_device_applies_at_once() {
+        let mem = memory();
+        let mut h = Harness::new(&mem, 0);
+        h.net.lock().unwrap().update_rx_rate_limiter(
+            BucketUpdate::Keep,
+            BucketUpdate::Set(BucketConfig::new(1, 60_000)),
+        );
+        h.rx.add(&[Buf::writable(DATA, 1526)]);
+        h.rx.add(&[Buf::writable(DATA + 0x1000, 1526)]);
+        h.notify_rx();
+        h.backend.push_frame(incoming(100, 1));
+        h.backend.push_frame(incoming(100, 2));
+        h.run_once();
+        assert_eq!(h.rx.used().len(), 1);
+        h.net
+            .lock()
+            .unwrap()
+            .update_rx_rate_limiter(BucketUpdate::Keep, BucketUpdate::Disable);
+        let waited = run_until(&mut h, |h| h.rx.used().len() == 2);
+        assert!(waited < Duration::from_secs(1), "{waited:?}");
+        let net = h.net.lock().unwrap();
+        assert!(!net.rx_rate_limiter().is_limiting());
+        assert!(net.is_watching_backend());
+    }
+}
