@@ -156,7 +156,7 @@ fn host_client(uds: PathBuf, bytes: u64, deadline: Instant, probe: bool) -> Host
             conn.error = Some("the guest never accepted CONNECT".into());
             return conn;
         }
-        if let Some(stream) = try_connect(&uds) {
+        if let Some(stream) = try_connect(&uds, deadline) {
             break stream;
         }
         std::thread::sleep(Duration::from_millis(10));
@@ -207,9 +207,14 @@ fn refused(uds: &Path) -> bool {
 
 /// One `CONNECT <GUEST_PORT>` attempt: the stream once `OK <port>` came.
 /// The device drops the socket while the guest driver is not up yet.
-fn try_connect(uds: &Path) -> Option<UnixStream> {
+fn try_connect(uds: &Path, deadline: Instant) -> Option<UnixStream> {
     let mut stream = UnixStream::connect(uds).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Until the test's deadline: a guest slowed down by a loaded machine
+    // may take long to answer, and giving up on a connection it then
+    // accepts would cost it one of its connections. A socket the device
+    // drops (driver not up yet) ends the read at once anyway.
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    stream.set_read_timeout(Some(left)).unwrap();
     stream
         .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())
         .ok()?;
