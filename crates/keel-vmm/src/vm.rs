@@ -141,9 +141,11 @@ mod tests {
 pub const BOOT_TIMER_ADDR: u64 = MMIO_DEVICES_START;
 
 /// Kernel parameters that keep Linux off what a software-emulated ring 0
-/// cannot run (see `docs/host-kvm-notes.md`): XSAVE, and the instructions whose
-/// CPUID bits KVM cannot hide there.
-pub const EMULATED_RING0_CMDLINE: &str = "noxsave clearcpuid=smap,smep,umip,pku,fsgsbase,rdpid,cx16,avx,avx2,xsave,popcnt,rdrand,rdseed,movbe,bmi1,bmi2,abm,erms,fsrm";
+/// cannot run (see `docs/host-kvm-notes.md`): XSAVE, the instructions whose
+/// CPUID bits KVM cannot hide there, and the SSSE3/SSE4 code paths a stock
+/// kernel picks for its built-in crypto (BLAKE2s for the random pool),
+/// whose SIMD instructions the emulator lacks.
+pub const EMULATED_RING0_CMDLINE: &str = "noxsave clearcpuid=smap,smep,umip,pku,fsgsbase,rdpid,cx16,avx,avx2,xsave,popcnt,rdrand,rdseed,movbe,bmi1,bmi2,abm,erms,fsrm,ssse3,sse4_1,sse4_2";
 
 /// Host input for the serial console: anything readable that epoll can watch.
 pub trait SerialSource: std::io::Read + AsRawFd + Send {}
