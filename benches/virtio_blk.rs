@@ -155,7 +155,7 @@ impl<'a> Rig<'a> {
         let mut event_loop = EventManager::new().expect("event manager");
         event_loop.add_subscriber(disk.clone());
 
-        let driver = DriverQueue::new(mem, QUEUE_SIZE);
+        let driver = DriverQueue::new(mem, QUEUE_SIZE).unwrap();
         bring_up(&mut transport, &driver);
         // The device takes its queue on the event loop.
         event_loop.run_with_timeout(RUN_TIMEOUT_MS).expect("event loop");
@@ -217,11 +217,14 @@ impl<'a> Rig<'a> {
                 len: self.len,
                 writable: data_writable,
             };
-            self.heads[slot] = self.driver.add(&[
-                Buf::readable(base, 16),
-                data,
-                Buf::writable(base + STATUS_OFFSET, 1),
-            ]);
+            self.heads[slot] = self
+                .driver
+                .add(&[
+                    Buf::readable(base, 16),
+                    data,
+                    Buf::writable(base + STATUS_OFFSET, 1),
+                ])
+                .unwrap();
         }
         self.avail_idx = self.avail_idx.wrapping_add(self.batch as u16);
 
@@ -336,7 +339,7 @@ impl<'a> Rig<'a> {
 /// Drives the transport to `DRIVER_OK` as a guest driver does, accepting
 /// every feature the device offers, with `driver`'s rings as queue 0.
 fn bring_up(t: &mut MmioTransport, driver: &DriverQueue<'_>) {
-    let accepted = guest_driver::bring_up(t, keel_virtio::device_type::BLOCK, &[driver]);
+    let accepted = guest_driver::bring_up(t, keel_virtio::device_type::BLOCK, &[driver]).unwrap();
     assert_ne!(accepted & features::VERSION_1, 0);
     assert_ne!(accepted & features::RING_EVENT_IDX, 0);
 }
@@ -350,7 +353,7 @@ fn bench_request_path(c: &mut Criterion) {
                     1 => op.name().to_string(),
                     n => format!("{}_batch{n}", op.name()),
                 };
-                let mem = memory();
+                let mem = memory().unwrap();
                 let mut rig = Rig::new(&mem, op, len, batch);
                 group.throughput(Throughput::Bytes(u64::from(len)));
                 group.bench_function(BenchmarkId::new(name, format!("{}KiB", len / 1024)), |b| {
@@ -371,7 +374,7 @@ fn bench_rate_limiter(c: &mut Criterion) {
     let mut group = c.benchmark_group("virtio_blk_rate_limiter");
     for batch in [1, BATCH] {
         for limited in [false, true] {
-            let mem = memory();
+            let mem = memory().unwrap();
             let mut rig = Rig::new(&mem, Op::Read, 4096, batch);
             if limited {
                 rig.disk.lock().unwrap().update_rate_limiter(

@@ -130,8 +130,8 @@ impl<'a> Device<'a> {
         let mut event_loop = EventManager::new().expect("event manager");
         event_loop.add_subscriber(card.clone());
 
-        let rx = DriverQueue::at(mem, GuestAddress(RX_RING), QUEUE_SIZE);
-        let tx = DriverQueue::at(mem, GuestAddress(TX_RING), QUEUE_SIZE);
+        let rx = DriverQueue::at(mem, GuestAddress(RX_RING), QUEUE_SIZE).unwrap();
+        let tx = DriverQueue::at(mem, GuestAddress(TX_RING), QUEUE_SIZE).unwrap();
         bring_up(&mut transport, &rx, &tx);
         // The device takes its queues on the event loop.
         event_loop.run_with_timeout(RUN_TIMEOUT_MS).expect("event loop");
@@ -228,7 +228,10 @@ impl<'a> Rig<'a> {
         dev.tx.set_used_event(self.last_used);
         let chain_len = VNET_HDR_LEN as u32 + self.len;
         for slot in 0..self.batch {
-            self.heads[slot] = dev.tx.add(&[Buf::readable(Self::slot_base(slot), chain_len)]);
+            self.heads[slot] = dev
+                .tx
+                .add(&[Buf::readable(Self::slot_base(slot), chain_len)])
+                .unwrap();
         }
         self.avail_idx = self.avail_idx.wrapping_add(self.batch as u16);
 
@@ -330,7 +333,7 @@ impl<'a> Rig<'a> {
 /// every feature the device offers, with `rx`'s and `tx`'s rings as queues
 /// 0 and 1.
 fn bring_up(t: &mut MmioTransport, rx: &DriverQueue<'_>, tx: &DriverQueue<'_>) {
-    let accepted = guest_driver::bring_up(t, keel_virtio::device_type::NET, &[rx, tx]);
+    let accepted = guest_driver::bring_up(t, keel_virtio::device_type::NET, &[rx, tx]).unwrap();
     assert_ne!(accepted & features::VERSION_1, 0);
     assert_ne!(accepted & features::RING_EVENT_IDX, 0);
 }
@@ -343,7 +346,7 @@ fn bench_tx_path(c: &mut Criterion) {
                 1 => "tx".to_string(),
                 n => format!("tx_batch{n}"),
             };
-            let mem = memory();
+            let mem = memory().unwrap();
             let mut rig = Rig::new(&mem, len, batch);
             group.throughput(Throughput::Elements(1));
             group.bench_function(BenchmarkId::new(name, format!("{len}B")), |b| {

@@ -456,13 +456,13 @@ mod tests {
 
     #[test]
     fn processing_stops_at_the_budget_and_leaves_the_rest_for_later() {
-        let mem = crate::guest_driver::memory();
-        let mut driver = DriverQueue::new(&mem, 16);
+        let mem = crate::guest_driver::memory().unwrap();
+        let mut driver = DriverQueue::new(&mem, 16).unwrap();
         for _ in 0..5 {
-            driver.add(&[Buf::writable(0x8_0000, 4)]);
+            driver.add(&[Buf::writable(0x8_0000, 4)]).unwrap();
         }
         let interrupt = Arc::new(RecordingInterrupt::new());
-        let mut active = active(&mem, driver.queue(), interrupt.clone());
+        let mut active = active(&mem, driver.queue().unwrap(), interrupt.clone());
 
         let run = process_queue(&mut active, 0, 3, |_, _| Handled::Used(0)).unwrap();
         assert_eq!(run, QueueRun::BudgetSpent);
@@ -476,13 +476,13 @@ mod tests {
 
     #[test]
     fn a_throttled_request_stays_on_the_available_ring() {
-        let mem = crate::guest_driver::memory();
-        let mut driver = DriverQueue::new(&mem, 16);
+        let mem = crate::guest_driver::memory().unwrap();
+        let mut driver = DriverQueue::new(&mem, 16).unwrap();
         for _ in 0..3 {
-            driver.add(&[Buf::writable(0x8_0000, 4)]);
+            driver.add(&[Buf::writable(0x8_0000, 4)]).unwrap();
         }
         let interrupt = Arc::new(RecordingInterrupt::new());
-        let mut active = active(&mem, driver.queue(), interrupt.clone());
+        let mut active = active(&mem, driver.queue().unwrap(), interrupt.clone());
 
         let mut calls = 0;
         let run = process_queue(&mut active, 0, 16, |_, _| {
@@ -511,11 +511,11 @@ mod tests {
 
     #[test]
     fn a_raised_stop_signal_ends_processing_before_the_next_request() {
-        let mem = crate::guest_driver::memory();
-        let mut driver = DriverQueue::new(&mem, 16);
-        driver.add(&[Buf::writable(0x8_0000, 4)]);
-        driver.add(&[Buf::writable(0x8_0000, 4)]);
-        let mut active = active(&mem, driver.queue(), Arc::new(RecordingInterrupt::new()));
+        let mem = crate::guest_driver::memory().unwrap();
+        let mut driver = DriverQueue::new(&mem, 16).unwrap();
+        driver.add(&[Buf::writable(0x8_0000, 4)]).unwrap();
+        driver.add(&[Buf::writable(0x8_0000, 4)]).unwrap();
+        let mut active = active(&mem, driver.queue().unwrap(), Arc::new(RecordingInterrupt::new()));
         let stop = active.stop.clone();
 
         let run = process_queue(&mut active, 0, 16, |_, _| {
@@ -529,32 +529,32 @@ mod tests {
 
     #[test]
     fn rejects_available_index_more_than_a_queue_size_ahead() {
-        let mem = crate::guest_driver::memory();
-        let driver = DriverQueue::new(&mem, 16);
+        let mem = crate::guest_driver::memory().unwrap();
+        let driver = DriverQueue::new(&mem, 16).unwrap();
         driver.set_avail_idx(17);
-        let mut active = active(&mem, driver.queue(), Arc::new(RecordingInterrupt::new()));
+        let mut active = active(&mem, driver.queue().unwrap(), Arc::new(RecordingInterrupt::new()));
         let err = process_queue(&mut active, 0, 16, |_, _| Handled::Used(0)).unwrap_err();
         assert!(matches!(err, QueueError::AvailRing { queue: 0, .. }), "{err}");
     }
 
     #[test]
     fn with_event_idx_the_guest_is_interrupted_only_when_it_asked() {
-        let mem = crate::guest_driver::memory();
-        let mut driver = DriverQueue::new(&mem, 16);
-        let mut queue = driver.queue();
+        let mem = crate::guest_driver::memory().unwrap();
+        let mut driver = DriverQueue::new(&mem, 16).unwrap();
+        let mut queue = driver.queue().unwrap();
         queue.set_event_idx(true);
         let interrupt = Arc::new(RecordingInterrupt::new());
         let mut active = active(&mem, queue, interrupt.clone());
 
         // used_event = 1: interrupt when the second used entry appears.
         driver.set_used_event(1);
-        driver.add(&[Buf::writable(0x8_0000, 4)]);
+        driver.add(&[Buf::writable(0x8_0000, 4)]).unwrap();
         process_queue(&mut active, 0, 16, |_, _| Handled::Used(0)).unwrap();
         assert!(interrupt.signals().is_empty());
         // The device asked to be notified of the next buffer.
         assert_eq!(driver.avail_event(), 1);
 
-        driver.add(&[Buf::writable(0x8_0000, 4)]);
+        driver.add(&[Buf::writable(0x8_0000, 4)]).unwrap();
         process_queue(&mut active, 0, 16, |_, _| Handled::Used(0)).unwrap();
         assert_eq!(interrupt.signals(), [VirtioSignal::UsedQueue(0)]);
         assert_eq!(driver.avail_event(), 2);
@@ -562,11 +562,11 @@ mod tests {
 
     #[test]
     fn without_event_idx_notifications_are_off_only_while_processing() {
-        let mem = crate::guest_driver::memory();
-        let mut driver = DriverQueue::new(&mem, 16);
-        driver.add(&[Buf::writable(0x8_0000, 4)]);
+        let mem = crate::guest_driver::memory().unwrap();
+        let mut driver = DriverQueue::new(&mem, 16).unwrap();
+        driver.add(&[Buf::writable(0x8_0000, 4)]).unwrap();
         let interrupt = Arc::new(RecordingInterrupt::new());
-        let mut active = active(&mem, driver.queue(), interrupt.clone());
+        let mut active = active(&mem, driver.queue().unwrap(), interrupt.clone());
         let mut flags_while_working = None;
         process_queue(&mut active, 0, 16, |_, _| {
             flags_while_working = Some(driver.used_flags());
@@ -580,10 +580,10 @@ mod tests {
 
     #[test]
     fn unanswerable_request_is_a_queue_error_naming_its_head() {
-        let mem = crate::guest_driver::memory();
-        let mut driver = DriverQueue::new(&mem, 16);
-        let head = driver.add(&[Buf::readable(0x8_0000, 4)]);
-        let mut active = active(&mem, driver.queue(), Arc::new(RecordingInterrupt::new()));
+        let mem = crate::guest_driver::memory().unwrap();
+        let mut driver = DriverQueue::new(&mem, 16).unwrap();
+        let head = driver.add(&[Buf::readable(0x8_0000, 4)]).unwrap();
+        let mut active = active(&mem, driver.queue().unwrap(), Arc::new(RecordingInterrupt::new()));
         let err = process_queue(&mut active, 0, 16, |_, _| Handled::Unanswerable("no status")).unwrap_err();
         assert!(
             matches!(err, QueueError::Unanswerable { head: h, .. } if h == head),

@@ -28,6 +28,18 @@
 //! Queues are `virtio-queue`'s split rings with `EVENT_IDX` and indirect
 //! descriptors; guest memory is `vm-memory`'s [`GuestMemoryMmap`].
 //!
+//! # The driver side, for testing devices
+//!
+//! With the `guest-driver` feature, [`guest_driver`] is the other end of a
+//! virtqueue: queues laid out in guest memory, chains added (honest or
+//! hostile), the used ring read back, a device brought up through a
+//! virtio-mmio transport's registers ([`mmio_register`]). Every operation
+//! that can fail returns a `guest_driver::DriverError`; a device of your
+//! own is tested in-process with it, as this crate tests its own. The
+//! register offsets ([`mmio_register`]), device types ([`device_type`]),
+//! status bits ([`device_status`]) and virtio-blk's request vocabulary
+//! ([`block_request`]) are public constants.
+//!
 //! # Threads
 //!
 //! Register accesses arrive on vCPU threads; queue processing runs on one
@@ -248,6 +260,7 @@
 //! ```
 
 #![deny(missing_docs)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod activation;
 mod block;
@@ -255,7 +268,8 @@ mod chain;
 mod console;
 mod device;
 mod driver_state;
-#[cfg(any(test, feature = "test-utils"))]
+#[cfg(any(test, feature = "guest-driver"))]
+#[cfg_attr(docsrs, doc(cfg(feature = "guest-driver")))]
 pub mod guest_driver;
 mod mmio;
 mod net;
@@ -276,6 +290,7 @@ pub use device::{
     check_queue_count, read_config_space, Activation, RecordingInterrupt, StopSignal, VirtioDevice,
     VirtioInterrupt, VirtioSignal,
 };
+pub use mmio::reg as mmio_register;
 pub use mmio::{
     interrupt_status, MmioSlot, MmioTransport, QueueNotifier, CONFIG_SPACE_OFFSET, MMIO_MAGIC_VALUE,
     MMIO_VENDOR_ID, MMIO_VERSION, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET,
@@ -290,6 +305,38 @@ pub use rng::{Rng, MAX_RNG_REQUEST_BYTES};
 pub use virtio_queue::Queue;
 pub use vm_memory::GuestMemoryMmap;
 pub use vsock::{Vsock, VsockError, VsockOptions};
+
+/// virtio-blk's request vocabulary (virtio 1.2, section 5.2.6), for
+/// drivers and documentation: a request is a [`block_request::RequestHeader`], the data,
+/// and one status byte the device writes.
+pub mod block_request {
+    pub use virtio_bindings::virtio_blk::{
+        VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
+        VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    };
+
+    /// The header a driver puts first in every request: the request type
+    /// (`VIRTIO_BLK_T_*`), a reserved word, and the first sector (512-byte
+    /// units, whatever the block size). Little-endian, 16 bytes.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    #[repr(C)]
+    pub struct RequestHeader {
+        /// `VIRTIO_BLK_T_*`.
+        pub request_type: u32,
+        /// Reserved (once `ioprio`).
+        pub reserved: u32,
+        /// The first sector.
+        pub sector: u64,
+    }
+
+    // SAFETY: plain integers with no padding (4 + 4 + 8 bytes, 8-aligned):
+    // every bit pattern is a valid value.
+    unsafe impl vm_memory::ByteValued for RequestHeader {}
+
+    /// `size_of::<RequestHeader>()`.
+    pub const HEADER_SIZE: usize = 16;
+    const _: () = assert!(std::mem::size_of::<RequestHeader>() == HEADER_SIZE);
+}
 
 /// The largest queue a split virtqueue may have.
 pub const MAX_QUEUE_SIZE: u16 = 32768;

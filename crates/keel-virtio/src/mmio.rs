@@ -44,34 +44,65 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
 pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
 
 /// Register offsets (virtio 1.2, table 4.1).
-pub(crate) mod reg {
+/// The virtio-mmio register offsets (virtio 1.2, section 4.2.2), from
+/// the start of a device's window. The configuration space starts at
+/// [`CONFIG_SPACE_OFFSET`].
+pub mod reg {
+    /// `MagicValue`: "virt" ([`super::MMIO_MAGIC_VALUE`]), read-only.
     pub const MAGIC_VALUE: u64 = 0x000;
+    /// `Version`: 2 for virtio 1.x, read-only.
     pub const VERSION: u64 = 0x004;
+    /// `DeviceID`: the device type, read-only.
     pub const DEVICE_ID: u64 = 0x008;
+    /// `VendorID`, read-only.
     pub const VENDOR_ID: u64 = 0x00c;
+    /// `DeviceFeatures`: 32 feature bits of the page `DeviceFeaturesSel` selects.
     pub const DEVICE_FEATURES: u64 = 0x010;
+    /// `DeviceFeaturesSel`.
     pub const DEVICE_FEATURES_SEL: u64 = 0x014;
+    /// `DriverFeatures`: the driver's accepted bits of the selected page.
     pub const DRIVER_FEATURES: u64 = 0x020;
+    /// `DriverFeaturesSel`.
     pub const DRIVER_FEATURES_SEL: u64 = 0x024;
+    /// `QueueSel`: the queue the queue registers below act on.
     pub const QUEUE_SEL: u64 = 0x030;
+    /// `QueueNumMax`: the selected queue's largest size.
     pub const QUEUE_NUM_MAX: u64 = 0x034;
+    /// `QueueNum`: the size the driver chose.
     pub const QUEUE_NUM: u64 = 0x038;
+    /// `QueueReady`.
     pub const QUEUE_READY: u64 = 0x044;
+    /// `QueueNotify`: the queue index written here notifies the device.
     pub const QUEUE_NOTIFY: u64 = super::QUEUE_NOTIFY_OFFSET;
+    /// `InterruptStatus` (bits in [`super::interrupt_status`]).
     pub const INTERRUPT_STATUS: u64 = 0x060;
+    /// `InterruptACK`.
     pub const INTERRUPT_ACK: u64 = 0x064;
+    /// `Status`: the device status (bits in [`crate::device_status`]).
     pub const STATUS: u64 = 0x070;
+    /// `QueueDescLow`.
     pub const QUEUE_DESC_LOW: u64 = 0x080;
+    /// `QueueDescHigh`.
     pub const QUEUE_DESC_HIGH: u64 = 0x084;
+    /// `QueueDriverLow` (the available ring).
     pub const QUEUE_DRIVER_LOW: u64 = 0x090;
+    /// `QueueDriverHigh`.
     pub const QUEUE_DRIVER_HIGH: u64 = 0x094;
+    /// `QueueDeviceLow` (the used ring).
     pub const QUEUE_DEVICE_LOW: u64 = 0x0a0;
+    /// `QueueDeviceHigh`.
     pub const QUEUE_DEVICE_HIGH: u64 = 0x0a4;
+    /// `SHMSel`.
     pub const SHM_SEL: u64 = 0x0ac;
+    /// `SHMLenLow`.
     pub const SHM_LEN_LOW: u64 = 0x0b0;
+    /// `SHMLenHigh`.
     pub const SHM_LEN_HIGH: u64 = 0x0b4;
+    /// `SHMBaseLow`.
     pub const SHM_BASE_LOW: u64 = 0x0b8;
+    /// `SHMBaseHigh`.
     pub const SHM_BASE_HIGH: u64 = 0x0bc;
+    /// `ConfigGeneration`.
     pub const CONFIG_GENERATION: u64 = 0x0fc;
 }
 

@@ -234,9 +234,9 @@ mod tests {
     }
 
     fn run_one(chain: &[Buf]) -> (Vec<(u32, u32)>, Vec<VirtioSignal>, GuestAddressBytes) {
-        let mem = memory();
+        let mem = memory().unwrap();
         let device = Arc::new(Mutex::new(RequestDevice::new(Upper).unwrap()));
-        let mut driver = DriverQueue::new(&mem, 16);
+        let mut driver = DriverQueue::new(&mem, 16).unwrap();
         let interrupt = Arc::new(RecordingInterrupt::new());
         let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut event_loop = EventManager::new().unwrap();
@@ -246,7 +246,7 @@ mod tests {
             .unwrap()
             .activate(Activation {
                 mem: mem.clone(),
-                queues: vec![driver.queue()],
+                queues: vec![driver.queue().unwrap()],
                 queue_events: vec![notify.try_clone().unwrap()],
                 interrupt: interrupt.clone(),
                 stop: StopSignal::new(),
@@ -254,7 +254,7 @@ mod tests {
             .unwrap();
         event_loop.run_with_timeout(100).unwrap();
         mem.write_slice(b"hello", GuestAddress(DATA)).unwrap();
-        driver.add(chain);
+        driver.add(chain).unwrap();
         notify.write(1).unwrap();
         event_loop.run_with_timeout(100).unwrap();
         let mut reply = [0u8; 16];

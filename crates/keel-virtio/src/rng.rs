@@ -234,7 +234,7 @@ mod tests {
 
     fn activated(mem: &GuestMemoryMmap) -> Harness<'_> {
         let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
-        let driver = DriverQueue::new(mem, 16);
+        let driver = DriverQueue::new(mem, 16).unwrap();
         let interrupt = Arc::new(RecordingInterrupt::new());
         let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut event_loop = EventManager::new().unwrap();
@@ -243,7 +243,7 @@ mod tests {
             .unwrap()
             .activate(Activation {
                 mem: mem.clone(),
-                queues: vec![driver.queue()],
+                queues: vec![driver.queue().unwrap()],
                 queue_events: vec![notify.try_clone().unwrap()],
                 interrupt: interrupt.clone(),
                 stop: StopSignal::new(),
@@ -261,11 +261,12 @@ mod tests {
 
     #[test]
     fn fills_writable_buffers_with_random_bytes() {
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = activated(&mem);
         let head = h
             .driver
-            .add(&[Buf::writable(DATA, 100), Buf::writable(DATA + 0x1000, 28)]);
+            .add(&[Buf::writable(DATA, 100), Buf::writable(DATA + 0x1000, 28)])
+            .unwrap();
         h.notify.write(1).unwrap();
         h.event_loop.run_with_timeout(100).unwrap();
 
@@ -278,9 +279,9 @@ mod tests {
 
     #[test]
     fn caps_one_request_at_64_kib() {
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = activated(&mem);
-        h.driver.add(&[Buf::writable(DATA, 1 << 20)]);
+        h.driver.add(&[Buf::writable(DATA, 1 << 20)]).unwrap();
         h.notify.write(1).unwrap();
         h.event_loop.run_with_timeout(100).unwrap();
         assert_eq!(h.driver.used()[0].1, MAX_RNG_REQUEST_BYTES as u32);
@@ -292,10 +293,10 @@ mod tests {
 
     #[test]
     fn a_chain_without_writable_buffers_is_returned_empty() {
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = activated(&mem);
         mem.write_slice(&[7; 8], GuestAddress(DATA)).unwrap();
-        let head = h.driver.add(&[Buf::readable(DATA, 8)]);
+        let head = h.driver.add(&[Buf::readable(DATA, 8)]).unwrap();
         h.notify.write(1).unwrap();
         h.event_loop.run_with_timeout(100).unwrap();
         assert_eq!(h.driver.used(), [(u32::from(head), 0)]);
@@ -314,14 +315,14 @@ mod tests {
     #[test]
     fn the_bandwidth_bucket_paces_random_bytes_and_the_timer_resumes_the_queue() {
         use keel_ratelimit::{BucketConfig, BucketUpdate};
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = activated(&mem);
         h.rng.lock().unwrap().update_rate_limiter(
             BucketUpdate::Set(BucketConfig::new(1000, 100)),
             BucketUpdate::Keep,
         );
         for i in 0..3 {
-            h.driver.add(&[Buf::writable(DATA + i * 0x1000, 1000)]);
+            h.driver.add(&[Buf::writable(DATA + i * 0x1000, 1000)]).unwrap();
         }
         h.notify.write(1).unwrap();
         let start = std::time::Instant::now();
@@ -344,14 +345,14 @@ mod tests {
     #[test]
     fn the_ops_bucket_limits_requests_and_disabling_it_lifts_the_limit() {
         use keel_ratelimit::{BucketConfig, BucketUpdate};
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = activated(&mem);
         h.rng.lock().unwrap().update_rate_limiter(
             BucketUpdate::Keep,
             BucketUpdate::Set(BucketConfig::new(2, 60_000)),
         );
         for i in 0..5 {
-            h.driver.add(&[Buf::writable(DATA + i * 0x1000, 16)]);
+            h.driver.add(&[Buf::writable(DATA + i * 0x1000, 16)]).unwrap();
         }
         h.notify.write(1).unwrap();
         h.event_loop.run_with_timeout(10).unwrap();
@@ -367,17 +368,18 @@ mod tests {
 
     #[test]
     fn a_chain_outside_guest_memory_puts_the_device_in_needs_reset() {
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = activated(&mem);
         h.driver
-            .add(&[Buf::writable(crate::guest_driver::MEM_SIZE - 4, 8)]);
+            .add(&[Buf::writable(crate::guest_driver::MEM_SIZE - 4, 8)])
+            .unwrap();
         h.notify.write(1).unwrap();
         h.event_loop.run_with_timeout(100).unwrap();
         assert!(h.driver.used().is_empty());
         assert_eq!(h.interrupt.signals(), [VirtioSignal::NeedsReset]);
 
         // The device no longer listens to the queue: no wake-ups, no work.
-        h.driver.add(&[Buf::writable(DATA, 8)]);
+        h.driver.add(&[Buf::writable(DATA, 8)]).unwrap();
         h.notify.write(1).unwrap();
         assert_eq!(h.event_loop.run_with_timeout(50).unwrap(), 0);
         assert!(h.driver.used().is_empty());

@@ -213,7 +213,9 @@ fn try_connect(uds: &Path, deadline: Instant) -> Option<UnixStream> {
     // may take long to answer, and giving up on a connection it then
     // accepts would cost it one of its connections. A socket the device
     // drops (driver not up yet) ends the read at once anyway.
-    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1));
     stream.set_read_timeout(Some(left)).unwrap();
     stream
         .write_all(format!("CONNECT {GUEST_PORT}\n").as_bytes())

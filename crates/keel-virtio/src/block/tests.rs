@@ -145,7 +145,7 @@ impl<'a, B: BlockBackend + 'static> Harness<'a, B> {
         acked: Option<u64>,
     ) -> Self {
         let block = Arc::new(Mutex::new(Block::new(backend, options).unwrap()));
-        let driver = DriverQueue::new(mem, 16);
+        let driver = DriverQueue::new(mem, 16).unwrap();
         let interrupt = Arc::new(RecordingInterrupt::new());
         let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let mut event_loop = EventManager::new().unwrap();
@@ -156,7 +156,7 @@ impl<'a, B: BlockBackend + 'static> Harness<'a, B> {
             b.ack_features(features);
             b.activate(Activation {
                 mem: mem.clone(),
-                queues: vec![driver.queue()],
+                queues: vec![driver.queue().unwrap()],
                 queue_events: vec![notify.try_clone().unwrap()],
                 interrupt: interrupt.clone(),
                 stop: StopSignal::new(),
@@ -183,7 +183,7 @@ impl<'a, B: BlockBackend + 'static> Harness<'a, B> {
     /// Adds `bufs` as one chain, notifies, runs; returns (head, used len).
     fn submit(&mut self, bufs: &[Buf]) -> (u16, Option<u32>) {
         let before = self.driver.used().len();
-        let head = self.driver.add(bufs);
+        let head = self.driver.add(bufs).unwrap();
         self.run();
         let used = self.driver.used();
         let len = (used.len() > before).then(|| {
@@ -348,7 +348,7 @@ fn rejects_unusable_queue_and_segment_sizes() {
 
 #[test]
 fn reads_sectors_into_the_guest_buffers() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, _) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     let bufs = request(&mem, VIRTIO_BLK_T_IN, 3, 1024);
@@ -363,7 +363,7 @@ fn reads_sectors_into_the_guest_buffers() {
 
 #[test]
 fn writes_guest_data_to_the_disk() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, MemoryBackend::new(DISK_SIZE), BlockOptions::default());
     mem.write_slice(&[0xc3; 512], GuestAddress(BUFFER)).unwrap();
     let (_, used) = h.submit(&request(&mem, VIRTIO_BLK_T_OUT, 7, 512));
@@ -377,7 +377,7 @@ fn writes_guest_data_to_the_disk() {
 
 #[test]
 fn data_may_share_descriptors_with_the_header_and_the_status() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, _) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     // Read: header alone, then one writable buffer holding data and status.
@@ -403,7 +403,7 @@ fn data_may_share_descriptors_with_the_header_and_the_status() {
 
 #[test]
 fn large_read_across_many_descriptors_goes_through_the_bounce_buffer_in_chunks() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     header(&mem, VIRTIO_BLK_T_IN, 0);
@@ -432,7 +432,7 @@ fn large_read_across_many_descriptors_goes_through_the_bounce_buffer_in_chunks()
 
 #[test]
 fn request_in_an_indirect_table_is_served() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, _) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     header(&mem, VIRTIO_BLK_T_IN, 5);
@@ -446,7 +446,8 @@ fn request_in_an_indirect_table_is_served() {
     mem.write_obj(raw_desc(STATUS, 1, write, 0), GuestAddress(table + 32))
         .unwrap();
     h.driver
-        .store(0, raw_desc(table, 48, VRING_DESC_F_INDIRECT as u16, 0));
+        .store(0, raw_desc(table, 48, VRING_DESC_F_INDIRECT as u16, 0))
+        .unwrap();
     h.driver.publish(0);
     h.run();
     assert_eq!(h.driver.used(), [(0, 513)]);
@@ -456,7 +457,7 @@ fn request_in_an_indirect_table_is_served() {
 
 #[test]
 fn serves_every_available_request_in_order() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     for i in 0..8u64 {
@@ -464,7 +465,8 @@ fn serves_every_available_request_in_order() {
         mem.write_obj(VIRTIO_BLK_T_IN, GuestAddress(base)).unwrap();
         mem.write_obj(i, GuestAddress(base + 8)).unwrap();
         h.driver
-            .add(&[Buf::readable(base, 16), Buf::writable(base + 0x200, 513)]);
+            .add(&[Buf::readable(base, 16), Buf::writable(base + 0x200, 513)])
+            .unwrap();
     }
     h.run();
     assert_eq!(h.driver.used().len(), 8);
@@ -489,9 +491,9 @@ fn serves_every_available_request_in_order() {
 
 #[test]
 fn flush_reaches_stable_storage_before_completion() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (mut disk, calls) = recording_disk();
-    let driver_used = DriverQueue::new(&mem, 16).used_addr();
+    let driver_used = DriverQueue::new(&mem, 16).unwrap().used_addr();
     disk.guest = Some((mem.clone(), driver_used));
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
 
@@ -520,7 +522,7 @@ fn flush_reaches_stable_storage_before_completion() {
 
 #[test]
 fn failed_flush_completes_with_ioerr() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (mut disk, _) = recording_disk();
     disk.fail_flush = true;
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
@@ -531,9 +533,9 @@ fn failed_flush_completes_with_ioerr() {
 
 #[test]
 fn writes_are_stable_before_completion_when_the_driver_declined_flush() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (mut disk, calls) = recording_disk();
-    disk.guest = Some((mem.clone(), DriverQueue::new(&mem, 16).used_addr()));
+    disk.guest = Some((mem.clone(), DriverQueue::new(&mem, 16).unwrap().used_addr()));
     let acked = features::VERSION_1;
     let mut h = Harness::with_features(&mem, disk, BlockOptions::default(), Some(acked));
     h.submit(&request(&mem, VIRTIO_BLK_T_OUT, 1, 512));
@@ -554,7 +556,7 @@ fn writes_are_stable_before_completion_when_the_driver_declined_flush() {
 
 #[test]
 fn get_id_returns_the_20_byte_id_padded_with_nul() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let options = BlockOptions {
         id: "keel-disk-0".into(),
         ..BlockOptions::default()
@@ -572,7 +574,7 @@ fn get_id_returns_the_20_byte_id_padded_with_nul() {
 
 #[test]
 fn get_id_into_a_short_buffer_writes_only_what_fits() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let options = BlockOptions {
         id: "0123456789abcdefghij".into(),
         ..BlockOptions::default()
@@ -588,7 +590,7 @@ fn get_id_into_a_short_buffer_writes_only_what_fits() {
 
 #[test]
 fn unknown_request_types_are_unsupp() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     for request_type in [
@@ -609,7 +611,7 @@ fn unknown_request_types_are_unsupp() {
 
 #[test]
 fn read_past_the_end_of_the_disk_fails_with_ioerr_and_writes_no_data() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     poison(&mem, BUFFER, 1024);
@@ -623,7 +625,7 @@ fn read_past_the_end_of_the_disk_fails_with_ioerr_and_writes_no_data() {
 
 #[test]
 fn read_claiming_more_than_the_whole_disk_fails_with_ioerr() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     // 15 MiB of writable buffers (inside guest RAM) for a 1 MiB disk.
@@ -639,7 +641,7 @@ fn read_claiming_more_than_the_whole_disk_fails_with_ioerr() {
 
 #[test]
 fn write_past_the_end_fails_with_ioerr_and_leaves_the_disk_alone() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     let (_, used) = h.submit(&request(&mem, VIRTIO_BLK_T_OUT, SECTORS, 512));
@@ -650,7 +652,7 @@ fn write_past_the_end_fails_with_ioerr_and_leaves_the_disk_alone() {
 
 #[test]
 fn sector_numbers_that_overflow_fail_with_ioerr() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     for sector in [u64::MAX, u64::MAX / 512, u64::MAX / 512 - 1] {
@@ -662,7 +664,7 @@ fn sector_numbers_that_overflow_fail_with_ioerr() {
 
 #[test]
 fn data_that_is_not_a_whole_number_of_sectors_fails_with_ioerr() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     h.submit(&request(&mem, VIRTIO_BLK_T_IN, 0, 511));
@@ -674,7 +676,7 @@ fn data_that_is_not_a_whole_number_of_sectors_fails_with_ioerr() {
 
 #[test]
 fn request_shorter_than_its_header_fails_with_ioerr() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     header(&mem, VIRTIO_BLK_T_OUT, 0);
@@ -694,7 +696,7 @@ fn request_shorter_than_its_header_fails_with_ioerr() {
 
 #[test]
 fn buffer_longer_than_size_max_fails_with_ioerr() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let options = BlockOptions {
         max_segment_size: 4096,
@@ -710,7 +712,7 @@ fn buffer_longer_than_size_max_fails_with_ioerr() {
 
 #[test]
 fn backend_read_error_completes_with_ioerr() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (mut disk, _) = recording_disk();
     disk.fail_io = true;
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
@@ -721,7 +723,7 @@ fn backend_read_error_completes_with_ioerr() {
 
 #[test]
 fn read_only_disk_refuses_writes_with_ioerr() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let options = BlockOptions {
         read_only: true,
@@ -739,7 +741,7 @@ fn read_only_disk_refuses_writes_with_ioerr() {
 
 #[test]
 fn read_only_disk_refuses_discard_and_write_zeroes_with_ioerr() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let options = BlockOptions {
         read_only: true,
@@ -781,7 +783,7 @@ fn mem_status_poison(h: &Harness<'_, RecordingDisk>) {
 
 #[test]
 fn discard_reaches_the_backend_for_each_segment() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     submit_segments(&mut h, VIRTIO_BLK_T_DISCARD, &[(8, 8, 0), (100, 1, 0)]);
@@ -794,7 +796,7 @@ fn discard_reaches_the_backend_for_each_segment() {
 
 #[test]
 fn write_zeroes_zeroes_the_range_and_passes_the_unmap_flag() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     let unmap = VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP;
@@ -815,7 +817,7 @@ fn write_zeroes_zeroes_the_range_and_passes_the_unmap_flag() {
 
 #[test]
 fn discard_with_the_unmap_flag_is_unsupp() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     submit_segments(
@@ -829,7 +831,7 @@ fn discard_with_the_unmap_flag_is_unsupp() {
 
 #[test]
 fn discard_or_write_zeroes_with_unknown_flags_is_unsupp() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     submit_segments(&mut h, VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 8, 0b10)]);
@@ -841,7 +843,7 @@ fn discard_or_write_zeroes_with_unknown_flags_is_unsupp() {
 
 #[test]
 fn discard_the_driver_did_not_negotiate_is_unsupp() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let acked = features::VERSION_1 | bit(VIRTIO_BLK_F_FLUSH);
     let mut h = Harness::with_features(&mem, disk, BlockOptions::default(), Some(acked));
@@ -854,7 +856,7 @@ fn discard_the_driver_did_not_negotiate_is_unsupp() {
 
 #[test]
 fn discard_segments_beyond_the_advertised_limits_fail_with_ioerr() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     // Too many sectors in one segment.
@@ -872,7 +874,7 @@ fn discard_segments_beyond_the_advertised_limits_fail_with_ioerr() {
 
 #[test]
 fn discard_payload_that_is_not_whole_segments_fails_with_ioerr() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     for len in [0, 8, 17] {
@@ -893,7 +895,7 @@ fn discard_payload_that_is_not_whole_segments_fails_with_ioerr() {
 
 #[test]
 fn request_without_a_status_byte_puts_the_device_in_needs_reset() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     header(&mem, VIRTIO_BLK_T_OUT, 0);
@@ -905,7 +907,7 @@ fn request_without_a_status_byte_puts_the_device_in_needs_reset() {
 
 #[test]
 fn zero_length_status_descriptor_leaves_no_status_byte_and_needs_reset() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, _) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     header(&mem, VIRTIO_BLK_T_FLUSH, 0);
@@ -917,7 +919,7 @@ fn zero_length_status_descriptor_leaves_no_status_byte_and_needs_reset() {
 
 #[test]
 fn rejects_descriptor_chain_past_end_of_memory() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     header(&mem, VIRTIO_BLK_T_IN, 0);
@@ -934,7 +936,7 @@ fn rejects_descriptor_chain_past_end_of_memory() {
 
 #[test]
 fn readable_buffer_after_the_status_puts_the_device_in_needs_reset() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     header(&mem, VIRTIO_BLK_T_OUT, 0);
@@ -951,14 +953,15 @@ fn readable_buffer_after_the_status_puts_the_device_in_needs_reset() {
 
 #[test]
 fn looping_chain_puts_the_device_in_needs_reset() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     header(&mem, VIRTIO_BLK_T_IN, 0);
     let next = VRING_DESC_F_NEXT as u16;
-    h.driver.store(0, raw_desc(HEADER, 16, next, 1));
+    h.driver.store(0, raw_desc(HEADER, 16, next, 1)).unwrap();
     h.driver
-        .store(1, raw_desc(BUFFER, 512, next | VRING_DESC_F_WRITE as u16, 0));
+        .store(1, raw_desc(BUFFER, 512, next | VRING_DESC_F_WRITE as u16, 0))
+        .unwrap();
     h.driver.publish(0);
     h.run();
     assert!(h.driver.used().is_empty());
@@ -968,7 +971,7 @@ fn looping_chain_puts_the_device_in_needs_reset() {
 
 #[test]
 fn after_needs_reset_notifications_are_ignored_until_a_reset_and_reactivation() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
     h.submit(&[Buf::readable(HEADER, 16)]); // no status byte
@@ -979,7 +982,7 @@ fn after_needs_reset_notifications_are_ignored_until_a_reset_and_reactivation() 
     assert!(calls.lock().unwrap().is_empty());
 
     // The driver resets and starts over with a fresh queue.
-    let driver = DriverQueue::at(&mem, GuestAddress(0x8000), 16);
+    let driver = DriverQueue::at(&mem, GuestAddress(0x8000), 16).unwrap();
     let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     {
         let mut block = h.block.lock().unwrap();
@@ -989,7 +992,7 @@ fn after_needs_reset_notifications_are_ignored_until_a_reset_and_reactivation() 
         block
             .activate(Activation {
                 mem: mem.clone(),
-                queues: vec![driver.queue()],
+                queues: vec![driver.queue().unwrap()],
                 queue_events: vec![notify.try_clone().unwrap()],
                 interrupt: h.interrupt.clone(),
                 stop: StopSignal::new(),
@@ -998,7 +1001,7 @@ fn after_needs_reset_notifications_are_ignored_until_a_reset_and_reactivation() 
     }
     h.event_loop.run_with_timeout(100).unwrap();
     let mut driver = driver;
-    driver.add(&request(&mem, VIRTIO_BLK_T_IN, 0, 512));
+    driver.add(&request(&mem, VIRTIO_BLK_T_IN, 0, 512)).unwrap();
     notify.write(1).unwrap();
     h.event_loop.run_with_timeout(100).unwrap();
     assert_eq!(driver.used().len(), 1);
@@ -1007,7 +1010,7 @@ fn after_needs_reset_notifications_are_ignored_until_a_reset_and_reactivation() 
 
 #[test]
 fn activation_twice_without_reset_is_refused() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, _) = recording_disk();
     let h = Harness::new(&mem, disk, BlockOptions::default());
     let err = h
@@ -1016,7 +1019,7 @@ fn activation_twice_without_reset_is_refused() {
         .unwrap()
         .activate(Activation {
             mem: mem.clone(),
-            queues: vec![h.driver.queue()],
+            queues: vec![h.driver.queue().unwrap()],
             queue_events: vec![EventFd::new(0).unwrap()],
             interrupt: h.interrupt.clone(),
             stop: StopSignal::new(),
@@ -1030,7 +1033,7 @@ fn activation_twice_without_reset_is_refused() {
 #[test]
 fn file_backed_disk_round_trips_a_write_through_the_device() {
     let image = super::backend::tests::TempImage::new(64 * 1024);
-    let mem = memory();
+    let mem = memory().unwrap();
     let disk = FileBackend::open(&image.0, false).unwrap();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
 
@@ -1053,10 +1056,10 @@ fn file_backed_disk_round_trips_a_write_through_the_device() {
 
 #[test]
 fn available_index_more_than_a_queue_ahead_puts_the_device_in_needs_reset() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (disk, calls) = recording_disk();
     let mut h = Harness::new(&mem, disk, BlockOptions::default());
-    h.driver.add(&request(&mem, VIRTIO_BLK_T_IN, 0, 512));
+    h.driver.add(&request(&mem, VIRTIO_BLK_T_IN, 0, 512)).unwrap();
     h.driver.set_avail_idx(40);
     h.run();
     assert!(h.needs_reset());
@@ -1074,7 +1077,7 @@ fn random_descriptor_tables_never_panic_and_never_touch_memory_outside_the_buffe
         seed
     };
     for round in 0..200 {
-        let mem = memory();
+        let mem = memory().unwrap();
         let (disk, _) = recording_disk();
         let mut h = Harness::new(&mem, disk, BlockOptions::default());
         // A canary page that no descriptor below may point at.
@@ -1094,7 +1097,9 @@ fn random_descriptor_tables_never_panic_and_never_touch_memory_outside_the_buffe
             };
             let flags = (r >> 16) as u16 & 0b111; // NEXT, WRITE, INDIRECT
             let next_index = ((r >> 24) % 20) as u16; // sometimes past the table
-            h.driver.store(index, raw_desc(addr, len, flags, next_index));
+            h.driver
+                .store(index, raw_desc(addr, len, flags, next_index))
+                .unwrap();
         }
         for _ in 0..(next() % 16) {
             h.driver.publish((next() % 18) as u16);
@@ -1133,7 +1138,7 @@ mod rate_limiting {
     fn queue_reads(h: &mut Harness<'_, MemoryBackend>, count: usize) {
         for _ in 0..count {
             let bufs = request(h.mem, VIRTIO_BLK_T_IN, 0, 4096);
-            h.driver.add(&bufs);
+            h.driver.add(&bufs).unwrap();
         }
         h.notify.write(1).unwrap();
     }
@@ -1149,7 +1154,7 @@ mod rate_limiting {
 
     #[test]
     fn a_request_over_the_bandwidth_limit_stays_on_the_ring_until_the_timer_fires() {
-        let mem = memory();
+        let mem = memory().unwrap();
         // One 4 KiB read per 100 ms.
         let mut h = limited(
             &mem,
@@ -1172,7 +1177,7 @@ mod rate_limiting {
 
     #[test]
     fn while_throttled_notifications_do_not_serve_the_queue() {
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = limited(
             &mem,
             BucketUpdate::Set(BucketConfig::new(4096, 60_000)),
@@ -1193,7 +1198,7 @@ mod rate_limiting {
 
     #[test]
     fn the_ops_bucket_limits_requests_of_any_type() {
-        let mem = memory();
+        let mem = memory().unwrap();
         // One request per 100 ms, whatever its size.
         let mut h = limited(
             &mem,
@@ -1202,7 +1207,7 @@ mod rate_limiting {
         );
         for _ in 0..3 {
             let bufs = request(h.mem, VIRTIO_BLK_T_FLUSH, 0, 0);
-            h.driver.add(&bufs);
+            h.driver.add(&bufs).unwrap();
         }
         h.notify.write(1).unwrap();
         let start = Instant::now();
@@ -1219,7 +1224,7 @@ mod rate_limiting {
 
     #[test]
     fn reads_and_writes_pay_their_data_length_in_bytes() {
-        let mem = memory();
+        let mem = memory().unwrap();
         // 8 KiB, refilled in a minute: two 4 KiB transfers, any number of flushes.
         let mut h = limited(
             &mem,
@@ -1227,7 +1232,7 @@ mod rate_limiting {
             BucketUpdate::Keep,
         );
         let write = request(h.mem, VIRTIO_BLK_T_OUT, 0, 4096);
-        h.driver.add(&write);
+        h.driver.add(&write).unwrap();
         h.notify.write(1).unwrap();
         h.event_loop.run_with_timeout(10).unwrap();
         for _ in 0..4 {
@@ -1246,7 +1251,7 @@ mod rate_limiting {
 
     #[test]
     fn an_update_on_a_running_device_applies_at_once_even_from_another_thread() {
-        let mem = memory();
+        let mem = memory().unwrap();
         // Practically nothing: 4 KiB per minute.
         let mut h = limited(
             &mem,
@@ -1280,7 +1285,7 @@ mod rate_limiting {
 
     #[test]
     fn disabling_the_limiter_removes_the_limit() {
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = limited(
             &mem,
             BucketUpdate::Set(BucketConfig::new(4096, 60_000)),
@@ -1304,7 +1309,7 @@ mod rate_limiting {
 
     #[test]
     fn an_unlimited_device_never_throttles() {
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = Harness::new(&mem, MemoryBackend::new(DISK_SIZE), BlockOptions::default());
         queue_reads(&mut h, 5);
         h.event_loop.run_with_timeout(10).unwrap();
@@ -1315,14 +1320,14 @@ mod rate_limiting {
 
 #[test]
 fn replacing_the_backend_of_a_running_device_changes_the_capacity_and_tells_the_driver() {
-    let mem = memory();
-    let driver = DriverQueue::new(&mem, 16);
+    let mem = memory().unwrap();
+    let driver = DriverQueue::new(&mem, 16).unwrap();
     let mut block = Block::new(MemoryBackend::new(DISK_SIZE), BlockOptions::default()).unwrap();
     let interrupt = Arc::new(RecordingInterrupt::new());
     block
         .activate(Activation {
             mem: mem.clone(),
-            queues: vec![driver.queue()],
+            queues: vec![driver.queue().unwrap()],
             queue_events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
             interrupt: interrupt.clone(),
             stop: StopSignal::new(),

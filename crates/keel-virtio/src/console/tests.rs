@@ -71,8 +71,8 @@ impl<'a> Harness<'a> {
         event_loop.add_subscriber(console.clone());
         Self {
             mem,
-            rx: DriverQueue::at(mem, GuestAddress(0x1000), 16),
-            tx: DriverQueue::at(mem, GuestAddress(0x4000), 16),
+            rx: DriverQueue::at(mem, GuestAddress(0x1000), 16).unwrap(),
+            tx: DriverQueue::at(mem, GuestAddress(0x4000), 16).unwrap(),
             console,
             interrupt: Arc::new(RecordingInterrupt::new()),
             rx_notify: EventFd::new(libc::EFD_NONBLOCK).unwrap(),
@@ -87,7 +87,7 @@ impl<'a> Harness<'a> {
             .unwrap()
             .activate(Activation {
                 mem: self.mem.clone(),
-                queues: vec![self.rx.queue(), self.tx.queue()],
+                queues: vec![self.rx.queue().unwrap(), self.tx.queue().unwrap()],
                 queue_events: vec![
                     self.rx_notify.try_clone().unwrap(),
                     self.tx_notify.try_clone().unwrap(),
@@ -106,13 +106,13 @@ impl<'a> Harness<'a> {
 
     fn transmit(&mut self, addr: u64, data: &[u8]) {
         self.mem.write_slice(data, GuestAddress(addr)).unwrap();
-        self.tx.add(&[Buf::readable(addr, data.len() as u32)]);
+        self.tx.add(&[Buf::readable(addr, data.len() as u32)]).unwrap();
         self.tx_notify.write(1).unwrap();
         self.run_once();
     }
 
     fn add_rx_buffer(&mut self, addr: u64, len: u32) -> u16 {
-        self.rx.add(&[Buf::writable(addr, len)])
+        self.rx.add(&[Buf::writable(addr, len)]).unwrap()
     }
 
     fn paused(&self) -> bool {
@@ -128,7 +128,7 @@ fn guest_bytes(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
 
 #[test]
 fn transmits_guest_output_to_the_backend() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let output = SharedOutput::default();
     let mut h = Harness::new(&mem, Box::new(StreamBackend::output_only(output.clone())));
     h.transmit(DATA, b"Linux version 6.");
@@ -139,12 +139,13 @@ fn transmits_guest_output_to_the_backend() {
 
 #[test]
 fn transmit_chain_spanning_descriptors_is_sent_in_order() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let output = SharedOutput::default();
     let mut h = Harness::new(&mem, Box::new(StreamBackend::output_only(output.clone())));
     mem.write_slice(b"hello ", GuestAddress(DATA)).unwrap();
     mem.write_slice(b"world", GuestAddress(DATA + 0x1000)).unwrap();
-    h.tx.add(&[Buf::readable(DATA, 6), Buf::readable(DATA + 0x1000, 5)]);
+    h.tx.add(&[Buf::readable(DATA, 6), Buf::readable(DATA + 0x1000, 5)])
+        .unwrap();
     h.tx_notify.write(1).unwrap();
     h.run_once();
     assert_eq!(output.take(), b"hello world");
@@ -152,7 +153,7 @@ fn transmit_chain_spanning_descriptors_is_sent_in_order() {
 
 #[test]
 fn delivers_host_input_into_receive_buffers() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (reader, mut writer) = pipe();
     let mut h = Harness::new(&mem, Box::new(StreamBackend::new(io::sink(), reader)));
     let head = h.add_rx_buffer(DATA, 64);
@@ -168,7 +169,7 @@ fn delivers_host_input_into_receive_buffers() {
 
 #[test]
 fn input_waits_without_busy_looping_until_the_guest_adds_receive_buffers() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (reader, mut writer) = pipe();
     let mut h = Harness::new(&mem, Box::new(StreamBackend::new(io::sink(), reader)));
 
@@ -196,7 +197,7 @@ fn input_waits_without_busy_looping_until_the_guest_adds_receive_buffers() {
 
 #[test]
 fn input_larger_than_one_buffer_fills_several_and_waits_for_more() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (reader, mut writer) = pipe();
     let mut h = Harness::new(&mem, Box::new(StreamBackend::new(io::sink(), reader)));
     h.add_rx_buffer(DATA, 4);
@@ -219,11 +220,11 @@ fn input_larger_than_one_buffer_fills_several_and_waits_for_more() {
 
 #[test]
 fn receive_buffers_without_room_are_returned_empty() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (reader, mut writer) = pipe();
     let mut h = Harness::new(&mem, Box::new(StreamBackend::new(io::sink(), reader)));
     mem.write_slice(b"keep", GuestAddress(DATA)).unwrap();
-    h.rx.add(&[Buf::readable(DATA, 4)]); // a driver bug: readable
+    h.rx.add(&[Buf::readable(DATA, 4)]).unwrap(); // a driver bug: readable
     h.add_rx_buffer(DATA + 0x100, 8);
     h.rx_notify.write(1).unwrap();
     h.run_once();
@@ -235,7 +236,7 @@ fn receive_buffers_without_room_are_returned_empty() {
 
 #[test]
 fn input_is_not_read_before_activation() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (reader, mut writer) = pipe();
     let mut h = Harness::inactive(&mem, Box::new(StreamBackend::new(io::sink(), reader)));
     writer.write_all(b"early").unwrap();
@@ -247,7 +248,7 @@ fn input_is_not_read_before_activation() {
 
 #[test]
 fn end_of_input_stops_watching_it() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (reader, writer) = pipe();
     let mut h = Harness::new(&mem, Box::new(StreamBackend::new(io::sink(), reader)));
     drop(writer);
@@ -257,7 +258,7 @@ fn end_of_input_stops_watching_it() {
 
 #[test]
 fn an_unpollable_input_is_ignored_not_fatal() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let output = SharedOutput::default();
     let file = File::open(std::env::current_exe().unwrap()).unwrap();
     let mut h = Harness::new(&mem, Box::new(StreamBackend::new(output.clone(), file)));
@@ -267,11 +268,11 @@ fn an_unpollable_input_is_ignored_not_fatal() {
 
 #[test]
 fn transmit_chain_outside_memory_puts_the_device_in_needs_reset() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let output = SharedOutput::default();
     let (reader, mut writer) = pipe();
     let mut h = Harness::new(&mem, Box::new(StreamBackend::new(output.clone(), reader)));
-    h.tx.add(&[Buf::readable(MEM_SIZE - 2, 4)]);
+    h.tx.add(&[Buf::readable(MEM_SIZE - 2, 4)]).unwrap();
     h.tx_notify.write(1).unwrap();
     h.run_once();
     assert_eq!(h.interrupt.signals(), [VirtioSignal::NeedsReset]);
@@ -285,15 +286,15 @@ fn transmit_chain_outside_memory_puts_the_device_in_needs_reset() {
 
 #[test]
 fn pending_input_survives_a_reset() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (reader, mut writer) = pipe();
     let mut h = Harness::new(&mem, Box::new(StreamBackend::new(io::sink(), reader)));
     writer.write_all(b"abc").unwrap();
     h.run_once();
     assert!(h.console.lock().unwrap().reset());
     h.run_once();
-    h.rx = DriverQueue::at(&mem, GuestAddress(0x8000), 16);
-    h.tx = DriverQueue::at(&mem, GuestAddress(0xc000), 16);
+    h.rx = DriverQueue::at(&mem, GuestAddress(0x8000), 16).unwrap();
+    h.tx = DriverQueue::at(&mem, GuestAddress(0xc000), 16).unwrap();
     h.add_rx_buffer(DATA, 8);
     h.activate();
     assert_eq!(guest_bytes(&mem, DATA, 3), b"abc");
@@ -305,7 +306,7 @@ fn socket_path(name: &str) -> std::path::PathBuf {
 
 #[test]
 fn unix_listener_serves_one_client_at_a_time() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let path = socket_path("listen");
     let backend = UnixSocketBackend::listen(&path).unwrap();
     let mut h = Harness::new(&mem, Box::new(backend));
@@ -345,7 +346,7 @@ fn unix_listener_serves_one_client_at_a_time() {
 
 #[test]
 fn unix_connect_sends_output_to_the_server_and_reads_its_input() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let path = socket_path("connect");
     let _ = std::fs::remove_file(&path);
     let server = UnixListener::bind(&path).unwrap();
@@ -394,7 +395,7 @@ fn a_client_that_stops_reading_loses_output_instead_of_stalling_the_vm() {
 fn file_console_appends_output() {
     let path = std::env::temp_dir().join(format!("keel-virtio-{}-console.log", std::process::id()));
     std::fs::write(&path, b"previous run\n").unwrap();
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, Box::new(StreamBackend::file(&path).unwrap()));
     h.transmit(DATA, b"new run\n");
     drop(h);
@@ -466,15 +467,16 @@ fn amplification_guest(mem: &GuestMemoryMmap, limit: Option<BucketConfig>) -> Am
     console.lock().unwrap().set_output_limit(limit);
     let mut event_loop = EventManager::new().unwrap();
     event_loop.add_subscriber(console.clone());
-    let rx = DriverQueue::at(mem, GuestAddress(0x1000), 16);
-    let tx = DriverQueue::at(mem, GuestAddress(0x4000), SIZE);
+    let rx = DriverQueue::at(mem, GuestAddress(0x1000), 16).unwrap();
+    let tx = DriverQueue::at(mem, GuestAddress(0x4000), SIZE).unwrap();
     for i in 0..SIZE {
         let last = i == SIZE - 1;
         let flags = if last { 0 } else { VRING_DESC_F_NEXT as u16 };
         tx.store(
             i,
             crate::guest_driver::raw_desc(DATA, 32 * 1024, flags, i.wrapping_add(1)),
-        );
+        )
+        .unwrap();
     }
     for _ in 0..SIZE {
         tx.publish(0);
@@ -485,7 +487,7 @@ fn amplification_guest(mem: &GuestMemoryMmap, limit: Option<BucketConfig>) -> Am
         .unwrap()
         .activate(Activation {
             mem: mem.clone(),
-            queues: vec![rx.queue(), tx.queue()],
+            queues: vec![rx.queue().unwrap(), tx.queue().unwrap()],
             queue_events: vec![
                 EventFd::new(libc::EFD_NONBLOCK).unwrap(),
                 tx_notify.try_clone().unwrap(),
@@ -500,7 +502,7 @@ fn amplification_guest(mem: &GuestMemoryMmap, limit: Option<BucketConfig>) -> Am
 
 #[test]
 fn repeated_heads_of_huge_chains_cost_at_most_the_request_cap_each_and_a_pass_cap_per_pass() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let (console, output, tx_notify, mut event_loop) = amplification_guest(&mem, None);
     // Activation already ran one pass over what was published.
     assert_eq!(output.bytes(), MAX_OUTPUT_PASS_BYTES);
@@ -538,7 +540,7 @@ fn repeated_heads_of_huge_chains_cost_at_most_the_request_cap_each_and_a_pass_ca
 
 #[test]
 fn an_output_limit_paces_a_flooding_guest_by_its_timer_without_polling() {
-    let mem = memory();
+    let mem = memory().unwrap();
     // 1 MiB/s with 256 KiB bursts.
     let limit = BucketConfig::new(256 * 1024, 250);
     let (console, output, tx_notify, mut event_loop) = amplification_guest(&mem, Some(limit));

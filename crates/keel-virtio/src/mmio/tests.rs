@@ -744,17 +744,19 @@ fn add_write(mem: &GuestMemoryMmap, driver: &mut DriverQueue<'_>, slot: u64, sec
     mem.write_obj(1u32, GuestAddress(base)).unwrap();
     mem.write_obj(sector, GuestAddress(base + 8)).unwrap();
     mem.write_obj(0xffu8, GuestAddress(base + 0x800)).unwrap();
-    driver.add(&[
-        Buf::readable(base, 16),
-        Buf::readable(base + 0x200, 512),
-        Buf::writable(base + 0x800, 1),
-    ])
+    driver
+        .add(&[
+            Buf::readable(base, 16),
+            Buf::readable(base + 0x200, 512),
+            Buf::writable(base + 0x800, 1),
+        ])
+        .unwrap()
 }
 
 #[test]
 fn reset_mid_io_waits_for_the_request_in_flight_and_starts_no_other() {
-    let mem = crate::guest_driver::memory();
-    let mut driver = DriverQueue::new(&mem, 16);
+    let mem = crate::guest_driver::memory().unwrap();
+    let mut driver = DriverQueue::new(&mem, 16).unwrap();
     let (entered_tx, entered_rx) = mpsc::channel();
     let (release_tx, release_rx) = mpsc::channel();
     let writes = Arc::new(Mutex::new(0));
@@ -822,8 +824,8 @@ fn reset_mid_io_waits_for_the_request_in_flight_and_starts_no_other() {
 
 #[test]
 fn reset_before_the_event_loop_runs_drops_pending_requests() {
-    let mem = crate::guest_driver::memory();
-    let mut driver = DriverQueue::new(&mem, 16);
+    let mem = crate::guest_driver::memory().unwrap();
+    let mut driver = DriverQueue::new(&mem, 16).unwrap();
     let block = Arc::new(Mutex::new(
         Block::new(MemoryBackend::new(64 * 1024), BlockOptions::default()).unwrap(),
     ));
@@ -843,7 +845,7 @@ fn reset_before_the_event_loop_runs_drops_pending_requests() {
     assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA + 0x800)).unwrap(), 0xff);
 
     // And the device comes back after a fresh initialisation.
-    let mut driver = DriverQueue::at(&mem, GuestAddress(0x8000), 16);
+    let mut driver = DriverQueue::at(&mem, GuestAddress(0x8000), 16).unwrap();
     activate_block(&mut transport, &driver);
     add_write(&mem, &mut driver, 1, 1);
     write(&mut transport, reg::QUEUE_NOTIFY, 0);

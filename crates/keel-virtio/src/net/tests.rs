@@ -35,8 +35,8 @@ impl<'a> Harness<'a> {
         let mut event_loop = EventManager::new().unwrap();
         event_loop.add_subscriber(net.clone());
         let h = Self {
-            rx: DriverQueue::at(mem, GuestAddress(0x1000), 16),
-            tx: DriverQueue::at(mem, GuestAddress(0x4000), 16),
+            rx: DriverQueue::at(mem, GuestAddress(0x1000), 16).unwrap(),
+            tx: DriverQueue::at(mem, GuestAddress(0x4000), 16).unwrap(),
             net,
             backend,
             interrupt: Arc::new(RecordingInterrupt::new()),
@@ -49,7 +49,7 @@ impl<'a> Harness<'a> {
             net.ack_features(features::VERSION_1 | acked);
             // As a transport does when the driver accepted EVENT_IDX.
             let event_idx = acked & features::RING_EVENT_IDX != 0;
-            let mut queues = vec![h.rx.queue(), h.tx.queue()];
+            let mut queues = vec![h.rx.queue().unwrap(), h.tx.queue().unwrap()];
             for queue in &mut queues {
                 queue.set_event_idx(event_idx);
             }
@@ -75,7 +75,7 @@ impl<'a> Harness<'a> {
     }
 
     fn transmit(&mut self, bufs: &[Buf]) -> u16 {
-        let head = self.tx.add(bufs);
+        let head = self.tx.add(bufs).unwrap();
         self.tx_notify.write(1).unwrap();
         self.run_once();
         head
@@ -109,7 +109,7 @@ fn num_buffers(mem: &GuestMemoryMmap, addr: u64) -> u16 {
 
 #[test]
 fn tx_of_a_frame_spread_over_several_descriptors_is_one_backend_write() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
     let mut frame = vec![0u8; VNET_HDR_LEN];
     frame.extend((0..200u32).map(|i| i as u8));
@@ -134,7 +134,7 @@ fn tx_of_a_frame_spread_over_several_descriptors_is_one_backend_write() {
 
 #[test]
 fn tx_through_an_indirect_descriptor_table() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, features::RING_INDIRECT_DESC);
     let table = DATA + 0x8000;
     mem.write_obj(raw_desc(DATA, 12, 1, 1), GuestAddress(table))
@@ -142,7 +142,7 @@ fn tx_through_an_indirect_descriptor_table() {
     mem.write_obj(raw_desc(DATA + 0x100, 50, 0, 0), GuestAddress(table + 16))
         .unwrap();
     mem.write_slice(&[0xab; 50], GuestAddress(DATA + 0x100)).unwrap();
-    h.tx.store(0, raw_desc(table, 32, 4, 0)); // INDIRECT
+    h.tx.store(0, raw_desc(table, 32, 4, 0)).unwrap(); // INDIRECT
     h.tx.publish(0);
     h.tx_notify.write(1).unwrap();
     h.run_once();
@@ -154,7 +154,7 @@ fn tx_through_an_indirect_descriptor_table() {
 
 #[test]
 fn tx_offloads_the_driver_did_not_accept_are_dropped() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
     let header = |flags: u32, gso: u32| {
         let mut frame = incoming(50, 0);
@@ -180,7 +180,7 @@ fn tx_offloads_the_driver_did_not_accept_are_dropped() {
 
 #[test]
 fn tx_tso_frames_pass_when_the_driver_accepted_them() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let accepted = (1 << VIRTIO_NET_F_CSUM) | (1 << VIRTIO_NET_F_HOST_TSO4) | (1 << VIRTIO_NET_F_HOST_TSO6);
     let mut h = Harness::new(&mem, accepted);
     let mut frame = incoming(3000, 0);
@@ -193,7 +193,7 @@ fn tx_tso_frames_pass_when_the_driver_accepted_them() {
 
 #[test]
 fn tx_ufo_frames_pass_only_when_the_driver_accepted_host_ufo() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut frame = incoming(3000, 0);
     frame[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
     frame[1] = VIRTIO_NET_HDR_GSO_UDP as u8;
@@ -212,7 +212,7 @@ fn tx_ufo_frames_pass_only_when_the_driver_accepted_host_ufo() {
 
 #[test]
 fn udp_fragmentation_offload_is_offered_and_follows_the_driver() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let guest_ufo = (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_UFO);
     let h = Harness::new(&mem, MRG | guest_ufo);
     let offered = h.net.lock().unwrap().features();
@@ -256,7 +256,7 @@ fn nothing_is_read_from_the_backend_before_activation() {
 
 #[test]
 fn tx_with_a_short_header_is_dropped_and_counted() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
     let head = h.transmit(&[Buf::readable(DATA, 8)]);
     // A header but no Ethernet header either.
@@ -270,7 +270,7 @@ fn tx_with_a_short_header_is_dropped_and_counted() {
 
 #[test]
 fn tx_of_an_oversized_frame_is_dropped_and_counted() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
     let too_long = (VNET_HDR_LEN + MAX_FRAME_LEN + 1) as u32;
     h.transmit(&[Buf::readable(DATA, too_long)]);
@@ -284,7 +284,7 @@ fn tx_of_an_oversized_frame_is_dropped_and_counted() {
 
 #[test]
 fn tx_with_a_writable_descriptor_is_dropped_and_counted_and_not_written() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
     mem.write_slice(&[0x5a; 64], GuestAddress(DATA + 0x1000)).unwrap();
     h.transmit(&[Buf::readable(DATA, 100), Buf::writable(DATA + 0x1000, 64)]);
@@ -296,9 +296,9 @@ fn tx_with_a_writable_descriptor_is_dropped_and_counted_and_not_written() {
 
 #[test]
 fn rx_into_one_buffer() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
-    let head = h.rx.add(&[Buf::writable(DATA, 1526)]);
+    let head = h.rx.add(&[Buf::writable(DATA, 1526)]).unwrap();
     h.notify_rx();
     let frame = incoming(100, 3);
     h.backend.push_frame(frame.clone());
@@ -315,10 +315,10 @@ fn rx_into_one_buffer() {
 
 #[test]
 fn rx_with_mergeable_buffers_spreads_a_frame_across_chains() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, MRG);
     let heads: Vec<u16> = (0..4)
-        .map(|i| h.rx.add(&[Buf::writable(DATA + 0x1000 * i, 100)]))
+        .map(|i| h.rx.add(&[Buf::writable(DATA + 0x1000 * i, 100)]).unwrap())
         .collect();
     h.notify_rx();
     // 12 + 238 bytes: 100 + 100 + 50 over three chains.
@@ -350,9 +350,9 @@ fn rx_with_mergeable_buffers_spreads_a_frame_across_chains() {
 
 #[test]
 fn rx_with_too_few_mergeable_buffers_waits_for_more_without_losing_the_frame() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, MRG);
-    h.rx.add(&[Buf::writable(DATA, 100)]);
+    h.rx.add(&[Buf::writable(DATA, 100)]).unwrap();
     h.notify_rx();
     let frame = incoming(150, 4);
     h.backend.push_frame(frame.clone());
@@ -360,7 +360,7 @@ fn rx_with_too_few_mergeable_buffers_waits_for_more_without_losing_the_frame() {
     assert!(h.rx.used().is_empty(), "one chain is not enough");
     assert!(h.net.lock().unwrap().is_rx_paused());
 
-    h.rx.add(&[Buf::writable(DATA + 0x1000, 100)]);
+    h.rx.add(&[Buf::writable(DATA + 0x1000, 100)]).unwrap();
     h.notify_rx();
     assert_eq!(h.rx.used().len(), 2);
     assert_eq!(num_buffers(&mem, DATA), 2);
@@ -375,10 +375,10 @@ fn rx_with_too_few_mergeable_buffers_waits_for_more_without_losing_the_frame() {
 
 #[test]
 fn with_event_idx_a_partly_filled_rx_ring_asks_to_be_notified_of_the_next_buffer() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, MRG | features::RING_EVENT_IDX);
-    h.rx.add(&[Buf::writable(DATA, 100)]);
-    h.rx.add(&[Buf::writable(DATA + 0x1000, 100)]);
+    h.rx.add(&[Buf::writable(DATA, 100)]).unwrap();
+    h.rx.add(&[Buf::writable(DATA + 0x1000, 100)]).unwrap();
     h.notify_rx();
     h.backend.push_frame(incoming(250, 0));
     h.run_once();
@@ -387,7 +387,7 @@ fn with_event_idx_a_partly_filled_rx_ring_asks_to_be_notified_of_the_next_buffer
     // the third buffer (available index 2), not the ones it already saw.
     assert_eq!(h.rx.avail_event(), 2);
 
-    h.rx.add(&[Buf::writable(DATA + 0x2000, 100)]);
+    h.rx.add(&[Buf::writable(DATA + 0x2000, 100)]).unwrap();
     h.notify_rx();
     assert_eq!(h.rx.used().len(), 3);
     assert_eq!(num_buffers(&mem, DATA), 3);
@@ -395,11 +395,11 @@ fn with_event_idx_a_partly_filled_rx_ring_asks_to_be_notified_of_the_next_buffer
 
 #[test]
 fn rx_stops_at_its_budget_and_comes_back_for_the_rest() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
     h.run_once();
     // 20 frames that fit no buffer: each is read and dropped.
-    h.rx.add(&[Buf::writable(DATA, 64)]);
+    h.rx.add(&[Buf::writable(DATA, 64)]).unwrap();
     for _ in 0..20 {
         h.backend.push_frame(incoming(100, 0));
     }
@@ -413,7 +413,7 @@ fn rx_stops_at_its_budget_and_comes_back_for_the_rest() {
 
 #[test]
 fn rx_with_no_guest_buffers_stops_watching_the_backend_then_delivers_when_buffers_arrive() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
     h.run_once(); // activation
     assert!(h.net.lock().unwrap().is_watching_backend());
@@ -434,8 +434,8 @@ fn rx_with_no_guest_buffers_stops_watching_the_backend_then_delivers_when_buffer
     assert_eq!(h.backend.reads(), reads);
     assert_eq!(h.backend.queued_frames(), 1, "the second waits in the backend");
 
-    h.rx.add(&[Buf::writable(DATA, 1526)]);
-    h.rx.add(&[Buf::writable(DATA + 0x1000, 1526)]);
+    h.rx.add(&[Buf::writable(DATA, 1526)]).unwrap();
+    h.rx.add(&[Buf::writable(DATA + 0x1000, 1526)]).unwrap();
     h.notify_rx();
     assert_eq!(h.rx.used(), [(0, 72), (1, 82)]);
     assert_eq!(guest_bytes(&mem, DATA + 12, 60), first[12..]);
@@ -449,9 +449,9 @@ fn rx_with_no_guest_buffers_stops_watching_the_backend_then_delivers_when_buffer
 
 #[test]
 fn rx_frame_larger_than_a_single_buffer_without_mergeable_buffers_is_dropped() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
-    let head = h.rx.add(&[Buf::writable(DATA, 100)]);
+    let head = h.rx.add(&[Buf::writable(DATA, 100)]).unwrap();
     h.notify_rx();
     h.backend.push_frame(incoming(200, 0));
     h.backend.push_frame(incoming(50, 0));
@@ -463,7 +463,7 @@ fn rx_frame_larger_than_a_single_buffer_without_mergeable_buffers_is_dropped() {
 
 #[test]
 fn feature_negotiation_sets_the_backend_offloads() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let guest_csum = 1 << VIRTIO_NET_F_GUEST_CSUM;
     let guest_tso4 = 1 << VIRTIO_NET_F_GUEST_TSO4;
     let guest_tso6 = 1 << VIRTIO_NET_F_GUEST_TSO6;
@@ -526,10 +526,11 @@ fn config_space_holds_the_mac_and_link_up() {
 
 #[test]
 fn a_readable_descriptor_in_an_rx_chain_needs_reset_and_nothing_is_written() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, MRG);
     mem.write_slice(&[0x77; 64], GuestAddress(DATA)).unwrap();
-    h.rx.add(&[Buf::readable(DATA, 64), Buf::writable(DATA + 0x1000, 1526)]);
+    h.rx.add(&[Buf::readable(DATA, 64), Buf::writable(DATA + 0x1000, 1526)])
+        .unwrap();
     h.notify_rx();
     h.backend.push_frame(incoming(100, 0));
     h.run_once();
@@ -543,9 +544,9 @@ fn a_readable_descriptor_in_an_rx_chain_needs_reset_and_nothing_is_written() {
 
 #[test]
 fn an_rx_chain_outside_guest_memory_needs_reset() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, MRG);
-    h.rx.add(&[Buf::writable(MEM_SIZE - 16, 64)]);
+    h.rx.add(&[Buf::writable(MEM_SIZE - 16, 64)]).unwrap();
     h.notify_rx();
     h.backend.push_frame(incoming(100, 0));
     h.run_once();
@@ -553,7 +554,7 @@ fn an_rx_chain_outside_guest_memory_needs_reset() {
     assert_eq!(h.interrupt.signals(), [VirtioSignal::NeedsReset]);
 
     // The device no longer listens: no wake-ups, no reads, no work.
-    h.rx.add(&[Buf::writable(DATA, 1526)]);
+    h.rx.add(&[Buf::writable(DATA, 1526)]).unwrap();
     h.rx_notify.write(1).unwrap();
     h.backend.push_frame(incoming(100, 0));
     assert_eq!(h.event_loop.run_with_timeout(50).unwrap(), 0);
@@ -562,9 +563,9 @@ fn an_rx_chain_outside_guest_memory_needs_reset() {
 
 #[test]
 fn an_rx_chain_shorter_than_the_header_needs_reset() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, MRG);
-    h.rx.add(&[Buf::writable(DATA, 8)]);
+    h.rx.add(&[Buf::writable(DATA, 8)]).unwrap();
     h.notify_rx();
     h.backend.push_frame(incoming(100, 0));
     h.run_once();
@@ -575,10 +576,10 @@ fn an_rx_chain_shorter_than_the_header_needs_reset() {
 
 #[test]
 fn a_looping_tx_chain_needs_reset() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
     // Descriptor 0 points at itself.
-    h.tx.store(0, raw_desc(DATA, 64, 1, 0));
+    h.tx.store(0, raw_desc(DATA, 64, 1, 0)).unwrap();
     h.tx.publish(0);
     h.tx_notify.write(1).unwrap();
     h.run_once();
@@ -588,9 +589,9 @@ fn a_looping_tx_chain_needs_reset() {
 
 #[test]
 fn short_frames_from_the_backend_are_dropped_and_counted() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
-    h.rx.add(&[Buf::writable(DATA, 1526)]);
+    h.rx.add(&[Buf::writable(DATA, 1526)]).unwrap();
     h.notify_rx();
     h.backend.push_frame(vec![0; 5]);
     h.backend.push_frame(incoming(40, 0));
@@ -601,9 +602,9 @@ fn short_frames_from_the_backend_are_dropped_and_counted() {
 
 #[test]
 fn rx_headers_carry_only_offloads_the_driver_accepted() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
-    h.rx.add(&[Buf::writable(DATA, 1526)]);
+    h.rx.add(&[Buf::writable(DATA, 1526)]).unwrap();
     h.notify_rx();
     // A "checksum valid" hint without GUEST_CSUM is cleared.
     let mut hinted = incoming(40, 0);
@@ -624,10 +625,10 @@ fn rx_headers_carry_only_offloads_the_driver_accepted() {
 
 #[test]
 fn rx_tso_frames_reach_a_driver_that_accepted_them() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let accepted = MRG | (1 << VIRTIO_NET_F_GUEST_CSUM) | (1 << VIRTIO_NET_F_GUEST_TSO4);
     let mut h = Harness::new(&mem, accepted);
-    h.rx.add(&[Buf::writable(DATA, 4096)]);
+    h.rx.add(&[Buf::writable(DATA, 4096)]).unwrap();
     h.notify_rx();
     let mut segmented = incoming(3000, 0);
     segmented[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
@@ -643,7 +644,7 @@ fn rx_tso_frames_reach_a_driver_that_accepted_them() {
 
 #[test]
 fn rx_ufo_frames_reach_only_a_driver_that_accepted_guest_ufo() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut ufo = incoming(3000, 0);
     ufo[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM as u8;
     ufo[1] = VIRTIO_NET_HDR_GSO_UDP as u8;
@@ -658,7 +659,7 @@ fn rx_ufo_frames_reach_only_a_driver_that_accepted_guest_ufo() {
         ),
     ] {
         let mut h = Harness::new(&mem, accepted);
-        h.rx.add(&[Buf::writable(DATA, 4096)]);
+        h.rx.add(&[Buf::writable(DATA, 4096)]).unwrap();
         h.notify_rx();
         h.backend.push_frame(ufo.clone());
         h.run_once();
@@ -673,7 +674,7 @@ fn rx_ufo_frames_reach_only_a_driver_that_accepted_guest_ufo() {
 
 #[test]
 fn a_pending_frame_is_dropped_and_counted_on_reset() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, 0);
     h.run_once();
     h.backend.push_frame(incoming(60, 1));
@@ -766,7 +767,7 @@ fn rx_with_a_driver_racing_its_available_index_never_holds_the_device() {
     // back and forth as fast as it can, so re-arming notifications keeps
     // reporting new buffers that a pop then does not see. Each pass must
     // end within its budget whatever the interleaving.
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut h = Harness::new(&mem, MRG);
     h.run_once();
     h.backend.push_frame(incoming(1500, 3));
@@ -831,7 +832,7 @@ mod rate_limiting {
 
     #[test]
     fn tx_over_the_bandwidth_limit_stays_on_the_ring_until_the_timer_fires() {
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = Harness::new(&mem, 0);
         // 200 bytes per 100 ms: one 112-byte frame, then one per 56 ms.
         h.net
@@ -840,7 +841,7 @@ mod rate_limiting {
             .update_tx_rate_limiter(BucketUpdate::Set(BucketConfig::new(200, 100)), BucketUpdate::Keep);
         for slot in 0..3 {
             let frame = tx_frame(&mem, slot);
-            h.tx.add(&frame);
+            h.tx.add(&frame).unwrap();
         }
         h.tx_notify.write(1).unwrap();
         let start = Instant::now();
@@ -861,7 +862,7 @@ mod rate_limiting {
 
     #[test]
     fn the_tx_ops_bucket_limits_frames_and_disabling_it_lifts_the_limit() {
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = Harness::new(&mem, 0);
         h.net.lock().unwrap().update_tx_rate_limiter(
             BucketUpdate::Keep,
@@ -869,7 +870,7 @@ mod rate_limiting {
         );
         for slot in 0..4 {
             let frame = tx_frame(&mem, slot);
-            h.tx.add(&frame);
+            h.tx.add(&frame).unwrap();
         }
         h.tx_notify.write(1).unwrap();
         h.run_once();
@@ -885,15 +886,15 @@ mod rate_limiting {
 
     #[test]
     fn rx_over_the_limit_keeps_the_frame_and_leaves_the_backend_unwatched_until_the_timer() {
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = Harness::new(&mem, 0);
         // One 112-byte frame per 100 ms.
         h.net
             .lock()
             .unwrap()
             .update_rx_rate_limiter(BucketUpdate::Set(BucketConfig::new(112, 100)), BucketUpdate::Keep);
-        h.rx.add(&[Buf::writable(DATA, 1526)]);
-        h.rx.add(&[Buf::writable(DATA + 0x1000, 1526)]);
+        h.rx.add(&[Buf::writable(DATA, 1526)]).unwrap();
+        h.rx.add(&[Buf::writable(DATA + 0x1000, 1526)]).unwrap();
         h.notify_rx();
         h.backend.push_frame(incoming(100, 1));
         h.backend.push_frame(incoming(100, 2));
@@ -921,14 +922,14 @@ mod rate_limiting {
 
     #[test]
     fn an_rx_update_on_a_running_device_applies_at_once() {
-        let mem = memory();
+        let mem = memory().unwrap();
         let mut h = Harness::new(&mem, 0);
         h.net.lock().unwrap().update_rx_rate_limiter(
             BucketUpdate::Keep,
             BucketUpdate::Set(BucketConfig::new(1, 60_000)),
         );
-        h.rx.add(&[Buf::writable(DATA, 1526)]);
-        h.rx.add(&[Buf::writable(DATA + 0x1000, 1526)]);
+        h.rx.add(&[Buf::writable(DATA, 1526)]).unwrap();
+        h.rx.add(&[Buf::writable(DATA + 0x1000, 1526)]).unwrap();
         h.notify_rx();
         h.backend.push_frame(incoming(100, 1));
         h.backend.push_frame(incoming(100, 2));

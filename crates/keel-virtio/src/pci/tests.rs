@@ -78,7 +78,7 @@ fn bench() -> Bench {
     let ioeventfds = RecordingRegistrar::new();
     let transport = PciTransport::new(
         device.clone(),
-        crate::guest_driver::memory(),
+        crate::guest_driver::memory().unwrap(),
         vectors.clone(),
         Box::new(ioeventfds.clone()),
     )
@@ -384,7 +384,7 @@ fn a_bar_reported_at_the_top_of_the_address_space_does_not_panic() {
     let ioeventfds = RecordingRegistrar::new();
     let mut transport = PciTransport::new(
         device,
-        crate::guest_driver::memory(),
+        crate::guest_driver::memory().unwrap(),
         Arc::new(RecordingMsiVectors::new(3)),
         Box::new(ioeventfds.clone()),
     )
@@ -539,7 +539,7 @@ fn random_guest_traffic_never_panics_and_the_device_still_works_after_reset() {
 /// completion signalled on the queue's MSI-X vector.
 #[test]
 fn block_read_completes_with_an_msix_interrupt() {
-    let mem = crate::guest_driver::memory();
+    let mem = crate::guest_driver::memory().unwrap();
     let mut image = vec![0u8; 64 * 1024];
     image[512..517].copy_from_slice(b"hello");
     let disk = Arc::new(Mutex::new(
@@ -568,7 +568,7 @@ fn block_read_completes_with_an_msix_interrupt() {
     b.enable_msix();
     b.program_vector(1, 0x45);
     b.negotiate();
-    let mut driver = DriverQueue::new(&mem, 16);
+    let mut driver = DriverQueue::new(&mem, 16).unwrap();
     let (desc, avail, used) = (driver.desc_table_addr(), driver.avail_addr(), driver.used_addr());
     b.write(common_cfg::QUEUE_SELECT, 2, 0);
     b.write(common_cfg::QUEUE_MSIX_VECTOR, 2, 1);
@@ -579,11 +579,13 @@ fn block_read_completes_with_an_msix_interrupt() {
 
     mem.write_obj(0u32, GuestAddress(DATA)).unwrap(); // VIRTIO_BLK_T_IN
     mem.write_obj(1u64, GuestAddress(DATA + 8)).unwrap(); // sector 1
-    driver.add(&[
-        Buf::readable(DATA, 16),
-        Buf::writable(DATA + 0x100, 512),
-        Buf::writable(DATA + 0x300, 1),
-    ]);
+    driver
+        .add(&[
+            Buf::readable(DATA, 16),
+            Buf::writable(DATA + 0x100, 512),
+            Buf::writable(DATA + 0x300, 1),
+        ])
+        .unwrap();
     b.write(NOTIFY_OFFSET, 2, 0);
     event_loop.run_with_timeout(100).unwrap();
 

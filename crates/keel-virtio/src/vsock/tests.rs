@@ -74,9 +74,9 @@ fn guest_with(mem: &GuestMemoryMmap, options: VsockOptions, rx_bufs: u16) -> Gue
     let dir = TempDir::new();
     let path = dir.0.join("v.sock");
     let vsock = Arc::new(Mutex::new(Vsock::new(CID, &path, options).unwrap()));
-    let rx = DriverQueue::at(mem, GuestAddress(0x1000), 64);
-    let tx = DriverQueue::at(mem, GuestAddress(0x4000), 64);
-    let ev = DriverQueue::at(mem, GuestAddress(0x7000), 64);
+    let rx = DriverQueue::at(mem, GuestAddress(0x1000), 64).unwrap();
+    let tx = DriverQueue::at(mem, GuestAddress(0x4000), 64).unwrap();
+    let ev = DriverQueue::at(mem, GuestAddress(0x7000), 64).unwrap();
     let notify: Vec<EventFd> = (0..3)
         .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
         .collect();
@@ -88,7 +88,7 @@ fn guest_with(mem: &GuestMemoryMmap, options: VsockOptions, rx_bufs: u16) -> Gue
         .unwrap()
         .activate(Activation {
             mem: mem.clone(),
-            queues: vec![rx.queue(), tx.queue(), ev.queue()],
+            queues: vec![rx.queue().unwrap(), tx.queue().unwrap(), ev.queue().unwrap()],
             queue_events: notify.iter().map(|e| e.try_clone().unwrap()).collect(),
             interrupt: interrupt.clone(),
             stop: StopSignal::new(),
@@ -122,7 +122,7 @@ impl Guest<'_> {
     fn post_rx(&mut self) {
         let addr = DATA + (self.rx_slot % 32) * 0x2000;
         self.rx_slot += 1;
-        let head = self.rx.add(&[Buf::writable(addr, RX_BUF_LEN)]);
+        let head = self.rx.add(&[Buf::writable(addr, RX_BUF_LEN)]).unwrap();
         self.rx_addrs.insert(head, addr);
         self.notify[0].write(1).unwrap();
     }
@@ -163,7 +163,7 @@ impl Guest<'_> {
         if !payload.is_empty() {
             bufs.push(Buf::readable(addr + 0x1000, payload.len() as u32));
         }
-        let head = self.tx.add(&bufs);
+        let head = self.tx.add(&bufs).unwrap();
         self.notify[1].write(1).unwrap();
         head
     }
@@ -315,7 +315,7 @@ fn reserved_cids_and_empty_limits_are_rejected() {
 
 #[test]
 fn host_initiated_connect_gets_ok_and_carries_data_both_ways() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     let (mut host, port) = g.host_connect(52);
     assert_eq!(g.connections(), 1);
@@ -336,7 +336,7 @@ fn host_initiated_connect_gets_ok_and_carries_data_both_ways() {
 
 #[test]
 fn bytes_after_the_connect_line_reach_the_guest_once_it_accepts() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     let mut host = UnixStream::connect(&g.path).unwrap();
     host.write_all(b"CONNECT 7\nearly").unwrap();
@@ -350,7 +350,7 @@ fn bytes_after_the_connect_line_reach_the_guest_once_it_accepts() {
 
 #[test]
 fn host_connect_refused_by_the_guest_closes_the_socket() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     let mut host = UnixStream::connect(&g.path).unwrap();
     host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -365,7 +365,7 @@ fn host_connect_refused_by_the_guest_closes_the_socket() {
 
 #[test]
 fn malformed_or_overlong_connect_lines_close_the_socket() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     for line in [&b"HELLO 5\n"[..], &[b'9'; 64][..]] {
         let mut host = UnixStream::connect(&g.path).unwrap();
@@ -380,7 +380,7 @@ fn malformed_or_overlong_connect_lines_close_the_socket() {
 
 #[test]
 fn guest_initiated_connection_reaches_path_underscore_port() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     let listener = g.listen(1234);
     let mut host = g.guest_connect(&listener, 40000, 1234);
@@ -398,7 +398,7 @@ fn guest_initiated_connection_reaches_path_underscore_port() {
 
 #[test]
 fn guest_connect_to_a_missing_socket_is_reset() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     g.send_op(op::REQUEST, 5000, 8080);
     let (rst, _) = g.recv_one();
@@ -408,7 +408,7 @@ fn guest_connect_to_a_missing_socket_is_reset() {
 
 #[test]
 fn several_connections_carry_data_both_ways_with_checksums() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     const LEN: usize = 48 * 1024;
     let mut hosts = Vec::new();
@@ -459,7 +459,7 @@ fn several_connections_carry_data_both_ways_with_checksums() {
 
 #[test]
 fn data_to_the_guest_waits_for_its_credit() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     let listener = g.listen(1);
     let mut hdr = g.header(op::REQUEST, 10, 1);
@@ -482,7 +482,7 @@ fn data_to_the_guest_waits_for_its_credit() {
 
 #[test]
 fn credit_request_gets_a_credit_update_with_our_buffer() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     let listener = g.listen(1);
     let _host = g.guest_connect(&listener, 10, 1);
@@ -496,7 +496,7 @@ fn credit_request_gets_a_credit_update_with_our_buffer() {
 
 #[test]
 fn guest_data_past_our_credit_resets_the_connection() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let options = VsockOptions {
         buf_alloc: 4096,
         ..VsockOptions::default()
@@ -520,7 +520,7 @@ fn guest_data_past_our_credit_resets_the_connection() {
 
 #[test]
 fn host_close_sends_shutdown_and_the_guest_rst_ends_the_connection() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     let (mut host, port) = g.host_connect(52);
     host.write_all(b"last words").unwrap();
@@ -537,7 +537,7 @@ fn host_close_sends_shutdown_and_the_guest_rst_ends_the_connection() {
 
 #[test]
 fn guest_shutdown_of_its_send_side_half_closes_the_host_socket() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     let listener = g.listen(3);
     let mut host = g.guest_connect(&listener, 10, 3);
@@ -562,7 +562,7 @@ fn guest_shutdown_of_its_send_side_half_closes_the_host_socket() {
 
 #[test]
 fn packets_for_unknown_connections_are_reset_but_rst_is_not() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     for op in [
         op::RW,
@@ -583,7 +583,7 @@ fn packets_for_unknown_connections_are_reset_but_rst_is_not() {
 
 #[test]
 fn too_many_connections_are_refused() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let options = VsockOptions {
         max_connections: 2,
         ..VsockOptions::default()
@@ -607,7 +607,7 @@ fn too_many_connections_are_refused() {
 
 #[test]
 fn hostile_tx_chains_are_dropped_or_reset_and_never_written() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     let good = g.header(op::REQUEST, 1, 2);
 
@@ -639,7 +639,8 @@ fn hostile_tx_chains_are_dropped_or_reset_and_never_written() {
     g.tx.add(&[
         Buf::readable(addr, HDR_SIZE as u32),
         Buf::writable(DATA + 0x80_0000, 64),
-    ]);
+    ])
+    .unwrap();
     g.notify[1].write(1).unwrap();
 
     let packets = g.recv();
@@ -661,9 +662,9 @@ fn hostile_tx_chains_are_dropped_or_reset_and_never_written() {
 
 #[test]
 fn rx_buffers_too_small_for_a_header_are_returned_empty() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest_with(&mem, VsockOptions::default(), 0);
-    let head = g.rx.add(&[Buf::writable(DATA, 10)]);
+    let head = g.rx.add(&[Buf::writable(DATA, 10)]).unwrap();
     g.rx_addrs.insert(head, DATA);
     g.send_op(op::REQUEST, 1, 2);
     g.pump();
@@ -677,7 +678,7 @@ fn rx_buffers_too_small_for_a_header_are_returned_empty() {
 
 #[test]
 fn without_rx_buffers_the_host_socket_is_not_drained() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let options = VsockOptions {
         rx_buffer_bytes: 1024,
         ..VsockOptions::default()
@@ -706,7 +707,7 @@ fn without_rx_buffers_the_host_socket_is_not_drained() {
 
 #[test]
 fn host_close_with_guest_bytes_still_queued_resets_without_spinning() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     let listener = g.listen(4);
     let host = g.guest_connect(&listener, 10, 4);
@@ -740,7 +741,7 @@ fn host_close_with_guest_bytes_still_queued_resets_without_spinning() {
 
 #[test]
 fn silent_host_programs_and_unanswered_requests_time_out() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let options = VsockOptions {
         connect_timeout: Duration::from_millis(100),
         ..VsockOptions::default()
@@ -773,7 +774,7 @@ fn silent_host_programs_and_unanswered_requests_time_out() {
 
 #[test]
 fn device_reset_closes_every_connection() {
-    let mem = memory();
+    let mem = memory().unwrap();
     let mut g = guest(&mem);
     let (mut host, _) = g.host_connect(52);
     assert!(g.vsock.lock().unwrap().reset());
