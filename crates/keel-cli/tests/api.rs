@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
+#[path = "http_client/mod.rs"]
+mod http_client;
+use http_client::request;
 
 fn kvm() -> bool {
     Path::new("/dev/kvm").exists()
@@ -16,32 +16,6 @@ fn kvm() -> bool {
 /// A unique path in the temp directory.
 fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("keel-api-{}-{name}", std::process::id()))
-}
-
-/// One request over a fresh connection; returns status and body.
-fn request(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let stream = tokio::net::UnixStream::connect(sock).await.unwrap();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        let request = hyper::Request::builder()
-            .method(method)
-            .uri(format!("http://localhost{path}"))
-            .header("Accept", "application/json")
-            .header("Content-Type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
-            .unwrap();
-        let response = sender.send_request(request).await.unwrap();
-        let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&bytes).into_owned())
-    })
 }
 
 /// A `keel --api-sock` process, killed when dropped.

@@ -24,6 +24,8 @@
 //! tools these tests run (`mkfs.ext4`, `ip`, `dnsmasq`, `timeout`) are
 //! listed in xtask's `deps::HOST_DEPS`, which `cargo xtask test` installs.
 
+#[path = "http_client/mod.rs"]
+mod http_client;
 mod watched_process;
 
 use std::io::{BufRead, BufReader};
@@ -1093,5 +1095,90 @@ fn linux_finds_root_network_and_vsock_through_pci() {
     assert_has(stderr, "reached `Run /init`", "Run /init timing");
     assert_eq!(b.exit_code, Some(0), "{stderr}");
     drop(netns);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A Linux VM configured, started, paused and resumed over Firecracker's
+/// API by an HTTP client crate, as an orchestrator drives it: it boots
+/// through to `Run /init`, and the process ends with the VM.
+#[test]
+fn linux_boots_when_driven_over_the_api() {
+    let Some(guest) = guest() else { return };
+    let _one = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir("api");
+    let sock = dir.join("api.sock");
+    let serial = dir.join("serial.log");
+    let mut keel = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let call = |method: &str, path: &str, body: &str| {
+        let (status, text) = http_client::request(&sock, method, path, Some(body));
+        assert!(status < 300, "{method} {path} {body}: {status} {text}");
+        text
+    };
+    call(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 256}"#,
+    );
+    call(
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path": "{}", "initrd_path": "{}", "boot_args": "{SERIAL_CMDLINE}"}}"#,
+            guest.vmlinux.display(),
+            guest.initramfs.display()
+        ),
+    );
+    call("PUT", "/entropy", "{}");
+    let started = Instant::now();
+    call("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let read = || std::fs::read_to_string(&serial).unwrap_or_default();
+    let wait_for = |needle: &str, limit: Duration| {
+        while !read().contains(needle) {
+            assert!(started.elapsed() < limit, "no {needle:?} in:\n{}", read());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_for("smp: Brought up 1 node, 2 CPUs", Duration::from_secs(600));
+    // Paused, the kernel prints nothing; resumed, it goes on.
+    call("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let (_, info) = http_client::request(&sock, "GET", "/", None);
+    assert!(info.contains(r#""state":"Paused""#), "{info}");
+    let at_pause = read().len();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(read().len(), at_pause, "the guest printed while paused");
+    call("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    wait_for("Run /init as init process", Duration::from_secs(900));
+    println!(
+        "linux over the API: Run /init after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let text = read();
+    // The devices are virtio-mmio as Firecracker's, found through ACPI.
+    assert!(!text.contains("virtio_mmio.device="), "{text}");
+    assert_has(&text, "ACPI: Using ACPI (MADT)", "CPUs from the MADT");
+    // init dies (no system calls here) or runs: either way the VM ends,
+    // and so does the process.
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let status = loop {
+        if let Some(status) = keel.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "keel did not exit with its VM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(status.success(), "keel exited {status}");
     let _ = std::fs::remove_dir_all(&dir);
 }
