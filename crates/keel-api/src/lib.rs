@@ -37,7 +37,7 @@ const MAX_HEADERS: usize = 32;
 #[non_exhaustive]
 pub enum Error {
     /// The socket could not be created.
-    #[error("API socket {}: {source}", path.display())]
+    #[error("API socket {}: {source}{}", path.display(), if path.exists() { " (the path exists: remove it if no VMM is serving it)" } else { "" })]
     Bind {
         /// The socket path.
         path: PathBuf,
