@@ -42,6 +42,15 @@ mod mptable;
 mod pvh;
 mod zero_page;
 
+// The rust-vmm crates this crate's public API uses, re-exported so that
+// a user's Cargo.toml needs only Keel crates (and gets the same versions).
+#[doc(no_inline)]
+pub use acpi_tables;
+#[doc(no_inline)]
+pub use linux_loader;
+#[doc(no_inline)]
+pub use vm_memory;
+
 pub use acpi::{
     dsdt_bytes, write_acpi_tables, AcpiPlatform, AcpiSleepRegisters, GedWindow, LegacyDevice,
     MmioDeviceWindow, PciHostBridge, ACPI_RSDP_START, ACPI_TABLES_END, DEFAULT_SLEEP_REGISTERS,

@@ -70,6 +70,17 @@ mod rtc;
 mod serial;
 mod serial_input;
 
+// The rust-vmm crates this crate's public API uses, re-exported so that
+// a user's Cargo.toml needs only Keel crates (and gets the same versions).
+#[doc(no_inline)]
+pub use event_manager;
+#[doc(no_inline)]
+pub use vm_device;
+#[doc(no_inline)]
+pub use vm_superio;
+#[doc(no_inline)]
+pub use vmm_sys_util;
+
 pub use acpi::{ged_event, AcpiSleep, Ged, GedHandle, SLEEP_ENABLE, SLEEP_TYPE_SOFT_OFF};
 pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC};
 pub use exit_port::ExitPort;

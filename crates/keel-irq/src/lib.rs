@@ -75,6 +75,17 @@ mod line;
 mod routing;
 mod split;
 
+// The rust-vmm crates this crate's public API uses, re-exported so that
+// a user's Cargo.toml needs only Keel crates (and gets the same versions).
+#[doc(no_inline)]
+pub use kvm_bindings;
+#[doc(no_inline)]
+pub use kvm_ioctls;
+#[doc(no_inline)]
+pub use vm_device;
+#[doc(no_inline)]
+pub use vmm_sys_util;
+
 pub use gsi::{GsiAllocator, IOAPIC_PINS, LEGACY_ISA_GSIS};
 pub use irqchip::{create_in_kernel_irqchip, set_pit_ticks, PitTicks};
 pub use line::{InterruptLine, IrqfdLine, RecordingLine};

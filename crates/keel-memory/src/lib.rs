@@ -31,6 +31,15 @@
 
 mod layout;
 
+// The rust-vmm crates this crate's public API uses, re-exported so that
+// a user's Cargo.toml needs only Keel crates (and gets the same versions).
+#[doc(no_inline)]
+pub use kvm_bindings;
+#[doc(no_inline)]
+pub use kvm_ioctls;
+#[doc(no_inline)]
+pub use vm_memory;
+
 pub use layout::*;
 
 use kvm_bindings::kvm_userspace_memory_region;

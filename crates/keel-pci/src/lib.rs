@@ -94,6 +94,13 @@ mod bus;
 mod config;
 mod msix;
 
+// The rust-vmm crates this crate's public API uses, re-exported so that
+// a user's Cargo.toml needs only Keel crates (and gets the same versions).
+#[doc(no_inline)]
+pub use vm_allocator;
+#[doc(no_inline)]
+pub use vm_device;
+
 pub use bus::{
     BarAllocator, HostBridge, PciAddress, PciBus, PciConfigPorts, PciDevice, PciEcam, PciMemoryWindow,
     SharedPciDevice, CONFIG_ADDRESS_PORT, CONFIG_PORTS, DEVICES_PER_BUS, FUNCTIONS_PER_DEVICE,

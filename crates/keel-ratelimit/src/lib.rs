@@ -25,6 +25,11 @@ mod bucket;
 mod limiter;
 mod log_limit;
 
+// The rust-vmm crates this crate's public API uses, re-exported so that
+// a user's Cargo.toml needs only Keel crates (and gets the same versions).
+#[doc(no_inline)]
+pub use vmm_sys_util;
+
 pub use bucket::{BucketConfig, TokenBucket};
 pub use limiter::{BucketUpdate, RateLimiter};
 pub use log_limit::{suppressed_log_lines, LogLimit, LINES_PER_WINDOW, WINDOW_MS};

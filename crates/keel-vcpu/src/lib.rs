@@ -80,6 +80,19 @@ mod kick;
 mod probe;
 mod vcpu;
 
+// The rust-vmm crates this crate's public API uses, re-exported so that
+// a user's Cargo.toml needs only Keel crates (and gets the same versions).
+#[doc(no_inline)]
+pub use kvm_bindings;
+#[doc(no_inline)]
+pub use kvm_ioctls;
+#[doc(no_inline)]
+pub use vm_device;
+#[doc(no_inline)]
+pub use vm_memory;
+#[doc(no_inline)]
+pub use vmm_sys_util;
+
 pub use boot_state::{
     boot_fpu, boot_msrs, gdt_entry, lint_pins_as_pc, long_mode_regs, long_mode_sregs, msr_index, pvh_regs,
     pvh_sregs, segment_from_gdt, write_boot_tables, BOOT_CS, BOOT_DS, BOOT_GDT, BOOT_TSS,

@@ -278,6 +278,23 @@ mod request_device;
 mod rng;
 mod vsock;
 
+// The rust-vmm crates this crate's public API uses, re-exported so that
+// a user's Cargo.toml needs only Keel crates (and gets the same versions).
+#[doc(no_inline)]
+pub use event_manager;
+#[doc(no_inline)]
+pub use kvm_ioctls;
+#[doc(no_inline)]
+pub use virtio_bindings;
+#[doc(no_inline)]
+pub use virtio_queue;
+#[doc(no_inline)]
+pub use vm_device;
+#[doc(no_inline)]
+pub use vm_memory;
+#[doc(no_inline)]
+pub use vmm_sys_util;
+
 pub use block::{
     Block, BlockBackend, BlockOptions, FileBackend, MemoryBackend, DISCARD_SECTOR_ALIGNMENT, ID_BYTES,
     MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE,

@@ -61,7 +61,24 @@ mod pause;
 mod pci;
 mod vm;
 
+#[doc(no_inline)]
+pub use event_manager;
+#[doc(no_inline)]
+pub use kvm_bindings;
 /// The rate limiter behind [`RateLimiterConfig`].
+// The rust-vmm crates this crate's public API uses, re-exported so that
+// a user's Cargo.toml needs only Keel crates (and gets the same versions).
+#[doc(no_inline)]
+pub use kvm_ioctls;
+#[doc(no_inline)]
+pub use vm_allocator;
+#[doc(no_inline)]
+pub use vm_device;
+#[doc(no_inline)]
+pub use vm_memory;
+#[doc(no_inline)]
+pub use vmm_sys_util;
+
 pub use keel_ratelimit;
 /// The virtio layer whose devices and backends [`VmBuilder`] takes.
 pub use keel_virtio;
