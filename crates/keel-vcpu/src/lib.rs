@@ -108,6 +108,7 @@ pub use vcpu::{RunOutcome, Vcpu, VcpuStop};
 
 /// Errors from configuring or running a vCPU.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A KVM ioctl failed.
     #[error("vCPU {vcpu}: {op}: {source}")]

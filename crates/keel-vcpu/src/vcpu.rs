@@ -15,6 +15,7 @@ use crate::{CpuidConfig, Error, ExitHandler, Result};
 
 /// What one `KVM_RUN` ended with, after the vCPU handled what it could.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum RunOutcome {
     /// An exit was handled (I/O dispatched, #BP injected, …); run again.
     Continue,
@@ -34,6 +35,7 @@ pub enum RunOutcome {
 
 /// Why [`Vcpu::run`] returned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum VcpuStop {
     /// The stop flag was set (by whoever decided the VM is done).
     Requested,

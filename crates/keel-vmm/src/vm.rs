@@ -1381,6 +1381,11 @@ impl Vm {
                             }
                             Ok(VcpuStop::Reset) => break Some(Ok(ExitReason::GuestReset)),
                             Ok(VcpuStop::PowerOff) => break Some(Ok(ExitReason::GuestShutdown)),
+                            Ok(other) => {
+                                break Some(Err(Error::InvalidState(format!(
+                                    "vCPU {id} stopped for a reason this VMM does not know: {other:?}"
+                                ))))
+                            }
                             Err(e) => break Some(Err(Error::Vcpu(e))),
                         }
                     };
