@@ -236,6 +236,7 @@
 #![deny(missing_docs)]
 
 mod activation;
+mod balloon;
 mod block;
 mod chain;
 mod console;
@@ -250,6 +251,10 @@ mod request_device;
 mod rng;
 mod vsock;
 
+pub use balloon::{
+    Balloon, BalloonCounters, BalloonError, BalloonHandle, BalloonOptions, BalloonStats, BALLOON_F_DEFLATE_ON_OOM,
+    BALLOON_F_REPORTING, BALLOON_F_STATS_VQ, BALLOON_PAGE_SIZE, MAX_BALLOON_MIB,
+};
 pub use block::{
     Block, BlockBackend, BlockOptions, FileBackend, MemoryBackend, DISCARD_SECTOR_ALIGNMENT, ID_BYTES,
     MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE,
