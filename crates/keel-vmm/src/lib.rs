@@ -62,7 +62,7 @@ mod vm;
 
 pub use boot_progress::{ConsoleWatcher, RUN_INIT_MARKER};
 pub use config::{
-    BootProtocolChoice, ConsoleConfig, DiskConfig, IrqchipChoice, NetConfig, Ring0Choice, SerialMode,
+    BalloonConfig, BootProtocolChoice, ConsoleConfig, DiskConfig, IrqchipChoice, NetConfig, Ring0Choice, SerialMode,
     VirtioTransport, VmConfig, VsockConfig, DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE,
     DEFAULT_LINUX_PCI_CMDLINE, MAX_VCPUS,
 };

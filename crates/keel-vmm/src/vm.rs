@@ -664,6 +664,7 @@ pub struct Vm {
     pit_setup: Background,
     /// The ACPI generic event device's power button, with ACPI.
     ged: Option<keel_devices::GedHandle>,
+    balloon: Option<keel_virtio::BalloonHandle>,
     _vm_fd: Arc<VmFd>,
     // Kept alive as long as the VM: the vCPUs and slots refer to them.
     mem: GuestMemoryMmap,
@@ -962,6 +963,16 @@ impl Vm {
             let rng = keel_virtio::Rng::new().map_err(|e| Error::DeviceRange(format!("virtio-rng: {e}")))?;
             virtio.add("virtio-rng", Arc::new(Mutex::new(rng)), config.transport)?;
         }
+        let balloon = match &config.balloon {
+            Some(settings) => {
+                let device = keel_virtio::Balloon::new(settings.options())
+                    .map_err(|e| Error::Config(format!("balloon: {e}")))?;
+                let handle = device.handle();
+                virtio.add("virtio-balloon", Arc::new(Mutex::new(device)), config.transport)?;
+                Some(handle)
+            }
+            None => None,
+        };
         if let Some(console) = &config.console {
             let device = match console {
                 ConsoleConfig::Stdio => keel_virtio::Console::stdio(),
@@ -1142,6 +1153,7 @@ impl Vm {
             vcpus,
             pit_setup,
             ged,
+            balloon,
             _vm_fd: vm_fd,
             mem,
         })
@@ -1150,6 +1162,12 @@ impl Vm {
     /// The guest's memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// The balloon's control handle, if the VM has one
+    /// ([`VmConfig::balloon`](crate::VmConfig::balloon)).
+    pub fn balloon(&self) -> Option<&keel_virtio::BalloonHandle> {
+        self.balloon.as_ref()
     }
 
     /// Starts one thread per vCPU.
@@ -1161,6 +1179,7 @@ impl Vm {
             vcpus,
             pit_setup,
             ged,
+            balloon,
             _vm_fd,
             mem,
         } = self;
@@ -1209,6 +1228,7 @@ impl Vm {
             threads,
             _pit_setup: pit_setup,
             ged,
+            balloon,
             _vm_fd,
             mem,
         })
@@ -1285,6 +1305,7 @@ pub struct VmHandle {
     // Dropped in this order, for the reasons given on `Vm`.
     _pit_setup: Background,
     ged: Option<keel_devices::GedHandle>,
+    balloon: Option<keel_virtio::BalloonHandle>,
     _vm_fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
 }
@@ -1335,6 +1356,13 @@ impl VmHandle {
             Some(ged) => ged.press_power_button().map_err(Error::Irq),
             None => Err(Error::Config("the power button needs ACPI (acpi: true)".into())),
         }
+    }
+
+    /// The balloon's control handle, if the VM has one: set its target,
+    /// change its statistics interval and read its statistics from any
+    /// thread while the VM runs (clone it to keep it past this handle).
+    pub fn balloon(&self) -> Option<&keel_virtio::BalloonHandle> {
+        self.balloon.as_ref()
     }
 
     /// Whether the VM has ended (wait would not block).
