@@ -8,7 +8,7 @@
 //! - **Devices** implement [`VirtioDevice`]: their type, the features they
 //!   offer, their configuration space, and what they do once the driver
 //!   hands them memory and queues ([`Activation`]). [`Block`], [`Rng`],
-//!   [`Console`], [`Net`] and [`Vsock`] are the devices so far; a device of
+//!   [`Console`], [`Net`], [`Vsock`] and [`Balloon`] are the devices so far; a device of
 //!   your own is either a [`VirtioDevice`] implementation or, for a
 //!   request/reply device, a [`RequestHandler`] inside a [`RequestDevice`],
 //!   which does the virtio part.
@@ -252,8 +252,8 @@ mod rng;
 mod vsock;
 
 pub use balloon::{
-    Balloon, BalloonCounters, BalloonError, BalloonHandle, BalloonOptions, BalloonStats, BALLOON_F_DEFLATE_ON_OOM,
-    BALLOON_F_REPORTING, BALLOON_F_STATS_VQ, BALLOON_PAGE_SIZE, MAX_BALLOON_MIB,
+    Balloon, BalloonCounters, BalloonError, BalloonHandle, BalloonOptions, BalloonStats,
+    BALLOON_F_DEFLATE_ON_OOM, BALLOON_F_REPORTING, BALLOON_F_STATS_VQ, BALLOON_PAGE_SIZE, MAX_BALLOON_MIB,
 };
 pub use block::{
     Block, BlockBackend, BlockOptions, FileBackend, MemoryBackend, DISCARD_SECTOR_ALIGNMENT, ID_BYTES,

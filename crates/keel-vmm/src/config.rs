@@ -778,16 +778,20 @@ mod tests {
 
         let missing = serde_json::from_str::<VmConfig>(r#"{"balloon": {"amount_mib": 1}}"#).unwrap_err();
         assert!(missing.to_string().contains("deflate_on_oom"), "{missing}");
-        let unknown =
-            serde_json::from_str::<VmConfig>(r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": true, "size": 2}}"#)
-                .unwrap_err();
+        let unknown = serde_json::from_str::<VmConfig>(
+            r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": true, "size": 2}}"#,
+        )
+        .unwrap_err();
         assert!(unknown.to_string().contains("size"), "{unknown}");
 
-        let mut too_big = VmConfig::default();
-        too_big.balloon = Some(BalloonConfig::new(129));
+        let too_big = VmConfig {
+            balloon: Some(BalloonConfig::new(129)),
+            ..VmConfig::default()
+        };
         let err = too_big.validate().unwrap_err();
         assert!(
-            err.to_string().contains("balloon amount_mib 129: more than the VM's 128 MiB"),
+            err.to_string()
+                .contains("balloon amount_mib 129: more than the VM's 128 MiB"),
             "{err}"
         );
     }

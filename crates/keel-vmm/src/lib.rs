@@ -62,8 +62,8 @@ mod vm;
 
 pub use boot_progress::{ConsoleWatcher, RUN_INIT_MARKER};
 pub use config::{
-    BalloonConfig, BootProtocolChoice, ConsoleConfig, DiskConfig, IrqchipChoice, NetConfig, Ring0Choice, SerialMode,
-    VirtioTransport, VmConfig, VsockConfig, DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE,
+    BalloonConfig, BootProtocolChoice, ConsoleConfig, DiskConfig, IrqchipChoice, NetConfig, Ring0Choice,
+    SerialMode, VirtioTransport, VmConfig, VsockConfig, DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE,
     DEFAULT_LINUX_PCI_CMDLINE, MAX_VCPUS,
 };
 pub use vm::{

@@ -61,7 +61,10 @@ impl Running {
         while !self.serial.text().contains(text) {
             if self.handle.is_finished() || Instant::now() > deadline {
                 self.handle.stop_handle().stop();
-                panic!("the guest never printed {text:?}; serial:\n{}", self.serial.text());
+                panic!(
+                    "the guest never printed {text:?}; serial:\n{}",
+                    self.serial.text()
+                );
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -83,7 +86,10 @@ impl Running {
         };
         let text = serial.text();
         assert_eq!(exit, ExitReason::GuestExit(0), "serial:\n{text}");
-        assert!(text.contains("keel-guest: virtio-balloon: PASS"), "serial:\n{text}");
+        assert!(
+            text.contains("keel-guest: virtio-balloon: PASS"),
+            "serial:\n{text}"
+        );
         assert!(!text.contains("FAIL"), "serial:\n{text}");
     }
 }

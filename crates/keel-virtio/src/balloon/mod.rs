@@ -47,8 +47,8 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use crate::activation::{
-    complete, notify_guest, pop_chain, process_queue, rearm_notification, Active, ActivationState, EventSource,
-    Handled, QueueError, QueueRun,
+    complete, notify_guest, pop_chain, process_queue, rearm_notification, ActivationState, Active,
+    EventSource, Handled, QueueError, QueueRun,
 };
 use crate::chain::RequestBuffers;
 use crate::device::{read_config_space, Activation, VirtioDevice};
@@ -121,7 +121,9 @@ pub enum BalloonError {
         limit_mib: u64,
     },
     /// Statistics were asked for, but the device has no statistics queue.
-    #[error("balloon statistics are not enabled (stats_polling_interval_s was 0 when the device was created)")]
+    #[error(
+        "balloon statistics are not enabled (stats_polling_interval_s was 0 when the device was created)"
+    )]
     StatisticsDisabled,
     /// The polling interval cannot turn statistics on or off once the
     /// device exists: the statistics queue is part of the device.
@@ -510,7 +512,13 @@ impl Balloon {
         let (Some(queue), Some(active)) = (self.stats_queue, self.activation.active_mut()) else {
             return;
         };
-        let result = take_stats(active, queue, &mut self.held_stats, &self.shared, &mut self.stats_bytes);
+        let result = take_stats(
+            active,
+            queue,
+            &mut self.held_stats,
+            &self.shared,
+            &mut self.stats_bytes,
+        );
         self.activation.end_pass(ops, queue, result);
     }
 
@@ -644,7 +652,10 @@ impl VirtioDevice for Balloon {
             let at = offset
                 .checked_add(i as u64)
                 .and_then(|at| at.checked_sub(CONFIG_ACTUAL as u64));
-            if let Some(slot) = at.and_then(|at| usize::try_from(at).ok()).and_then(|at| actual.get_mut(at)) {
+            if let Some(slot) = at
+                .and_then(|at| usize::try_from(at).ok())
+                .and_then(|at| actual.get_mut(at))
+            {
                 *slot = byte;
             }
         }

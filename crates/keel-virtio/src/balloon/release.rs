@@ -31,7 +31,7 @@ pub(crate) fn release(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Re
     if len == 0 {
         return Ok(());
     }
-    if addr.0 % BALLOON_PAGE_SIZE != 0 || len % BALLOON_PAGE_SIZE != 0 {
+    if !addr.0.is_multiple_of(BALLOON_PAGE_SIZE) || !len.is_multiple_of(BALLOON_PAGE_SIZE) {
         return Err(outside());
     }
     let count = usize::try_from(len).map_err(|_| outside())?;
@@ -120,7 +120,11 @@ fn note_ignored(error: &ReleaseError, done: &mut Released) {
 
 /// Releases the whole 4 KiB pages inside `[addr, addr + len)`: a free page
 /// report need not be page-aligned at its ends. Returns the bytes released.
-pub(crate) fn release_inner_pages(mem: &GuestMemoryMmap, addr: GuestAddress, len: u64) -> Result<u64, ReleaseError> {
+pub(crate) fn release_inner_pages(
+    mem: &GuestMemoryMmap,
+    addr: GuestAddress,
+    len: u64,
+) -> Result<u64, ReleaseError> {
     let end = addr.0.saturating_add(len) / BALLOON_PAGE_SIZE * BALLOON_PAGE_SIZE;
     let start = addr.0.div_ceil(BALLOON_PAGE_SIZE) * BALLOON_PAGE_SIZE;
     if end <= start {
@@ -166,7 +170,10 @@ mod tests {
             (0, 100),
         ] {
             let err = release(&mem, GuestAddress(addr), len).unwrap_err();
-            assert!(matches!(err, ReleaseError::OutsideRam { .. }), "{addr:#x}+{len:#x}: {err}");
+            assert!(
+                matches!(err, ReleaseError::OutsideRam { .. }),
+                "{addr:#x}+{len:#x}: {err}"
+            );
         }
         assert_eq!(mem.read_obj::<u8>(GuestAddress(0)).unwrap(), 0xa5);
     }
@@ -183,7 +190,11 @@ mod tests {
         runs.flush(&mem, &mut done);
         assert_eq!(done, Released { pages: 6, ignored: 3 });
         for pfn in [1u64, 2, 3, 254, 255, 10] {
-            assert_eq!(mem.read_obj::<u8>(GuestAddress(pfn * 4096)).unwrap(), 0, "pfn {pfn}");
+            assert_eq!(
+                mem.read_obj::<u8>(GuestAddress(pfn * 4096)).unwrap(),
+                0,
+                "pfn {pfn}"
+            );
         }
         assert_eq!(mem.read_obj::<u8>(GuestAddress(4 * 4096)).unwrap(), 0xa5);
     }

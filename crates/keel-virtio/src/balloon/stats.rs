@@ -165,7 +165,11 @@ mod tests {
         assert_eq!(stats.hugetlb_failures, Some(1009));
         assert_eq!(stats.oom_kill, Some(1010));
         assert_eq!(stats.direct_reclaim, Some(1015));
-        assert_eq!((stats.target_mib, stats.actual_mib), (2, 1), "pages kept, MiB derived");
+        assert_eq!(
+            (stats.target_mib, stats.actual_mib),
+            (2, 1),
+            "pages kept, MiB derived"
+        );
     }
 
     #[test]

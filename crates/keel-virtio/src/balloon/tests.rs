@@ -46,7 +46,9 @@ fn activated(mem: &GuestMemoryMmap, options: BalloonOptions) -> Harness<'_> {
     let queues: Vec<DriverQueue<'_>> = (0..count)
         .map(|i| DriverQueue::at(mem, GuestAddress(0x1000 * (i as u64 + 1)), 16))
         .collect();
-    let notify: Vec<EventFd> = (0..count).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
+    let notify: Vec<EventFd> = (0..count)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+        .collect();
     let interrupt = Arc::new(RecordingInterrupt::new());
     let mut event_loop = EventManager::new().unwrap();
     event_loop.add_subscriber(balloon.clone());
@@ -128,11 +130,18 @@ fn frame_numbers_outside_ram_are_ignored_and_the_device_keeps_working() {
     let mut h = activated(&mem, BalloonOptions::default());
     touch(&mem, PAGES, 0x1000);
     let end_pfn = (MEM_SIZE / 4096) as u32;
-    h.post_pfns(0, &[u32::MAX, end_pfn, end_pfn - 1, 0xfff_ffff, (PAGES / 4096) as u32], &mem);
+    h.post_pfns(
+        0,
+        &[u32::MAX, end_pfn, end_pfn - 1, 0xfff_ffff, (PAGES / 4096) as u32],
+        &mem,
+    );
 
     assert_eq!(h.queues[0].used().len(), 1);
     let counters = h.handle.counters();
-    assert_eq!(counters.inflated_pages, 2, "the last page of RAM and the touched page");
+    assert_eq!(
+        counters.inflated_pages, 2,
+        "the last page of RAM and the touched page"
+    );
     assert_eq!(counters.ignored_pages, 3);
     assert!(!h.interrupt.signals().contains(&VirtioSignal::NeedsReset));
     assert_eq!(mem.read_obj::<u8>(GuestAddress(PAGES)).unwrap(), 0);
@@ -181,16 +190,20 @@ fn features_and_queues_follow_the_options() {
     assert_eq!(all.queue_max_sizes().len(), 4);
     assert_eq!((all.stats_queue, all.reporting_queue), (Some(2), Some(3)));
 
-    let mut reporting_only = BalloonOptions::default();
+    let mut reporting_only = BalloonOptions::new(0);
     reporting_only.free_page_reporting = true;
     let reporting = Balloon::new(reporting_only).unwrap();
-    assert_eq!(reporting.reporting_queue, Some(2), "queues are numbered without gaps");
+    assert_eq!(
+        reporting.reporting_queue,
+        Some(2),
+        "queues are numbered without gaps"
+    );
 }
 
 #[test]
 fn free_page_reports_release_their_buffers() {
     let mem = memory();
-    let mut options = BalloonOptions::default();
+    let mut options = BalloonOptions::new(0);
     options.free_page_reporting = true;
     let mut h = activated(&mem, options);
     touch(&mem, PAGES, PAGES_LEN);
@@ -250,19 +263,25 @@ fn statistics_buffer_is_held_then_returned_each_interval() {
 #[test]
 fn statistics_cannot_be_switched_on_or_off_after_creation() {
     let plain = Balloon::new(BalloonOptions::default()).unwrap().handle();
-    assert!(matches!(plain.statistics(), Err(BalloonError::StatisticsDisabled)));
+    assert!(matches!(
+        plain.statistics(),
+        Err(BalloonError::StatisticsDisabled)
+    ));
     let err = plain.update_stats_polling_interval(3).unwrap_err();
     assert_eq!(
         err.to_string(),
         "balloon stats_polling_interval_s 3: statistics cannot be enabled after the device is created (interval 0)"
     );
 
-    let mut options = BalloonOptions::default();
+    let mut options = BalloonOptions::new(0);
     options.stats_polling_interval_s = 2;
     let with_stats = Balloon::new(options).unwrap().handle();
     assert!(matches!(
         with_stats.update_stats_polling_interval(0),
-        Err(BalloonError::StatisticsToggle { requested: 0, current: 2 })
+        Err(BalloonError::StatisticsToggle {
+            requested: 0,
+            current: 2
+        })
     ));
     with_stats.update_stats_polling_interval(7).unwrap();
     assert_eq!(with_stats.options().stats_polling_interval_s, 7);
