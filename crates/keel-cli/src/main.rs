@@ -4,6 +4,7 @@
 //! `VmConfig`; the serial console is this process's stdout. Without
 //! `--kernel` it boots Keel's built-in test guest.
 
+mod logger;
 mod terminal;
 
 use std::path::PathBuf;
@@ -107,6 +108,22 @@ struct Args {
     /// (--disk and --net add to its lists).
     #[arg(long, value_name = "FILE.json")]
     config: Option<PathBuf>,
+
+    /// Serve Firecracker's HTTP API on this Unix socket and wait for the
+    /// VM's configuration and InstanceStart (or boot at once from
+    /// --config-file). The process exits when the VM ends.
+    #[arg(long, value_name = "PATH")]
+    api_sock: Option<PathBuf>,
+
+    /// Boot from a configuration in Firecracker's config-file format
+    /// (boot-source, drives, machine-config, network-interfaces, vsock,
+    /// entropy, balloon, logger, metrics), with or without --api-sock.
+    #[arg(long, value_name = "FILE.json")]
+    config_file: Option<PathBuf>,
+
+    /// The VM's ID, as `GET /` reports it.
+    #[arg(long, value_name = "ID", default_value = "keel-vm")]
+    id: String,
 
     /// KVM device node.
     #[arg(long, value_name = "PATH", default_value = keel_vmm::DEFAULT_KVM_DEVICE)]
@@ -261,23 +278,104 @@ fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
     handle.wait().map_err(|e| e.to_string())
 }
 
+fn exit_code(reason: ExitReason) -> ExitCode {
+    match reason {
+        ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => ExitCode::SUCCESS,
+        ExitReason::GuestExit(status) => ExitCode::from(status),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn exit_status(reason: ExitReason) -> i32 {
+    match reason {
+        ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => 0,
+        ExitReason::GuestExit(status) => i32::from(status),
+        _ => 1,
+    }
+}
+
+/// `--api-sock` / `--config-file`: Firecracker's way of running a VM.
+fn run_firecracker_style(args: &Args, logger: logger::ProcessLogger, process_start: Instant) -> ExitCode {
+    let mut options = keel_control::VmmOptions::new(args.id.clone());
+    options.serial = args.serial.clone().unwrap_or(SerialMode::Stdio);
+    options.kvm_device = args.kvm_device.clone();
+    options.log_control = Some(Arc::new(logger));
+    if let Some(t) = args.transport {
+        options.transport = t;
+    }
+    // Firecracker's process ends with its VM.
+    options.on_exit = Some(Box::new(|outcome| {
+        let code = match outcome {
+            Ok(reason) => {
+                eprintln!("keel: VM ended: {reason}");
+                exit_status(*reason)
+            }
+            Err(message) => {
+                eprintln!("keel: error: {message}");
+                1
+            }
+        };
+        std::process::exit(code);
+    }));
+    let _ = process_start;
+    let mut vmm = keel_control::Vmm::new(options);
+    if let Some(path) = &args.config_file {
+        let configured = std::fs::read_to_string(path)
+            .map_err(|e| format!("config file {}: {e}", path.display()))
+            .and_then(|text| {
+                serde_json::from_str::<keel_control::models::FullVmConfiguration>(&text)
+                    .map_err(|e| format!("config file {}: {e}", path.display()))
+            })
+            .and_then(|config| {
+                vmm.configure(config)
+                    .map_err(|e| format!("config file {}: {e}", path.display()))
+            })
+            .and_then(|()| {
+                vmm.action(keel_control::models::ActionType::InstanceStart)
+                    .map_err(|e| format!("config file {}: InstanceStart: {e}", path.display()))
+            });
+        if let Err(message) = configured {
+            eprintln!("keel: error: {message}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let Some(sock) = &args.api_sock else {
+        // --config-file alone: no API; wait for the VM.
+        let watch = vmm.exit_watch().expect("started above");
+        loop {
+            if let Some(outcome) = watch.wait_timeout(std::time::Duration::from_secs(3600)) {
+                return match outcome {
+                    Ok(reason) => exit_code(reason),
+                    Err(_) => ExitCode::FAILURE,
+                };
+            }
+        }
+    };
+    let vmm = Arc::new(std::sync::Mutex::new(vmm));
+    match keel_api::ApiServer::bind(sock, vmm) {
+        Ok(server) => {
+            log::info!("API listening on {}", server.path().display());
+            server.serve();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("keel: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let process_start = Instant::now();
     let args = Args::parse();
-    env_logger::Builder::new()
-        .parse_filters(&args.log_level)
-        .parse_env("RUST_LOG")
-        .format_target(false)
-        .init();
+    let logger = logger::ProcessLogger::install(&args.log_level);
+    if args.api_sock.is_some() || args.config_file.is_some() {
+        return run_firecracker_style(&args, logger, process_start);
+    }
     match run(&args, process_start) {
         Ok(reason) => {
             eprintln!("keel: VM ended: {reason}");
-            match reason {
-                ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => ExitCode::SUCCESS,
-                ExitReason::GuestExit(status) => ExitCode::from(status),
-                ExitReason::TripleFault { .. } => ExitCode::FAILURE,
-                _ => ExitCode::FAILURE,
-            }
+            exit_code(reason)
         }
         Err(message) => {
             eprintln!("keel: error: {message}");

@@ -550,17 +550,18 @@ fn assert_rtc_matches_host(serial: &str, host_start: std::time::SystemTime) {
         .next()
         .and_then(|t| t.trim_start_matches('[').trim().parse().ok())
         .unwrap_or_else(|| panic!("no printk timestamp in {line:?}"));
-    let start = host_start
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
-    let host_then = start + uptime;
-    let drift = epoch as f64 - host_then;
-    println!("guest clock at boot: {line} (host {host_then:.1}, drift {drift:+.1} s)");
-    // The RTC has whole seconds; allow its truncation on top of 2 s.
+    let secs = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    // The guest's printk clock never runs ahead of real time (under
+    // emulation it lags: the time before kvm-clock counts little), so the
+    // line was printed no earlier than `start + uptime` and no later than
+    // now. The RTC has whole seconds: allow its truncation and 2 s more.
+    let earliest = secs(host_start) + uptime;
+    let latest = secs(std::time::SystemTime::now());
+    let epoch = epoch as f64;
+    println!("guest clock at boot: {line} (host window {earliest:.1}..{latest:.1})");
     assert!(
-        drift.abs() <= 3.0,
-        "the guest's clock is {drift:+.1} s off the host's: {line}"
+        epoch >= earliest - 3.0 && epoch <= latest + 3.0,
+        "the guest's clock {epoch} is outside the host's {earliest:.1}..{latest:.1}: {line}"
     );
 }
 
@@ -651,12 +652,21 @@ fn linux_full_boot_two_cpus_root_on_virtio_blk() {
         !s.contains("virtio_mmio.device="),
         "command-line devices with ACPI:\n{s}"
     );
-    for bad in ["[Firmware Bug]", "ACPI Error", "ACPI BIOS Error", "ACPI Warning"] {
-        assert!(
-            !s.contains(bad),
-            "the guest complains about the tables ({bad}):\n{s}"
-        );
-    }
+    // (Linux's "[Firmware Bug]: TSC doesn't count with P0 frequency!" is
+    // about the host's AMD CPU model seen through CPUID, not the tables.)
+    let complaints: Vec<&str> = s
+        .lines()
+        .filter(|l| {
+            l.contains("ACPI Error")
+                || l.contains("ACPI BIOS Error")
+                || l.contains("ACPI Warning")
+                || (l.contains("[Firmware Bug]") && (l.contains("ACPI") || l.contains("table")))
+        })
+        .collect();
+    assert!(
+        complaints.is_empty(),
+        "the guest complains about the tables: {complaints:?}\n{s}"
+    );
     assert_rtc_matches_host(s, host_start);
     let total_kib: u64 = s
         .lines()

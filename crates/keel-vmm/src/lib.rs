@@ -57,6 +57,7 @@
 
 mod boot_progress;
 mod config;
+mod pause;
 mod pci;
 mod vm;
 
@@ -67,8 +68,8 @@ pub use config::{
     DEFAULT_LINUX_PCI_CMDLINE, MAX_VCPUS,
 };
 pub use vm::{
-    ExitReason, SerialSource, StopHandle, Vm, VmBuilder, VmHandle, BOOT_TIMER_ADDR, DEFAULT_KVM_DEVICE,
-    EMULATED_RING0_CMDLINE,
+    ExitReason, SerialSource, StopHandle, Vm, VmBuilder, VmController, VmHandle, BOOT_TIMER_ADDR,
+    DEFAULT_KVM_DEVICE, EMULATED_RING0_CMDLINE,
 };
 
 /// Errors from building or running a VM.
@@ -121,6 +122,10 @@ pub enum Error {
     /// The event loop failed.
     #[error("event loop: {0}")]
     EventLoop(std::io::Error),
+    /// The operation does not fit the VM's state (resume while running,
+    /// pause after it ended).
+    #[error("{0}")]
+    InvalidState(String),
     /// A thread could not be started.
     #[error("cannot start a VM thread: {0}")]
     Thread(std::io::Error),

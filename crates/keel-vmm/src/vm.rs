@@ -235,8 +235,13 @@ struct Control {
     outcome: Mutex<Option<Result<ExitReason>>>,
     finished: Condvar,
     stop: AtomicBool,
+    /// Tells the vCPU threads to leave `KVM_RUN`: set when stopping, and
+    /// while paused.
+    leave_run: AtomicBool,
+    /// Where the vCPU threads and the event loop park while paused.
+    pause: crate::pause::PauseGate,
     kickers: Mutex<Vec<VcpuKicker>>,
-    /// Wakes the event loop so it sees `stop`.
+    /// Wakes the event loop so it sees `stop` or a pause.
     wake_event_loop: EventFd,
 }
 
@@ -253,12 +258,74 @@ impl Control {
             }
         }
         self.stop.store(true, Ordering::Release);
+        self.leave_run.store(true, Ordering::Release);
+        self.pause.close();
+        self.kick_all();
+        self.finished.notify_all();
+    }
+
+    /// Gets every vCPU out of `KVM_RUN` and the event loop out of `epoll`
+    /// so they look at `leave_run`, `stop` and the pause gate.
+    fn kick_all(&self) {
         for kicker in self.kickers.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             // A thread that already left its loop no longer needs a kick.
             let _ = kicker.kick();
         }
         let _ = self.wake_event_loop.write(1);
-        self.finished.notify_all();
+    }
+
+    /// See [`VmHandle::pause`].
+    fn pause(&self) -> Result<()> {
+        if self.stop.load(Ordering::Acquire) {
+            return Err(Error::InvalidState(
+                "the VM has ended; there is nothing to pause".into(),
+            ));
+        }
+        if !self.pause.request() {
+            return if self.pause.is_paused() {
+                Ok(())
+            } else {
+                Err(Error::InvalidState(
+                    "the VM has ended; there is nothing to pause".into(),
+                ))
+            };
+        }
+        self.leave_run.store(true, Ordering::Release);
+        self.kick_all();
+        if self.pause.wait_parked(PAUSE_TIMEOUT) {
+            return Ok(());
+        }
+        // Someone did not park in time (or the VM ended meanwhile): undo.
+        self.resume_threads();
+        if self.stop.load(Ordering::Acquire) {
+            Err(Error::InvalidState("the VM ended while pausing".into()))
+        } else {
+            Err(Error::InvalidState(format!(
+                "the VM's threads did not reach a pause point within {} ms; it keeps running",
+                PAUSE_TIMEOUT.as_millis()
+            )))
+        }
+    }
+
+    /// See [`VmHandle::resume`].
+    fn resume(&self) -> Result<()> {
+        if self.stop.load(Ordering::Acquire) {
+            return Err(Error::InvalidState(
+                "the VM has ended; there is nothing to resume".into(),
+            ));
+        }
+        if !self.pause.is_paused() {
+            return Err(Error::InvalidState("the VM is not paused".into()));
+        }
+        self.resume_threads();
+        Ok(())
+    }
+
+    fn resume_threads(&self) {
+        if !self.stop.load(Ordering::Acquire) {
+            self.leave_run.store(false, Ordering::Release);
+        }
+        self.pause.release();
     }
 }
 
@@ -752,6 +819,9 @@ impl std::fmt::Debug for Vm {
     }
 }
 
+/// How long [`VmHandle::pause`] waits for every thread to park.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The KVM device node.
 pub const DEFAULT_KVM_DEVICE: &str = "/dev/kvm";
 
@@ -826,6 +896,8 @@ impl Vm {
             outcome: Mutex::new(None),
             finished: Condvar::new(),
             stop: AtomicBool::new(false),
+            leave_run: AtomicBool::new(false),
+            pause: crate::pause::PauseGate::default(),
             kickers: Mutex::new(Vec::new()),
             wake_event_loop: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventLoop)?,
         });
@@ -1191,22 +1263,35 @@ impl Vm {
             let control_for_thread = control.clone();
             let io = io.clone();
             let id = vcpu.id();
+            control.pause.join();
             let spawned = std::thread::Builder::new()
                 .name(format!("keel-vcpu{id}"))
                 .spawn(move || {
                     let control = control_for_thread;
-                    let outcome = match vcpu.run(&*io, &control.stop) {
-                        Ok(VcpuStop::Requested) => return,
-                        Ok(VcpuStop::TripleFault) => Ok(ExitReason::TripleFault { vcpu: id }),
-                        Ok(VcpuStop::Reset) => Ok(ExitReason::GuestReset),
-                        Ok(VcpuStop::PowerOff) => Ok(ExitReason::GuestShutdown),
-                        Err(e) => Err(Error::Vcpu(e)),
+                    let outcome = loop {
+                        match vcpu.run(&*io, &control.leave_run) {
+                            // Paused: park between two KVM_RUNs, then go on.
+                            Ok(VcpuStop::Requested) if !control.stop.load(Ordering::Acquire) => {
+                                control.pause.park_if_requested();
+                            }
+                            Ok(VcpuStop::Requested) => break None,
+                            Ok(VcpuStop::TripleFault) => {
+                                break Some(Ok(ExitReason::TripleFault { vcpu: id }))
+                            }
+                            Ok(VcpuStop::Reset) => break Some(Ok(ExitReason::GuestReset)),
+                            Ok(VcpuStop::PowerOff) => break Some(Ok(ExitReason::GuestShutdown)),
+                            Err(e) => break Some(Err(Error::Vcpu(e))),
+                        }
                     };
-                    control.finish(outcome);
+                    control.pause.leave();
+                    if let Some(outcome) = outcome {
+                        control.finish(outcome);
+                    }
                 });
             let thread = match spawned {
                 Ok(t) => t,
                 Err(e) => {
+                    control.pause.leave();
                     control.finish(Ok(ExitReason::Stopped));
                     halt_threads(&control, threads);
                     return Err(Error::Thread(e));
@@ -1269,17 +1354,26 @@ fn spawn_event_loop(control: Arc<Control>, subscribers: Vec<Subscriber>) -> Resu
     for s in subscribers {
         manager.add_subscriber(s);
     }
+    control.pause.join();
+    let thread_control = control.clone();
     std::thread::Builder::new()
         .name("keel-events".into())
         .spawn(move || {
+            let control = thread_control;
             while !control.stop.load(Ordering::Acquire) {
                 if let Err(e) = manager.run() {
                     control.finish(Err(Error::EventLoop(std::io::Error::other(format!("{e:?}")))));
-                    return;
+                    break;
                 }
+                // Between two events no device is inside a request.
+                control.pause.park_if_requested();
             }
+            control.pause.leave();
         })
-        .map_err(Error::Thread)
+        .map_err(|e| {
+            control.pause.leave();
+            Error::Thread(e)
+        })
 }
 
 /// Stops and joins the vCPU threads. The kickers are taken out first, under
@@ -1338,7 +1432,75 @@ impl StopHandle {
     }
 }
 
+/// Controls a running VM from any thread: the operations of [`VmHandle`]
+/// that do not end it, for a control plane that must act while another
+/// thread waits on the handle.
+#[derive(Clone)]
+pub struct VmController {
+    control: Arc<Control>,
+    ged: Option<keel_devices::GedHandle>,
+}
+
+impl std::fmt::Debug for VmController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmController")
+            .field("paused", &self.is_paused())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmController {
+    /// See [`VmHandle::pause`].
+    pub fn pause(&self) -> Result<()> {
+        self.control.pause()
+    }
+
+    /// See [`VmHandle::resume`].
+    pub fn resume(&self) -> Result<()> {
+        self.control.resume()
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.control.pause.is_paused()
+    }
+
+    /// Whether the VM has ended.
+    pub fn is_finished(&self) -> bool {
+        self.control
+            .outcome
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some()
+    }
+
+    /// See [`VmHandle::press_power_button`].
+    pub fn press_power_button(&self) -> Result<()> {
+        press_power_button(self.ged.as_ref())
+    }
+
+    /// Stops the VM, as [`StopHandle::stop`].
+    pub fn stop(&self) {
+        self.control.finish(Ok(ExitReason::Stopped));
+    }
+}
+
+fn press_power_button(ged: Option<&keel_devices::GedHandle>) -> Result<()> {
+    match ged {
+        Some(ged) => ged.press_power_button().map_err(Error::Irq),
+        None => Err(Error::Config("the power button needs ACPI (acpi: true)".into())),
+    }
+}
+
 impl VmHandle {
+    /// A handle that pauses, resumes and stops this VM from other threads.
+    pub fn controller(&self) -> VmController {
+        VmController {
+            control: self.control.clone(),
+            ged: self.ged.clone(),
+        }
+    }
+
     /// A handle that stops this VM from another thread.
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
@@ -1352,10 +1514,27 @@ impl VmHandle {
     /// button; Keel's built-in guest's `acpi-power-button` program powers
     /// off). Fails if the VM was built without ACPI.
     pub fn press_power_button(&self) -> Result<()> {
-        match &self.ged {
-            Some(ged) => ged.press_power_button().map_err(Error::Irq),
-            None => Err(Error::Config("the power button needs ACPI (acpi: true)".into())),
-        }
+        press_power_button(self.ged.as_ref())
+    }
+
+    /// Pauses the VM: when this returns, no vCPU runs guest code (each is
+    /// out of `KVM_RUN`, between two exits) and no device touches guest
+    /// memory (the event loop is between two events, so no request is
+    /// half-processed). Pausing a paused VM does nothing. Fails if the VM
+    /// has ended, or if its threads do not all reach a pause point within
+    /// 5 seconds (the VM then keeps running).
+    pub fn pause(&self) -> Result<()> {
+        self.control.pause()
+    }
+
+    /// Resumes a paused VM where it stopped. Fails if it is not paused.
+    pub fn resume(&self) -> Result<()> {
+        self.control.resume()
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.control.pause.is_paused()
     }
 
     /// The balloon's control handle, if the VM has one: set its target,

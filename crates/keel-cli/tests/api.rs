@@ -1,0 +1,359 @@
+//! `keel --api-sock`: whole VMs driven over Firecracker's HTTP API by an
+//! HTTP client crate (hyper), as an orchestrator drives them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+fn kvm() -> bool {
+    Path::new("/dev/kvm").exists()
+}
+
+/// A unique path in the temp directory.
+fn temp_path(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("keel-api-{}-{name}", std::process::id()))
+}
+
+/// One request over a fresh connection; returns status and body.
+fn request(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let stream = tokio::net::UnixStream::connect(sock).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("http://localhost{path}"))
+            .header("Accept", "application/json")
+            .header("Content-Type", "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status().as_u16();
+        let bytes = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    })
+}
+
+/// A `keel --api-sock` process, killed when dropped.
+struct Keel {
+    child: Child,
+    sock: PathBuf,
+    stdout: PathBuf,
+}
+
+impl Keel {
+    fn start(name: &str, extra: &[&str]) -> Keel {
+        let sock = temp_path(&format!("{name}.sock"));
+        let stdout = temp_path(&format!("{name}.out"));
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(extra)
+            .stdout(std::fs::File::create(&stdout).unwrap())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !sock.exists() {
+            assert!(Instant::now() < deadline, "the API socket never appeared");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Keel { child, sock, stdout }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        request(&self.sock, method, path, body)
+    }
+
+    /// Asserts a 204 and no body.
+    fn ok(&self, method: &str, path: &str, body: &str) {
+        let (status, text) = self.call(method, path, Some(body));
+        assert_eq!(status, 204, "{method} {path} {body}: {text}");
+    }
+
+    /// Asserts a 400 whose fault message contains `needle`.
+    fn fault(&self, method: &str, path: &str, body: Option<&str>, needle: &str) {
+        let (status, text) = self.call(method, path, body);
+        assert_eq!(status, 400, "{method} {path}: {text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let message = v["fault_message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains(needle),
+            "{method} {path}: {message:?} lacks {needle:?}"
+        );
+    }
+
+    fn state(&self) -> String {
+        let (status, text) = self.call("GET", "/", None);
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["state"].as_str().unwrap().to_string()
+    }
+
+    /// Waits for the process to end; returns its exit code and stdout.
+    fn wait(mut self) -> (i32, String) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                let out = std::fs::read_to_string(&self.stdout).unwrap_or_default();
+                return (status.code().unwrap_or(-1), out);
+            }
+            assert!(Instant::now() < deadline, "keel did not exit");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Keel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+        let _ = std::fs::remove_file(&self.stdout);
+    }
+}
+
+#[test]
+fn configure_start_pause_resume_and_power_off_over_the_socket() {
+    if !kvm() {
+        return;
+    }
+    let disk = temp_path("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let keel = Keel::start("lifecycle", &[]);
+    assert_eq!(keel.state(), "Not started");
+    let (status, version) = keel.call("GET", "/version", None);
+    assert_eq!(status, 200, "{version}");
+    keel.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
+    );
+    keel.ok(
+        "PUT",
+        "/boot-source",
+        r#"{"kernel_image_path": "keel:built-in-guest", "boot_args": "acpi-power-button timeout-ms=30000"}"#,
+    );
+    keel.ok(
+        "PUT",
+        "/drives/data",
+        &format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+            disk.display()
+        ),
+    );
+    keel.ok("PUT", "/entropy", "{}");
+    keel.fault(
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Paused"}"#),
+        "has not been started",
+    );
+    keel.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    assert_eq!(keel.state(), "Running");
+    keel.fault(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        "after the VM has started",
+    );
+    keel.fault(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
+        "after the VM has started",
+    );
+    keel.fault("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#), "not paused");
+    keel.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert_eq!(keel.state(), "Paused");
+    keel.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert_eq!(keel.state(), "Running");
+    let (status, config) = keel.call("GET", "/vm/config", None);
+    assert_eq!(status, 200);
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(config["machine-config"]["vcpu_count"], 2);
+    assert_eq!(config["drives"][0]["drive_id"], "data");
+    // The guest waits for the power button, then powers off through S5:
+    // the process ends with the VM, status 0.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = std::fs::read_to_string(&keel.stdout).unwrap_or_default();
+        if out.contains("acpi: waiting for the power button") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest never waited for the button:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    keel.ok("PUT", "/actions", r#"{"action_type": "SendCtrlAltDel"}"#);
+    let (code, out) = keel.wait();
+    let _ = std::fs::remove_file(&disk);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("acpi-power-button: PASS") || out.contains("power button"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_requests_get_firecrackers_fault_messages() {
+    let keel = Keel::start("bad", &[]);
+    keel.fault("PUT", "/machine-config", Some("{"), "invalid body");
+    keel.fault(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "cpus": 2}"#),
+        "unknown field `cpus`",
+    );
+    keel.fault(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 33, "mem_size_mib": 64}"#),
+        "vcpu_count 33",
+    );
+    keel.fault(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "smt": true}"#),
+        "smt",
+    );
+    keel.fault(
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": "/no/such/kernel"}"#),
+        "/no/such/kernel",
+    );
+    keel.fault(
+        "PUT",
+        "/drives/a",
+        Some(r#"{"drive_id": "b", "path_on_host": "/dev/null", "is_root_device": false}"#),
+        "does not match",
+    );
+    keel.fault(
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "zz:00:00:00:00:00"}"#),
+        "guest_mac",
+    );
+    keel.fault(
+        "PUT",
+        "/vsock",
+        Some(r#"{"guest_cid": 2, "uds_path": "/tmp/x"}"#),
+        "guest_cid 2",
+    );
+    keel.fault(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "Reboot"}"#),
+        "unknown variant `Reboot`",
+    );
+    keel.fault(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        "no boot-source",
+    );
+    keel.fault(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+        "no metrics_path",
+    );
+    keel.fault("PUT", "/actions", None, "needs a JSON body");
+    keel.fault(
+        "GET",
+        "/nothing/here",
+        None,
+        "Invalid request method and/or path: GET /nothing/here",
+    );
+    keel.fault("DELETE", "/machine-config", None, "Invalid request method");
+    // A body over the limit is refused before it is read.
+    let (status, text) = keel.call("PUT", "/machine-config", Some(&"x".repeat(60 * 1024)));
+    assert_eq!(status, 413, "{text}");
+    // The VM is still unconfigured and the server still answers.
+    assert_eq!(keel.state(), "Not started");
+}
+
+#[test]
+fn metrics_are_flushed_as_json_lines_and_served_as_prometheus_text() {
+    let metrics = temp_path("metrics.json");
+    let _ = std::fs::remove_file(&metrics);
+    let keel = Keel::start("metrics", &[]);
+    keel.ok(
+        "PUT",
+        "/metrics",
+        &format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()),
+    );
+    keel.call("GET", "/", None);
+    keel.call("PUT", "/machine-config", Some("{"));
+    keel.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(line["get_api_requests"]["instance_info_count"], 1, "{line}");
+    assert_eq!(line["put_api_requests"]["machine_cfg_fails"], 1, "{line}");
+    let (status, prometheus) = keel.call("GET", "/metrics", None);
+    assert_eq!(status, 200);
+    assert!(
+        prometheus.contains("keel_put_api_requests_actions_count 1"),
+        "{prometheus}"
+    );
+    let _ = std::fs::remove_file(&metrics);
+}
+
+#[test]
+fn a_config_file_boots_at_once_and_the_process_exits_with_the_guest() {
+    if !kvm() {
+        return;
+    }
+    let file = temp_path("vm.json");
+    std::fs::write(
+        &file,
+        r#"{
+            "boot-source": {"kernel_image_path": "keel:built-in-guest", "boot_args": "exit code=7"},
+            "machine-config": {"vcpu_count": 1, "mem_size_mib": 32},
+            "entropy": {}
+        }"#,
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--config-file")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(
+        output.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    std::fs::write(
+        &file,
+        r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 32}, "drivez": []}"#,
+    )
+    .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--config-file")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        stderr.contains("unknown field `drivez`") && stderr.contains(&file.display().to_string()),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(&file);
+}

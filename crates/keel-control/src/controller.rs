@@ -1,0 +1,771 @@
+//! The VM's lifecycle as Firecracker's API sees it.
+
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use keel_vmm::{
+    DiskConfig, ExitReason, NetConfig, SerialMode, VirtioTransport, VmBuilder, VmConfig, VmController,
+    VsockConfig,
+};
+
+use crate::metrics::MetricsRegistry;
+use crate::models::{
+    ActionType, Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, DriveUpdate,
+    Entropy, FullVmConfiguration, InstanceInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics,
+    NetworkInterface, NetworkInterfaceUpdate, Version, VmStateName, Vsock,
+};
+use crate::Result;
+
+/// `kernel_image_path` that boots Keel's built-in test guest (whose
+/// program is the `boot_args`) instead of a kernel file: a Keel extension.
+pub const BUILT_IN_GUEST: &str = "keel:built-in-guest";
+
+/// Most vCPUs the API accepts, as Firecracker.
+const MAX_API_VCPUS: u8 = 32;
+
+/// Why a control operation was refused. Every message names the field,
+/// value or state at fault.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ControlError {
+    /// A value in the request is wrong.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The request does not fit the VM's state (configure after start,
+    /// start twice, resume while running).
+    #[error("{0}")]
+    InvalidState(String),
+    /// The VM could not be built or controlled.
+    #[error(transparent)]
+    Vmm(#[from] keel_vmm::Error),
+    /// A host file (metrics, log) could not be opened or written.
+    #[error("{what} {path}: {source}")]
+    Host {
+        /// What the file is for.
+        what: &'static str,
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn invalid(message: impl Into<String>) -> ControlError {
+    ControlError::InvalidRequest(message.into())
+}
+
+fn wrong_state(message: impl Into<String>) -> ControlError {
+    ControlError::InvalidState(message.into())
+}
+
+/// Applies `PUT /logger`: the binary owns the process's logger, so it
+/// says how (Keel's `keel` command installs one that can be redirected).
+pub trait LogControl: Send + Sync {
+    /// Redirects and filters logging as `logger` says.
+    fn configure(&self, logger: &Logger) -> std::result::Result<(), String>;
+}
+
+/// The VM's outcome as the control plane reports it: why it ended, or the
+/// error that ended it.
+pub type Outcome = std::result::Result<ExitReason, String>;
+
+/// Called once, on the VM's waiter thread, when the VM ends.
+pub type ExitCallback = Box<dyn Fn(&Outcome) + Send + Sync>;
+
+/// How the VMM runs its VM, beyond what the API configures.
+#[non_exhaustive]
+pub struct VmmOptions {
+    /// The VM's ID (`GET /`).
+    pub id: String,
+    /// Where the serial console goes (Firecracker: the process's stdout).
+    pub serial: SerialMode,
+    /// The transport for virtio devices. Firecracker's is virtio-mmio (the
+    /// default here too), which its guests' kernels expect.
+    pub transport: VirtioTransport,
+    /// The KVM device node.
+    pub kvm_device: std::path::PathBuf,
+    /// What `PUT /logger` reconfigures; refused when absent.
+    pub log_control: Option<Arc<dyn LogControl>>,
+    /// Called on the VM's waiter thread when the VM ends.
+    pub on_exit: Option<ExitCallback>,
+}
+
+impl VmmOptions {
+    /// Defaults for a VM named `id`: serial console nowhere, virtio-mmio.
+    pub fn new(id: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            serial: SerialMode::None,
+            transport: VirtioTransport::Mmio,
+            kvm_device: std::path::PathBuf::from(keel_vmm::DEFAULT_KVM_DEVICE),
+            log_control: None,
+            on_exit: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for VmmOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmmOptions")
+            .field("id", &self.id)
+            .field("serial", &self.serial)
+            .field("transport", &self.transport)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The VM's outcome, once it has ended; shared with the waiter thread.
+#[derive(Debug, Default)]
+pub struct ExitWatch {
+    outcome: Mutex<Option<Outcome>>,
+    ended: Condvar,
+}
+
+impl ExitWatch {
+    /// Waits at most `timeout` for the VM to end and returns its outcome.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Outcome> {
+        let deadline = Instant::now() + timeout;
+        let mut slot = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        while slot.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            slot = self
+                .ended
+                .wait_timeout(slot, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        slot.clone()
+    }
+
+    /// The outcome, if the VM has ended.
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.outcome.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+enum Phase {
+    NotStarted,
+    Started {
+        controller: VmController,
+        exit: Arc<ExitWatch>,
+    },
+}
+
+/// One VM and its configuration, driven by Firecracker's operations.
+pub struct Vmm {
+    options: VmmOptions,
+    config: FullVmConfiguration,
+    phase: Phase,
+    metrics: Arc<MetricsRegistry>,
+    metrics_file: Option<std::fs::File>,
+    started_at: Instant,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("id", &self.options.id)
+            .field("state", &self.state_name())
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_readable(what: &str, path: &str) -> Result<()> {
+    std::fs::File::open(path)
+        .map(drop)
+        .map_err(|e| invalid(format!("{what} {path}: cannot be opened: {e}")))
+}
+
+impl Vmm {
+    /// A VMM with nothing configured.
+    pub fn new(options: VmmOptions) -> Self {
+        Self {
+            options,
+            config: FullVmConfiguration::default(),
+            phase: Phase::NotStarted,
+            metrics: Arc::new(MetricsRegistry::default()),
+            metrics_file: None,
+            started_at: Instant::now(),
+        }
+    }
+
+    /// The counters behind the metrics, for the API server to count its
+    /// requests in.
+    pub fn metrics(&self) -> Arc<MetricsRegistry> {
+        self.metrics.clone()
+    }
+
+    fn started(&self) -> bool {
+        matches!(self.phase, Phase::Started { .. })
+    }
+
+    fn before_start(&self, what: &str) -> Result<()> {
+        if self.started() {
+            return Err(wrong_state(format!(
+                "{what}: the operation is not allowed after the VM has started"
+            )));
+        }
+        Ok(())
+    }
+
+    fn controller(&self, what: &str) -> Result<&VmController> {
+        match &self.phase {
+            Phase::Started { controller, .. } if !controller.is_finished() => Ok(controller),
+            Phase::Started { .. } => Err(wrong_state(format!("{what}: the VM has ended"))),
+            Phase::NotStarted => Err(wrong_state(format!("{what}: the VM has not been started"))),
+        }
+    }
+
+    fn state_name(&self) -> &'static str {
+        match &self.phase {
+            Phase::NotStarted => "Not started",
+            Phase::Started { controller, .. } if controller.is_paused() => "Paused",
+            Phase::Started { controller, .. } if controller.is_finished() => "Stopped",
+            Phase::Started { .. } => "Running",
+        }
+    }
+
+    /// `GET /`.
+    pub fn instance_info(&self) -> InstanceInfo {
+        InstanceInfo {
+            app_name: "Keel".into(),
+            id: self.options.id.clone(),
+            state: self.state_name().into(),
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    /// `GET /version`.
+    pub fn version(&self) -> Version {
+        Version {
+            firecracker_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    /// `GET /machine-config`.
+    pub fn machine_config(&self) -> MachineConfig {
+        self.config.machine_config.clone().unwrap_or_default()
+    }
+
+    fn check_machine(machine: &MachineConfig) -> Result<()> {
+        if machine.vcpu_count == 0 || machine.vcpu_count > MAX_API_VCPUS {
+            return Err(invalid(format!(
+                "vcpu_count {}: must be between 1 and {MAX_API_VCPUS}",
+                machine.vcpu_count
+            )));
+        }
+        if machine.mem_size_mib == 0 {
+            return Err(invalid("mem_size_mib 0: a VM needs memory"));
+        }
+        if machine.smt {
+            return Err(invalid("smt true: Keel exposes no SMT siblings (set smt false)"));
+        }
+        if let Some(h) = machine.huge_pages.as_deref().filter(|&h| h != "None") {
+            return Err(invalid(format!("huge_pages {h:?}: only \"None\" is supported")));
+        }
+        if let Some(t) = machine.cpu_template.as_deref().filter(|&t| t != "None") {
+            return Err(invalid(format!(
+                "cpu_template {t:?}: CPU templates are not supported"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `PUT /machine-config`.
+    pub fn put_machine_config(&mut self, machine: MachineConfig) -> Result<()> {
+        self.before_start("machine-config")?;
+        Self::check_machine(&machine)?;
+        self.config.machine_config = Some(machine);
+        Ok(())
+    }
+
+    /// `PATCH /machine-config`.
+    pub fn patch_machine_config(&mut self, update: MachineConfigUpdate) -> Result<()> {
+        self.before_start("machine-config")?;
+        let mut machine = self.machine_config();
+        let MachineConfigUpdate {
+            vcpu_count,
+            mem_size_mib,
+            smt,
+            track_dirty_pages,
+            huge_pages,
+            cpu_template,
+        } = update;
+        machine.vcpu_count = vcpu_count.unwrap_or(machine.vcpu_count);
+        machine.mem_size_mib = mem_size_mib.unwrap_or(machine.mem_size_mib);
+        machine.smt = smt.unwrap_or(machine.smt);
+        machine.track_dirty_pages = track_dirty_pages.unwrap_or(machine.track_dirty_pages);
+        machine.huge_pages = huge_pages.or(machine.huge_pages);
+        machine.cpu_template = cpu_template.or(machine.cpu_template);
+        self.put_machine_config(machine)
+    }
+
+    /// `PUT /boot-source`.
+    pub fn put_boot_source(&mut self, boot: BootSource) -> Result<()> {
+        self.before_start("boot-source")?;
+        if boot.kernel_image_path != BUILT_IN_GUEST {
+            check_readable("kernel_image_path", &boot.kernel_image_path)?;
+        }
+        if let Some(initrd) = &boot.initrd_path {
+            check_readable("initrd_path", initrd)?;
+        }
+        self.config.boot_source = Some(boot);
+        Ok(())
+    }
+
+    /// `PUT /drives/{drive_id}`: adds a drive, or replaces the one of that
+    /// ID, before start.
+    pub fn put_drive(&mut self, path_id: &str, drive: Drive) -> Result<()> {
+        self.before_start(&format!("drives/{path_id}"))?;
+        if drive.drive_id != path_id {
+            return Err(invalid(format!(
+                "drive_id {:?}: does not match the path's {path_id:?}",
+                drive.drive_id
+            )));
+        }
+        if drive.socket.is_some() {
+            return Err(invalid(format!(
+                "drives/{path_id} socket: vhost-user drives are not supported"
+            )));
+        }
+        let Some(path) = &drive.path_on_host else {
+            return Err(invalid(format!("drives/{path_id}: path_on_host is required")));
+        };
+        check_readable(&format!("drives/{path_id} path_on_host"), path)?;
+        for (field, value, allowed) in [
+            ("cache_type", &drive.cache_type, &["Unsafe", "Writeback"][..]),
+            ("io_engine", &drive.io_engine, &["Sync", "Async"][..]),
+        ] {
+            if let Some(v) = value.as_deref().filter(|v| !allowed.contains(v)) {
+                return Err(invalid(format!(
+                    "drives/{path_id} {field} {v:?}: expected one of {allowed:?}"
+                )));
+            }
+        }
+        if drive.is_root_device {
+            if let Some(other) = self
+                .config
+                .drives
+                .iter()
+                .find(|d| d.is_root_device && d.drive_id != drive.drive_id)
+            {
+                return Err(invalid(format!(
+                    "drives/{path_id} is_root_device: drive {:?} is already the root device",
+                    other.drive_id
+                )));
+            }
+        }
+        match self
+            .config
+            .drives
+            .iter_mut()
+            .find(|d| d.drive_id == drive.drive_id)
+        {
+            Some(slot) => *slot = drive,
+            None => self.config.drives.push(drive),
+        }
+        Ok(())
+    }
+
+    /// `PATCH /drives/{drive_id}`: on a running VM only.
+    pub fn patch_drive(&mut self, path_id: &str, update: DriveUpdate) -> Result<()> {
+        if update.drive_id != path_id {
+            return Err(invalid(format!(
+                "drive_id {:?}: does not match the path's {path_id:?}",
+                update.drive_id
+            )));
+        }
+        self.controller(&format!("drives/{path_id}"))?;
+        if !self.config.drives.iter().any(|d| d.drive_id == path_id) {
+            return Err(invalid(format!("drives/{path_id}: no drive with that ID")));
+        }
+        if let Some(path) = &update.path_on_host {
+            check_readable(&format!("drives/{path_id} path_on_host"), path)?;
+        }
+        Err(wrong_state(format!(
+            "drives/{path_id}: updating a running drive is not available in this build"
+        )))
+    }
+
+    /// `PUT /network-interfaces/{iface_id}`.
+    pub fn put_network_interface(&mut self, path_id: &str, iface: NetworkInterface) -> Result<()> {
+        self.before_start(&format!("network-interfaces/{path_id}"))?;
+        if iface.iface_id != path_id {
+            return Err(invalid(format!(
+                "iface_id {:?}: does not match the path's {path_id:?}",
+                iface.iface_id
+            )));
+        }
+        let mut probe = NetConfig::tap(iface.host_dev_name.clone());
+        probe.mac = iface.guest_mac.clone();
+        if iface.host_dev_name.is_empty() || iface.host_dev_name.len() > 15 {
+            return Err(invalid(format!(
+                "network-interfaces/{path_id} host_dev_name {:?}: interface names are 1 to 15 bytes",
+                iface.host_dev_name
+            )));
+        }
+        probe
+            .mac_bytes(0)
+            .map_err(|e| invalid(format!("network-interfaces/{path_id} guest_mac: {e}")))?;
+        if let Some(other) = self
+            .config
+            .network_interfaces
+            .iter()
+            .find(|n| n.host_dev_name == iface.host_dev_name && n.iface_id != iface.iface_id)
+        {
+            return Err(invalid(format!(
+                "network-interfaces/{path_id} host_dev_name {:?}: already used by {:?}",
+                iface.host_dev_name, other.iface_id
+            )));
+        }
+        match self
+            .config
+            .network_interfaces
+            .iter_mut()
+            .find(|n| n.iface_id == iface.iface_id)
+        {
+            Some(slot) => *slot = iface,
+            None => self.config.network_interfaces.push(iface),
+        }
+        Ok(())
+    }
+
+    /// `PATCH /network-interfaces/{iface_id}`: on a running VM only.
+    pub fn patch_network_interface(&mut self, path_id: &str, update: NetworkInterfaceUpdate) -> Result<()> {
+        if update.iface_id != path_id {
+            return Err(invalid(format!(
+                "iface_id {:?}: does not match the path's {path_id:?}",
+                update.iface_id
+            )));
+        }
+        self.controller(&format!("network-interfaces/{path_id}"))?;
+        if !self
+            .config
+            .network_interfaces
+            .iter()
+            .any(|n| n.iface_id == path_id)
+        {
+            return Err(invalid(format!(
+                "network-interfaces/{path_id}: no interface with that ID"
+            )));
+        }
+        Err(wrong_state(format!(
+            "network-interfaces/{path_id}: updating a running interface is not available in this build"
+        )))
+    }
+
+    /// `PUT /vsock`.
+    pub fn put_vsock(&mut self, vsock: Vsock) -> Result<()> {
+        self.before_start("vsock")?;
+        if vsock.guest_cid < 3 {
+            return Err(invalid(format!(
+                "guest_cid {}: must be 3 or more (0-2 are reserved)",
+                vsock.guest_cid
+            )));
+        }
+        if Path::new(&vsock.uds_path).exists() {
+            return Err(invalid(format!("uds_path {}: already exists", vsock.uds_path)));
+        }
+        self.config.vsock = Some(vsock);
+        Ok(())
+    }
+
+    /// `PUT /entropy`.
+    pub fn put_entropy(&mut self, entropy: Entropy) -> Result<()> {
+        self.before_start("entropy")?;
+        self.config.entropy = Some(entropy);
+        Ok(())
+    }
+
+    /// `PUT /balloon`.
+    pub fn put_balloon(&mut self, balloon: Balloon) -> Result<()> {
+        self.before_start("balloon")?;
+        let _ = balloon;
+        Err(invalid("balloon: not available in this build"))
+    }
+
+    /// `GET /balloon`.
+    pub fn balloon(&self) -> Result<Balloon> {
+        self.config
+            .balloon
+            .clone()
+            .ok_or_else(|| invalid("balloon: no balloon device is configured"))
+    }
+
+    /// `PATCH /balloon`.
+    pub fn patch_balloon(&mut self, update: BalloonUpdate) -> Result<()> {
+        let _ = update;
+        Err(invalid("balloon: no balloon device is configured"))
+    }
+
+    /// `GET /balloon/statistics`.
+    pub fn balloon_stats(&self) -> Result<BalloonStats> {
+        Err(invalid("balloon: no balloon device is configured"))
+    }
+
+    /// `PATCH /balloon/statistics`.
+    pub fn patch_balloon_stats(&mut self, update: BalloonStatsUpdate) -> Result<()> {
+        let _ = update;
+        Err(invalid("balloon: no balloon device is configured"))
+    }
+
+    /// `PUT /logger`.
+    pub fn put_logger(&mut self, logger: Logger) -> Result<()> {
+        if let Some(level) = logger.level.as_deref() {
+            const LEVELS: [&str; 6] = ["Error", "Warning", "Info", "Debug", "Trace", "Off"];
+            if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+                return Err(invalid(format!("level {level:?}: expected one of {LEVELS:?}")));
+            }
+        }
+        let Some(control) = &self.options.log_control else {
+            return Err(invalid("logger: this VMM's logging cannot be reconfigured"));
+        };
+        control.configure(&logger).map_err(invalid)?;
+        self.config.logger = Some(logger);
+        Ok(())
+    }
+
+    /// `PUT /metrics`: opens `metrics_path` for appending JSON lines.
+    pub fn put_metrics(&mut self, metrics: Metrics) -> Result<()> {
+        if self.metrics_file.is_some() {
+            return Err(wrong_state(
+                "metrics: already configured (Firecracker allows it once)",
+            ));
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics.metrics_path)
+            .map_err(|source| ControlError::Host {
+                what: "metrics_path",
+                path: metrics.metrics_path.clone(),
+                source,
+            })?;
+        self.metrics_file = Some(file);
+        self.config.metrics = Some(metrics);
+        Ok(())
+    }
+
+    /// `GET /vm/config`.
+    pub fn vm_config(&self) -> FullVmConfiguration {
+        let mut config = self.config.clone();
+        config.machine_config = Some(self.machine_config());
+        config
+    }
+
+    /// Applies a whole configuration (`--config-file`), section by section,
+    /// before start.
+    pub fn configure(&mut self, config: FullVmConfiguration) -> Result<()> {
+        let FullVmConfiguration {
+            boot_source,
+            drives,
+            machine_config,
+            network_interfaces,
+            vsock,
+            entropy,
+            balloon,
+            logger,
+            metrics,
+        } = config;
+        if let Some(logger) = logger {
+            self.put_logger(logger)?;
+        }
+        if let Some(metrics) = metrics {
+            self.put_metrics(metrics)?;
+        }
+        if let Some(machine) = machine_config {
+            self.put_machine_config(machine)?;
+        }
+        if let Some(boot) = boot_source {
+            self.put_boot_source(boot)?;
+        }
+        for drive in drives {
+            let id = drive.drive_id.clone();
+            self.put_drive(&id, drive)?;
+        }
+        for iface in network_interfaces {
+            let id = iface.iface_id.clone();
+            self.put_network_interface(&id, iface)?;
+        }
+        if let Some(vsock) = vsock {
+            self.put_vsock(vsock)?;
+        }
+        if let Some(entropy) = entropy {
+            self.put_entropy(entropy)?;
+        }
+        if let Some(balloon) = balloon {
+            self.put_balloon(balloon)?;
+        }
+        Ok(())
+    }
+
+    /// The [`VmConfig`] the API configuration amounts to.
+    pub fn to_vm_config(&self) -> Result<VmConfig> {
+        let machine = self.machine_config();
+        let Some(boot) = &self.config.boot_source else {
+            return Err(wrong_state(
+                "InstanceStart: no boot-source is configured (PUT /boot-source first)",
+            ));
+        };
+        let mut config = VmConfig::default();
+        config.vcpus = machine.vcpu_count;
+        config.memory_mib = machine.mem_size_mib;
+        config.serial = self.options.serial.clone();
+        config.transport = self.options.transport;
+        let mut cmdline = boot.boot_args.clone();
+        if boot.kernel_image_path != BUILT_IN_GUEST {
+            config.kernel = Some(boot.kernel_image_path.clone().into());
+            config.initrd = boot.initrd_path.clone().map(Into::into);
+        }
+        // The root drive is the first disk (vda), as Firecracker orders it.
+        let mut drives: Vec<&Drive> = self.config.drives.iter().filter(|d| d.is_root_device).collect();
+        drives.extend(self.config.drives.iter().filter(|d| !d.is_root_device));
+        for drive in &drives {
+            let Some(path) = &drive.path_on_host else { continue };
+            let mut disk = DiskConfig::new(path);
+            disk.read_only = drive.is_read_only;
+            // virtio-blk IDs are at most 20 bytes; longer ones are not given.
+            disk.id = Some(drive.drive_id.clone()).filter(|id| id.len() <= 20);
+            config.disks.push(disk);
+        }
+        if let Some(root) = drives.first().filter(|d| d.is_root_device) {
+            if config.kernel.is_some() {
+                let line =
+                    cmdline.get_or_insert_with(|| keel_vmm::DEFAULT_LINUX_CMDLINE.replace(" pci=off", ""));
+                if !line.split_whitespace().any(|w| w.starts_with("root=")) {
+                    let device = match &root.partuuid {
+                        Some(uuid) => format!("PARTUUID={uuid}"),
+                        None => "/dev/vda".into(),
+                    };
+                    let mode = if root.is_read_only { "ro" } else { "rw" };
+                    line.push_str(&format!(" root={device} {mode}"));
+                }
+            }
+        }
+        config.cmdline = cmdline;
+        for iface in &self.config.network_interfaces {
+            let mut net = NetConfig::tap(iface.host_dev_name.clone());
+            net.mac = iface.guest_mac.clone();
+            config.nets.push(net);
+        }
+        if let Some(vsock) = &self.config.vsock {
+            config.vsock = Some(VsockConfig::new(
+                u64::from(vsock.guest_cid),
+                vsock.uds_path.clone(),
+            ));
+        }
+        config.rng = self.config.entropy.is_some();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn start(&mut self) -> Result<()> {
+        self.before_start("InstanceStart")?;
+        let config = self.to_vm_config()?;
+        let handle = VmBuilder::new(config)?
+            .kvm_device(&self.options.kvm_device)
+            .start_time(self.started_at)
+            .build()?
+            .start()?;
+        let controller = handle.controller();
+        let exit = Arc::new(ExitWatch::default());
+        let watch = exit.clone();
+        let on_exit = self.options.on_exit.take();
+        std::thread::Builder::new()
+            .name("keel-vm-wait".into())
+            .spawn(move || {
+                let outcome = handle.wait().map_err(|e| e.to_string());
+                if let Some(on_exit) = &on_exit {
+                    on_exit(&outcome);
+                }
+                *watch.outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(outcome);
+                watch.ended.notify_all();
+            })
+            .map_err(|e| ControlError::Vmm(keel_vmm::Error::Thread(e)))?;
+        self.phase = Phase::Started { controller, exit };
+        Ok(())
+    }
+
+    /// `PUT /actions`.
+    pub fn action(&mut self, action: ActionType) -> Result<()> {
+        match action {
+            ActionType::InstanceStart => self.start(),
+            ActionType::SendCtrlAltDel => Ok(self.controller("SendCtrlAltDel")?.press_power_button()?),
+            ActionType::FlushMetrics => self.flush_metrics(),
+            #[allow(unreachable_patterns)]
+            other => Err(invalid(format!("action_type {other:?}: not supported"))),
+        }
+    }
+
+    /// `PATCH /vm`.
+    pub fn set_vm_state(&mut self, state: VmStateName) -> Result<()> {
+        let controller = self.controller("vm state")?;
+        match state {
+            VmStateName::Paused => Ok(controller.pause()?),
+            VmStateName::Resumed if !controller.is_paused() => {
+                Err(wrong_state("state Resumed: the VM is not paused"))
+            }
+            VmStateName::Resumed => Ok(controller.resume()?),
+            #[allow(unreachable_patterns)]
+            other => Err(invalid(format!("state {other:?}: not supported"))),
+        }
+    }
+
+    /// The VM's outcome, once started (to wait for its end).
+    pub fn exit_watch(&self) -> Option<Arc<ExitWatch>> {
+        match &self.phase {
+            Phase::Started { exit, .. } => Some(exit.clone()),
+            Phase::NotStarted => None,
+        }
+    }
+
+    /// Stops the VM if it runs.
+    pub fn stop(&self) {
+        if let Phase::Started { controller, exit } = &self.phase {
+            controller.stop();
+            let _ = exit.wait_timeout(Duration::from_secs(10));
+        }
+    }
+
+    /// The metrics now, as one JSON object (what `FlushMetrics` writes).
+    pub fn metrics_json(&self) -> serde_json::Value {
+        self.metrics.snapshot_json(self.started_at.elapsed())
+    }
+
+    /// The metrics now in Prometheus' text format (`GET /metrics`).
+    pub fn metrics_prometheus(&self) -> String {
+        self.metrics.prometheus(self.started_at.elapsed())
+    }
+
+    /// `FlushMetrics`: appends one JSON line to the metrics file.
+    pub fn flush_metrics(&mut self) -> Result<()> {
+        let line = self.metrics_json().to_string();
+        let path = self
+            .config
+            .metrics
+            .as_ref()
+            .map(|m| m.metrics_path.clone())
+            .unwrap_or_default();
+        let Some(file) = self.metrics_file.as_mut() else {
+            return Err(wrong_state(
+                "FlushMetrics: no metrics_path is configured (PUT /metrics first)",
+            ));
+        };
+        use std::io::Write;
+        writeln!(file, "{line}").map_err(|source| ControlError::Host {
+            what: "metrics_path",
+            path,
+            source,
+        })
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
