@@ -1,36 +1,4 @@
-//! virtio-balloon, the traditional memory balloon (virtio 1.2, section 5.5),
-//! with the options and statistics of Firecracker's balloon API.
-//!
-//! The host sets a target (`num_pages` in the configuration space, set from
-//! [`BalloonHandle::update_target_mib`] with a configuration change
-//! interrupt); the guest driver allocates that many 4 KiB pages and posts
-//! their frame numbers on the inflate queue, and the device gives the
-//! pages' host memory back with `madvise(MADV_DONTNEED)`. The driver reports
-//! how many pages the balloon holds in `actual`. Pages posted on the deflate
-//! queue are the guest's again: they are simply faulted back in (zero-filled)
-//! when the guest touches them.
-//!
-//! Options ([`BalloonOptions`]), each a feature bit offered only when set:
-//!
-//! - `deflate_on_oom` (`VIRTIO_BALLOON_F_DEFLATE_ON_OOM`): the guest may
-//!   take pages back out of the balloon when it would otherwise run out of
-//!   memory.
-//! - `stats_polling_interval_s` > 0 (`VIRTIO_BALLOON_F_STATS_VQ`): the
-//!   statistics queue. The driver posts a buffer of statistics; the device
-//!   keeps it and, every interval (a timerfd on the event loop), hands it
-//!   back to ask for fresh ones, which arrive in the next buffer.
-//! - `free_page_reporting` (`VIRTIO_BALLOON_F_REPORTING`): the reporting
-//!   queue, where the guest posts free memory it does not need right now;
-//!   the device releases it like inflated pages and returns the buffers.
-//!
-//! Queues: inflate (0), deflate (1), then statistics and then reporting,
-//! each only when enabled, numbered without gaps (as Linux and QEMU number
-//! them). A driver must set up every queue the device has: a device with
-//! statistics or reporting enabled expects the driver to accept those
-//! features.
-//!
-//! Every frame number comes from the guest and is checked: pages outside
-//! guest RAM are ignored with a rate-limited warning.
+//! virtio-balloon (device type 5): see [`Balloon`].
 
 mod release;
 mod stats;
@@ -323,9 +291,60 @@ impl BalloonHandle {
     }
 }
 
-/// A virtio memory balloon (device type 5). See the [module
-/// documentation](self) for the protocol, and [`BalloonHandle`] for control
-/// while the VM runs.
+/// virtio-balloon, the traditional memory balloon (virtio 1.2, section 5.5),
+/// with the options and statistics of Firecracker's balloon API.
+///
+/// The host sets a target (`num_pages` in the configuration space, set from
+/// [`BalloonHandle::update_target_mib`] with a configuration change
+/// interrupt); the guest driver allocates that many 4 KiB pages and posts
+/// their frame numbers on the inflate queue, and the device gives the
+/// pages' host memory back with `madvise(MADV_DONTNEED)`. The driver reports
+/// how many pages the balloon holds in `actual`. Pages posted on the deflate
+/// queue are the guest's again: they are simply faulted back in (zero-filled)
+/// when the guest touches them.
+///
+/// Options ([`BalloonOptions`]), each a feature bit offered only when set:
+///
+/// - `deflate_on_oom` (`VIRTIO_BALLOON_F_DEFLATE_ON_OOM`): the guest may
+///   take pages back out of the balloon when it would otherwise run out of
+///   memory.
+/// - `stats_polling_interval_s` > 0 (`VIRTIO_BALLOON_F_STATS_VQ`): the
+///   statistics queue. The driver posts a buffer of statistics; the device
+///   keeps it and, every interval (a timerfd on the event loop), hands it
+///   back to ask for fresh ones, which arrive in the next buffer.
+/// - `free_page_reporting` (`VIRTIO_BALLOON_F_REPORTING`): the reporting
+///   queue, where the guest posts free memory it does not need right now;
+///   the device releases it like inflated pages and returns the buffers.
+///
+/// Queues: inflate (0), deflate (1), then statistics and then reporting,
+/// each only when enabled, numbered without gaps (as Linux and QEMU number
+/// them). A driver must set up every queue the device has: a device with
+/// statistics or reporting enabled expects the driver to accept those
+/// features.
+///
+/// Every frame number comes from the guest and is checked: pages outside
+/// guest RAM are ignored with a rate-limited warning.
+///
+/// [`BalloonHandle`] controls the balloon while the VM runs.
+///
+/// # Example
+///
+/// ```
+/// use keel_virtio::{Balloon, BalloonOptions, VirtioDevice};
+///
+/// let mut options = BalloonOptions::new(64);
+/// options.stats_polling_interval_s = 1;
+/// let balloon = Balloon::new(options).unwrap();
+/// let handle = balloon.handle(); // for the control plane's thread
+///
+/// let mut num_pages = [0u8; 4];
+/// balloon.read_config(0, &mut num_pages);
+/// assert_eq!(u32::from_le_bytes(num_pages), 64 * 256);
+///
+/// // Once the driver is up this also interrupts the guest.
+/// handle.update_target_mib(128).unwrap();
+/// assert_eq!(handle.statistics().unwrap().target_pages, 128 * 256);
+/// ```
 ///
 /// Like every device here it is shared by its transport and the event loop:
 /// see the crate documentation.
