@@ -39,8 +39,9 @@ impl Keel {
             .spawn()
             .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "the API socket never appeared");
+        // The socket file appears at bind(), a moment before listen().
+        while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "the API socket never accepted");
             std::thread::sleep(Duration::from_millis(2));
         }
         Keel { child, sock, stdout }
@@ -386,4 +387,86 @@ fn a_config_file_boots_at_once_and_the_process_exits_with_the_guest() {
         "{stderr}"
     );
     let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn the_balloon_is_configured_inflated_and_read_over_the_api() {
+    if !kvm() {
+        return;
+    }
+    let keel = Keel::start("balloon", &[]);
+    keel.fault("GET", "/balloon", None, "no balloon device is configured");
+    keel.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+    );
+    keel.fault(
+        "PUT",
+        "/balloon",
+        Some(r#"{"amount_mib": 65, "deflate_on_oom": false}"#),
+        "amount_mib 65: more than the VM's 64 MiB",
+    );
+    keel.fault(
+        "PUT",
+        "/balloon",
+        Some(r#"{"amount_mib": 1}"#),
+        "missing field `deflate_on_oom`",
+    );
+    keel.ok(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 0, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#,
+    );
+    keel.ok(
+        "PUT",
+        "/boot-source",
+        r#"{"kernel_image_path": "keel:built-in-guest", "boot_args": "virtio-balloon touch-mib=16 stats-rounds=1"}"#,
+    );
+    keel.fault("GET", "/balloon/statistics", None, "has not been started");
+    keel.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let wait_for = |needle: &str| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let out = std::fs::read_to_string(&keel.stdout).unwrap_or_default();
+            if out.contains(needle) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} in:\n{out}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_for("virtio-balloon: waiting for a target");
+    keel.fault(
+        "PATCH",
+        "/balloon",
+        Some(r#"{"amount_mib": 100}"#),
+        "amount_mib 100",
+    );
+    keel.ok("PATCH", "/balloon", r#"{"amount_mib": 16}"#);
+    wait_for("virtio-balloon: inflated 4096 pages (16 MiB)");
+    let (status, balloon) = keel.call("GET", "/balloon", None);
+    assert_eq!(status, 200, "{balloon}");
+    let balloon: serde_json::Value = serde_json::from_str(&balloon).unwrap();
+    assert_eq!(balloon["amount_mib"], 16);
+    assert_eq!(balloon["deflate_on_oom"], true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stats = loop {
+        let (status, text) = keel.call("GET", "/balloon/statistics", None);
+        if status == 200 {
+            let stats: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if stats.get("total_memory").is_some() {
+                break stats;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no statistics from the guest: {status} {text}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(stats["actual_mib"], 16, "{stats}");
+    assert_eq!(stats["target_pages"], 4096, "{stats}");
+    let (_, metrics) = keel.call("GET", "/metrics", None);
+    assert!(metrics.contains("keel_balloon_inflated_pages 4096"), "{metrics}");
 }

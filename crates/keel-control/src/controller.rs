@@ -557,33 +557,128 @@ impl Vmm {
     /// `PUT /balloon`.
     pub fn put_balloon(&mut self, balloon: Balloon) -> Result<()> {
         self.before_start("balloon")?;
-        let _ = balloon;
-        Err(invalid("balloon: not available in this build"))
+        let memory = self.machine_config().mem_size_mib;
+        if u64::from(balloon.amount_mib) > memory {
+            return Err(invalid(format!(
+                "balloon amount_mib {}: more than the VM's {memory} MiB",
+                balloon.amount_mib
+            )));
+        }
+        self.config.balloon = Some(balloon);
+        Ok(())
     }
 
-    /// `GET /balloon`.
+    fn balloon_handle(&self, what: &str) -> Result<keel_vmm::keel_virtio::BalloonHandle> {
+        if self.config.balloon.is_none() {
+            return Err(invalid(format!("{what}: no balloon device is configured")));
+        }
+        self.controller(what)?
+            .balloon()
+            .cloned()
+            .ok_or_else(|| invalid(format!("{what}: the running VM has no balloon")))
+    }
+
+    /// `GET /balloon`: the configuration, with the current target.
     pub fn balloon(&self) -> Result<Balloon> {
-        self.config
+        let mut balloon = self
+            .config
             .balloon
-            .clone()
-            .ok_or_else(|| invalid("balloon: no balloon device is configured"))
+            .ok_or_else(|| invalid("balloon: no balloon device is configured"))?;
+        if let Ok(handle) = self.balloon_handle("balloon") {
+            balloon.amount_mib = handle.target_mib();
+        }
+        Ok(balloon)
     }
 
-    /// `PATCH /balloon`.
+    /// `PATCH /balloon`: a new target on a running VM (before start: the
+    /// configured size).
     pub fn patch_balloon(&mut self, update: BalloonUpdate) -> Result<()> {
-        let _ = update;
-        Err(invalid("balloon: no balloon device is configured"))
+        if !self.started() {
+            let memory = self.machine_config().mem_size_mib;
+            let balloon = self
+                .config
+                .balloon
+                .as_mut()
+                .ok_or_else(|| invalid("balloon: no balloon device is configured"))?;
+            if u64::from(update.amount_mib) > memory {
+                return Err(invalid(format!(
+                    "balloon amount_mib {}: more than the VM's {memory} MiB",
+                    update.amount_mib
+                )));
+            }
+            balloon.amount_mib = update.amount_mib;
+            return Ok(());
+        }
+        self.balloon_handle("balloon")?
+            .update_target_mib(update.amount_mib)
+            .map_err(|e| invalid(format!("balloon amount_mib {}: {e}", update.amount_mib)))?;
+        if let Some(balloon) = self.config.balloon.as_mut() {
+            balloon.amount_mib = update.amount_mib;
+        }
+        Ok(())
     }
 
     /// `GET /balloon/statistics`.
     pub fn balloon_stats(&self) -> Result<BalloonStats> {
-        Err(invalid("balloon: no balloon device is configured"))
+        let stats = self
+            .balloon_handle("balloon/statistics")?
+            .statistics()
+            .map_err(|e| invalid(format!("balloon/statistics: {e}")))?;
+        let mut guest = std::collections::BTreeMap::new();
+        for (name, value) in [
+            ("swap_in", stats.swap_in),
+            ("swap_out", stats.swap_out),
+            ("major_faults", stats.major_faults),
+            ("minor_faults", stats.minor_faults),
+            ("free_memory", stats.free_memory),
+            ("total_memory", stats.total_memory),
+            ("available_memory", stats.available_memory),
+            ("disk_caches", stats.disk_caches),
+            ("hugetlb_allocations", stats.hugetlb_allocations),
+            ("hugetlb_failures", stats.hugetlb_failures),
+            ("oom_kill", stats.oom_kill),
+            ("alloc_stall", stats.alloc_stall),
+            ("async_scan", stats.async_scan),
+            ("direct_scan", stats.direct_scan),
+            ("async_reclaim", stats.async_reclaim),
+            ("direct_reclaim", stats.direct_reclaim),
+        ] {
+            if let Some(value) = value {
+                guest.insert(name.to_string(), value);
+            }
+        }
+        Ok(BalloonStats {
+            target_pages: stats.target_pages,
+            actual_pages: stats.actual_pages,
+            target_mib: stats.target_mib,
+            actual_mib: stats.actual_mib,
+            guest,
+        })
     }
 
     /// `PATCH /balloon/statistics`.
     pub fn patch_balloon_stats(&mut self, update: BalloonStatsUpdate) -> Result<()> {
-        let _ = update;
-        Err(invalid("balloon: no balloon device is configured"))
+        let seconds = update.stats_polling_interval_s;
+        if !self.started() {
+            let balloon = self
+                .config
+                .balloon
+                .as_mut()
+                .ok_or_else(|| invalid("balloon: no balloon device is configured"))?;
+            balloon.stats_polling_interval_s = seconds;
+            return Ok(());
+        }
+        self.balloon_handle("balloon/statistics")?
+            .update_stats_polling_interval(seconds)
+            .map_err(|e| {
+                invalid(format!(
+                    "balloon/statistics stats_polling_interval_s {seconds}: {e}"
+                ))
+            })?;
+        if let Some(balloon) = self.config.balloon.as_mut() {
+            balloon.stats_polling_interval_s = seconds;
+        }
+        Ok(())
     }
 
     /// `PUT /logger`.
@@ -735,6 +830,7 @@ impl Vmm {
         }
         config.rng = self.config.entropy.is_some();
         config.rng_rate_limiter = self.config.entropy.as_ref().and_then(|e| e.rate_limiter);
+        config.balloon = self.config.balloon;
         config.validate()?;
         Ok(config)
     }

@@ -229,22 +229,10 @@ pub struct Entropy {
     pub rate_limiter: Option<RateLimiter>,
 }
 
-/// `PUT|GET /balloon`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct Balloon {
-    /// Target balloon size in MiB.
-    pub amount_mib: u32,
-    /// Let the guest deflate when it runs out of memory.
-    pub deflate_on_oom: bool,
-    /// Seconds between statistics updates; 0 disables statistics.
-    #[serde(default)]
-    pub stats_polling_interval_s: u16,
-    /// Free page reporting (a Keel extension of Firecracker's body).
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub free_page_reporting: bool,
-}
+/// `PUT|GET /balloon`: `amount_mib`, `deflate_on_oom`,
+/// `stats_polling_interval_s` and (a Keel extension) `free_page_reporting`,
+/// the same type `keel-vmm`'s configuration uses.
+pub use keel_vmm::BalloonConfig as Balloon;
 
 /// `PATCH /balloon`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

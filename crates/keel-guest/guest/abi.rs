@@ -29,6 +29,7 @@ pub const PROGRAMS: &[&str] = &[
     "virtio-blk-bench",
     "virtio-blk-flush-wait",
     "virtio-rng",
+    "virtio-balloon",
     "virtio-request",
     "virtio-console",
     "virtio-hostile",

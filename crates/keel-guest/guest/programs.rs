@@ -133,6 +133,7 @@ fn check_interrupts(
 mod acpi;
 mod flood;
 mod pci_hostile;
+mod virtio_balloon;
 mod virtio_blk;
 mod virtio_console;
 mod virtio_hostile;
@@ -163,6 +164,7 @@ pub fn run(ctx: &Context<'_>) -> u8 {
         "virtio-blk-bench" => (virtio_blk::bench, &["size", "count", "disk", "irq"]),
         "virtio-blk-flush-wait" => (virtio_blk::flush_wait, &["pattern"]),
         "virtio-rng" => (virtio_rng::run, &["irq"]),
+        "virtio-balloon" => (virtio_balloon::run, virtio_balloon::KEYS),
         "virtio-request" => (virtio_request::run, virtio_request::KEYS),
         "virtio-console" => (virtio_console::run, &["lines", "timeout-ms", "irq"]),
         "virtio-vsock" => (virtio_vsock::run, virtio_vsock::KEYS),

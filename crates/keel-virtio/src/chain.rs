@@ -178,6 +178,13 @@ impl RequestBuffers {
         }
     }
 
+    /// Every buffer of the chain, readable ones first: for devices that act
+    /// on the guest memory a chain names rather than on its bytes (the
+    /// balloon's free page reports).
+    pub fn segments(&self) -> impl Iterator<Item = &Segment> {
+        self.readable.iter().chain(&self.writable)
+    }
+
     /// The address of the last writable byte, where request formats such as
     /// virtio-blk put their status.
     pub fn last_writable_byte(&self) -> Option<GuestAddress> {

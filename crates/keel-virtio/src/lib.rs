@@ -8,7 +8,7 @@
 //! - **Devices** implement [`VirtioDevice`]: their type, the features they
 //!   offer, their configuration space, and what they do once the driver
 //!   hands them memory and queues ([`Activation`]). [`Block`], [`Rng`],
-//!   [`Console`], [`Net`] and [`Vsock`] are the devices so far; a device of
+//!   [`Console`], [`Net`], [`Vsock`] and [`Balloon`] are the devices so far; a device of
 //!   your own is either a [`VirtioDevice`] implementation or, for a
 //!   request/reply device, a [`RequestHandler`] inside a [`RequestDevice`],
 //!   which does the virtio part.
@@ -263,6 +263,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod activation;
+mod balloon;
 mod block;
 mod chain;
 mod console;
@@ -295,6 +296,10 @@ pub use vm_memory;
 #[doc(no_inline)]
 pub use vmm_sys_util;
 
+pub use balloon::{
+    Balloon, BalloonCounters, BalloonError, BalloonHandle, BalloonOptions, BalloonStats,
+    BALLOON_F_DEFLATE_ON_OOM, BALLOON_F_REPORTING, BALLOON_F_STATS_VQ, BALLOON_PAGE_SIZE, MAX_BALLOON_MIB,
+};
 pub use block::{
     Block, BlockBackend, BlockOptions, FileBackend, MemoryBackend, DISCARD_SECTOR_ALIGNMENT, ID_BYTES,
     MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SIZE,

@@ -69,6 +69,11 @@ pub struct VmConfig {
     /// convention).
     #[serde(default)]
     pub vsock: Option<VsockConfig>,
+    /// A virtio-balloon device (Firecracker's `balloon` settings), on the
+    /// VM's default transport; controlled while the VM runs through
+    /// `VmHandle::balloon`.
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
     /// Whether KVM's in-kernel PIT reinjects timer ticks the guest missed
     /// (KVM's own default), for guests that keep time by counting PIT
     /// interrupts (Linux 2.4 and older). Off by default, as the KVM API
@@ -194,6 +199,59 @@ impl std::str::FromStr for VsockConfig {
             (Some(cid), Some(uds)) => Ok(VsockConfig { cid, uds, transport }),
             _ => Err(format!("vsock {s:?}: needs both cid=N and uds=PATH")),
         }
+    }
+}
+
+/// A virtio-balloon device, with the fields of Firecracker's `balloon`
+/// configuration (`PUT /balloon`, the config file's `balloon` object).
+///
+/// ```
+/// let config: keel_vmm::BalloonConfig =
+///     serde_json::from_str(r#"{"amount_mib": 64, "deflate_on_oom": true, "stats_polling_interval_s": 1}"#)
+///         .unwrap();
+/// assert_eq!(config.amount_mib, 64);
+/// assert!(!config.free_page_reporting);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct BalloonConfig {
+    /// Target size of the balloon in MiB: memory the guest is asked to give
+    /// back (at most the VM's memory).
+    pub amount_mib: u32,
+    /// Whether the guest may take pages back out of the balloon when it
+    /// would otherwise run out of memory (`VIRTIO_BALLOON_F_DEFLATE_ON_OOM`).
+    pub deflate_on_oom: bool,
+    /// Seconds between statistics requests to the guest; 0 (the default)
+    /// disables statistics. Cannot be switched between zero and non-zero
+    /// once the VM is built.
+    #[serde(default)]
+    pub stats_polling_interval_s: u16,
+    /// Whether the guest reports free pages, which the host then releases
+    /// (`VIRTIO_BALLOON_F_REPORTING`).
+    #[serde(default)]
+    pub free_page_reporting: bool,
+}
+
+impl BalloonConfig {
+    /// A balloon of `amount_mib` MiB, without deflate-on-OOM, statistics or
+    /// free page reporting.
+    pub fn new(amount_mib: u32) -> Self {
+        Self {
+            amount_mib,
+            deflate_on_oom: false,
+            stats_polling_interval_s: 0,
+            free_page_reporting: false,
+        }
+    }
+
+    /// The device options these settings stand for.
+    pub fn options(&self) -> keel_virtio::BalloonOptions {
+        let mut options = keel_virtio::BalloonOptions::new(self.amount_mib);
+        options.deflate_on_oom = self.deflate_on_oom;
+        options.stats_polling_interval_s = self.stats_polling_interval_s;
+        options.free_page_reporting = self.free_page_reporting;
+        options
     }
 }
 
@@ -545,6 +603,7 @@ impl Default for VmConfig {
             console: None,
             nets: Vec::new(),
             vsock: None,
+            balloon: None,
             pit_reinject: false,
             irqchip: IrqchipChoice::default(),
             transport: VirtioTransport::default(),
@@ -653,6 +712,14 @@ impl VmConfig {
                 )));
             }
         }
+        if let Some(balloon) = &self.balloon {
+            if u64::from(balloon.amount_mib) > self.memory_mib {
+                return Err(Error::Config(format!(
+                    "balloon amount_mib {}: more than the VM's {} MiB of memory",
+                    balloon.amount_mib, self.memory_mib
+                )));
+            }
+        }
         if self.initrd.is_some() && self.kernel.is_none() {
             return Err(Error::Config(
                 "initrd: needs --kernel (the built-in guest takes none)".into(),
@@ -675,7 +742,7 @@ impl VmConfig {
     }
 
     /// Every virtio device's transport, in the order devices are added:
-    /// disks, nets, rng, console, vsock.
+    /// disks, nets, rng, balloon, console, vsock.
     pub fn transports(&self) -> impl Iterator<Item = VirtioTransport> + '_ {
         let default = self.transport;
         self.disks
@@ -683,6 +750,7 @@ impl VmConfig {
             .map(move |d| d.transport.unwrap_or(default))
             .chain(self.nets.iter().map(move |n| n.transport.unwrap_or(default)))
             .chain(self.rng.then_some(default))
+            .chain(self.balloon.as_ref().map(|_| default))
             .chain(self.console.as_ref().map(|_| default))
             .chain(self.vsock.iter().map(move |v| v.transport.unwrap_or(default)))
     }
@@ -808,6 +876,37 @@ mod tests {
     #[test]
     fn default_config_is_valid() {
         VmConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn balloon_takes_firecrackers_fields_and_fits_in_memory() {
+        let config: VmConfig = serde_json::from_str(
+            r#"{"memory_mib": 128, "balloon": {"amount_mib": 64, "deflate_on_oom": false, "stats_polling_interval_s": 2, "free_page_reporting": true}}"#,
+        )
+        .unwrap();
+        config.validate().unwrap();
+        let options = config.balloon.unwrap().options();
+        assert_eq!((options.amount_mib, options.stats_polling_interval_s), (64, 2));
+        assert!(options.free_page_reporting && !options.deflate_on_oom);
+
+        let missing = serde_json::from_str::<VmConfig>(r#"{"balloon": {"amount_mib": 1}}"#).unwrap_err();
+        assert!(missing.to_string().contains("deflate_on_oom"), "{missing}");
+        let unknown = serde_json::from_str::<VmConfig>(
+            r#"{"balloon": {"amount_mib": 1, "deflate_on_oom": true, "size": 2}}"#,
+        )
+        .unwrap_err();
+        assert!(unknown.to_string().contains("size"), "{unknown}");
+
+        let too_big = VmConfig {
+            balloon: Some(BalloonConfig::new(129)),
+            ..VmConfig::default()
+        };
+        let err = too_big.validate().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("balloon amount_mib 129: more than the VM's 128 MiB"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -85,9 +85,9 @@ pub use keel_virtio;
 
 pub use boot_progress::{ConsoleWatcher, RUN_INIT_MARKER};
 pub use config::{
-    BootProtocolChoice, ConsoleConfig, DiskConfig, IrqchipChoice, NetConfig, RateLimiterConfig, Ring0Choice,
-    SerialMode, TokenBucketConfig, VirtioTransport, VmConfig, VsockConfig, DEFAULT_GUEST_CMDLINE,
-    DEFAULT_LINUX_CMDLINE, DEFAULT_LINUX_PCI_CMDLINE, MAX_VCPUS,
+    BalloonConfig, BootProtocolChoice, ConsoleConfig, DiskConfig, IrqchipChoice, NetConfig,
+    RateLimiterConfig, Ring0Choice, SerialMode, TokenBucketConfig, VirtioTransport, VmConfig, VsockConfig,
+    DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE, DEFAULT_LINUX_PCI_CMDLINE, MAX_VCPUS,
 };
 pub use vm::{
     Counters, ExitReason, SerialSource, StopHandle, Vm, VmBuilder, VmController, VmHandle, BOOT_TIMER_ADDR,

@@ -772,6 +772,7 @@ pub struct Vm {
     pit_setup: Background,
     /// The ACPI generic event device's power button, with ACPI.
     ged: Option<keel_devices::GedHandle>,
+    balloon: Option<keel_virtio::BalloonHandle>,
     _vm_fd: Arc<VmFd>,
     // Kept alive as long as the VM: the vCPUs and slots refer to them.
     mem: GuestMemoryMmap,
@@ -1122,6 +1123,30 @@ impl Vm {
             control.lock_devices().rng = Some(rng.clone());
             virtio.add("virtio-rng", rng, config.transport)?;
         }
+        let balloon = match &config.balloon {
+            Some(settings) => {
+                let device = keel_virtio::Balloon::new(settings.options())
+                    .map_err(|e| Error::Config(format!("balloon: {e}")))?;
+                let handle = device.handle();
+                let sampled = handle.clone();
+                control.add_metrics("balloon", move || {
+                    let c = sampled.counters();
+                    vec![
+                        ("inflate_count", c.inflate_requests),
+                        ("inflated_pages", c.inflated_pages),
+                        ("deflate_count", c.deflate_requests),
+                        ("deflated_pages", c.deflated_pages),
+                        ("ignored_pages", c.ignored_pages),
+                        ("stats_updates_count", c.stats_updates),
+                        ("free_page_report_count", c.reports),
+                        ("free_page_report_bytes", c.reported_bytes),
+                    ]
+                });
+                virtio.add("virtio-balloon", Arc::new(Mutex::new(device)), config.transport)?;
+                Some(handle)
+            }
+            None => None,
+        };
         if let Some(console) = &config.console {
             let device = match console {
                 ConsoleConfig::Stdio => keel_virtio::Console::stdio(),
@@ -1327,6 +1352,7 @@ impl Vm {
             vcpus,
             pit_setup,
             ged,
+            balloon,
             _vm_fd: vm_fd,
             mem,
         })
@@ -1335,6 +1361,12 @@ impl Vm {
     /// The guest's memory.
     pub fn memory(&self) -> &GuestMemoryMmap {
         &self.mem
+    }
+
+    /// The balloon's control handle, if the VM has one
+    /// ([`VmConfig::balloon`](crate::VmConfig::balloon)).
+    pub fn balloon(&self) -> Option<&keel_virtio::BalloonHandle> {
+        self.balloon.as_ref()
     }
 
     /// Starts one thread per vCPU.
@@ -1346,6 +1378,7 @@ impl Vm {
             vcpus,
             pit_setup,
             ged,
+            balloon,
             _vm_fd,
             mem,
         } = self;
@@ -1414,6 +1447,7 @@ impl Vm {
             threads,
             _pit_setup: pit_setup,
             ged,
+            balloon,
             _vm_fd,
             mem,
         })
@@ -1499,6 +1533,7 @@ pub struct VmHandle {
     // Dropped in this order, for the reasons given on `Vm`.
     _pit_setup: Background,
     ged: Option<keel_devices::GedHandle>,
+    balloon: Option<keel_virtio::BalloonHandle>,
     _vm_fd: Arc<VmFd>,
     mem: GuestMemoryMmap,
 }
@@ -1538,6 +1573,7 @@ impl StopHandle {
 pub struct VmController {
     control: Arc<Control>,
     ged: Option<keel_devices::GedHandle>,
+    balloon: Option<keel_virtio::BalloonHandle>,
 }
 
 impl std::fmt::Debug for VmController {
@@ -1601,6 +1637,11 @@ impl VmController {
         self.control.lock_devices().nets.get(index).cloned()
     }
 
+    /// The balloon's control handle, if [`VmConfig::balloon`].
+    pub fn balloon(&self) -> Option<&keel_virtio::BalloonHandle> {
+        self.balloon.as_ref()
+    }
+
     /// The virtio-rng device, if [`VmConfig::rng`].
     pub fn rng(&self) -> Option<Arc<Mutex<keel_virtio::Rng>>> {
         self.control.lock_devices().rng.clone()
@@ -1625,6 +1666,7 @@ impl VmHandle {
         VmController {
             control: self.control.clone(),
             ged: self.ged.clone(),
+            balloon: self.balloon.clone(),
         }
     }
 
@@ -1662,6 +1704,13 @@ impl VmHandle {
     /// Whether the VM is paused.
     pub fn is_paused(&self) -> bool {
         self.control.pause.is_paused()
+    }
+
+    /// The balloon's control handle, if the VM has one: set its target,
+    /// change its statistics interval and read its statistics from any
+    /// thread while the VM runs (clone it to keep it past this handle).
+    pub fn balloon(&self) -> Option<&keel_virtio::BalloonHandle> {
+        self.balloon.as_ref()
     }
 
     /// Whether the VM has ended (wait would not block).

@@ -102,6 +102,7 @@ pub mod device_id {
     pub const BLOCK: u32 = 2;
     pub const CONSOLE: u32 = 3;
     pub const RNG: u32 = 4;
+    pub const BALLOON: u32 = 5;
 }
 
 /// Name of a device type, for messages.
@@ -112,7 +113,7 @@ pub fn type_name(id: u32) -> &'static str {
         device_id::BLOCK => "block",
         device_id::CONSOLE => "console",
         device_id::RNG => "rng",
-        5 => "balloon",
+        device_id::BALLOON => "balloon",
         19 => "vsock",
         _ => "unknown",
     }
@@ -798,6 +799,18 @@ impl Transport {
                 return u64::from_le_bytes(value);
             }
         }
+    }
+}
+
+impl Transport {
+    /// Writes the 32-bit configuration field at `offset` (4-byte aligned):
+    /// for the few fields a driver owns, such as the balloon's `actual`.
+    pub fn write_config32(&self, offset: u64, value: u32) {
+        let region = match self.regs {
+            Regs::Mmio(regs) => regs.offset(reg::CONFIG),
+            Regs::Pci(d) => d.device,
+        };
+        region.write32(offset, value);
     }
 }
 
