@@ -1142,6 +1142,13 @@ fn linux_boots_when_driven_over_the_api() {
         ),
     );
     call("PUT", "/entropy", "{}");
+    // Linux's balloon driver inflates in a kernel thread as soon as it
+    // probes a device with a target: no user space needed.
+    call(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib": 4, "deflate_on_oom": false, "stats_polling_interval_s": 1}"#,
+    );
     let started = Instant::now();
     call("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
     let read = || std::fs::read_to_string(&serial).unwrap_or_default();
@@ -1160,6 +1167,29 @@ fn linux_boots_when_driven_over_the_api() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(read().len(), at_pause, "the guest printed while paused");
     call("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    // The kernel's balloon driver gives its first pages (in chunks of 256)
+    // while the kernel is still booting.
+    let inflated = loop {
+        let (status, text) = http_client::request(&sock, "GET", "/balloon/statistics", None);
+        let actual = (status == 200)
+            .then(|| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .flatten()
+            .and_then(|v| v["actual_pages"].as_u64())
+            .unwrap_or(0);
+        if actual >= 256 {
+            break actual;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(900) && !read().contains("Kernel panic"),
+            "Linux's balloon driver gave no pages ({status} {text}):\n{}",
+            read()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "linux over the API: the kernel's balloon driver gave {inflated} pages after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     wait_for("Run /init as init process", Duration::from_secs(900));
     println!(
         "linux over the API: Run /init after {:.1} s",
