@@ -854,11 +854,10 @@ mod tests {
         let elapsed = started.elapsed();
         assert_eq!(router.updates(), 40, "every change is installed, none lost");
         assert_eq!(ioapic.route_updates(), 40);
-        assert!(
-            ioapic.throttled_route_updates() >= 29,
-            "{}",
-            ioapic.throttled_route_updates()
-        );
+        // Some rewrites had to wait. (How many depends on scheduling: a
+        // wait that overshoots lets the next token accrue, so on a loaded
+        // machine fewer than 30 wait; the rate bound below holds anyway.)
+        assert!(ioapic.throttled_route_updates() > 0);
         // 30 rewrites past the burst at 100/s take at least 0.3 s.
         assert!(elapsed >= std::time::Duration::from_millis(290), "{elapsed:?}");
         // The table in force is the last one written (masked: no routes).
