@@ -4,6 +4,10 @@
 //! `VmConfig`; the serial console is this process's stdout. Without
 //! `--kernel` it boots Keel's built-in test guest.
 
+// The flags' doc comments are clap's help text, written for a terminal
+// (`PATH[,ro]`, `<port>`), not rustdoc markup.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 mod logger;
 mod terminal;
 

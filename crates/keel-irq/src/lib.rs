@@ -93,7 +93,7 @@ pub use routing::{
     default_irqchip_routes, GsiRoute, GsiRouting, IrqfdMsiVectors, MsiMessage, MsiVectors,
     RecordingMsiVectors, RecordingRoutes, RouteInstaller, FIRST_MSI_GSI, MSI_GSI_END,
 };
-pub use split::{enable_split_irqchip, Ioapic, MsiRoute, MsiRouter, RecordingRouter};
+pub use split::{enable_split_irqchip, Ioapic, MsiRoute, MsiRouter, RecordingRouter, ROUTE_UPDATE_LIMIT};
 
 /// Errors from setting up or raising interrupts.
 #[derive(Debug, thiserror::Error)]

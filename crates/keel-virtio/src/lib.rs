@@ -30,7 +30,7 @@
 //!
 //! # The driver side, for testing devices
 //!
-//! With the `guest-driver` feature, [`guest_driver`] is the other end of a
+//! With the `guest-driver` feature, `guest_driver` is the other end of a
 //! virtqueue: queues laid out in guest memory, chains added (honest or
 //! hostile), the used ring read back, a device brought up through a
 //! virtio-mmio transport's registers ([`mmio_register`]). Every operation
