@@ -87,6 +87,7 @@ pub mod fnv;
 pub mod guest;
 pub mod host;
 pub mod kconfig;
+pub mod stock;
 
 use std::path::PathBuf;
 
@@ -123,6 +124,10 @@ pub enum Command {
 pub struct TestOpts {
     /// Do not build the Linux guest; its end-to-end tests report SKIPPED.
     pub no_linux: bool,
+    /// Also fetch Debian's stock cloud kernel and boot it
+    /// (`KEEL_STOCK_VMLINUX`; the boot takes tens of minutes where guest
+    /// ring 0 is emulated).
+    pub stock_kernel: bool,
     /// Arguments passed on to `cargo test`.
     pub cargo_args: Vec<String>,
 }
@@ -143,7 +148,7 @@ tasks:
                             of Debian's linux-source-6.1
       --jobs N              make -j N (default: number of CPUs)
       --verbose             show make output
-  test [--no-linux] [-- ARGS]
+  test [--no-linux] [--stock-kernel] [-- ARGS]
                     the whole test suite: first every host tool it needs
                     (xtask/src/deps.rs) — as root apt-get installs the
                     missing ones, else names them all in one line and
@@ -152,7 +157,10 @@ tasks:
                     KEEL_GUEST_VMLINUX/BZIMAGE/INITRAMFS/XFER set and
                     KEEL_REQUIRE_LINUX=1, so the Linux end-to-end tests run
                     and cannot be skipped; --no-linux leaves them out (they
-                    then say SKIPPED); ARGS with -p test only those packages
+                    then say SKIPPED); ARGS with -p test only those packages;
+                    --stock-kernel also fetches Debian's stock cloud kernel
+                    (apt-get download) and boots it (KEEL_STOCK_VMLINUX;
+                    tens of minutes where guest ring 0 is emulated)
   help              this text
 
 cache: $KEEL_CACHE_DIR/guest, else $XDG_CACHE_HOME/keel/guest, else
@@ -214,6 +222,7 @@ pub fn parse_args<I: IntoIterator<Item = String>>(args: I) -> Result<Command, St
             while let Some(a) = args.next() {
                 match a.as_str() {
                     "--no-linux" => o.no_linux = true,
+                    "--stock-kernel" => o.stock_kernel = true,
                     "--" => {
                         o.cargo_args = args.by_ref().collect();
                         break;
@@ -337,6 +346,14 @@ fn run_tests(opts: &TestOpts) -> Result<i32, String> {
             cmd.env(var, path);
         }
         cmd.env("KEEL_REQUIRE_LINUX", "1");
+        if opts.stock_kernel {
+            let root = cache::guest_cache_root(
+                std::env::var_os("KEEL_CACHE_DIR"),
+                std::env::var_os("XDG_CACHE_HOME"),
+                std::env::var_os("HOME"),
+            )?;
+            cmd.env("KEEL_STOCK_VMLINUX", stock::stock_vmlinux(&root)?);
+        }
     }
     eprintln!("xtask test: {cmd:?}");
     let status = cmd.status().map_err(|e| format!("cannot run cargo test: {e}"))?;
@@ -385,9 +402,17 @@ mod tests {
             parse(&["test", "--no-linux", "--", "-p", "keel-vmm"]),
             Ok(Command::Test(TestOpts {
                 no_linux: true,
+                stock_kernel: false,
                 cargo_args: vec!["-p".into(), "keel-vmm".into()]
             }))
         );
+        assert!(matches!(
+            parse(&["test", "--stock-kernel"]),
+            Ok(Command::Test(TestOpts {
+                stock_kernel: true,
+                ..
+            }))
+        ));
         assert!(parse(&["test", "--bogus"]).unwrap_err().contains("--bogus"));
     }
 
@@ -414,7 +439,7 @@ mod tests {
         assert_eq!(test_needs(&TestOpts::default()), [Tests, LinuxTests]);
         let no_linux = TestOpts {
             no_linux: true,
-            cargo_args: Vec::new(),
+            ..TestOpts::default()
         };
         assert_eq!(test_needs(&no_linux), [Tests]);
     }
