@@ -28,8 +28,8 @@ const LEAF7_EDX_UNEMULATED: u32 = 1 << 4;
 /// Leaf 0x8000_0001 ECX: ABM (lzcnt).
 const LEAF_EXT1_ECX_UNEMULATED: u32 = 1 << 5;
 
-const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
-const LEAF1_EDX_HTT: u32 = 1 << 28;
+pub(crate) const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+pub(crate) const LEAF1_EDX_HTT: u32 = 1 << 28;
 
 /// What the guest's CPUID should say about one vCPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -78,6 +78,7 @@ mod cpuid;
 mod exit_handler;
 mod kick;
 mod probe;
+mod state;
 mod vcpu;
 
 // The rust-vmm crates this crate's public API uses, re-exported so that
@@ -104,6 +105,7 @@ pub use kick::{
     install_kick_handler, kick_signal, set_kick_signal, KickBinding, VcpuKicker, KICK_SIGNAL_OFFSET,
 };
 pub use probe::{probe_ring0_execution, Ring0Execution};
+pub use state::{check_cpu_features, msrs_to_save, MissingCpuFeatures, VcpuState};
 pub use vcpu::{RunOutcome, Vcpu, VcpuStop};
 
 /// Errors from configuring or running a vCPU.
@@ -178,6 +180,14 @@ pub enum Error {
     /// Sending a kick failed.
     #[error("cannot kick vCPU thread: {0}")]
     Kick(std::io::Error),
+    /// A vCPU state could not be saved or restored.
+    #[error("vCPU {vcpu}: snapshot: {reason}")]
+    Snapshot {
+        /// Which vCPU.
+        vcpu: u8,
+        /// What went wrong, naming the value.
+        reason: String,
+    },
     /// A kick signal that cannot be used.
     #[error("kick signal {signal}: {reason}")]
     KickSignal {

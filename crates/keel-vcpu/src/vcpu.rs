@@ -51,12 +51,16 @@ pub enum VcpuStop {
 #[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
-    id: u8,
+    pub(crate) id: u8,
     mem: GuestMemoryMmap,
     bp_injections: u64,
     emulated_fwaits: u64,
     completed_instructions: u64,
     counters: std::sync::Arc<crate::VcpuCounters>,
+    /// The CPUID last set through [`Vcpu::configure_cpuid`]: what a saved
+    /// state records (some hosts' `KVM_GET_CPUID2` does not give back
+    /// what was set).
+    pub(crate) cpuid: std::sync::Mutex<Option<CpuId>>,
 }
 
 impl Vcpu {
@@ -77,6 +81,7 @@ impl Vcpu {
             emulated_fwaits: 0,
             completed_instructions: 0,
             counters: Default::default(),
+            cpuid: std::sync::Mutex::new(None),
         })
     }
 
@@ -100,7 +105,7 @@ impl Vcpu {
         self.bp_injections
     }
 
-    fn kvm<T>(&self, op: &'static str, r: std::result::Result<T, kvm_ioctls::Error>) -> Result<T> {
+    pub(crate) fn kvm<T>(&self, op: &'static str, r: std::result::Result<T, kvm_ioctls::Error>) -> Result<T> {
         r.map_err(|source| Error::Kvm {
             op,
             vcpu: self.id,
@@ -125,7 +130,9 @@ impl Vcpu {
     pub fn configure_cpuid(&self, supported: &CpuId, config: &CpuidConfig) -> Result<()> {
         let mut cpuid = supported.clone();
         config.apply(&mut cpuid);
-        self.kvm("KVM_SET_CPUID2", self.fd.set_cpuid2(&cpuid))
+        self.kvm("KVM_SET_CPUID2", self.fd.set_cpuid2(&cpuid))?;
+        *self.cpuid.lock().unwrap_or_else(|e| e.into_inner()) = Some(cpuid);
+        Ok(())
     }
 
     /// Sets the boot MSRs ([`crate::boot_msrs`]).
@@ -430,14 +437,35 @@ impl Vcpu {
         Ok(())
     }
 
+    /// Finishes a port or MMIO exit whose result KVM has not yet taken
+    /// back (an `in`'s value reaches RAX only at the next `KVM_RUN`): enters
+    /// KVM with `immediate_exit` set, which completes it without running
+    /// guest code. Afterwards the registers are the guest's true state.
+    fn complete_pending_exit(&mut self, io: &dyn ExitHandler) -> Result<()> {
+        // A string instruction may need a few more exits to finish its
+        // current item; each is handled like any other.
+        for _ in 0..16 {
+            self.fd.set_kvm_immediate_exit(1);
+            match self.run_once(io)? {
+                RunOutcome::Continue => continue,
+                _ => break,
+            }
+        }
+        self.fd.set_kvm_immediate_exit(0);
+        Ok(())
+    }
+
     /// Runs until `stop` is set (then kick the thread with a
-    /// [`crate::VcpuKicker`]) or the guest ends its own life.
+    /// [`crate::VcpuKicker`]) or the guest ends its own life. When it
+    /// returns [`VcpuStop::Requested`], no exit is left half-done: the
+    /// vCPU's state can be saved ([`Vcpu::save_state`]).
     pub fn run(&mut self, io: &dyn ExitHandler, stop: &AtomicBool) -> Result<VcpuStop> {
         // Marked as running for the whole loop, so a kick that lands
         // between the flag check and KVM_RUN still sets immediate_exit.
         let _running = RunningGuard::new(self.fd.get_kvm_run());
         loop {
             if stop.load(Ordering::Acquire) {
+                self.complete_pending_exit(io)?;
                 return Ok(VcpuStop::Requested);
             }
             match self.run_once(io)? {
