@@ -30,6 +30,7 @@
 #![deny(missing_docs)]
 
 mod layout;
+mod snapshot;
 
 // The rust-vmm crates this crate's public API uses, re-exported so that
 // a user's Cargo.toml needs only Keel crates (and gets the same versions).
@@ -41,6 +42,7 @@ pub use kvm_ioctls;
 pub use vm_memory;
 
 pub use layout::*;
+pub use snapshot::{restore_memory, save_memory, RestoreMode, SavedMemory, SnapshotError};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
