@@ -70,6 +70,20 @@ impl ActivationState {
         self.active.is_some()
     }
 
+    /// For a snapshot: how far each active queue has got (empty while
+    /// inactive).
+    pub fn queue_progress(&self) -> Vec<crate::QueueProgress> {
+        self.active
+            .as_ref()
+            .map(|a| {
+                a.queues
+                    .iter()
+                    .map(|q| crate::QueueProgress::new(q.next_avail(), q.next_used()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn active_mut(&mut self) -> Option<&mut Active> {
         self.active.as_mut().filter(|a| !a.failed)
     }

@@ -7,6 +7,7 @@ use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::snapshot::DeviceState;
 use crate::{Error, Result};
 
 /// A virtio device, as a transport (virtio-mmio or virtio-pci) sees it.
@@ -84,6 +85,28 @@ pub trait VirtioDevice: Send {
     /// memory. Returns `false` if the device cannot be reset; the transport
     /// then keeps it out of service rather than activating it again.
     fn reset(&mut self) -> bool;
+
+    /// For a snapshot, taken while the VM is paused: how far each active
+    /// queue has got and the device's own state. `None` (the default)
+    /// means the device cannot be saved, and the snapshot is refused
+    /// naming it.
+    fn save_state(&self) -> Option<DeviceState> {
+        None
+    }
+
+    /// Puts back the `data` of a [`DeviceState`] this device type saved,
+    /// on a new device, before the transport re-activates it with the
+    /// saved queues. The default accepts only empty data.
+    fn restore_state(&mut self, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::StateMismatch {
+                transport: format!("device type {}", self.device_type()),
+                reason: format!("{} bytes of device state, but the device keeps none", data.len()),
+            })
+        }
+    }
 }
 
 /// What a transport hands a device when the driver sets `DRIVER_OK`.

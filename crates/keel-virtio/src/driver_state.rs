@@ -11,6 +11,7 @@ use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Activation, StopSignal, VirtioDevice, VirtioInterrupt};
+use crate::snapshot::{QueueSetup, TransportState};
 use crate::{device_status, features, Error, Result};
 
 /// Interrupt-side state a transport shares with its device's interrupt
@@ -406,6 +407,142 @@ impl DriverState {
             interrupt,
             stop: self.stop.clone(),
         })
+    }
+
+    /// For a snapshot, while the VM is paused: the registers and the
+    /// device's state. Fails for a device that cannot be saved.
+    pub fn save_state(&self) -> Result<TransportState> {
+        let device = lock(&self.device).save_state().ok_or_else(|| Error::NotSnapshottable {
+            device_type: self.device_type,
+            transport: self.transport.clone(),
+        })?;
+        Ok(TransportState {
+            device_type: self.device_type,
+            status: self.status,
+            device_features_select: self.device_features_select,
+            driver_features_select: self.driver_features_select,
+            driver_features: self.driver_features,
+            driver_features_beyond_64: self.driver_features_beyond_64,
+            queue_select: self.queue_select,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueSetup {
+                    size: q.size,
+                    ready: q.ready,
+                    desc: q.desc,
+                    driver: q.driver,
+                    device: q.device,
+                })
+                .collect(),
+            isr: self.signals.isr.load(Ordering::SeqCst),
+            needs_reset: self.signals.needs_reset.load(Ordering::SeqCst),
+            config_generation: self.signals.config_generation.load(Ordering::SeqCst),
+            device_broken: self.device_broken,
+            device,
+        })
+    }
+
+    /// Puts a saved state into this freshly created transport and its
+    /// device, re-activating the device with its queues where they were.
+    /// Everything is checked before anything changes.
+    pub fn restore_state(&mut self, state: &TransportState, interrupt: &Arc<dyn VirtioInterrupt>) -> Result<()> {
+        let mismatch = |reason: String| Error::StateMismatch {
+            transport: self.transport.clone(),
+            reason,
+        };
+        if state.device_type != self.device_type {
+            return Err(mismatch(format!(
+                "the state is a type-{} device's, this is a type-{} device",
+                state.device_type, self.device_type
+            )));
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(mismatch(format!(
+                "the state has {} queues, the device {}",
+                state.queues.len(),
+                self.queues.len()
+            )));
+        }
+        if self.status != 0 {
+            return Err(mismatch("the transport is in use already; restore into a new one".into()));
+        }
+        let active = state.status & device_status::DRIVER_OK != 0 && !state.needs_reset && !state.device_broken;
+        if active && state.device.queues.len() != self.queues.len() {
+            return Err(mismatch(format!(
+                "the device was active with {} queue positions saved, but has {} queues",
+                state.device.queues.len(),
+                self.queues.len()
+            )));
+        }
+        let unoffered = state.driver_features & !self.device_features;
+        if unoffered != 0 && state.status & device_status::FEATURES_OK != 0 {
+            return Err(mismatch(format!(
+                "the driver had accepted features {unoffered:#x} this device does not offer"
+            )));
+        }
+        let mut queues = self.queues.clone();
+        for (q, saved) in queues.iter_mut().zip(&state.queues) {
+            q.size = saved.size;
+            q.ready = saved.ready;
+            q.desc = saved.desc;
+            q.driver = saved.driver;
+            q.device = saved.device;
+        }
+        let built = if active {
+            let event_idx = state.driver_features & features::RING_EVENT_IDX != 0;
+            let mut built = Vec::with_capacity(queues.len());
+            for (index, (q, progress)) in queues.iter().zip(&state.device.queues).enumerate() {
+                let mut queue = q.build(index, event_idx, &self.mem)?;
+                queue.set_next_avail(progress.next_avail);
+                queue.set_next_used(progress.next_used);
+                built.push(queue);
+            }
+            Some(built)
+        } else {
+            None
+        };
+        {
+            let mut device = lock(&self.device);
+            device.restore_state(&state.device.data)?;
+            if state.status & device_status::FEATURES_OK != 0 {
+                device.ack_features(state.driver_features);
+            }
+        }
+        self.queues = queues;
+        self.status = state.status;
+        self.device_features_select = state.device_features_select;
+        self.driver_features_select = state.driver_features_select;
+        self.driver_features = state.driver_features;
+        self.driver_features_beyond_64 = state.driver_features_beyond_64;
+        self.queue_select = state.queue_select;
+        self.device_broken = state.device_broken;
+        self.signals.isr.store(state.isr, Ordering::SeqCst);
+        self.signals.needs_reset.store(state.needs_reset, Ordering::SeqCst);
+        self.signals
+            .config_generation
+            .store(state.config_generation, Ordering::SeqCst);
+        if let Some(queues) = built {
+            let queue_events = self
+                .queue_events
+                .iter()
+                .map(|e| e.try_clone().map_err(Error::CreateEventFd))
+                .collect::<Result<Vec<_>>>()?;
+            lock(&self.device).activate(Activation {
+                mem: self.mem.clone(),
+                queues,
+                queue_events,
+                interrupt: interrupt.clone(),
+                stop: self.stop.clone(),
+            })?;
+            // Notifications the driver made before the snapshot and the
+            // device had not yet seen are in the available rings; a kick
+            // makes the device look.
+            for event in &self.queue_events {
+                let _ = event.write(1);
+            }
+        }
+        Ok(())
     }
 
     /// Writing 0 to the status: back to the state after power-on.

@@ -277,6 +277,7 @@ mod net;
 pub mod pci;
 mod request_device;
 mod rng;
+mod snapshot;
 mod vsock;
 
 // The rust-vmm crates this crate's public API uses, re-exported so that
@@ -324,6 +325,7 @@ pub use net::{
 pub use pci::{NoIoeventfds, NotifyRegistrar, PciTransport, RecordingRegistrar};
 pub use request_device::{RequestDevice, RequestHandler, MAX_REQUEST_BYTES};
 pub use rng::{Rng, MAX_RNG_REQUEST_BYTES};
+pub use snapshot::{DeviceState, QueueProgress, QueueSetup, TransportState};
 pub use virtio_queue::Queue;
 pub use vm_memory::GuestMemoryMmap;
 pub use vsock::{Vsock, VsockError, VsockOptions};
@@ -423,6 +425,22 @@ pub enum Error {
         expected: usize,
         /// How many the transport provided.
         provided: usize,
+    },
+    /// A snapshot asked for the state of a device that cannot save it.
+    #[error("device type {device_type} ({transport}) cannot be saved in a snapshot")]
+    NotSnapshottable {
+        /// The device's type ID.
+        device_type: u32,
+        /// The transport, e.g. `virtio-mmio 0xd0001000`.
+        transport: String,
+    },
+    /// A saved state does not fit the device it is restored into.
+    #[error("{transport}: cannot restore the saved state: {reason}")]
+    StateMismatch {
+        /// The transport, e.g. `virtio-mmio 0xd0001000`.
+        transport: String,
+        /// What differs, naming both values.
+        reason: String,
     },
     /// The device was activated again without a reset in between.
     #[error("device type {device_type} is already active: reset it before activating it again")]

@@ -299,6 +299,20 @@ impl MmioTransport {
         self.state.is_activated()
     }
 
+    /// For a snapshot, while the VM is paused: the registers the driver
+    /// programmed and the device's state. Fails, naming the device, for a
+    /// device that cannot be saved ([`VirtioDevice::save_state`]).
+    pub fn save_state(&self) -> Result<crate::TransportState> {
+        self.state.save_state()
+    }
+
+    /// Puts a saved state into this new transport (same device type, same
+    /// slot) and re-activates the device with its queues where they were.
+    /// Nothing changes if the state does not fit.
+    pub fn restore_state(&mut self, state: &crate::TransportState) -> Result<()> {
+        self.state.restore_state(state, &self.interrupt)
+    }
+
     /// The features the driver has written so far.
     pub fn driver_features(&self) -> u64 {
         self.state.driver_features

@@ -188,6 +188,10 @@ impl<H: RequestHandler> VirtioDevice for RequestDevice<H> {
         self.handler.reset();
         true
     }
+
+    fn save_state(&self) -> Option<crate::DeviceState> {
+        Some(crate::DeviceState::new(self.activation.queue_progress(), Vec::new()))
+    }
 }
 
 impl<H: RequestHandler> MutEventSubscriber for RequestDevice<H> {

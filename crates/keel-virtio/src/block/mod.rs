@@ -359,6 +359,10 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
         self.disk.acked_features = 0;
         true
     }
+
+    fn save_state(&self) -> Option<crate::DeviceState> {
+        Some(crate::DeviceState::new(self.activation.queue_progress(), Vec::new()))
+    }
 }
 
 impl<B: BlockBackend> MutEventSubscriber for Block<B> {

@@ -380,6 +380,10 @@ impl VirtioDevice for Console {
         self.activation.reset();
         true
     }
+
+    fn save_state(&self) -> Option<crate::DeviceState> {
+        Some(crate::DeviceState::new(self.activation.queue_progress(), Vec::new()))
+    }
 }
 
 impl MutEventSubscriber for Console {

@@ -855,3 +855,78 @@ fn reset_before_the_event_loop_runs_drops_pending_requests() {
     assert_eq!(driver.used().len(), 1);
     assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA + 0x1800)).unwrap(), 0);
 }
+
+#[test]
+fn a_saved_transport_continues_in_a_new_one_where_the_queue_left_off() {
+    let mem = crate::guest_driver::memory().unwrap();
+    let mut driver = DriverQueue::new(&mem, 16).unwrap();
+    let block = Arc::new(Mutex::new(
+        Block::new(MemoryBackend::new(64 * 1024), BlockOptions::default()).unwrap(),
+    ));
+    let mut transport =
+        MmioTransport::new(block.clone(), mem.clone(), Arc::new(RecordingLine::new()), SLOT).unwrap();
+    let mut event_loop = EventManager::new().unwrap();
+    event_loop.add_subscriber(block.clone());
+    activate_block(&mut transport, &driver);
+    for slot in 0..2 {
+        add_write(&mem, &mut driver, slot, slot);
+    }
+    write(&mut transport, reg::QUEUE_NOTIFY, 0);
+    for _ in 0..3 {
+        event_loop.run_with_timeout(20).unwrap();
+    }
+    assert_eq!(driver.used().len(), 2);
+    // A third request the device has not seen yet when the VM is paused.
+    add_write(&mem, &mut driver, 2, 2);
+
+    let state = transport.save_state().unwrap();
+    assert_eq!(state.device.queues, vec![crate::QueueProgress::new(2, 2)]);
+    assert_eq!(state.status, ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+
+    // A new device and transport over the same guest memory (a restore).
+    let block2 = Arc::new(Mutex::new(
+        Block::new(MemoryBackend::new(64 * 1024), BlockOptions::default()).unwrap(),
+    ));
+    let mut transport2 =
+        MmioTransport::new(block2.clone(), mem.clone(), Arc::new(RecordingLine::new()), SLOT).unwrap();
+    let mut event_loop2 = EventManager::new().unwrap();
+    event_loop2.add_subscriber(block2.clone());
+    transport2.restore_state(&state).unwrap();
+    assert_eq!(read(&mut transport2, reg::STATUS), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert!(block2.lock().unwrap().is_active());
+    for _ in 0..3 {
+        event_loop2.run_with_timeout(20).unwrap();
+    }
+    // The pending request completed after the restore, no earlier one again.
+    assert_eq!(driver.used().len(), 3);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA + 2 * 0x1000 + 0x800)).unwrap(), 0);
+    assert_eq!(transport2.save_state().unwrap().device.queues, vec![crate::QueueProgress::new(3, 3)]);
+}
+
+#[test]
+fn restoring_into_another_device_type_or_saving_an_unsaveable_device_is_refused_by_name() {
+    let mut b = bench();
+    activate(&mut b.transport);
+    // FakeDevice keeps the default: it cannot be saved.
+    let err = b.transport.save_state().unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "device type 4 (virtio-mmio 0xd0000000) cannot be saved in a snapshot"
+    );
+
+    let mem = crate::guest_driver::memory().unwrap();
+    let block = Arc::new(Mutex::new(
+        Block::new(MemoryBackend::new(4096), BlockOptions::default()).unwrap(),
+    ));
+    let transport = MmioTransport::new(block, mem.clone(), Arc::new(RecordingLine::new()), SLOT).unwrap();
+    let mut state = transport.save_state().unwrap();
+    state.device_type = crate::device_type::NET;
+    let rng = Arc::new(Mutex::new(crate::Rng::new().unwrap()));
+    let mut other = MmioTransport::new(rng, mem, Arc::new(RecordingLine::new()), SLOT).unwrap();
+    let err = other.restore_state(&state).unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "virtio-mmio 0xd0000000: cannot restore the saved state: the state is a type-1 device's, this is a type-4 device"
+    );
+    assert_eq!(read(&mut other, reg::STATUS), 0, "nothing changed");
+}

@@ -836,6 +836,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         }
         true
     }
+
+    fn save_state(&self) -> Option<crate::DeviceState> {
+        Some(crate::DeviceState::new(self.activation.queue_progress(), Vec::new()))
+    }
 }
 
 impl<B: NetBackend> MutEventSubscriber for Net<B> {
