@@ -101,6 +101,31 @@ pub fn set_pit_ticks(vm: &impl std::os::fd::AsRawFd, ticks: PitTicks) -> Result<
 }
 
 #[cfg(test)]
+mod state_tests {
+    use super::*;
+
+    #[test]
+    fn kernel_irqchip_state_survives_a_trip_into_another_vm() {
+        let kvm = kvm_ioctls::Kvm::new().unwrap();
+        let vm = kvm.create_vm().unwrap();
+        create_in_kernel_irqchip(&vm).unwrap();
+        let mut state = KernelIrqchipState::save(&vm).unwrap();
+        // Mask everything on the master PIC (IMR at byte 1 of its state).
+        // Writing a union field is safe; chip_id 0 makes `pic` the live one.
+        state.pic_master.chip.pic.imr = 0xfb;
+        let bytes = serde_json::to_vec(&state).unwrap();
+        let state: KernelIrqchipState = serde_json::from_slice(&bytes).unwrap();
+        let other = kvm.create_vm().unwrap();
+        create_in_kernel_irqchip(&other).unwrap();
+        state.restore(&other).unwrap();
+        let back = KernelIrqchipState::save(&other).unwrap();
+        // SAFETY: as above.
+        assert_eq!(unsafe { back.pic_master.chip.pic.imr }, 0xfb);
+        assert_eq!(back.pit.channels[0].count, state.pit.channels[0].count);
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use kvm_bindings::{kvm_irqchip, KVM_IRQCHIP_IOAPIC};
@@ -153,5 +178,63 @@ mod tests {
 
         let err = create_in_kernel_irqchip(&vm).unwrap_err();
         assert!(err.to_string().contains("before any vCPU"), "{err}");
+    }
+}
+
+/// KVM's in-kernel interrupt controllers and PIT, as a snapshot keeps
+/// them (`KVM_GET_IRQCHIP` for both PICs and the IOAPIC, `KVM_GET_PIT2`).
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct KernelIrqchipState {
+    /// The master 8259 PIC.
+    pub pic_master: kvm_bindings::kvm_irqchip,
+    /// The slave 8259 PIC.
+    pub pic_slave: kvm_bindings::kvm_irqchip,
+    /// KVM's IOAPIC.
+    pub ioapic: kvm_bindings::kvm_irqchip,
+    /// The 8254 PIT.
+    pub pit: kvm_bindings::kvm_pit_state2,
+}
+
+impl KernelIrqchipState {
+    /// Reads the state of a VM made with [`create_in_kernel_irqchip`],
+    /// while its vCPUs are paused.
+    pub fn save(vm: &VmFd) -> Result<Self> {
+        let chip = |id: u32| {
+            let mut chip = kvm_bindings::kvm_irqchip {
+                chip_id: id,
+                ..Default::default()
+            };
+            vm.get_irqchip(&mut chip)
+                .map(|()| chip)
+                .map_err(|source| Error::IrqchipState { op: "KVM_GET_IRQCHIP", chip: id, source })
+        };
+        Ok(Self {
+            pic_master: chip(kvm_bindings::KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: chip(kvm_bindings::KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: chip(kvm_bindings::KVM_IRQCHIP_IOAPIC)?,
+            pit: vm.get_pit2().map_err(|source| Error::IrqchipState {
+                op: "KVM_GET_PIT2",
+                chip: 3,
+                source,
+            })?,
+        })
+    }
+
+    /// Puts the state into a new VM made with [`create_in_kernel_irqchip`],
+    /// before its vCPUs run.
+    pub fn restore(&self, vm: &VmFd) -> Result<()> {
+        for chip in [&self.pic_master, &self.pic_slave, &self.ioapic] {
+            vm.set_irqchip(chip).map_err(|source| Error::IrqchipState {
+                op: "KVM_SET_IRQCHIP",
+                chip: chip.chip_id,
+                source,
+            })?;
+        }
+        vm.set_pit2(&self.pit).map_err(|source| Error::IrqchipState {
+            op: "KVM_SET_PIT2",
+            chip: 3,
+            source,
+        })
     }
 }

@@ -87,17 +87,33 @@ pub use vm_device;
 pub use vmm_sys_util;
 
 pub use gsi::{GsiAllocator, IOAPIC_PINS, LEGACY_ISA_GSIS};
-pub use irqchip::{create_in_kernel_irqchip, set_pit_ticks, PitTicks};
+pub use irqchip::{create_in_kernel_irqchip, set_pit_ticks, KernelIrqchipState, PitTicks};
 pub use line::{InterruptLine, IrqfdLine, RecordingLine};
 pub use routing::{
     default_irqchip_routes, GsiRoute, GsiRouting, IrqfdMsiVectors, MsiMessage, MsiVectors,
     RecordingMsiVectors, RecordingRoutes, RouteInstaller, FIRST_MSI_GSI, MSI_GSI_END,
 };
-pub use split::{enable_split_irqchip, Ioapic, MsiRoute, MsiRouter, RecordingRouter, ROUTE_UPDATE_LIMIT};
+pub use split::{
+    enable_split_irqchip, Ioapic, IoapicState, MsiRoute, MsiRouter, RecordingRouter, ROUTE_UPDATE_LIMIT,
+};
 
 /// Errors from setting up or raising interrupts.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Reading or writing the in-kernel irqchip's state failed.
+    #[error("{op} (chip {chip}) failed: {source}")]
+    IrqchipState {
+        /// The ioctl.
+        op: &'static str,
+        /// `KVM_IRQCHIP_*` (0 master PIC, 1 slave PIC, 2 IOAPIC; 3 the PIT).
+        chip: u32,
+        /// What KVM reported.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// A saved IOAPIC state that does not fit.
+    #[error("IOAPIC state: {0}")]
+    IoapicState(String),
     /// KVM refused to create the in-kernel PIC and IOAPIC.
     #[error("KVM_CREATE_IRQCHIP failed: {0} (it must be called once per VM, before any vCPU is created)")]
     CreateIrqchip(#[source] kvm_ioctls::Error),

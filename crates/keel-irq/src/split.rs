@@ -441,6 +441,39 @@ impl<R: MsiRouter> Ioapic<R> {
         self.entries.get(pin).copied()
     }
 
+    /// For a snapshot: the registers (ID, `IOREGSEL`, the redirection
+    /// table with its remote-IRR bits).
+    pub fn save_state(&self) -> IoapicState {
+        IoapicState {
+            id: self.id,
+            ioregsel: self.ioregsel,
+            entries: self.entries.to_vec(),
+        }
+    }
+
+    /// Puts saved registers back and installs the routes they stand for.
+    /// A state of the wrong size is refused and nothing changes.
+    pub fn restore_state(&mut self, state: &IoapicState) -> crate::Result<()> {
+        let entries: [u64; IOAPIC_PINS as usize] = state.entries.as_slice().try_into().map_err(|_| {
+            crate::Error::IoapicState(format!(
+                "{} redirection entries saved, this IOAPIC has {IOAPIC_PINS}",
+                state.entries.len()
+            ))
+        })?;
+        self.id = state.id & ID_MASK;
+        self.ioregsel = state.ioregsel;
+        self.entries = entries;
+        // Whatever the router holds now is replaced.
+        self.installed = None;
+        self.update_routes();
+        match self.installed {
+            Some(_) => Ok(()),
+            None => Err(crate::Error::IoapicState(
+                "KVM refused the restored redirection table's MSI routes".into(),
+            )),
+        }
+    }
+
     fn read_register(&self, index: u8) -> u32 {
         match index {
             REG_ID | REG_ARB => self.id,
@@ -528,6 +561,18 @@ impl<R: MsiRouter> Ioapic<R> {
             }
         }
     }
+}
+
+/// An [`Ioapic`]'s registers, as a snapshot keeps them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct IoapicState {
+    /// The IOAPIC ID register.
+    pub id: u32,
+    /// `IOREGSEL`.
+    pub ioregsel: u8,
+    /// The 24 redirection entries, remote-IRR bits included.
+    pub entries: Vec<u64>,
 }
 
 /// The redirection entry (pin) and dword (`true` for high) an `IOREGSEL`
@@ -1064,5 +1109,34 @@ mod tests {
             enable_split_irqchip(&vm),
             Err(Error::EnableSplitIrqchip { .. })
         ));
+    }
+
+    #[test]
+    fn a_saved_redirection_table_is_restored_with_its_routes() {
+        let (mut original, _) = ioapic();
+        write_reg(&mut original, REG_ID, 3 << 24);
+        program(&mut original, 5, 0x31, 1 << 24);
+        let state = original.save_state();
+        let json = serde_json::to_string(&state).unwrap();
+        let state: IoapicState = serde_json::from_str(&json).unwrap();
+
+        let (mut restored, router) = ioapic();
+        restored.restore_state(&state).unwrap();
+        assert_eq!(read_reg(&mut restored, REG_ID), 3 << 24);
+        assert_eq!(
+            router.routes(),
+            [MsiRoute {
+                gsi: 5,
+                address: 0xfee0_1000,
+                data: 0x31
+            }]
+        );
+
+        let short = IoapicState {
+            entries: vec![0; 3],
+            ..state
+        };
+        let err = restored.restore_state(&short).unwrap_err().to_string();
+        assert_eq!(err, "IOAPIC state: 3 redirection entries saved, this IOAPIC has 24");
     }
 }
