@@ -86,8 +86,8 @@ pub use boot_timer::{BootTimer, BOOT_TIMER_MAGIC};
 pub use exit_port::ExitPort;
 pub use i8042::I8042Reset;
 pub use power::{PowerControl, PowerRequest, RecordingPowerControl};
-pub use rtc::{rtc_reg, DateTime, HostClock, Rtc, WallClock};
-pub use serial::{SerialConsole, SERIAL_FIFO_SIZE};
+pub use rtc::{rtc_reg, DateTime, HostClock, Rtc, RtcState, WallClock};
+pub use serial::{SerialConsole, SerialConsoleState, SERIAL_FIFO_SIZE};
 pub use serial_input::SerialInput;
 
 /// What a read returns from bytes a device does not decode: all ones, as an
@@ -97,6 +97,14 @@ const UNDECODED_READ: u8 = 0xff;
 /// Errors from building or feeding the devices in this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A saved device state that does not fit the device.
+    #[error("{device} state: {reason}")]
+    State {
+        /// The device.
+        device: &'static str,
+        /// What is wrong, naming the value.
+        reason: String,
+    },
     /// The eventfd a serial console signals when its input drains could not
     /// be created.
     #[error("cannot create the serial console's input-drained eventfd: {0}")]

@@ -169,6 +169,18 @@ pub struct Rtc {
     offset: i64,
 }
 
+/// An [`Rtc`]'s state, as a snapshot keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct RtcState {
+    /// The index register (port 0x70).
+    pub index: u8,
+    /// The CMOS bytes.
+    pub cmos: Vec<u8>,
+    /// Seconds the guest's clock is ahead of the host's.
+    pub offset: i64,
+}
+
 impl std::fmt::Debug for Rtc {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Rtc")
@@ -202,6 +214,30 @@ impl Rtc {
             cmos,
             offset: 0,
         }
+    }
+
+    /// For a snapshot: the CMOS bytes, the index register and the guest's
+    /// offset from the host clock (so a restored guest's clock keeps the
+    /// time it set, relative to the host's).
+    pub fn save_state(&self) -> RtcState {
+        RtcState {
+            index: self.index,
+            cmos: self.cmos.to_vec(),
+            offset: self.offset,
+        }
+    }
+
+    /// Puts a saved state back; one of the wrong size is refused and
+    /// nothing changes.
+    pub fn restore_state(&mut self, state: &RtcState) -> crate::Result<()> {
+        let cmos: [u8; CMOS_BYTES] = state.cmos.as_slice().try_into().map_err(|_| crate::Error::State {
+            device: "RTC",
+            reason: format!("{} CMOS bytes saved, the RTC has {CMOS_BYTES}", state.cmos.len()),
+        })?;
+        self.cmos = cmos;
+        self.index = state.index;
+        self.offset = state.offset;
+        Ok(())
     }
 
     fn b(&self) -> u8 {
@@ -534,5 +570,26 @@ mod tests {
         }
         write(&mut rtc, rtc_reg::B, 0);
         read(&mut rtc, rtc_reg::YEAR);
+    }
+
+    #[test]
+    fn a_saved_rtc_keeps_the_guests_offset_and_cmos_bytes() {
+        let (mut original, _) = rtc_at(WHEN);
+        // The guest sets the clock an hour ahead and a CMOS byte.
+        original.offset = 3600;
+        original.cmos[0x40] = 0x77;
+        let state = original.save_state();
+        let (mut restored, _) = rtc_at(WHEN);
+        restored.restore_state(&state).unwrap();
+        assert_eq!(read(&mut restored, rtc_reg::HOURS), 0x02);
+        assert_eq!(read(&mut restored, 0x40), 0x77);
+        let bad = RtcState {
+            cmos: vec![0; 3],
+            ..state
+        };
+        assert_eq!(
+            restored.restore_state(&bad).unwrap_err().to_string(),
+            "RTC state: 3 CMOS bytes saved, the RTC has 128"
+        );
     }
 }

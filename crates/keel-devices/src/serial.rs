@@ -17,6 +17,33 @@ use crate::{Error, Result, UNDECODED_READ};
 /// Bytes the 16550's receive FIFO holds.
 pub const SERIAL_FIFO_SIZE: usize = 64;
 
+/// A [`SerialConsole`]'s registers and receive FIFO, as a snapshot keeps
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct SerialConsoleState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Received bytes the guest has not read.
+    pub in_buffer: Vec<u8>,
+}
+
 /// A 16550 UART (on `vm_superio::Serial`) whose output goes to any
 /// [`Write`] and whose interrupt goes through an [`InterruptLine`].
 ///
@@ -86,6 +113,58 @@ impl<W: Write + Send> SerialConsole<W> {
             interrupt_failures: 0,
             ignored_accesses: 0,
         })
+    }
+
+    /// A UART with the registers and receive FIFO of a saved state (see
+    /// [`save_state`](Self::save_state)), otherwise like [`new`](Self::new).
+    pub fn from_state(interrupt: Arc<dyn InterruptLine>, out: W, state: &SerialConsoleState) -> Result<Self> {
+        let events = ConsoleEvents {
+            lost_output_bytes: AtomicU64::new(0),
+            drain_wanted: AtomicBool::new(false),
+            drained: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::CreateEventFd)?,
+        };
+        let uart_state = vm_superio::serial::SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let uart = Serial::from_state(&uart_state, LineTrigger(interrupt), events, out).map_err(|e| Error::State {
+            device: "serial",
+            reason: format!(
+                "{} bytes in the receive FIFO (at most {SERIAL_FIFO_SIZE}): {e:?}",
+                state.in_buffer.len()
+            ),
+        })?;
+        Ok(Self {
+            uart,
+            interrupt_failures: 0,
+            ignored_accesses: 0,
+        })
+    }
+
+    /// For a snapshot: the UART's registers and the input the guest has
+    /// not read yet.
+    pub fn save_state(&self) -> SerialConsoleState {
+        let s = self.uart.state();
+        SerialConsoleState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
     }
 
     /// Queues host input for the guest to read, as much as fits in the
@@ -525,5 +604,34 @@ mod tests {
         console.enqueue_input(b"d").unwrap();
         read(&mut console, DATA);
         assert!(drained.read().is_err(), "one notification per request");
+    }
+
+    #[test]
+    fn a_saved_uart_comes_back_with_its_registers_and_unread_input() {
+        let (mut original, _) = console();
+        original.pio_write(BASE, LCR, &[0x03]);
+        original.pio_write(BASE, SCR, &[0x5a]);
+        original.pio_write(BASE, IER, &[IER_RDA]);
+        assert_eq!(original.enqueue_input(b"hi").unwrap(), 2);
+        let state = original.save_state();
+
+        let irq = Arc::new(RecordingLine::new());
+        let mut restored = SerialConsole::from_state(irq, Vec::new(), &state).unwrap();
+        assert_eq!(read(&mut restored, LCR), 0x03);
+        assert_eq!(read(&mut restored, SCR), 0x5a);
+        assert_eq!(read(&mut restored, IER), IER_RDA);
+        assert_eq!(read(&mut restored, IIR) & 0x0f, IIR_RDA);
+        assert_eq!(read(&mut restored, DATA), b'h');
+        assert_eq!(read(&mut restored, DATA), b'i');
+        assert_eq!(read(&mut restored, LSR) & LSR_DATA_READY, 0);
+
+        let overfull = SerialConsoleState {
+            in_buffer: vec![0; SERIAL_FIFO_SIZE + 1],
+            ..state
+        };
+        let err = SerialConsole::from_state(Arc::new(RecordingLine::new()), Vec::new(), &overfull)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("serial state: 65 bytes in the receive FIFO (at most 64)"), "{err}");
     }
 }
