@@ -37,6 +37,7 @@ pub const PROGRAMS: &[&str] = &[
     "virtio-vsock",
     "pci-hostile",
     "flood",
+    "snapshot-seq",
     "acpi-poweroff",
     "acpi-power-button",
 ];

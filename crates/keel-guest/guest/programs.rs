@@ -133,6 +133,7 @@ fn check_interrupts(
 mod acpi;
 mod flood;
 mod pci_hostile;
+mod snapshot_seq;
 mod virtio_balloon;
 mod virtio_blk;
 mod virtio_console;
@@ -171,6 +172,7 @@ pub fn run(ctx: &Context<'_>) -> u8 {
         "virtio-hostile" => (virtio_hostile::run, &[]),
         "pci-hostile" => (pci_hostile::run, &[]),
         "flood" => (flood::run, &["ms"]),
+        "snapshot-seq" => (snapshot_seq::run, snapshot_seq::KEYS),
         "acpi-poweroff" => (acpi::poweroff, &[]),
         "acpi-power-button" => (acpi::power_button, &["timeout-ms"]),
         "virtio-net" => (

@@ -59,6 +59,7 @@ mod boot_progress;
 mod config;
 mod pause;
 mod pci;
+mod snapshot;
 mod vm;
 
 #[doc(no_inline)]
@@ -84,6 +85,9 @@ pub use keel_ratelimit;
 pub use keel_virtio;
 
 pub use boot_progress::{ConsoleWatcher, RUN_INIT_MARKER};
+pub use snapshot::{
+    IrqchipState, SavedVirtioDevice, Snapshot, SnapshotInfo, VmState, MEMORY_FILE_NAME, STATE_FILE_NAME,
+};
 pub use config::{
     BalloonConfig, BootProtocolChoice, ConsoleConfig, DiskConfig, IrqchipChoice, NetConfig,
     RateLimiterConfig, Ring0Choice, SerialMode, TokenBucketConfig, VirtioTransport, VmConfig, VsockConfig,
@@ -148,6 +152,10 @@ pub enum Error {
     /// pause after it ended).
     #[error("{0}")]
     InvalidState(String),
+    /// A snapshot could not be taken or restored (the message names the
+    /// file, device or value).
+    #[error("snapshot: {0}")]
+    Snapshot(String),
     /// A thread could not be started.
     #[error("cannot start a VM thread: {0}")]
     Thread(std::io::Error),

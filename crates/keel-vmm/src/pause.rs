@@ -27,6 +27,11 @@ struct GateState {
     participants: usize,
     /// Threads parked now.
     parked: usize,
+    /// Bumped by [`PauseGate::run_work`]: each parked thread runs its work
+    /// once per bump.
+    work: u64,
+    /// Threads that ran the current work.
+    work_done: usize,
 }
 
 impl PauseGate {
@@ -49,13 +54,30 @@ impl PauseGate {
     /// Parks the calling participant while a pause is requested. Returns
     /// whether it parked.
     pub fn park_if_requested(&self) -> bool {
+        self.park_if_requested_with(&mut || {})
+    }
+
+    /// [`Self::park_if_requested`], running `work` on this thread each time
+    /// [`Self::run_work`] asks while parked (a vCPU saving its state: KVM
+    /// wants a vCPU's ioctls from the thread that runs it).
+    pub fn park_if_requested_with(&self, work: &mut dyn FnMut()) -> bool {
         let mut state = self.state();
         if !state.requested || state.closed {
             return false;
         }
         state.parked += 1;
         self.changed.notify_all();
+        let mut seen = state.work;
         while state.requested && !state.closed {
+            if state.work != seen {
+                seen = state.work;
+                drop(state);
+                work();
+                state = self.state();
+                state.work_done += 1;
+                self.changed.notify_all();
+                continue;
+            }
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
         }
         state.parked -= 1;
@@ -79,6 +101,34 @@ impl PauseGate {
         let deadline = Instant::now() + timeout;
         let mut state = self.state();
         while state.parked < state.participants && !state.closed {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        !state.closed
+    }
+
+    /// While every participant is parked: has each run its work once (see
+    /// [`Self::park_if_requested_with`]) and waits for all of them, at most
+    /// `timeout`. `false` if the VM is not paused, ends meanwhile, or a
+    /// thread did not finish in time.
+    pub fn run_work(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state();
+        if !state.requested || state.closed || state.parked < state.participants {
+            return false;
+        }
+        state.work += 1;
+        state.work_done = 0;
+        let everyone = state.participants;
+        self.changed.notify_all();
+        while state.work_done < everyone && !state.closed {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
@@ -164,5 +214,35 @@ mod tests {
         assert!(parked.join().unwrap());
         assert!(!gate.is_paused());
         assert!(!gate.request());
+    }
+
+    #[test]
+    fn work_runs_once_on_every_parked_thread_and_only_while_paused() {
+        let gate = Arc::new(PauseGate::default());
+        assert!(!gate.run_work(Duration::from_millis(10)), "not paused");
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        gate.join();
+        gate.join();
+        assert!(gate.request());
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let gate = gate.clone();
+                let runs = runs.clone();
+                std::thread::spawn(move || {
+                    gate.park_if_requested_with(&mut || {
+                        runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    })
+                })
+            })
+            .collect();
+        assert!(gate.wait_parked(Duration::from_secs(5)));
+        assert!(gate.run_work(Duration::from_secs(5)));
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert!(gate.run_work(Duration::from_secs(5)));
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 4);
+        gate.release();
+        for t in threads {
+            assert!(t.join().unwrap());
+        }
     }
 }

@@ -24,6 +24,7 @@ use vm_device::{DeviceMmio, DevicePio};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot_progress::ConsoleWatcher;
+use crate::snapshot::{Snapshot, SnapshotInfo};
 use crate::{
     BootProtocolChoice, ConsoleConfig, Error, IrqchipChoice, Result, Ring0Choice, SerialMode,
     VirtioTransport, VmConfig,
@@ -41,6 +42,10 @@ struct VirtioWiring<'a> {
     /// The virtio-mmio windows, for the ACPI tables.
     mmio_windows: Vec<keel_boot::MmioDeviceWindow>,
     subscribers: &'a mut Vec<Subscriber>,
+    /// The virtio-mmio transports, in order, for snapshots.
+    transports: Vec<(String, Arc<Mutex<keel_virtio::MmioTransport>>)>,
+    /// The devices on virtio-pci, which snapshots refuse.
+    pci_devices: Vec<String>,
 }
 
 impl VirtioWiring<'_> {
@@ -64,6 +69,7 @@ impl VirtioWiring<'_> {
             VirtioTransport::Mmio => self.add_mmio(what, device)?,
             VirtioTransport::Pci => {
                 self.pci.add_virtio(what, device, self.vm_fd, self.mem)?;
+                self.pci_devices.push(what.to_string());
             }
         }
         self.subscribers.push(subscriber);
@@ -94,9 +100,11 @@ impl VirtioWiring<'_> {
                 .map_err(|e| place(format!("ioeventfd at {:#x}: {e}", notifier.address)))?;
         }
         let range = slot.range().map_err(|e| place(e.to_string()))?;
+        let transport = Arc::new(Mutex::new(transport));
         self.io
-            .register_mmio(range, Arc::new(Mutex::new(transport)))
+            .register_mmio(range, transport.clone())
             .map_err(|e| place(format!("{e:?}")))?;
+        self.transports.push((what.to_string(), transport));
         self.cmdline.push(slot.cmdline_entry());
         self.mmio_windows.push(keel_boot::MmioDeviceWindow {
             base: slot.base,
@@ -151,7 +159,7 @@ pub const EMULATED_RING0_CMDLINE: &str = "noxsave clearcpuid=smap,smep,umip,pku,
 pub trait SerialSource: std::io::Read + AsRawFd + Send {}
 impl<T: std::io::Read + AsRawFd + Send> SerialSource for T {}
 
-type Console = Box<dyn Write + Send>;
+pub(crate) type Console = Box<dyn Write + Send>;
 
 /// A boxed [`SerialSource`] (std implements `AsRawFd` only for sized boxes).
 struct BoxedSource(Box<dyn SerialSource>);
@@ -248,6 +256,10 @@ struct Control {
     metrics: Mutex<Vec<MetricsSource>>,
     /// The configuration's devices, for changes while the VM runs.
     devices: Mutex<ConfigDevices>,
+    /// Where each vCPU thread puts its state when a snapshot asks.
+    vcpu_states: Mutex<Vec<Option<keel_vcpu::Result<keel_vcpu::VcpuState>>>>,
+    /// What a snapshot saves besides the vCPUs; dropped when the VM ends.
+    snapshot_parts: Mutex<Option<crate::snapshot::SnapshotParts>>,
 }
 
 /// The devices [`VmConfig`] asked for, typed, in configuration order.
@@ -360,6 +372,63 @@ impl Control {
         }
         self.resume_threads();
         Ok(())
+    }
+
+    /// See [`VmController::snapshot`].
+    fn snapshot(&self, state_path: &std::path::Path, memory_path: &std::path::Path) -> Result<SnapshotInfo> {
+        let started = Instant::now();
+        if self.stop.load(Ordering::Acquire) {
+            return Err(Error::InvalidState("the VM has ended; there is nothing to snapshot".into()));
+        }
+        if !self.pause.is_paused() {
+            return Err(Error::InvalidState(
+                "the VM is running: pause it before taking a snapshot".into(),
+            ));
+        }
+        let parts_guard = self.snapshot_parts.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(parts) = parts_guard.as_ref() else {
+            return Err(Error::InvalidState("the VM has ended; there is nothing to snapshot".into()));
+        };
+        // Each vCPU thread saves its own vCPU (KVM wants a vCPU's ioctls
+        // from its thread), while parked.
+        {
+            let mut slots = self.vcpu_states.lock().unwrap_or_else(|e| e.into_inner());
+            slots.iter_mut().for_each(|s| *s = None);
+        }
+        if !self.pause.run_work(PAUSE_TIMEOUT) {
+            return Err(Error::Snapshot(
+                "the vCPU threads did not save their state in time (or the VM ended)".into(),
+            ));
+        }
+        let vcpus = {
+            let mut slots = self.vcpu_states.lock().unwrap_or_else(|e| e.into_inner());
+            let mut vcpus = Vec::with_capacity(slots.len());
+            for (id, slot) in slots.iter_mut().enumerate() {
+                match slot.take() {
+                    Some(Ok(state)) => vcpus.push(state),
+                    Some(Err(e)) => return Err(Error::Snapshot(format!("vCPU {id}: {e}"))),
+                    None => return Err(Error::Snapshot(format!("vCPU {id} did not save its state"))),
+                }
+            }
+            vcpus
+        };
+        let state = parts.save(vcpus)?;
+        let mut memory = keel_memory::SavedMemory::default();
+        crate::snapshot::write_atomically(memory_path, |file| {
+            memory = keel_memory::save_memory(&parts.mem, file)
+                .map_err(|e| Error::Snapshot(format!("{}: {e}", memory_path.display())))?;
+            Ok(())
+        })?;
+        let bytes = keel_snapshot::encode(&state).map_err(|e| Error::Snapshot(e.to_string()))?;
+        crate::snapshot::write_atomically(state_path, |mut file| {
+            file.write_all(&bytes)
+                .map_err(|e| Error::Snapshot(format!("{}: {e}", state_path.display())))
+        })?;
+        Ok(SnapshotInfo {
+            state_bytes: bytes.len() as u64,
+            memory,
+            took: started.elapsed(),
+        })
     }
 
     fn resume_threads(&self) {
@@ -756,7 +825,51 @@ impl VmBuilder {
     /// Creates the VM: KVM objects, memory, interrupt controller, devices,
     /// kernel and vCPUs. Nothing runs until [`Vm::start`].
     pub fn build(self) -> Result<Vm> {
-        Vm::build(self)
+        Vm::build(self, None)
+    }
+
+    /// Creates the VM of a [`Snapshot`] instead of a new one: the devices
+    /// this builder describes (its configuration — usually
+    /// [`Snapshot::config`], changed where a clone needs its own backends —
+    /// and the devices added to it, in the same order as the original),
+    /// guest memory from the snapshot's memory file (`mode`:
+    /// copy-on-write or copied), and every vCPU and device put back as it
+    /// was. [`Vm::start`] continues the guest where it was paused.
+    ///
+    /// Fails, before any vCPU exists, if the builder's machine differs from
+    /// the snapshot's (vCPUs, memory size, interrupt controller, the
+    /// devices' number, types or places), if the host lacks a CPU feature
+    /// the snapshot's vCPUs use, or if the memory file is not the
+    /// snapshot's size.
+    pub fn restore(self, snapshot: &Snapshot, mode: keel_memory::RestoreMode) -> Result<Vm> {
+        let saved = snapshot.config();
+        let mine = &self.config;
+        let differs = |what: &str, theirs: String, ours: String| {
+            Error::Snapshot(format!(
+                "the snapshot's {what} is {theirs}, this VM's configuration says {ours}"
+            ))
+        };
+        if saved.vcpus != mine.vcpus {
+            return Err(differs("vCPU count", saved.vcpus.to_string(), mine.vcpus.to_string()));
+        }
+        if saved.memory_mib != mine.memory_mib {
+            return Err(differs(
+                "memory size",
+                format!("{} MiB", saved.memory_mib),
+                format!("{} MiB", mine.memory_mib),
+            ));
+        }
+        if saved.irqchip != mine.irqchip {
+            return Err(differs(
+                "irqchip",
+                format!("{:?}", saved.irqchip),
+                format!("{:?}", mine.irqchip),
+            ));
+        }
+        if saved.acpi != mine.acpi {
+            return Err(differs("ACPI setting", saved.acpi.to_string(), mine.acpi.to_string()));
+        }
+        Vm::build(self, Some((snapshot, mode)))
     }
 }
 
@@ -773,6 +886,8 @@ pub struct Vm {
     /// The ACPI generic event device's power button, with ACPI.
     ged: Option<keel_devices::GedHandle>,
     balloon: Option<keel_virtio::BalloonHandle>,
+    /// The MSRs a vCPU saves in a snapshot.
+    msr_indices: Arc<Vec<u32>>,
     _vm_fd: Arc<VmFd>,
     // Kept alive as long as the VM: the vCPUs and slots refer to them.
     mem: GuestMemoryMmap,
@@ -780,7 +895,7 @@ pub struct Vm {
 
 /// Keel's user-space IOAPIC, its routes installed in this VM's merged
 /// routing table (shared with MSI-X vectors).
-type SplitIoapic = keel_irq::Ioapic<keel_irq::GsiRouting>;
+pub(crate) type SplitIoapic = keel_irq::Ioapic<keel_irq::GsiRouting>;
 
 /// Where the vCPUs send their exits: the device buses, and the user-space
 /// IOAPIC's end-of-interrupt notifications in split-irqchip mode.
@@ -895,7 +1010,7 @@ fn open_kvm(path: &std::path::Path) -> Result<Kvm> {
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 
 impl Vm {
-    fn build(builder: VmBuilder) -> Result<Vm> {
+    fn build(builder: VmBuilder, restore: Option<(&Snapshot, keel_memory::RestoreMode)>) -> Result<Vm> {
         let config = builder.config;
         let kvm = open_kvm(&builder.kvm_device)?;
         let max_vcpus = kvm.get_max_vcpus();
@@ -911,13 +1026,32 @@ impl Vm {
             .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
 
         let layout = GuestLayout::new(config.memory_mib * keel_memory::MIB)?;
-        let mem = layout.create_memory()?;
+        let mem = match restore {
+            None => layout.create_memory()?,
+            Some((snapshot, mode)) => {
+                let path = snapshot.memory_path();
+                let file = std::fs::File::open(path)
+                    .map_err(|e| Error::Snapshot(format!("memory file {}: {e}", path.display())))?;
+                keel_memory::restore_memory(&layout, &file, mode)
+                    .map_err(|e| Error::Snapshot(format!("{}: {e}", path.display())))?
+            }
+        };
         keel_memory::register_with_kvm(&vm_fd, &mem)?;
         // KVM_SET_GSI_ROUTING replaces the whole table: the irqchip's routes
         // and the MSI-X vectors' go through one merged table.
         let (pit_setup, ioapic, routing) = match config.irqchip {
             IrqchipChoice::Kernel => {
                 keel_irq::create_in_kernel_irqchip(&vm_fd)?;
+                if let Some((snapshot, _)) = restore {
+                    match &snapshot.state.irqchip {
+                        crate::snapshot::IrqchipState::Kernel(state) => state.restore(&vm_fd)?,
+                        crate::snapshot::IrqchipState::Split(_) => {
+                            return Err(Error::Snapshot(
+                                "the snapshot has a split irqchip, this VM KVM's in-kernel one".into(),
+                            ))
+                        }
+                    }
+                }
                 let pit_setup = if config.pit_reinject {
                     Background::default()
                 } else {
@@ -928,7 +1062,18 @@ impl Vm {
             IrqchipChoice::Split => {
                 keel_irq::enable_split_irqchip(&vm_fd)?;
                 let routing = keel_irq::GsiRouting::split(vm_fd.clone());
-                let ioapic = Arc::new(Mutex::new(keel_irq::Ioapic::new(routing.clone())));
+                let mut ioapic = keel_irq::Ioapic::new(routing.clone());
+                if let Some((snapshot, _)) = restore {
+                    match &snapshot.state.irqchip {
+                        crate::snapshot::IrqchipState::Split(state) => ioapic.restore_state(state)?,
+                        crate::snapshot::IrqchipState::Kernel(_) => {
+                            return Err(Error::Snapshot(
+                                "the snapshot has KVM's in-kernel irqchip, this VM a split one".into(),
+                            ))
+                        }
+                    }
+                }
+                let ioapic = Arc::new(Mutex::new(ioapic));
                 (Background::default(), Some(ioapic), routing)
             }
         };
@@ -941,6 +1086,8 @@ impl Vm {
             pause: crate::pause::PauseGate::default(),
             metrics: Mutex::new(Vec::new()),
             devices: Mutex::new(ConfigDevices::default()),
+            vcpu_states: Mutex::new(Vec::new()),
+            snapshot_parts: Mutex::new(None),
             kickers: Mutex::new(Vec::new()),
             wake_event_loop: EventFd::new(libc::EFD_NONBLOCK).map_err(Error::EventLoop)?,
         });
@@ -961,10 +1108,13 @@ impl Vm {
             None => serial_sink(&config.serial)?,
         };
         let serial_out: Console = Box::new(ConsoleWatcher::new(serial_out, builder.start));
-        let serial = Arc::new(Mutex::new(
-            SerialConsole::new(serial_irq, serial_out)
+        let serial = match restore {
+            None => SerialConsole::new(serial_irq, serial_out)
                 .map_err(|e| Error::DeviceRange(format!("serial console: {e}")))?,
-        ));
+            Some((snapshot, _)) => SerialConsole::from_state(serial_irq, serial_out, &snapshot.state.serial)
+                .map_err(|e| Error::Snapshot(e.to_string()))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         let mut subscribers: Vec<Subscriber> = Vec::new();
         if let Some(input) = builder.serial_in {
             let input = SerialInput::new(BoxedSource(input), serial.clone())
@@ -979,7 +1129,7 @@ impl Vm {
                 io.register_pio(range, dev)
                     .map_err(|e| Error::DeviceRange(format!("port device at {base:#x} ({size} ports): {e}")))
             };
-        register_pio(&mut io, keel_devices::ports::COM1, 8, serial)?;
+        register_pio(&mut io, keel_devices::ports::COM1, 8, serial.clone())?;
         register_pio(
             &mut io,
             keel_devices::ports::I8042,
@@ -992,11 +1142,17 @@ impl Vm {
             1,
             Arc::new(Mutex::new(ExitPort::new(power.clone()))),
         )?;
+        let mut rtc = keel_devices::Rtc::new();
+        if let Some((snapshot, _)) = restore {
+            rtc.restore_state(&snapshot.state.rtc)
+                .map_err(|e| Error::Snapshot(e.to_string()))?;
+        }
+        let rtc = Arc::new(Mutex::new(rtc));
         register_pio(
             &mut io,
             keel_devices::ports::RTC,
             keel_devices::ports::RTC_PORT_COUNT,
-            Arc::new(Mutex::new(keel_devices::Rtc::new())),
+            rtc.clone(),
         )?;
         register_pio(
             &mut io,
@@ -1026,6 +1182,8 @@ impl Vm {
             cmdline: Vec::new(),
             mmio_windows: Vec::new(),
             subscribers: &mut subscribers,
+            transports: Vec::new(),
+            pci_devices: Vec::new(),
         };
         for disk in &config.disks {
             let backend = keel_virtio::FileBackend::open(&disk.path, disk.read_only)
@@ -1217,93 +1375,106 @@ impl Vm {
             mmio_windows,
             pci,
             io: bus,
+            transports,
+            pci_devices,
             ..
         } = virtio;
         pci.register(bus)?;
+        if let Some((snapshot, _)) = restore {
+            restore_virtio(&transports, &snapshot.state.virtio)?;
+        }
 
-        let kernel = match &config.kernel {
-            Some(path) => {
-                let mut file = std::fs::File::open(path)
-                    .map_err(|e| Error::Config(format!("kernel {}: {e}", path.display())))?;
-                keel_boot::load_kernel(&mem, &mut file)
-                    .map_err(|e| Error::Boot(format!("kernel {}: {e}", path.display())))?
+        // A restored VM's memory holds its kernel, boot tables and ACPI
+        // tables already; only a new VM is loaded.
+        let mut emulated_ring0 = false;
+        let boot_entry = if restore.is_none() {
+            let kernel = match &config.kernel {
+                Some(path) => {
+                    let mut file = std::fs::File::open(path)
+                        .map_err(|e| Error::Config(format!("kernel {}: {e}", path.display())))?;
+                    keel_boot::load_kernel(&mem, &mut file)
+                        .map_err(|e| Error::Boot(format!("kernel {}: {e}", path.display())))?
+                }
+                None => keel_boot::load_kernel(&mem, &mut std::io::Cursor::new(keel_guest::elf()))
+                    .map_err(|e| Error::Boot(format!("built-in guest: {e}")))?,
+            };
+            let kernel = match config.boot_protocol {
+                BootProtocolChoice::Auto => kernel.with_pvh_entry().unwrap_or(kernel),
+                BootProtocolChoice::Linux64 => kernel,
+                BootProtocolChoice::Pvh => kernel
+                    .with_pvh_entry()
+                    .ok_or_else(|| Error::Boot("boot protocol pvh: the kernel has no PVH entry note".into()))?,
+            };
+            emulated_ring0 = match config.ring0 {
+                Ring0Choice::Hardware => false,
+                Ring0Choice::Emulated => true,
+                // Only a Linux kernel needs the workarounds; the built-in
+                // guest's ring 0 avoids the instructions itself.
+                Ring0Choice::Auto if !is_linux => false,
+                Ring0Choice::Auto => keel_vcpu::probe_ring0_execution(&kvm)? == Ring0Execution::Emulated,
+            };
+            let mut cmdline = config.effective_cmdline().to_string();
+            if emulated_ring0 && is_linux {
+                log::warn!(
+                    "this host's KVM emulates guest ring 0: Linux is steered off the instructions it cannot emulate, \
+                     and guest user space cannot make system calls here, so init will die at its first one"
+                );
+                cmdline.push(' ');
+                cmdline.push_str(EMULATED_RING0_CMDLINE);
             }
-            None => keel_boot::load_kernel(&mem, &mut std::io::Cursor::new(keel_guest::elf()))
-                .map_err(|e| Error::Boot(format!("built-in guest: {e}")))?,
-        };
-        let kernel = match config.boot_protocol {
-            BootProtocolChoice::Auto => kernel.with_pvh_entry().unwrap_or(kernel),
-            BootProtocolChoice::Linux64 => kernel,
-            BootProtocolChoice::Pvh => kernel
-                .with_pvh_entry()
-                .ok_or_else(|| Error::Boot("boot protocol pvh: the kernel has no PVH entry note".into()))?,
-        };
-        let emulated_ring0 = match config.ring0 {
-            Ring0Choice::Hardware => false,
-            Ring0Choice::Emulated => true,
-            // Only a Linux kernel needs the workarounds; the built-in
-            // guest's ring 0 avoids the instructions itself.
-            Ring0Choice::Auto if !is_linux => false,
-            Ring0Choice::Auto => keel_vcpu::probe_ring0_execution(&kvm)? == Ring0Execution::Emulated,
-        };
-        let mut cmdline = config.effective_cmdline().to_string();
-        if emulated_ring0 && is_linux {
-            log::warn!(
-                "this host's KVM emulates guest ring 0: Linux is steered off the instructions it cannot emulate, \
-                 and guest user space cannot make system calls here, so init will die at its first one"
-            );
-            cmdline.push(' ');
-            cmdline.push_str(EMULATED_RING0_CMDLINE);
-        }
-        // With ACPI, Linux finds its virtio-mmio devices in the DSDT; the
-        // built-in guest reads them from its command line either way.
-        let mut cmdline_devices: Vec<String> = if config.acpi && is_linux {
-            Vec::new()
+            // With ACPI, Linux finds its virtio-mmio devices in the DSDT; the
+            // built-in guest reads them from its command line either way.
+            let mut cmdline_devices: Vec<String> = if config.acpi && is_linux {
+                Vec::new()
+            } else {
+                virtio_cmdline
+            };
+            if let (Some((_, gsi)), false) = (&ged, is_linux) {
+                // The built-in guest does not parse the DSDT: it is told where
+                // the ACPI event device is.
+                cmdline_devices.push(format!("keel.ged={:#x}:{gsi}", keel_memory::ACPI_GED_START));
+            }
+            let cmdline = with_kernel_params(&cmdline, &cmdline_devices);
+            let mut boot = keel_boot::BootConfig::new(cmdline);
+            if let Some((_, ged_gsi)) = &ged {
+                let mut platform = keel_boot::AcpiPlatform::new(config.vcpus);
+                platform.legacy_pic = config.irqchip == IrqchipChoice::Kernel;
+                platform.virtio_mmio = mmio_windows;
+                platform.pci = Some(keel_boot::PciHostBridge {
+                    ecam_base: keel_memory::PCI_ECAM_START,
+                    last_bus: 0,
+                    mmio32: (keel_memory::PCI_MMIO32_START, keel_memory::PCI_MMIO32_END),
+                    mmio64: Some({
+                        let (start, size) = layout.pci_mmio64_window();
+                        (start, start + size)
+                    }),
+                });
+                platform.ged = Some(keel_boot::GedWindow {
+                    base: keel_memory::ACPI_GED_START,
+                    gsi: *ged_gsi,
+                });
+                let rsdp =
+                    keel_boot::write_acpi_tables(&mem, &platform).map_err(|e| Error::Boot(e.to_string()))?;
+                boot = boot.acpi_rsdp(rsdp);
+            }
+            if let Some(path) = &config.initrd {
+                let mut file = std::fs::File::open(path)
+                    .map_err(|e| Error::Config(format!("initrd {}: {e}", path.display())))?;
+                let (addr, size) = keel_boot::load_initrd(&mem, &layout, &kernel, &mut file)
+                    .map_err(|e| Error::Boot(format!("initrd {}: {e}", path.display())))?;
+                boot = boot.initrd(addr, size);
+            }
+            boot.write(&mem, &layout, &kernel)
+                .map_err(|e| Error::Boot(e.to_string()))?;
+            if !config.acpi {
+                keel_boot::write_mptable(&mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))?;
+            }
+            keel_vcpu::write_boot_tables(&mem)?;
+            Some((kernel.protocol, kernel.entry))
         } else {
-            virtio_cmdline
+            None
         };
-        if let (Some((_, gsi)), false) = (&ged, is_linux) {
-            // The built-in guest does not parse the DSDT: it is told where
-            // the ACPI event device is.
-            cmdline_devices.push(format!("keel.ged={:#x}:{gsi}", keel_memory::ACPI_GED_START));
-        }
-        let cmdline = with_kernel_params(&cmdline, &cmdline_devices);
-        let mut boot = keel_boot::BootConfig::new(cmdline);
-        if let Some((_, ged_gsi)) = &ged {
-            let mut platform = keel_boot::AcpiPlatform::new(config.vcpus);
-            platform.legacy_pic = config.irqchip == IrqchipChoice::Kernel;
-            platform.virtio_mmio = mmio_windows;
-            platform.pci = Some(keel_boot::PciHostBridge {
-                ecam_base: keel_memory::PCI_ECAM_START,
-                last_bus: 0,
-                mmio32: (keel_memory::PCI_MMIO32_START, keel_memory::PCI_MMIO32_END),
-                mmio64: Some({
-                    let (start, size) = layout.pci_mmio64_window();
-                    (start, start + size)
-                }),
-            });
-            platform.ged = Some(keel_boot::GedWindow {
-                base: keel_memory::ACPI_GED_START,
-                gsi: *ged_gsi,
-            });
-            let rsdp =
-                keel_boot::write_acpi_tables(&mem, &platform).map_err(|e| Error::Boot(e.to_string()))?;
-            boot = boot.acpi_rsdp(rsdp);
-        }
         let ged = ged.map(|(handle, _)| handle);
-        if let Some(path) = &config.initrd {
-            let mut file = std::fs::File::open(path)
-                .map_err(|e| Error::Config(format!("initrd {}: {e}", path.display())))?;
-            let (addr, size) = keel_boot::load_initrd(&mem, &layout, &kernel, &mut file)
-                .map_err(|e| Error::Boot(format!("initrd {}: {e}", path.display())))?;
-            boot = boot.initrd(addr, size);
-        }
-        boot.write(&mem, &layout, &kernel)
-            .map_err(|e| Error::Boot(e.to_string()))?;
-        if !config.acpi {
-            keel_boot::write_mptable(&mem, config.vcpus).map_err(|e| Error::Boot(e.to_string()))?;
-        }
-        keel_vcpu::write_boot_tables(&mem)?;
 
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -1317,19 +1488,53 @@ impl Vm {
                 // a guest needs no PIT to learn it.
                 tsc_khz = vcpu.fd().get_tsc_khz().ok();
             }
-            let mut cpuid = CpuidConfig::new(id, config.vcpus);
-            cpuid.tsc_khz = tsc_khz;
-            cpuid.no_pv_hypercalls = emulated_ring0;
-            cpuid.hide_unemulated_instructions = emulated_ring0;
-            vcpu.configure_cpuid(&supported, &cpuid)?;
-            vcpu.configure_msrs()?;
-            match kernel.protocol {
-                BootProtocol::Linux64 => vcpu.configure_long_mode_entry(kernel.entry)?,
-                BootProtocol::Pvh => vcpu.configure_pvh_entry(kernel.entry, keel_memory::PVH_INFO_START)?,
+            match (boot_entry, restore) {
+                (Some((protocol, entry)), _) => {
+                    let mut cpuid = CpuidConfig::new(id, config.vcpus);
+                    cpuid.tsc_khz = tsc_khz;
+                    cpuid.no_pv_hypercalls = emulated_ring0;
+                    cpuid.hide_unemulated_instructions = emulated_ring0;
+                    vcpu.configure_cpuid(&supported, &cpuid)?;
+                    vcpu.configure_msrs()?;
+                    match protocol {
+                        BootProtocol::Linux64 => vcpu.configure_long_mode_entry(entry)?,
+                        BootProtocol::Pvh => vcpu.configure_pvh_entry(entry, keel_memory::PVH_INFO_START)?,
+                    }
+                    vcpu.configure_lapic()?;
+                }
+                (None, Some((snapshot, _))) => {
+                    let state = snapshot.state.vcpus.get(usize::from(id)).ok_or_else(|| {
+                        Error::Snapshot(format!("the snapshot has no state for vCPU {id}"))
+                    })?;
+                    vcpu.restore_state(&vm_fd, &supported, state)?;
+                }
+                (None, None) => unreachable!("a VM is either new or restored"),
             }
-            vcpu.configure_lapic()?;
             vcpus.push(vcpu);
         }
+        if let Some((snapshot, _)) = restore {
+            // kvmclock continues from the snapshot's time: the time the VM
+            // spent saved does not pass for the guest.
+            let mut clock = snapshot.state.clock;
+            clock.flags = 0;
+            vm_fd
+                .set_clock(&clock)
+                .map_err(|e| Error::Kvm("KVM_SET_CLOCK", e))?;
+        }
+        let msr_indices = Arc::new(keel_vcpu::msrs_to_save(&kvm)?);
+        *control.vcpu_states.lock().unwrap_or_else(|e| e.into_inner()) =
+            (0..vcpus.len()).map(|_| None).collect();
+        *control.snapshot_parts.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(crate::snapshot::SnapshotParts {
+                vm_fd: vm_fd.clone(),
+                config: config.clone(),
+                serial,
+                rtc,
+                ioapic: ioapic.clone(),
+                transports,
+                pci_devices,
+                mem: mem.clone(),
+            });
         let counters: Vec<_> = vcpus.iter().map(Vcpu::counters).collect();
         control.add_metrics("vcpu", move || {
             // Summed over the vCPUs, as Firecracker reports them.
@@ -1353,6 +1558,7 @@ impl Vm {
             pit_setup,
             ged,
             balloon,
+            msr_indices,
             _vm_fd: vm_fd,
             mem,
         })
@@ -1379,6 +1585,7 @@ impl Vm {
             pit_setup,
             ged,
             balloon,
+            msr_indices,
             _vm_fd,
             mem,
         } = self;
@@ -1390,6 +1597,8 @@ impl Vm {
             let control_for_thread = control.clone();
             let io = io.clone();
             let id = vcpu.id();
+            let vm_fd = _vm_fd.clone();
+            let msr_indices = msr_indices.clone();
             control.pause.join();
             let kicker = VcpuKicker::new();
             control
@@ -1406,7 +1615,16 @@ impl Vm {
                         match vcpu.run(&*io, &control.leave_run) {
                             // Paused: park between two KVM_RUNs, then go on.
                             Ok(VcpuStop::Requested) if !control.stop.load(Ordering::Acquire) => {
-                                control.pause.park_if_requested();
+                                // While parked, save this vCPU whenever a
+                                // snapshot asks.
+                                control.pause.park_if_requested_with(&mut || {
+                                    let state = vcpu.save_state(&vm_fd, &msr_indices);
+                                    let mut slots =
+                                        control.vcpu_states.lock().unwrap_or_else(|e| e.into_inner());
+                                    if let Some(slot) = slots.get_mut(usize::from(id)) {
+                                        *slot = Some(state);
+                                    }
+                                });
                             }
                             Ok(VcpuStop::Requested) => break None,
                             Ok(VcpuStop::TripleFault) => {
@@ -1647,6 +1865,32 @@ impl VmController {
         self.control.lock_devices().rng.clone()
     }
 
+    /// Saves the paused VM: its state to `state_path` (vCPUs, interrupt
+    /// controller, devices, clock; versioned and checksummed) and its
+    /// memory to `memory_path` (sparse). The VM stays paused; resume it or
+    /// stop it afterwards. Fails if the VM is not paused, or has a device
+    /// that cannot be saved (named in the error); nothing is left at
+    /// either path then, and an existing file there is kept.
+    pub fn snapshot(
+        &self,
+        state_path: impl AsRef<std::path::Path>,
+        memory_path: impl AsRef<std::path::Path>,
+    ) -> Result<SnapshotInfo> {
+        self.control.snapshot(state_path.as_ref(), memory_path.as_ref())
+    }
+
+    /// [`Self::snapshot`] into `dir` (created if missing), as
+    /// [`crate::STATE_FILE_NAME`] and [`crate::MEMORY_FILE_NAME`], the
+    /// layout [`Snapshot::load_dir`] and `keel --restore` read.
+    pub fn snapshot_to_dir(&self, dir: impl AsRef<std::path::Path>) -> Result<SnapshotInfo> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| Error::Snapshot(format!("{}: {e}", dir.display())))?;
+        self.snapshot(
+            dir.join(crate::STATE_FILE_NAME),
+            dir.join(crate::MEMORY_FILE_NAME),
+        )
+    }
+
     /// Stops the VM, as [`StopHandle::stop`].
     pub fn stop(&self) {
         self.control.finish(Ok(ExitReason::Stopped));
@@ -1699,6 +1943,15 @@ impl VmHandle {
     /// Resumes a paused VM where it stopped. Fails if it is not paused.
     pub fn resume(&self) -> Result<()> {
         self.control.resume()
+    }
+
+    /// Saves the paused VM; see [`VmController::snapshot`].
+    pub fn snapshot(
+        &self,
+        state_path: impl AsRef<std::path::Path>,
+        memory_path: impl AsRef<std::path::Path>,
+    ) -> Result<SnapshotInfo> {
+        self.control.snapshot(state_path.as_ref(), memory_path.as_ref())
     }
 
     /// Whether the VM is paused.
@@ -1784,6 +2037,14 @@ impl VmHandle {
 
     fn stop_and_join(&mut self) {
         halt_threads(&self.control, std::mem::take(&mut self.threads));
+        // Nothing to snapshot any more: let go of the devices and memory.
+        drop(
+            self.control
+                .snapshot_parts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
     }
 }
 
@@ -1794,4 +2055,37 @@ impl Drop for VmHandle {
             self.stop_and_join();
         }
     }
+}
+
+/// Puts each saved virtio-mmio device back into the transport built in its
+/// place, after checking that the VM has the same devices in the same
+/// places.
+fn restore_virtio(
+    transports: &[(String, Arc<Mutex<keel_virtio::MmioTransport>>)],
+    saved: &[crate::snapshot::SavedVirtioDevice],
+) -> Result<()> {
+    if transports.len() != saved.len() {
+        return Err(Error::Snapshot(format!(
+            "the snapshot has {} virtio-mmio devices ({}), this VM {} ({})",
+            saved.len(),
+            saved.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "),
+            transports.len(),
+            transports.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "),
+        )));
+    }
+    for ((name, transport), device) in transports.iter().zip(saved) {
+        let mut transport = transport.lock().unwrap_or_else(|e| e.into_inner());
+        if transport.slot().base != device.base {
+            return Err(Error::Snapshot(format!(
+                "{name} is at {:#x}, but the snapshot's {} was at {:#x}",
+                transport.slot().base,
+                device.name,
+                device.base
+            )));
+        }
+        transport
+            .restore_state(&device.transport)
+            .map_err(|e| Error::Snapshot(format!("{name} (saved as {}): {e}", device.name)))?;
+    }
+    Ok(())
 }

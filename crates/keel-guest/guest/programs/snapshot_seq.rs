@@ -1,0 +1,112 @@
+//! `snapshot-seq`: a checked sequence to snapshot in the middle of: a
+//! counter printed step by step, a table in memory that every step
+//! extends, and (with a virtio-blk disk) one sector written per step. At
+//! the end it checks the whole table and reads every sector back, so a
+//! restore that lost or repeated a step, a memory page or a block write
+//! fails here.
+
+use super::{arg, virtio_devices, Context, Outcome};
+use crate::abi::fnv1a64;
+use crate::dma;
+use crate::println;
+use crate::virtio::blk::{Blk, S_OK};
+use crate::virtio::device_id;
+
+pub const KEYS: &[&str] = &["steps", "delay-ms", "seed"];
+
+/// Most steps: the table's size.
+const MAX_STEPS: usize = 4096;
+
+/// What step `i` of a run with `seed` stores: in the table, and in every
+/// 8 bytes of its sector.
+fn value(seed: u64, i: u64) -> u64 {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    bytes[8..].copy_from_slice(&i.to_le_bytes());
+    fnv1a64(&bytes)
+}
+
+/// `snapshot-seq [steps=N] [delay-ms=M] [seed=S]`: N steps (default 200,
+/// at most 4096), M ms apart (default 5). Each step stores its value in a
+/// table in guest memory, writes it to sector `i` of the first virtio-blk
+/// disk if there is one, and prints `seq: step i`. Then it checks the
+/// table and reads every sector back.
+pub fn run(ctx: &Context<'_>) -> Outcome {
+    let steps = arg(ctx.cmdline.number("steps"))?.unwrap_or(200);
+    let delay_ms = arg(ctx.cmdline.number("delay-ms"))?.unwrap_or(5);
+    let seed = arg(ctx.cmdline.number("seed"))?.unwrap_or(0x5eed);
+    if steps == 0 || steps > MAX_STEPS as u64 {
+        bad_args!("steps={steps}: must be 1 to {MAX_STEPS}");
+    }
+    let devices = virtio_devices(ctx)?;
+    let mut disk = match devices.of_type(device_id::BLOCK).next() {
+        Some(found) => match Blk::init(found, ctx.params, 0, false, 16) {
+            Ok(blk) if blk.read_only() => fail!("snapshot-seq: the disk is read-only"),
+            Ok(blk) if blk.config.capacity < steps => {
+                fail!("snapshot-seq: the disk has {} sectors, fewer than {steps} steps", blk.config.capacity)
+            }
+            Ok(blk) => Some(blk),
+            Err(e) => fail!("snapshot-seq: virtio-blk initialisation: {e}"),
+        },
+        None => None,
+    };
+    let table = dma::alloc_or_panic(MAX_STEPS * 8, 4096);
+    let sector = dma::alloc_or_panic(512, 4096);
+    let ticks = crate::tsc::ticks_per_ms(delay_ms);
+    println!(
+        "seq: {steps} steps, {delay_ms} ms apart, {}",
+        if disk.is_some() { "one disk write each" } else { "no disk" }
+    );
+    for i in 0..steps {
+        let v = value(seed, i);
+        table.put_u64(i as usize * 8, v);
+        if let Some(blk) = disk.as_mut() {
+            for word in 0..64 {
+                sector.put_u64(word * 8, v);
+            }
+            match blk.write(i, &[sector]) {
+                Ok(done) if done.status == S_OK => {}
+                Ok(done) => fail!("seq: step {i}: disk write status {}", done.status),
+                Err(e) => fail!("seq: step {i}: disk write: {e}"),
+            }
+        }
+        println!("seq: step {i}");
+        let until = crate::tsc::now().saturating_add(ticks);
+        while crate::tsc::now() < until {
+            core::hint::spin_loop();
+        }
+    }
+    let mut bytes = [0u8; 8];
+    for i in 0..steps {
+        table.read(i as usize * 8, &mut bytes);
+        let found = u64::from_le_bytes(bytes);
+        if found != value(seed, i) {
+            fail!("seq: the table's entry {i} is {found:#x}, expected {:#x}", value(seed, i));
+        }
+    }
+    if let Some(blk) = disk.as_mut() {
+        for i in 0..steps {
+            sector.fill(0);
+            match blk.read(i, &[sector]) {
+                Ok(done) if done.status == S_OK => {}
+                Ok(done) => fail!("seq: reading sector {i}: status {}", done.status),
+                Err(e) => fail!("seq: reading sector {i}: {e}"),
+            }
+            for word in 0..64 {
+                sector.read(word * 8, &mut bytes);
+                let found = u64::from_le_bytes(bytes);
+                if found != value(seed, i) {
+                    fail!(
+                        "seq: sector {i} word {word} is {found:#x}, expected {:#x}: a block write was lost",
+                        value(seed, i)
+                    );
+                }
+            }
+        }
+    }
+    println!(
+        "seq: done: {steps} steps, table checked, {} sectors read back",
+        if disk.is_some() { steps } else { 0 }
+    );
+    Ok(())
+}

@@ -1,0 +1,265 @@
+//! Snapshots: a paused VM saved to a state file and a memory file, and
+//! restored from them — once, or many times over as clones.
+//!
+//! [`VmController::snapshot`](crate::VmController::snapshot) writes the
+//! memory file first ([`keel_memory::save_memory`]: sparse, untouched and
+//! zero pages are holes), then the state file ([`keel_snapshot`]'s
+//! checksummed container around [`VmState`]), each to a temporary name
+//! renamed into place once complete, so an interrupted snapshot never
+//! leaves a state file that looks whole.
+//!
+//! [`Snapshot::load`] reads and checks a state file; its
+//! [`config`](Snapshot::config) can be changed before restoring (another
+//! disk image, tap device or vsock socket for a clone); then
+//! [`VmBuilder::restore`](crate::VmBuilder::restore) builds the VM with the
+//! snapshot's devices, maps its memory copy-on-write from the memory file
+//! and puts every vCPU and device back as it was. The restored VM starts
+//! with [`Vm::start`](crate::Vm::start) and continues where the original
+//! was paused.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_devices::{RtcState, SerialConsoleState};
+use keel_irq::{IoapicState, KernelIrqchipState};
+use keel_memory::{GuestMemoryMmap, SavedMemory};
+use keel_vcpu::VcpuState;
+use kvm_ioctls::VmFd;
+use serde::{Deserialize, Serialize};
+
+use crate::{Error, Result, VmConfig};
+
+/// The file names [`crate::VmController::snapshot_to_dir`] and the `keel`
+/// command use in a snapshot directory: the state file.
+pub const STATE_FILE_NAME: &str = "vm.state";
+/// The memory file's name in a snapshot directory.
+pub const MEMORY_FILE_NAME: &str = "vm.mem";
+
+/// Everything a snapshot keeps besides guest memory.
+#[derive(Debug, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct VmState {
+    /// The Keel version that wrote the snapshot.
+    pub keel_version: String,
+    /// The VM's configuration, as JSON (the `--config` format).
+    pub config_json: String,
+    /// Guest memory size in bytes (the memory file's length).
+    pub memory_size: u64,
+    /// `KVM_GET_CLOCK`: kvmclock's time.
+    pub clock: kvm_bindings::kvm_clock_data,
+    /// Every vCPU, by index.
+    pub vcpus: Vec<VcpuState>,
+    /// The interrupt controller.
+    pub irqchip: IrqchipState,
+    /// The 16550 serial console.
+    pub serial: SerialConsoleState,
+    /// The CMOS RTC.
+    pub rtc: RtcState,
+    /// Every virtio-mmio device, in the order the VM was built with them.
+    pub virtio: Vec<SavedVirtioDevice>,
+}
+
+/// The interrupt controller's part of a snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum IrqchipState {
+    /// Keel's user-space IOAPIC (split irqchip; the local APICs are in
+    /// the vCPU states).
+    Split(IoapicState),
+    /// KVM's PICs, IOAPIC and PIT.
+    Kernel(KernelIrqchipState),
+}
+
+/// One virtio-mmio device of a snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct SavedVirtioDevice {
+    /// What the VM called it (`disk /path`, `virtio-rng`, a user's name).
+    pub name: String,
+    /// Its MMIO window, checked on restore.
+    pub base: u64,
+    /// The transport's registers and the device's state.
+    pub transport: keel_virtio::TransportState,
+}
+
+/// What a snapshot wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SnapshotInfo {
+    /// Bytes in the state file.
+    pub state_bytes: u64,
+    /// The memory file's size and the data in it.
+    pub memory: SavedMemory,
+    /// How long the VM was held for it (it stays paused afterwards).
+    pub took: Duration,
+}
+
+/// A snapshot read from disk, ready to restore one VM or many.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub(crate) state: VmState,
+    config: VmConfig,
+    memory_path: PathBuf,
+}
+
+impl Snapshot {
+    /// Reads and checks the state file at `state_path`; `memory_path` is
+    /// its memory file, opened (and checked for size) on restore. A file
+    /// that is not a Keel snapshot, was written by another format version,
+    /// is truncated or corrupted fails here with an error that says which.
+    pub fn load(state_path: impl AsRef<Path>, memory_path: impl AsRef<Path>) -> Result<Self> {
+        let state_path = state_path.as_ref();
+        let bytes = std::fs::read(state_path)
+            .map_err(|e| Error::Snapshot(format!("state file {}: {e}", state_path.display())))?;
+        let state: VmState = keel_snapshot::decode(&bytes)
+            .map_err(|e| Error::Snapshot(format!("{}: {e}", state_path.display())))?;
+        let config: VmConfig = serde_json::from_str(&state.config_json).map_err(|e| {
+            Error::Snapshot(format!(
+                "{}: the saved configuration does not parse: {e}",
+                state_path.display()
+            ))
+        })?;
+        if usize::from(config.vcpus) != state.vcpus.len() {
+            return Err(Error::Snapshot(format!(
+                "{}: the configuration has {} vCPUs, the state {}",
+                state_path.display(),
+                config.vcpus,
+                state.vcpus.len()
+            )));
+        }
+        if config.memory_mib.checked_mul(keel_memory::MIB) != Some(state.memory_size) {
+            return Err(Error::Snapshot(format!(
+                "{}: the configuration has {} MiB of memory, the state {} bytes",
+                state_path.display(),
+                config.memory_mib,
+                state.memory_size
+            )));
+        }
+        Ok(Self {
+            state,
+            config,
+            memory_path: memory_path.as_ref().to_path_buf(),
+        })
+    }
+
+    /// [`Snapshot::load`] of the two files in a snapshot directory
+    /// ([`STATE_FILE_NAME`], [`MEMORY_FILE_NAME`]).
+    pub fn load_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        Self::load(dir.join(STATE_FILE_NAME), dir.join(MEMORY_FILE_NAME))
+    }
+
+    /// The saved VM's configuration: build the restored VM with it
+    /// ([`crate::VmBuilder::new`]), changed where a clone needs its own
+    /// backends (disk paths, tap names, vsock socket, console).
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// The memory file.
+    pub fn memory_path(&self) -> &Path {
+        &self.memory_path
+    }
+
+    /// The Keel version that wrote the snapshot.
+    pub fn keel_version(&self) -> &str {
+        &self.state.keel_version
+    }
+
+    /// The saved state.
+    pub fn state(&self) -> &VmState {
+        &self.state
+    }
+}
+
+/// The devices and handles a running VM keeps for snapshots.
+pub(crate) struct SnapshotParts {
+    pub vm_fd: Arc<VmFd>,
+    pub config: VmConfig,
+    pub serial: Arc<Mutex<keel_devices::SerialConsole<crate::vm::Console>>>,
+    pub rtc: Arc<Mutex<keel_devices::Rtc>>,
+    pub ioapic: Option<Arc<Mutex<crate::vm::SplitIoapic>>>,
+    pub transports: Vec<(String, Arc<Mutex<keel_virtio::MmioTransport>>)>,
+    /// Devices on virtio-pci, which snapshots do not support yet.
+    pub pci_devices: Vec<String>,
+    /// Kept last: the VM above refers to it.
+    pub mem: GuestMemoryMmap,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl SnapshotParts {
+    /// Everything but the vCPUs, which their threads save.
+    pub fn save(&self, vcpus: Vec<VcpuState>) -> Result<VmState> {
+        if let Some(name) = self.pci_devices.first() {
+            return Err(Error::Snapshot(format!(
+                "{name} is on virtio-pci, which snapshots do not support yet (use the mmio transport)"
+            )));
+        }
+        let mut virtio = Vec::with_capacity(self.transports.len());
+        for (name, transport) in &self.transports {
+            let transport = lock(transport);
+            let state = transport
+                .save_state()
+                .map_err(|e| Error::Snapshot(format!("{name}: {e}")))?;
+            virtio.push(SavedVirtioDevice {
+                name: name.clone(),
+                base: transport.slot().base,
+                transport: state,
+            });
+        }
+        let irqchip = match &self.ioapic {
+            Some(ioapic) => IrqchipState::Split(lock(ioapic).save_state()),
+            None => IrqchipState::Kernel(KernelIrqchipState::save(&self.vm_fd)?),
+        };
+        let clock = self
+            .vm_fd
+            .get_clock()
+            .map_err(|e| Error::Kvm("KVM_GET_CLOCK", e))?;
+        let config_json = serde_json::to_string(&self.config)
+            .map_err(|e| Error::Snapshot(format!("cannot serialize the configuration: {e}")))?;
+        Ok(VmState {
+            keel_version: env!("CARGO_PKG_VERSION").to_string(),
+            config_json,
+            memory_size: vm_memory::GuestMemoryBackend::iter(&self.mem)
+                .map(vm_memory::GuestMemoryRegion::len)
+                .sum(),
+            clock,
+            vcpus,
+            irqchip,
+            serial: lock(&self.serial).save_state(),
+            rtc: lock(&self.rtc).save_state(),
+            virtio,
+        })
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed into place.
+pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&File) -> Result<()>) -> Result<()> {
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".partial");
+    let tmp = PathBuf::from(tmp_name);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(|e| Error::Snapshot(format!("{}: {e}", tmp.display())))?;
+    let written = write(&file).and_then(|()| {
+        file.sync_all()
+            .map_err(|e| Error::Snapshot(format!("{}: {e}", tmp.display())))
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::Snapshot(format!("{}: {e}", path.display()))
+    })
+}

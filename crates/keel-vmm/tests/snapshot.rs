@@ -1,0 +1,278 @@
+//! Snapshots of the built-in guest: taken mid-run with disk writes going
+//! on, restored in a new VM, which continues exactly; and every way a
+//! snapshot can be refused.
+
+mod common;
+use common::Serial;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use keel_memory::RestoreMode;
+use keel_vmm::{DiskConfig, ExitReason, IrqchipChoice, Snapshot, VirtioTransport, VmBuilder, VmConfig};
+
+fn kvm() -> bool {
+    std::path::Path::new("/dev/kvm").exists()
+}
+
+/// A fresh directory under the system's temporary directory.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("keel-snapshot-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn wait_for_text(serial: &Serial, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !serial.text().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {text:?}; output so far:\n{}",
+            serial.text()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The `seq: step N` numbers in `text`, in order.
+fn steps(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("seq: step "))
+        .map(|n| n.trim().parse().unwrap())
+        .collect()
+}
+
+const STEPS: u64 = 300;
+
+fn seq_config(disk: &Path, irqchip: IrqchipChoice) -> VmConfig {
+    let mut config = VmConfig::default();
+    config.memory_mib = 32;
+    config.irqchip = irqchip;
+    config.transport = VirtioTransport::Mmio;
+    config.cmdline = Some(format!("snapshot-seq steps={STEPS} delay-ms=2"));
+    config.disks = vec![DiskConfig::new(disk)];
+    config
+}
+
+fn disk(dir: &Path) -> PathBuf {
+    let path = dir.join("disk.img");
+    std::fs::File::create(&path).unwrap().set_len(1 << 20).unwrap();
+    path
+}
+
+/// Runs the sequence, snapshots it after `seq: step 40` (paused mid-run,
+/// a disk write likely in flight), stops it; returns its output.
+fn run_and_snapshot(config: VmConfig, dir: &Path) -> String {
+    let serial = Serial::default();
+    let handle = VmBuilder::new(config)
+        .unwrap()
+        .serial_output(serial.clone())
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    wait_for_text(&serial, "seq: step 40\n");
+    handle.pause().unwrap();
+    let info = handle.controller().snapshot_to_dir(dir).unwrap();
+    assert!(info.state_bytes > 0);
+    assert_eq!(info.memory.size, 32 << 20);
+    assert!(
+        info.memory.data_bytes < 8 << 20,
+        "the memory file holds only what the guest touched: {} bytes",
+        info.memory.data_bytes
+    );
+    // Whatever the guest does after the snapshot is not the restored
+    // guest's business: stop it here.
+    handle.stop_handle().stop();
+    assert_eq!(handle.wait().unwrap(), ExitReason::Stopped);
+    serial.text()
+}
+
+fn restore_and_finish(dir: &Path, mode: RestoreMode) -> String {
+    let snapshot = Snapshot::load_dir(dir).unwrap();
+    let serial = Serial::default();
+    let vm = VmBuilder::new(snapshot.config().clone())
+        .unwrap()
+        .serial_output(serial.clone())
+        .restore(&snapshot, mode)
+        .unwrap();
+    let handle = vm.start().unwrap();
+    let outcome = handle.wait_timeout(Duration::from_secs(120));
+    let outcome = match outcome {
+        Ok(outcome) => outcome.unwrap(),
+        Err(handle) => {
+            let text = serial.text();
+            drop(handle);
+            panic!("the restored guest did not finish; its output:\n{text}");
+        }
+    };
+    let text = serial.text();
+    assert_eq!(outcome, ExitReason::GuestExit(0), "restored output:\n{text}");
+    text
+}
+
+fn check_continuity(before: &str, after: &str) {
+    // The bytes of both runs together are one run: every step once, in
+    // order (a line cut by the pause is finished by the restored guest).
+    let whole = format!("{before}{after}");
+    let all = steps(&whole);
+    let expected: Vec<u64> = (0..STEPS).collect();
+    assert_eq!(all, expected, "original:\n{before}\nrestored:\n{after}");
+    assert!(
+        after.contains(&format!("seq: done: {STEPS} steps, table checked, {STEPS} sectors read back")),
+        "{after}"
+    );
+    assert!(!steps(after).is_empty(), "the restored guest made progress");
+}
+
+fn a_guest_snapshotted_mid_run_continues_exactly_after_restore(irqchip: IrqchipChoice, mode: RestoreMode) {
+    if !kvm() {
+        eprintln!("SKIPPED: no /dev/kvm");
+        return;
+    }
+    let dir = temp_dir(&format!("continue-{irqchip:?}-{mode:?}"));
+    let disk = disk(&dir);
+    let snap = dir.join("snap");
+    let before = run_and_snapshot(seq_config(&disk, irqchip), &snap);
+    let after = restore_and_finish(&snap, mode);
+    check_continuity(&before, &after);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn split_irqchip_copy_on_write() {
+    a_guest_snapshotted_mid_run_continues_exactly_after_restore(IrqchipChoice::Split, RestoreMode::CopyOnWrite);
+}
+
+#[test]
+fn split_irqchip_copied_memory() {
+    a_guest_snapshotted_mid_run_continues_exactly_after_restore(IrqchipChoice::Split, RestoreMode::Copy);
+}
+
+#[test]
+fn kernel_irqchip_copy_on_write() {
+    a_guest_snapshotted_mid_run_continues_exactly_after_restore(IrqchipChoice::Kernel, RestoreMode::CopyOnWrite);
+}
+
+#[test]
+fn a_snapshot_needs_a_paused_vm() {
+    if !kvm() {
+        return;
+    }
+    let dir = temp_dir("unpaused");
+    let mut config = VmConfig::default();
+    config.memory_mib = 32;
+    config.cmdline = Some("snapshot-seq steps=4000 delay-ms=5".into());
+    let handle = VmBuilder::new(config).unwrap().build().unwrap().start().unwrap();
+    let err = handle.controller().snapshot_to_dir(&dir).unwrap_err().to_string();
+    assert_eq!(err, "the VM is running: pause it before taking a snapshot");
+    assert!(!dir.join(keel_vmm::STATE_FILE_NAME).exists());
+    drop(handle);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_device_that_cannot_be_saved_is_named_and_nothing_is_written() {
+    if !kvm() {
+        return;
+    }
+    let dir = temp_dir("unsaveable");
+    let mut config = VmConfig::default();
+    config.memory_mib = 32;
+    config.cmdline = Some("snapshot-seq steps=4000 delay-ms=5".into());
+    config.transport = VirtioTransport::Mmio;
+    config.vsock = Some(keel_vmm::VsockConfig::new(3, dir.join("vsock.sock")));
+    let handle = VmBuilder::new(config).unwrap().build().unwrap().start().unwrap();
+    handle.pause().unwrap();
+    let err = handle.controller().snapshot_to_dir(dir.join("snap")).unwrap_err().to_string();
+    assert!(
+        err.contains("virtio-vsock") && err.contains("cannot be saved"),
+        "{err}"
+    );
+    assert!(!dir.join("snap").join(keel_vmm::STATE_FILE_NAME).exists());
+    assert!(!dir.join("snap").join(keel_vmm::MEMORY_FILE_NAME).exists());
+    drop(handle);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Takes one snapshot of the sequence for the error tests below.
+fn one_snapshot(name: &str) -> (PathBuf, PathBuf) {
+    let dir = temp_dir(name);
+    let disk = disk(&dir);
+    let snap = dir.join("snap");
+    run_and_snapshot(seq_config(&disk, IrqchipChoice::Split), &snap);
+    (dir, snap)
+}
+
+#[test]
+fn damaged_snapshots_and_mismatched_machines_are_refused_by_name() {
+    if !kvm() {
+        return;
+    }
+    let (dir, snap) = one_snapshot("damaged");
+    let state = snap.join(keel_vmm::STATE_FILE_NAME);
+    let memory = snap.join(keel_vmm::MEMORY_FILE_NAME);
+    let good = std::fs::read(&state).unwrap();
+    let load_err = |bytes: &[u8]| {
+        let path = dir.join("bad.state");
+        std::fs::write(&path, bytes).unwrap();
+        Snapshot::load(&path, &memory).unwrap_err().to_string()
+    };
+
+    let err = load_err(&good[..good.len() / 2]);
+    assert!(err.contains("truncated"), "{err}");
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x40;
+    let err = load_err(&flipped);
+    assert!(err.contains("checksum mismatch") && err.contains("corrupted"), "{err}");
+    let mut newer = good.clone();
+    newer[8..12].copy_from_slice(&99u32.to_le_bytes());
+    let err = load_err(&newer);
+    assert!(err.contains("format version 99"), "{err}");
+    let err = load_err(b"#!/bin/sh\necho not a snapshot\n");
+    assert!(err.contains("not a Keel snapshot"), "{err}");
+    let err = Snapshot::load(dir.join("missing.state"), &memory).unwrap_err().to_string();
+    assert!(err.contains("missing.state"), "{err}");
+
+    // A machine that differs from the snapshot's.
+    let snapshot = Snapshot::load_dir(&snap).unwrap();
+    let mut bigger = snapshot.config().clone();
+    bigger.memory_mib = 64;
+    let err = VmBuilder::new(bigger)
+        .unwrap()
+        .restore(&snapshot, RestoreMode::CopyOnWrite)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        err,
+        "snapshot: the snapshot's memory size is 32 MiB, this VM's configuration says 64 MiB"
+    );
+    let mut no_disk = snapshot.config().clone();
+    no_disk.disks.clear();
+    let err = VmBuilder::new(no_disk)
+        .unwrap()
+        .restore(&snapshot, RestoreMode::CopyOnWrite)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("the snapshot has 1 virtio-mmio devices") && err.contains("this VM 0"),
+        "{err}"
+    );
+
+    // A memory file of the wrong size.
+    let short = dir.join("short.mem");
+    std::fs::write(&short, [0u8; 4096]).unwrap();
+    let snapshot = Snapshot::load(&state, &short).unwrap();
+    let err = VmBuilder::new(snapshot.config().clone())
+        .unwrap()
+        .restore(&snapshot, RestoreMode::CopyOnWrite)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("short.mem") && err.contains("4096 bytes") && err.contains("33554432"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
