@@ -253,6 +253,17 @@ fn route(vmm: &mut Vmm, method: &str, segments: &[&str], request_body: &[u8]) ->
             with_body!("vm", |b: models::VmState| vmm.set_vm_state(b.state)),
         ),
         ("GET", ["vm", "config"]) => ("vm_config", Response::json(&vmm.vm_config())),
+        ("PUT", ["snapshot", "create"]) => (
+            "create_snapshot",
+            with_body!("snapshot/create", |b: models::SnapshotCreateParams| vmm
+                .create_snapshot(b)
+                .map(drop)),
+        ),
+        ("PUT", ["snapshot", "load"]) => (
+            "load_snapshot",
+            with_body!("snapshot/load", |b: models::SnapshotLoadParams| vmm
+                .load_snapshot(b)),
+        ),
         ("PUT", ["logger"]) => (
             "logger",
             with_body!("logger", |b: models::Logger| vmm.put_logger(b)),

@@ -125,6 +125,20 @@ struct Args {
     #[arg(long, value_name = "FILE.json")]
     config_file: Option<PathBuf>,
 
+    /// Restore the VM saved in DIR (vm.state and vm.mem, as written by
+    /// PUT /snapshot/create or VmController::snapshot_to_dir) and continue
+    /// it. --disk, --net, --vsock and --console replace the snapshot's
+    /// (same number, same order: a clone's own backends); --serial says
+    /// where its serial console goes. The machine itself (--cpus,
+    /// --memory, --kernel, ...) is the snapshot's.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+
+    /// With --restore: read the memory file into memory instead of
+    /// mapping it copy-on-write (the file may then change or go away).
+    #[arg(long, requires = "restore")]
+    restore_copy: bool,
+
     /// The VM's ID, as `GET /` reports it.
     #[arg(long, value_name = "ID", default_value = "keel-vm")]
     id: String,
@@ -282,6 +296,80 @@ fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
     handle.wait().map_err(|e| e.to_string())
 }
 
+/// `--restore DIR`: the snapshot's configuration with this command's
+/// backend overrides.
+fn restore_config(args: &Args, snapshot: &keel_vmm::Snapshot) -> Result<VmConfig, String> {
+    let machine_flags = [
+        ("--kernel", args.kernel.is_some()),
+        ("--cmdline", args.cmdline.is_some()),
+        ("--initrd", args.initrd.is_some()),
+        ("--cpus", args.cpus.is_some()),
+        ("--memory", args.memory.is_some()),
+        ("--config", args.config.is_some()),
+        ("--boot-protocol", args.boot_protocol.is_some()),
+        ("--ring0", args.ring0.is_some()),
+        ("--irqchip", args.irqchip.is_some()),
+        ("--transport", args.transport.is_some()),
+        ("--rng", args.rng),
+        ("--no-acpi", args.no_acpi),
+    ];
+    if let Some((flag, _)) = machine_flags.iter().find(|(_, given)| *given) {
+        return Err(format!(
+            "{flag} cannot be used with --restore: the snapshot's machine is restored as it was saved"
+        ));
+    }
+    let mut config = snapshot.config().clone();
+    config.serial = args.serial.clone().unwrap_or(SerialMode::Stdio);
+    let replace = |what: &str, saved: usize, given: usize| {
+        if given != 0 && given != saved {
+            Err(format!(
+                "--restore: the snapshot has {saved} {what}, --{} gives {given}: give one for each, in order",
+                what.trim_end_matches('s')
+            ))
+        } else {
+            Ok(given != 0)
+        }
+    };
+    if replace("disks", config.disks.len(), args.disk.len())? {
+        config.disks = args.disk.clone();
+    }
+    if replace("nets", config.nets.len(), args.net.len())? {
+        config.nets = args.net.clone();
+    }
+    if let Some(vsock) = &args.vsock {
+        if config.vsock.is_none() {
+            return Err("--vsock: the snapshot has no vsock device".into());
+        }
+        config.vsock = Some(vsock.clone());
+    }
+    if let Some(console) = &args.console {
+        if config.console.is_none() {
+            return Err("--console: the snapshot has no virtio-console".into());
+        }
+        config.console = Some(console.clone());
+    }
+    Ok(config)
+}
+
+fn run_restore(args: &Args, dir: &std::path::Path, process_start: Instant) -> Result<ExitReason, String> {
+    let snapshot = keel_vmm::Snapshot::load_dir(dir).map_err(|e| e.to_string())?;
+    let config = restore_config(args, &snapshot)?;
+    let mode = if args.restore_copy {
+        keel_vmm::RestoreMode::Copy
+    } else {
+        keel_vmm::RestoreMode::CopyOnWrite
+    };
+    let handle = VmBuilder::new(config)
+        .map_err(|e| e.to_string())?
+        .kvm_device(&args.kvm_device)
+        .start_time(process_start)
+        .restore(&snapshot, mode)
+        .and_then(|vm| vm.start())
+        .map_err(|e| e.to_string())?;
+    log::info!("restored from {} in {:?}", dir.display(), process_start.elapsed());
+    handle.wait().map_err(|e| e.to_string())
+}
+
 fn exit_code(reason: ExitReason) -> ExitCode {
     match reason {
         ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => ExitCode::SUCCESS,
@@ -377,9 +465,17 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let logger = logger::ProcessLogger::install(&args.log_level);
     if args.api_sock.is_some() || args.config_file.is_some() {
+        if args.restore.is_some() {
+            eprintln!("keel: error: --restore cannot be used with --api-sock or --config-file (use PUT /snapshot/load)");
+            return ExitCode::FAILURE;
+        }
         return run_firecracker_style(&args, logger, process_start);
     }
-    match run(&args, process_start) {
+    let outcome = match &args.restore {
+        Some(dir) => run_restore(&args, dir, process_start),
+        None => run(&args, process_start),
+    };
+    match outcome {
         Ok(reason) => {
             eprintln!("keel: VM ended: {reason}");
             exit_code(reason)

@@ -77,8 +77,13 @@ impl Keel {
     }
 
     /// Waits for the process to end; returns its exit code and stdout.
-    fn wait(mut self) -> (i32, String) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    fn wait(self) -> (i32, String) {
+        self.wait_for(Duration::from_secs(30))
+    }
+
+    /// [`Self::wait`], at most `timeout`.
+    fn wait_for(mut self, timeout: Duration) -> (i32, String) {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 let out = std::fs::read_to_string(&self.stdout).unwrap_or_default();
@@ -469,4 +474,154 @@ fn the_balloon_is_configured_inflated_and_read_over_the_api() {
     assert_eq!(stats["target_pages"], 4096, "{stats}");
     let (_, metrics) = keel.call("GET", "/metrics", None);
     assert!(metrics.contains("keel_balloon_inflated_pages 4096"), "{metrics}");
+}
+
+/// The `seq: step N` numbers of the built-in guest's `snapshot-seq`.
+fn seq_steps(text: &str) -> Vec<u64> {
+    text.lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("seq: step "))
+        .map(|n| n.trim().parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_snapshot_taken_over_the_api_continues_in_new_processes_through_the_api_and_keel_restore() {
+    if !kvm() {
+        return;
+    }
+    const STEPS: u64 = 300;
+    let dir = temp_path("snapshot-dir");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let state = dir.join("vm.state");
+    let memory = dir.join("vm.mem");
+
+    // Process A: boot, run part of the sequence, pause, snapshot.
+    let a = Keel::start("snap-a", &[]);
+    a.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 32}"#,
+    );
+    a.ok(
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path": "keel:built-in-guest", "boot_args": "snapshot-seq steps={STEPS} delay-ms=2"}}"#),
+    );
+    a.ok(
+        "PUT",
+        "/drives/data",
+        &format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+            disk.display()
+        ),
+    );
+    a.fault(
+        "PUT",
+        "/snapshot/create",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            memory.display()
+        )),
+        "the VM has not been started",
+    );
+    a.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&a.stdout)
+        .unwrap()
+        .replace('\r', "")
+        .contains("seq: step 40\n")
+    {
+        assert!(Instant::now() < deadline, "the guest never reached step 40");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let create = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        memory.display()
+    );
+    a.fault("PUT", "/snapshot/create", Some(&create), "pause it first");
+    a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    a.fault(
+        "PUT",
+        "/snapshot/create",
+        Some(&create.replace("Full", "Diff")),
+        "snapshot_type Diff",
+    );
+    a.ok("PUT", "/snapshot/create", &create);
+    let before = std::fs::read_to_string(&a.stdout).unwrap();
+    drop(a);
+    // A clone gets its own copy of the disk as it was at the snapshot.
+    let clone_disk = dir.join("clone.img");
+    std::fs::copy(&disk, &clone_disk).unwrap();
+
+    // Process B: load through the API, resume at once.
+    let b = Keel::start("snap-b", &[]);
+    b.fault(
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "/x"}}}}"#,
+            state.display()
+        )),
+        "Uffd: not supported",
+    );
+    b.ok(
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            state.display(),
+            memory.display()
+        ),
+    );
+    let (status, after) = b.wait_for(Duration::from_secs(120));
+    assert_eq!(status, 0, "restored output:\n{after}");
+    let whole = format!("{before}{after}");
+    assert_eq!(
+        seq_steps(&whole),
+        (0..STEPS).collect::<Vec<_>>(),
+        "A:\n{before}\nB:\n{after}"
+    );
+    assert!(
+        after.contains("seq: done: 300 steps, table checked, 300 sectors read back"),
+        "{after}"
+    );
+
+    // Process C: `keel --restore` with the clone's disk.
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--restore")
+        .arg(&dir)
+        .arg("--disk")
+        .arg(&clone_disk)
+        .output()
+        .unwrap();
+    let after = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{after}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let whole = format!("{before}{after}");
+    assert_eq!(
+        seq_steps(&whole),
+        (0..STEPS).collect::<Vec<_>>(),
+        "A:\n{before}\nC:\n{after}"
+    );
+
+    // Flags that would change the machine are refused by name.
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--restore")
+        .arg(&dir)
+        .args(["--memory", "64"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--memory cannot be used with --restore"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -12,8 +12,9 @@ use keel_vmm::{
 use crate::metrics::MetricsRegistry;
 use crate::models::{
     ActionType, Balloon, BalloonStats, BalloonStatsUpdate, BalloonUpdate, BootSource, Drive, DriveUpdate,
-    Entropy, FullVmConfiguration, InstanceInfo, Logger, MachineConfig, MachineConfigUpdate, Metrics,
-    NetworkInterface, NetworkInterfaceUpdate, Version, VmStateName, Vsock,
+    Entropy, FullVmConfiguration, InstanceInfo, Logger, MachineConfig, MachineConfigUpdate, MemBackendType,
+    Metrics, NetworkInterface, NetworkInterfaceUpdate, SnapshotCreateParams, SnapshotLoadParams,
+    SnapshotType, Version, VmStateName, Vsock,
 };
 use crate::Result;
 
@@ -843,6 +844,12 @@ impl Vmm {
             .start_time(self.started_at)
             .build()?
             .start()?;
+        self.watch(handle)
+    }
+
+    /// Waits for `handle`'s VM on a thread of its own; the VM is now
+    /// started.
+    fn watch(&mut self, handle: keel_vmm::VmHandle) -> Result<()> {
         let controller = handle.controller();
         let exit = Arc::new(ExitWatch::default());
         let watch = exit.clone();
@@ -885,6 +892,111 @@ impl Vmm {
             #[allow(unreachable_patterns)]
             other => Err(invalid(format!("state {other:?}: not supported"))),
         }
+    }
+
+    /// `PUT /snapshot/create`: saves the paused VM to `snapshot_path` and
+    /// `mem_file_path` (see `keel_vmm::VmController::snapshot`), with this
+    /// VMM's configuration kept in the state file for `PUT /snapshot/load`.
+    pub fn create_snapshot(&mut self, params: SnapshotCreateParams) -> Result<keel_vmm::SnapshotInfo> {
+        let controller = self.controller("snapshot/create")?;
+        if !controller.is_paused() {
+            return Err(wrong_state(
+                "snapshot/create: the VM is running: pause it first (PATCH /vm {\"state\": \"Paused\"})",
+            ));
+        }
+        if params.snapshot_type == SnapshotType::Diff {
+            return Err(invalid(
+                "snapshot_type Diff: Keel does not track dirty pages yet; take a Full snapshot (its memory file is sparse)",
+            ));
+        }
+        let record = serde_json::to_string(&self.config)
+            .map_err(|e| invalid(format!("snapshot/create: cannot record the configuration: {e}")))?;
+        Ok(controller.snapshot_with_record(&params.snapshot_path, &params.mem_file_path, Some(record))?)
+    }
+
+    /// `PUT /snapshot/load`: restores a snapshot into this VMM, which must
+    /// not be configured yet, with the backends `params` overrides; the VM
+    /// runs at once if `resume_vm`, else waits paused.
+    pub fn load_snapshot(&mut self, params: SnapshotLoadParams) -> Result<()> {
+        self.before_start("snapshot/load")?;
+        if self.config.boot_source.is_some()
+            || !self.config.drives.is_empty()
+            || !self.config.network_interfaces.is_empty()
+        {
+            return Err(wrong_state(
+                "snapshot/load: loading a snapshot is not allowed after configuring the VM (boot-source, drives, network-interfaces)",
+            ));
+        }
+        let memory = match (&params.mem_backend, &params.mem_file_path) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "snapshot/load: give mem_backend or mem_file_path, not both",
+                ))
+            }
+            (Some(backend), None) => match backend.backend_type {
+                MemBackendType::File => backend.backend_path.clone(),
+                MemBackendType::Uffd => {
+                    return Err(invalid(
+                        "mem_backend backend_type Uffd: not supported; use File (Keel maps the memory file copy-on-write)",
+                    ))
+                }
+                #[allow(unreachable_patterns)]
+                other => return Err(invalid(format!("mem_backend backend_type {other:?}: not supported"))),
+            },
+            (None, Some(path)) => path.clone(),
+            (None, None) => return Err(invalid("snapshot/load: mem_backend is missing")),
+        };
+        if params.track_dirty_pages == Some(true) || params.enable_diff_snapshots == Some(true) {
+            return Err(invalid(
+                "track_dirty_pages: Keel does not track dirty pages yet (Diff snapshots are not supported)",
+            ));
+        }
+        let snapshot = keel_vmm::Snapshot::load(&params.snapshot_path, &memory)?;
+        let mut recorded: FullVmConfiguration = match snapshot.record() {
+            Some(json) => serde_json::from_str(json).map_err(|e| {
+                invalid(format!(
+                    "snapshot_path {}: the recorded configuration does not parse: {e}",
+                    params.snapshot_path
+                ))
+            })?,
+            None => FullVmConfiguration::default(),
+        };
+        let mut config = snapshot.config().clone();
+        config.serial = self.options.serial.clone();
+        for change in params.network_overrides.iter().flatten() {
+            let index = recorded
+                .network_interfaces
+                .iter()
+                .position(|n| n.iface_id == change.iface_id)
+                .ok_or_else(|| {
+                    invalid(format!(
+                        "network_overrides: iface_id {:?}: the snapshot has no such network interface",
+                        change.iface_id
+                    ))
+                })?;
+            recorded.network_interfaces[index].host_dev_name = change.host_dev_name.clone();
+            if let Some(net) = config.nets.get_mut(index) {
+                net.tap = change.host_dev_name.clone();
+            }
+        }
+        if let Some(change) = &params.vsock_override {
+            let (Some(vsock), Some(saved)) = (config.vsock.as_mut(), recorded.vsock.as_mut()) else {
+                return Err(invalid("vsock_override: the snapshot has no vsock device"));
+            };
+            vsock.uds = change.uds_path.clone().into();
+            saved.uds_path = change.uds_path.clone();
+        }
+        let vm = VmBuilder::new(config)?
+            .kvm_device(&self.options.kvm_device)
+            .start_time(self.started_at)
+            .restore(&snapshot, keel_vmm::RestoreMode::CopyOnWrite)?;
+        let handle = if params.resume_vm {
+            vm.start()?
+        } else {
+            vm.start_paused()?
+        };
+        self.config = recorded;
+        self.watch(handle)
     }
 
     /// The VM's outcome, once started (to wait for its end).

@@ -374,3 +374,103 @@ pub struct BalloonStats {
     #[serde(flatten)]
     pub guest: std::collections::BTreeMap<String, u64>,
 }
+
+/// `snapshot_type` of `PUT /snapshot/create`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum SnapshotType {
+    /// All of guest memory (its untouched pages as holes).
+    #[default]
+    Full,
+    /// Only the pages dirtied since the last snapshot.
+    Diff,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SnapshotCreateParams {
+    /// Full (the default) or Diff.
+    #[serde(default)]
+    pub snapshot_type: SnapshotType,
+    /// Where the state file goes.
+    pub snapshot_path: String,
+    /// Where the memory file goes.
+    pub mem_file_path: String,
+    /// Firecracker's deprecated target version; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+}
+
+/// `backend_type` of a snapshot's memory backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum MemBackendType {
+    /// A memory file, mapped copy-on-write.
+    File,
+    /// A userfaultfd handler (not supported by Keel).
+    Uffd,
+}
+
+/// `mem_backend` of `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MemBackend {
+    /// File or Uffd.
+    pub backend_type: MemBackendType,
+    /// The memory file (or the userfaultfd socket).
+    pub backend_path: String,
+}
+
+/// One entry of `network_overrides`: a restored card on another tap.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct NetworkOverride {
+    /// The card, as it was configured.
+    pub iface_id: String,
+    /// The tap device it uses now.
+    pub host_dev_name: String,
+}
+
+/// `vsock_override`: the restored vsock device's socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct VsockOverride {
+    /// The host-side Unix socket.
+    pub uds_path: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct SnapshotLoadParams {
+    /// The state file.
+    pub snapshot_path: String,
+    /// The memory file (Firecracker's older form of `mem_backend`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_file_path: Option<String>,
+    /// The memory backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mem_backend: Option<MemBackend>,
+    /// Track dirty pages for later Diff snapshots (Firecracker's older
+    /// name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_diff_snapshots: Option<bool>,
+    /// Track dirty pages for later Diff snapshots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub track_dirty_pages: Option<bool>,
+    /// Run the VM at once (otherwise it waits, paused, for `PATCH /vm`).
+    #[serde(default)]
+    pub resume_vm: bool,
+    /// Cards to put on other tap devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_overrides: Option<Vec<NetworkOverride>>,
+    /// Another socket for the vsock device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_override: Option<VsockOverride>,
+}

@@ -230,10 +230,14 @@ impl Rtc {
     /// Puts a saved state back; one of the wrong size is refused and
     /// nothing changes.
     pub fn restore_state(&mut self, state: &RtcState) -> crate::Result<()> {
-        let cmos: [u8; CMOS_BYTES] = state.cmos.as_slice().try_into().map_err(|_| crate::Error::State {
-            device: "RTC",
-            reason: format!("{} CMOS bytes saved, the RTC has {CMOS_BYTES}", state.cmos.len()),
-        })?;
+        let cmos: [u8; CMOS_BYTES] = state
+            .cmos
+            .as_slice()
+            .try_into()
+            .map_err(|_| crate::Error::State {
+                device: "RTC",
+                reason: format!("{} CMOS bytes saved, the RTC has {CMOS_BYTES}", state.cmos.len()),
+            })?;
         self.cmos = cmos;
         self.index = state.index;
         self.offset = state.offset;

@@ -135,12 +135,14 @@ impl<W: Write + Send> SerialConsole<W> {
             scratch: state.scratch,
             in_buffer: state.in_buffer.clone(),
         };
-        let uart = Serial::from_state(&uart_state, LineTrigger(interrupt), events, out).map_err(|e| Error::State {
-            device: "serial",
-            reason: format!(
-                "{} bytes in the receive FIFO (at most {SERIAL_FIFO_SIZE}): {e:?}",
-                state.in_buffer.len()
-            ),
+        let uart = Serial::from_state(&uart_state, LineTrigger(interrupt), events, out).map_err(|e| {
+            Error::State {
+                device: "serial",
+                reason: format!(
+                    "{} bytes in the receive FIFO (at most {SERIAL_FIFO_SIZE}): {e:?}",
+                    state.in_buffer.len()
+                ),
+            }
         })?;
         Ok(Self {
             uart,
@@ -632,6 +634,9 @@ mod tests {
         let err = SerialConsole::from_state(Arc::new(RecordingLine::new()), Vec::new(), &overfull)
             .unwrap_err()
             .to_string();
-        assert!(err.starts_with("serial state: 65 bytes in the receive FIFO (at most 64)"), "{err}");
+        assert!(
+            err.starts_with("serial state: 65 bytes in the receive FIFO (at most 64)"),
+            "{err}"
+        );
     }
 }

@@ -207,7 +207,11 @@ impl KernelIrqchipState {
             };
             vm.get_irqchip(&mut chip)
                 .map(|()| chip)
-                .map_err(|source| Error::IrqchipState { op: "KVM_GET_IRQCHIP", chip: id, source })
+                .map_err(|source| Error::IrqchipState {
+                    op: "KVM_GET_IRQCHIP",
+                    chip: id,
+                    source,
+                })
         };
         Ok(Self {
             pic_master: chip(kvm_bindings::KVM_IRQCHIP_PIC_MASTER)?,

@@ -1137,6 +1137,9 @@ mod tests {
             ..state
         };
         let err = restored.restore_state(&short).unwrap_err().to_string();
-        assert_eq!(err, "IOAPIC state: 3 redirection entries saved, this IOAPIC has 24");
+        assert_eq!(
+            err,
+            "IOAPIC state: 3 redirection entries saved, this IOAPIC has 24"
+        );
     }
 }

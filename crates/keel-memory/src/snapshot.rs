@@ -147,7 +147,11 @@ fn resident_pages(region: &GuestRegionMmap<()>, len: usize) -> Option<Vec<u8>> {
 
 /// Builds guest memory for `layout` from a memory file [`save_memory`]
 /// wrote, in `mode`.
-pub fn restore_memory(layout: &GuestLayout, file: &File, mode: RestoreMode) -> Result<GuestMemoryMmap, SnapshotError> {
+pub fn restore_memory(
+    layout: &GuestLayout,
+    file: &File,
+    mode: RestoreMode,
+) -> Result<GuestMemoryMmap, SnapshotError> {
     let found = file.metadata().map_err(io("stat"))?.len();
     if found != layout.mem_size() {
         return Err(SnapshotError::WrongSize {
@@ -178,7 +182,8 @@ fn map_private(layout: &GuestLayout, file: &File) -> Result<GuestMemoryMmap, Sna
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
             .map_err(|e| map_error(e.to_string()))?;
-        let region = GuestRegionMmap::new(mapping, start).ok_or_else(|| map_error("region overflows".into()))?;
+        let region =
+            GuestRegionMmap::new(mapping, start).ok_or_else(|| map_error("region overflows".into()))?;
         regions.push(region);
         offset += len;
     }
@@ -207,7 +212,9 @@ fn copy_in(layout: &GuestLayout, file: &File) -> Result<GuestMemoryMmap, Snapsho
         let end = offset + region.len();
         let mut at = offset;
         while at < end {
-            let Some(data) = seek(file, at, libc::SEEK_DATA)? else { break };
+            let Some(data) = seek(file, at, libc::SEEK_DATA)? else {
+                break;
+            };
             if data >= end {
                 break;
             }
@@ -277,11 +284,19 @@ mod tests {
         let saved = save_memory(&mem, &file).unwrap();
         assert_eq!(saved.size, 64 * MIB);
         assert_eq!(saved.data_bytes, 4 * PAGE as u64);
-        assert!(allocated(&file) <= 64 * 1024, "allocated {} bytes", allocated(&file));
+        assert!(
+            allocated(&file) <= 64 * 1024,
+            "allocated {} bytes",
+            allocated(&file)
+        );
 
         for mode in [RestoreMode::CopyOnWrite, RestoreMode::Copy] {
             let back = restore_memory(&layout, &file, mode).unwrap();
-            assert_eq!(back.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1122_3344, "{mode:?}");
+            assert_eq!(
+                back.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+                0x1122_3344,
+                "{mode:?}"
+            );
             let mut buf = [0u8; 3 * PAGE];
             back.read_slice(&mut buf, GuestAddress(32 * MIB)).unwrap();
             assert!(buf.iter().all(|&b| b == 7), "{mode:?}");

@@ -187,7 +187,10 @@ mod tests {
         let mut other = good.clone();
         other[0] = b'X';
         assert!(matches!(decode::<State>(&other), Err(Error::BadMagic { .. })));
-        assert!(decode::<State>(&other).unwrap_err().to_string().contains("not a Keel snapshot"));
+        assert!(decode::<State>(&other)
+            .unwrap_err()
+            .to_string()
+            .contains("not a Keel snapshot"));
 
         let mut newer = good.clone();
         newer[8..12].copy_from_slice(&7u32.to_le_bytes());
@@ -197,10 +200,16 @@ mod tests {
         );
 
         let truncated = &good[..good.len() - 1];
-        assert!(matches!(decode::<State>(truncated), Err(Error::WrongLength { .. })));
+        assert!(matches!(
+            decode::<State>(truncated),
+            Err(Error::WrongLength { .. })
+        ));
         let mut extended = good.clone();
         extended.push(0);
-        assert!(matches!(decode::<State>(&extended), Err(Error::WrongLength { .. })));
+        assert!(matches!(
+            decode::<State>(&extended),
+            Err(Error::WrongLength { .. })
+        ));
 
         let mut flipped = good.clone();
         let last = flipped.len() - 1;

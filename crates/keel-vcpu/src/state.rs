@@ -107,20 +107,28 @@ const FEATURE_REGISTERS: &[(u32, u32, usize, u32)] = &[
 /// Checks that the host's KVM (`supported`, from
 /// `KVM_GET_SUPPORTED_CPUID`) offers every CPU feature a saved vCPU's
 /// CPUID uses; returns the first register where features are missing.
-pub fn check_cpu_features(saved: &[kvm_cpuid_entry2], supported: &CpuId) -> std::result::Result<(), MissingCpuFeatures> {
+pub fn check_cpu_features(
+    saved: &[kvm_cpuid_entry2],
+    supported: &CpuId,
+) -> std::result::Result<(), MissingCpuFeatures> {
     const NAMES: [&str; 4] = ["eax", "ebx", "ecx", "edx"];
     let regs = |e: &kvm_cpuid_entry2| [e.eax, e.ebx, e.ecx, e.edx];
     let find = |entries: &[kvm_cpuid_entry2], leaf: u32, subleaf: u32| {
         entries
             .iter()
-            .find(|e| e.function == leaf && (e.index == subleaf || e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0))
+            .find(|e| {
+                e.function == leaf
+                    && (e.index == subleaf || e.flags & kvm_bindings::KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
+            })
             .copied()
     };
     for &(leaf, subleaf, register, own_bits) in FEATURE_REGISTERS {
         let Some(used) = find(saved, leaf, subleaf) else {
             continue;
         };
-        let offered = find(supported.as_slice(), leaf, subleaf).map(|e| regs(&e)[register]).unwrap_or(0);
+        let offered = find(supported.as_slice(), leaf, subleaf)
+            .map(|e| regs(&e)[register])
+            .unwrap_or(0);
         let missing = regs(&used)[register] & !offered & !own_bits;
         if missing != 0 {
             return Err(MissingCpuFeatures {
@@ -161,7 +169,10 @@ impl Vcpu {
         let configured = self.cpuid.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let cpuid = match configured {
             Some(cpuid) => cpuid,
-            None => self.kvm("KVM_GET_CPUID2", fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES))?,
+            None => self.kvm(
+                "KVM_GET_CPUID2",
+                fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES),
+            )?,
         };
         let mp_state = self.kvm("KVM_GET_MP_STATE", fd.get_mp_state())?;
         let regs = self.kvm("KVM_GET_REGS", fd.get_regs())?;
@@ -256,12 +267,18 @@ impl Vcpu {
     /// `KVM_GET_SUPPORTED_CPUID`: a state using a CPU feature the host
     /// lacks is refused before anything is changed.
     pub fn restore_state(&self, vm: &VmFd, supported: &CpuId, state: &VcpuState) -> Result<()> {
-        let snapshot_error = |reason: String| Error::Snapshot { vcpu: self.id, reason };
+        let snapshot_error = |reason: String| Error::Snapshot {
+            vcpu: self.id,
+            reason,
+        };
         if state.id != self.id {
             return Err(snapshot_error(format!("the saved state is vCPU {}'s", state.id)));
         }
-        check_cpu_features(&state.cpuid, supported)
-            .map_err(|missing| snapshot_error(format!("this host lacks a CPU feature the snapshot uses: {missing}")))?;
+        check_cpu_features(&state.cpuid, supported).map_err(|missing| {
+            snapshot_error(format!(
+                "this host lacks a CPU feature the snapshot uses: {missing}"
+            ))
+        })?;
         if !xsave_fits_legacy_area(vm) {
             return Err(snapshot_error(
                 "the process enabled XSAVE features larger than 4 KiB (AMX) for guests; Keel restores the 4 KiB XSAVE area only".into(),
@@ -320,8 +337,12 @@ mod tests {
 
     #[test]
     fn a_feature_the_host_lacks_is_named_by_leaf_register_and_bits() {
-        let host = CpuId::from_entries(&[entry(1, 0, 0, 0, 0x0000_0001, 0), entry(7, 0, 0, 0x10, 0, 0)]).unwrap();
-        let saved = [entry(1, 0, 0, 0, 0x8000_0001, 1 << 28), entry(7, 0, 0, 0x30, 0, 0)];
+        let host =
+            CpuId::from_entries(&[entry(1, 0, 0, 0, 0x0000_0001, 0), entry(7, 0, 0, 0x10, 0, 0)]).unwrap();
+        let saved = [
+            entry(1, 0, 0, 0, 0x8000_0001, 1 << 28),
+            entry(7, 0, 0, 0x30, 0, 0),
+        ];
         let missing = check_cpu_features(&saved, &host).unwrap_err();
         assert_eq!(
             missing,
@@ -332,7 +353,10 @@ mod tests {
                 bits: 0x20
             }
         );
-        assert_eq!(missing.to_string(), "CPUID leaf 0x7 subleaf 0 ebx bits 0x00000020");
+        assert_eq!(
+            missing.to_string(),
+            "CPUID leaf 0x7 subleaf 0 ebx bits 0x00000020"
+        );
     }
 
     #[test]

@@ -46,11 +46,14 @@ fn vm_with_counter(kvm: &kvm_ioctls::Kvm) -> (kvm_ioctls::VmFd, keel_memory::Gue
 fn a_saved_vcpu_continues_in_a_new_vm_exactly_where_it_stopped() {
     let Some(kvm) = kvm() else { return };
     let msrs = keel_vcpu::msrs_to_save(&kvm).unwrap();
-    let supported = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
 
     let (vm, mem) = vm_with_counter(&kvm);
     let mut vcpu = Vcpu::new(&vm, 0, mem.clone()).unwrap();
-    vcpu.configure_cpuid(&supported, &keel_vcpu::CpuidConfig::new(0, 1)).unwrap();
+    vcpu.configure_cpuid(&supported, &keel_vcpu::CpuidConfig::new(0, 1))
+        .unwrap();
     let mut sregs = vcpu.fd().get_sregs().unwrap();
     sregs.cs.base = 0;
     sregs.cs.selector = 0;
@@ -91,7 +94,11 @@ fn a_saved_vcpu_continues_in_a_new_vm_exactly_where_it_stopped() {
     for _ in 0..3 {
         assert_eq!(restored.run_once(&ports2).unwrap(), RunOutcome::Continue);
     }
-    assert_eq!(*ports2.0.lock().unwrap(), vec![5, 6, 7], "the counter goes on, nothing repeated");
+    assert_eq!(
+        *ports2.0.lock().unwrap(),
+        vec![5, 6, 7],
+        "the counter goes on, nothing repeated"
+    );
     assert_eq!(restored.fd().get_regs().unwrap().rbx, 0x5eed);
 }
 
@@ -99,26 +106,47 @@ fn a_saved_vcpu_continues_in_a_new_vm_exactly_where_it_stopped() {
 fn a_state_of_another_vcpu_or_a_missing_cpu_feature_is_refused_before_anything_changes() {
     let Some(kvm) = kvm() else { return };
     let msrs = keel_vcpu::msrs_to_save(&kvm).unwrap();
-    let supported = kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).unwrap();
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .unwrap();
     let (vm, mem) = vm_with_counter(&kvm);
     let vcpu = Vcpu::new(&vm, 0, mem.clone()).unwrap();
-    vcpu.configure_cpuid(&supported, &keel_vcpu::CpuidConfig::new(0, 1)).unwrap();
+    vcpu.configure_cpuid(&supported, &keel_vcpu::CpuidConfig::new(0, 1))
+        .unwrap();
     let mut state = vcpu.save_state(&vm, &msrs).unwrap();
 
     let other = Vcpu::new(&vm, 1, mem).unwrap();
-    let err = other.restore_state(&vm, &supported, &state).unwrap_err().to_string();
+    let err = other
+        .restore_state(&vm, &supported, &state)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("vCPU 1") && err.contains("vCPU 0's"), "{err}");
 
     // A feature bit no host has (leaf 7 EBX bit 31 is AVX-512VL; pick one
     // this host lacks).
-    let leaf7 = supported.as_slice().iter().find(|e| e.function == 7 && e.index == 0).copied();
+    let leaf7 = supported
+        .as_slice()
+        .iter()
+        .find(|e| e.function == 7 && e.index == 0)
+        .copied();
     let Some(leaf7) = leaf7 else { return };
-    let Some(bit) = (0..32).find(|b| leaf7.ebx & (1 << b) == 0) else { return };
-    let entry = state.cpuid.iter_mut().find(|e| e.function == 7 && e.index == 0).unwrap();
+    let Some(bit) = (0..32).find(|b| leaf7.ebx & (1 << b) == 0) else {
+        return;
+    };
+    let entry = state
+        .cpuid
+        .iter_mut()
+        .find(|e| e.function == 7 && e.index == 0)
+        .unwrap();
     entry.ebx |= 1 << bit;
-    let err = vcpu.restore_state(&vm, &supported, &state).unwrap_err().to_string();
+    let err = vcpu
+        .restore_state(&vm, &supported, &state)
+        .unwrap_err()
+        .to_string();
     assert!(
-        err.contains("lacks a CPU feature") && err.contains("leaf 0x7") && err.contains(&format!("{:#010x}", 1u32 << bit)),
+        err.contains("lacks a CPU feature")
+            && err.contains("leaf 0x7")
+            && err.contains(&format!("{:#010x}", 1u32 << bit)),
         "{err}"
     );
 }

@@ -412,10 +412,12 @@ impl DriverState {
     /// For a snapshot, while the VM is paused: the registers and the
     /// device's state. Fails for a device that cannot be saved.
     pub fn save_state(&self) -> Result<TransportState> {
-        let device = lock(&self.device).save_state().ok_or_else(|| Error::NotSnapshottable {
-            device_type: self.device_type,
-            transport: self.transport.clone(),
-        })?;
+        let device = lock(&self.device)
+            .save_state()
+            .ok_or_else(|| Error::NotSnapshottable {
+                device_type: self.device_type,
+                transport: self.transport.clone(),
+            })?;
         Ok(TransportState {
             device_type: self.device_type,
             status: self.status,
@@ -446,7 +448,11 @@ impl DriverState {
     /// Puts a saved state into this freshly created transport and its
     /// device, re-activating the device with its queues where they were.
     /// Everything is checked before anything changes.
-    pub fn restore_state(&mut self, state: &TransportState, interrupt: &Arc<dyn VirtioInterrupt>) -> Result<()> {
+    pub fn restore_state(
+        &mut self,
+        state: &TransportState,
+        interrupt: &Arc<dyn VirtioInterrupt>,
+    ) -> Result<()> {
         let mismatch = |reason: String| Error::StateMismatch {
             transport: self.transport.clone(),
             reason,
@@ -465,9 +471,12 @@ impl DriverState {
             )));
         }
         if self.status != 0 {
-            return Err(mismatch("the transport is in use already; restore into a new one".into()));
+            return Err(mismatch(
+                "the transport is in use already; restore into a new one".into(),
+            ));
         }
-        let active = state.status & device_status::DRIVER_OK != 0 && !state.needs_reset && !state.device_broken;
+        let active =
+            state.status & device_status::DRIVER_OK != 0 && !state.needs_reset && !state.device_broken;
         if active && state.device.queues.len() != self.queues.len() {
             return Err(mismatch(format!(
                 "the device was active with {} queue positions saved, but has {} queues",
@@ -518,7 +527,9 @@ impl DriverState {
         self.queue_select = state.queue_select;
         self.device_broken = state.device_broken;
         self.signals.isr.store(state.isr, Ordering::SeqCst);
-        self.signals.needs_reset.store(state.needs_reset, Ordering::SeqCst);
+        self.signals
+            .needs_reset
+            .store(state.needs_reset, Ordering::SeqCst);
         self.signals
             .config_generation
             .store(state.config_generation, Ordering::SeqCst);

@@ -190,7 +190,10 @@ impl<H: RequestHandler> VirtioDevice for RequestDevice<H> {
     }
 
     fn save_state(&self) -> Option<crate::DeviceState> {
-        Some(crate::DeviceState::new(self.activation.queue_progress(), Vec::new()))
+        Some(crate::DeviceState::new(
+            self.activation.queue_progress(),
+            Vec::new(),
+        ))
     }
 }
 

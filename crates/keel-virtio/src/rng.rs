@@ -192,7 +192,10 @@ impl VirtioDevice for Rng {
     }
 
     fn save_state(&self) -> Option<crate::DeviceState> {
-        Some(crate::DeviceState::new(self.activation.queue_progress(), Vec::new()))
+        Some(crate::DeviceState::new(
+            self.activation.queue_progress(),
+            Vec::new(),
+        ))
     }
 }
 

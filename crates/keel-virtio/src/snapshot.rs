@@ -43,7 +43,10 @@ pub struct QueueProgress {
 impl QueueProgress {
     /// Progress at `next_avail` and `next_used`.
     pub fn new(next_avail: u16, next_used: u16) -> Self {
-        Self { next_avail, next_used }
+        Self {
+            next_avail,
+            next_used,
+        }
     }
 }
 

@@ -85,13 +85,14 @@ pub use keel_ratelimit;
 pub use keel_virtio;
 
 pub use boot_progress::{ConsoleWatcher, RUN_INIT_MARKER};
-pub use snapshot::{
-    IrqchipState, SavedVirtioDevice, Snapshot, SnapshotInfo, VmState, MEMORY_FILE_NAME, STATE_FILE_NAME,
-};
 pub use config::{
     BalloonConfig, BootProtocolChoice, ConsoleConfig, DiskConfig, IrqchipChoice, NetConfig,
     RateLimiterConfig, Ring0Choice, SerialMode, TokenBucketConfig, VirtioTransport, VmConfig, VsockConfig,
     DEFAULT_GUEST_CMDLINE, DEFAULT_LINUX_CMDLINE, DEFAULT_LINUX_PCI_CMDLINE, MAX_VCPUS,
+};
+pub use keel_memory::RestoreMode;
+pub use snapshot::{
+    IrqchipState, SavedVirtioDevice, Snapshot, SnapshotInfo, VmState, MEMORY_FILE_NAME, STATE_FILE_NAME,
 };
 pub use vm::{
     Counters, ExitReason, SerialSource, StopHandle, Vm, VmBuilder, VmController, VmHandle, BOOT_TIMER_ADDR,

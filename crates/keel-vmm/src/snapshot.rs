@@ -59,6 +59,10 @@ pub struct VmState {
     pub rtc: RtcState,
     /// Every virtio-mmio device, in the order the VM was built with them.
     pub virtio: Vec<SavedVirtioDevice>,
+    /// What the caller attached to the snapshot
+    /// ([`crate::VmController::snapshot_with_record`]): Keel's control
+    /// plane keeps its Firecracker configuration here.
+    pub record: Option<String>,
 }
 
 /// The interrupt controller's part of a snapshot.
@@ -168,6 +172,11 @@ impl Snapshot {
         &self.state.keel_version
     }
 
+    /// What the snapshot's taker attached to it, if anything.
+    pub fn record(&self) -> Option<&str> {
+        self.state.record.as_deref()
+    }
+
     /// The saved state.
     pub fn state(&self) -> &VmState {
         &self.state
@@ -194,7 +203,7 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl SnapshotParts {
     /// Everything but the vCPUs, which their threads save.
-    pub fn save(&self, vcpus: Vec<VcpuState>) -> Result<VmState> {
+    pub fn save(&self, vcpus: Vec<VcpuState>, record: Option<String>) -> Result<VmState> {
         if let Some(name) = self.pci_devices.first() {
             return Err(Error::Snapshot(format!(
                 "{name} is on virtio-pci, which snapshots do not support yet (use the mmio transport)"
@@ -234,6 +243,7 @@ impl SnapshotParts {
             serial: lock(&self.serial).save_state(),
             rtc: lock(&self.rtc).save_state(),
             virtio,
+            record,
         })
     }
 }

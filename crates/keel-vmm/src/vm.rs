@@ -375,10 +375,17 @@ impl Control {
     }
 
     /// See [`VmController::snapshot`].
-    fn snapshot(&self, state_path: &std::path::Path, memory_path: &std::path::Path) -> Result<SnapshotInfo> {
+    fn snapshot(
+        &self,
+        state_path: &std::path::Path,
+        memory_path: &std::path::Path,
+        record: Option<String>,
+    ) -> Result<SnapshotInfo> {
         let started = Instant::now();
         if self.stop.load(Ordering::Acquire) {
-            return Err(Error::InvalidState("the VM has ended; there is nothing to snapshot".into()));
+            return Err(Error::InvalidState(
+                "the VM has ended; there is nothing to snapshot".into(),
+            ));
         }
         if !self.pause.is_paused() {
             return Err(Error::InvalidState(
@@ -387,7 +394,9 @@ impl Control {
         }
         let parts_guard = self.snapshot_parts.lock().unwrap_or_else(|e| e.into_inner());
         let Some(parts) = parts_guard.as_ref() else {
-            return Err(Error::InvalidState("the VM has ended; there is nothing to snapshot".into()));
+            return Err(Error::InvalidState(
+                "the VM has ended; there is nothing to snapshot".into(),
+            ));
         };
         // Each vCPU thread saves its own vCPU (KVM wants a vCPU's ioctls
         // from its thread), while parked.
@@ -395,7 +404,8 @@ impl Control {
             let mut slots = self.vcpu_states.lock().unwrap_or_else(|e| e.into_inner());
             slots.iter_mut().for_each(|s| *s = None);
         }
-        if !self.pause.run_work(PAUSE_TIMEOUT) {
+        // A VM started paused may not have parked every thread yet.
+        if !self.pause.wait_parked(PAUSE_TIMEOUT) || !self.pause.run_work(PAUSE_TIMEOUT) {
             return Err(Error::Snapshot(
                 "the vCPU threads did not save their state in time (or the VM ended)".into(),
             ));
@@ -412,7 +422,7 @@ impl Control {
             }
             vcpus
         };
-        let state = parts.save(vcpus)?;
+        let state = parts.save(vcpus, record)?;
         let mut memory = keel_memory::SavedMemory::default();
         crate::snapshot::write_atomically(memory_path, |file| {
             memory = keel_memory::save_memory(&parts.mem, file)
@@ -850,7 +860,11 @@ impl VmBuilder {
             ))
         };
         if saved.vcpus != mine.vcpus {
-            return Err(differs("vCPU count", saved.vcpus.to_string(), mine.vcpus.to_string()));
+            return Err(differs(
+                "vCPU count",
+                saved.vcpus.to_string(),
+                mine.vcpus.to_string(),
+            ));
         }
         if saved.memory_mib != mine.memory_mib {
             return Err(differs(
@@ -867,7 +881,11 @@ impl VmBuilder {
             ));
         }
         if saved.acpi != mine.acpi {
-            return Err(differs("ACPI setting", saved.acpi.to_string(), mine.acpi.to_string()));
+            return Err(differs(
+                "ACPI setting",
+                saved.acpi.to_string(),
+                mine.acpi.to_string(),
+            ));
         }
         Vm::build(self, Some((snapshot, mode)))
     }
@@ -1401,9 +1419,9 @@ impl Vm {
             let kernel = match config.boot_protocol {
                 BootProtocolChoice::Auto => kernel.with_pvh_entry().unwrap_or(kernel),
                 BootProtocolChoice::Linux64 => kernel,
-                BootProtocolChoice::Pvh => kernel
-                    .with_pvh_entry()
-                    .ok_or_else(|| Error::Boot("boot protocol pvh: the kernel has no PVH entry note".into()))?,
+                BootProtocolChoice::Pvh => kernel.with_pvh_entry().ok_or_else(|| {
+                    Error::Boot("boot protocol pvh: the kernel has no PVH entry note".into())
+                })?,
             };
             emulated_ring0 = match config.ring0 {
                 Ring0Choice::Hardware => false,
@@ -1503,9 +1521,10 @@ impl Vm {
                     vcpu.configure_lapic()?;
                 }
                 (None, Some((snapshot, _))) => {
-                    let state = snapshot.state.vcpus.get(usize::from(id)).ok_or_else(|| {
-                        Error::Snapshot(format!("the snapshot has no state for vCPU {id}"))
-                    })?;
+                    let state =
+                        snapshot.state.vcpus.get(usize::from(id)).ok_or_else(|| {
+                            Error::Snapshot(format!("the snapshot has no state for vCPU {id}"))
+                        })?;
                     vcpu.restore_state(&vm_fd, &supported, state)?;
                 }
                 (None, None) => unreachable!("a VM is either new or restored"),
@@ -1577,6 +1596,22 @@ impl Vm {
 
     /// Starts one thread per vCPU.
     pub fn start(self) -> Result<VmHandle> {
+        self.start_inner(false)
+    }
+
+    /// Starts the VM paused: its threads park before running any guest
+    /// code or touching guest memory; [`VmHandle::resume`] lets them go.
+    /// For a restored VM that should wait (Firecracker's `resume_vm:
+    /// false`), or one to snapshot before it runs.
+    pub fn start_paused(self) -> Result<VmHandle> {
+        self.start_inner(true)
+    }
+
+    fn start_inner(self, paused: bool) -> Result<VmHandle> {
+        if paused {
+            self.control.pause.request();
+            self.control.leave_run.store(true, Ordering::Release);
+        }
         let Vm {
             control,
             io,
@@ -1712,13 +1747,17 @@ fn spawn_event_loop(control: Arc<Control>, subscribers: Vec<Subscriber>) -> Resu
         .name("keel-events".into())
         .spawn(move || {
             let control = thread_control;
-            while !control.stop.load(Ordering::Acquire) {
+            loop {
+                // Between two events no device is inside a request (and
+                // a VM started paused parks before its first).
+                control.pause.park_if_requested();
+                if control.stop.load(Ordering::Acquire) {
+                    break;
+                }
                 if let Err(e) = manager.run() {
                     control.finish(Err(Error::EventLoop(std::io::Error::other(format!("{e:?}")))));
                     break;
                 }
-                // Between two events no device is inside a request.
-                control.pause.park_if_requested();
             }
             control.pause.leave();
         })
@@ -1876,7 +1915,21 @@ impl VmController {
         state_path: impl AsRef<std::path::Path>,
         memory_path: impl AsRef<std::path::Path>,
     ) -> Result<SnapshotInfo> {
-        self.control.snapshot(state_path.as_ref(), memory_path.as_ref())
+        self.control
+            .snapshot(state_path.as_ref(), memory_path.as_ref(), None)
+    }
+
+    /// [`Self::snapshot`], with `record` kept in the state file for whoever
+    /// restores it ([`Snapshot::record`]): a control plane's own view of
+    /// the VM (Keel's keeps its Firecracker configuration there).
+    pub fn snapshot_with_record(
+        &self,
+        state_path: impl AsRef<std::path::Path>,
+        memory_path: impl AsRef<std::path::Path>,
+        record: Option<String>,
+    ) -> Result<SnapshotInfo> {
+        self.control
+            .snapshot(state_path.as_ref(), memory_path.as_ref(), record)
     }
 
     /// [`Self::snapshot`] into `dir` (created if missing), as
@@ -1951,7 +2004,8 @@ impl VmHandle {
         state_path: impl AsRef<std::path::Path>,
         memory_path: impl AsRef<std::path::Path>,
     ) -> Result<SnapshotInfo> {
-        self.control.snapshot(state_path.as_ref(), memory_path.as_ref())
+        self.control
+            .snapshot(state_path.as_ref(), memory_path.as_ref(), None)
     }
 
     /// Whether the VM is paused.
@@ -2068,9 +2122,17 @@ fn restore_virtio(
         return Err(Error::Snapshot(format!(
             "the snapshot has {} virtio-mmio devices ({}), this VM {} ({})",
             saved.len(),
-            saved.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", "),
+            saved
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
             transports.len(),
-            transports.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", "),
+            transports
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
         )));
     }
     for ((name, transport), device) in transports.iter().zip(saved) {

@@ -120,7 +120,9 @@ fn check_continuity(before: &str, after: &str) {
     let expected: Vec<u64> = (0..STEPS).collect();
     assert_eq!(all, expected, "original:\n{before}\nrestored:\n{after}");
     assert!(
-        after.contains(&format!("seq: done: {STEPS} steps, table checked, {STEPS} sectors read back")),
+        after.contains(&format!(
+            "seq: done: {STEPS} steps, table checked, {STEPS} sectors read back"
+        )),
         "{after}"
     );
     assert!(!steps(after).is_empty(), "the restored guest made progress");
@@ -142,7 +144,10 @@ fn a_guest_snapshotted_mid_run_continues_exactly_after_restore(irqchip: IrqchipC
 
 #[test]
 fn split_irqchip_copy_on_write() {
-    a_guest_snapshotted_mid_run_continues_exactly_after_restore(IrqchipChoice::Split, RestoreMode::CopyOnWrite);
+    a_guest_snapshotted_mid_run_continues_exactly_after_restore(
+        IrqchipChoice::Split,
+        RestoreMode::CopyOnWrite,
+    );
 }
 
 #[test]
@@ -152,7 +157,10 @@ fn split_irqchip_copied_memory() {
 
 #[test]
 fn kernel_irqchip_copy_on_write() {
-    a_guest_snapshotted_mid_run_continues_exactly_after_restore(IrqchipChoice::Kernel, RestoreMode::CopyOnWrite);
+    a_guest_snapshotted_mid_run_continues_exactly_after_restore(
+        IrqchipChoice::Kernel,
+        RestoreMode::CopyOnWrite,
+    );
 }
 
 #[test]
@@ -185,7 +193,11 @@ fn a_device_that_cannot_be_saved_is_named_and_nothing_is_written() {
     config.vsock = Some(keel_vmm::VsockConfig::new(3, dir.join("vsock.sock")));
     let handle = VmBuilder::new(config).unwrap().build().unwrap().start().unwrap();
     handle.pause().unwrap();
-    let err = handle.controller().snapshot_to_dir(dir.join("snap")).unwrap_err().to_string();
+    let err = handle
+        .controller()
+        .snapshot_to_dir(dir.join("snap"))
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("virtio-vsock") && err.contains("cannot be saved"),
         "{err}"
@@ -226,14 +238,19 @@ fn damaged_snapshots_and_mismatched_machines_are_refused_by_name() {
     let middle = flipped.len() / 2;
     flipped[middle] ^= 0x40;
     let err = load_err(&flipped);
-    assert!(err.contains("checksum mismatch") && err.contains("corrupted"), "{err}");
+    assert!(
+        err.contains("checksum mismatch") && err.contains("corrupted"),
+        "{err}"
+    );
     let mut newer = good.clone();
     newer[8..12].copy_from_slice(&99u32.to_le_bytes());
     let err = load_err(&newer);
     assert!(err.contains("format version 99"), "{err}");
     let err = load_err(b"#!/bin/sh\necho not a snapshot\n");
     assert!(err.contains("not a Keel snapshot"), "{err}");
-    let err = Snapshot::load(dir.join("missing.state"), &memory).unwrap_err().to_string();
+    let err = Snapshot::load(dir.join("missing.state"), &memory)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("missing.state"), "{err}");
 
     // A machine that differs from the snapshot's.

@@ -361,7 +361,10 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
     }
 
     fn save_state(&self) -> Option<crate::DeviceState> {
-        Some(crate::DeviceState::new(self.activation.queue_progress(), Vec::new()))
+        Some(crate::DeviceState::new(
+            self.activation.queue_progress(),
+            Vec::new(),
+        ))
     }
 }
 

@@ -892,15 +892,25 @@ fn a_saved_transport_continues_in_a_new_one_where_the_queue_left_off() {
     let mut event_loop2 = EventManager::new().unwrap();
     event_loop2.add_subscriber(block2.clone());
     transport2.restore_state(&state).unwrap();
-    assert_eq!(read(&mut transport2, reg::STATUS), ACK | DRIVER | FEATURES_OK | DRIVER_OK);
+    assert_eq!(
+        read(&mut transport2, reg::STATUS),
+        ACK | DRIVER | FEATURES_OK | DRIVER_OK
+    );
     assert!(block2.lock().unwrap().is_active());
     for _ in 0..3 {
         event_loop2.run_with_timeout(20).unwrap();
     }
     // The pending request completed after the restore, no earlier one again.
     assert_eq!(driver.used().len(), 3);
-    assert_eq!(mem.read_obj::<u8>(GuestAddress(DATA + 2 * 0x1000 + 0x800)).unwrap(), 0);
-    assert_eq!(transport2.save_state().unwrap().device.queues, vec![crate::QueueProgress::new(3, 3)]);
+    assert_eq!(
+        mem.read_obj::<u8>(GuestAddress(DATA + 2 * 0x1000 + 0x800))
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        transport2.save_state().unwrap().device.queues,
+        vec![crate::QueueProgress::new(3, 3)]
+    );
 }
 
 #[test]

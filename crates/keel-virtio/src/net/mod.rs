@@ -838,7 +838,10 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
     }
 
     fn save_state(&self) -> Option<crate::DeviceState> {
-        Some(crate::DeviceState::new(self.activation.queue_progress(), Vec::new()))
+        Some(crate::DeviceState::new(
+            self.activation.queue_progress(),
+            Vec::new(),
+        ))
     }
 }
 
