@@ -57,6 +57,7 @@
 
 mod boot_progress;
 mod config;
+mod host;
 mod pause;
 mod pci;
 mod snapshot;

@@ -1494,9 +1494,8 @@ impl Vm {
         };
         let ged = ged.map(|(handle, _)| handle);
 
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let host = crate::host::host_kvm(&kvm, &builder.kvm_device)?;
+        let supported = &host.supported_cpuid;
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
         let mut tsc_khz = None;
         for id in 0..config.vcpus {
@@ -1540,7 +1539,7 @@ impl Vm {
                 .set_clock(&clock)
                 .map_err(|e| Error::Kvm("KVM_SET_CLOCK", e))?;
         }
-        let msr_indices = Arc::new(keel_vcpu::msrs_to_save(&kvm)?);
+        let msr_indices = host.msrs_to_save.clone();
         *control.vcpu_states.lock().unwrap_or_else(|e| e.into_inner()) =
             (0..vcpus.len()).map(|_| None).collect();
         *control.snapshot_parts.lock().unwrap_or_else(|e| e.into_inner()) =
