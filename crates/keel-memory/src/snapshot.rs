@@ -206,7 +206,9 @@ fn populate_data(region: &GuestRegionMmap<()>, file: &File, offset: u64) -> Resu
     let end = offset + region.len();
     let mut at = offset;
     while at < end {
-        let Some(data) = seek(file, at, libc::SEEK_DATA)? else { break };
+        let Some(data) = seek(file, at, libc::SEEK_DATA)? else {
+            break;
+        };
         if data >= end {
             break;
         }

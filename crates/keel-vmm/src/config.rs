@@ -408,6 +408,12 @@ pub struct DiskConfig {
     /// Limits the disk's requests (Firecracker's drive `rate_limiter`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// A copy-on-write overlay: `path` becomes a read-only base (shared by
+    /// any number of disks) and this disk's writes go to this file, in
+    /// Keel's overlay format (created if missing). For clones of one
+    /// snapshot, each with its own overlay on one base image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlay: Option<PathBuf>,
 }
 
 impl DiskConfig {
@@ -420,13 +426,14 @@ impl DiskConfig {
             id: None,
             transport: None,
             rate_limiter: None,
+            overlay: None,
         }
     }
 }
 
 impl std::str::FromStr for DiskConfig {
     type Err = String;
-    /// `PATH[,ro][,id=NAME][,transport=mmio|pci]`.
+    /// `PATH[,ro][,id=NAME][,overlay=PATH][,transport=mmio|pci]`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         let mut parts = s.split(',');
         let path = parts
@@ -439,18 +446,20 @@ impl std::str::FromStr for DiskConfig {
             id: None,
             transport: None,
             rate_limiter: None,
+            overlay: None,
         };
         for part in parts {
             match part.split_once('=') {
                 None if part == "ro" => disk.read_only = true,
                 None if part == "rw" => disk.read_only = false,
                 Some(("id", id)) => disk.id = Some(id.to_string()),
+                Some(("overlay", path)) if !path.is_empty() => disk.overlay = Some(PathBuf::from(path)),
                 Some(("transport", t)) => {
                     disk.transport = Some(t.parse().map_err(|e| format!("disk {s:?}: {e}"))?)
                 }
                 _ => {
                     return Err(format!(
-                        "disk {s:?}: unknown option {part:?} (expected ro, rw, id=NAME or transport=mmio|pci)"
+                        "disk {s:?}: unknown option {part:?} (expected ro, rw, id=NAME, overlay=PATH or transport=mmio|pci)"
                     ))
                 }
             }
@@ -1085,9 +1094,12 @@ mod tests {
                 id: Some("root".into()),
                 transport: None,
                 rate_limiter: None,
+                overlay: None,
             }
         );
         assert!("/img,rx".parse::<DiskConfig>().unwrap_err().contains("\"rx\""));
+        let cow: DiskConfig = "/base.img,overlay=/clone1.ovl".parse().unwrap();
+        assert_eq!(cow.overlay.as_deref(), Some(std::path::Path::new("/clone1.ovl")));
         let pci: DiskConfig = "/img,transport=pci".parse().unwrap();
         assert_eq!(pci.transport, Some(VirtioTransport::Pci));
         let err = "/img,transport=isa".parse::<DiskConfig>().unwrap_err();

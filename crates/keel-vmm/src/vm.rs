@@ -1204,8 +1204,17 @@ impl Vm {
             pci_devices: Vec::new(),
         };
         for disk in &config.disks {
-            let backend = keel_virtio::FileBackend::open(&disk.path, disk.read_only)
-                .map_err(|e| Error::Config(format!("disk {}: {e}", disk.path.display())))?;
+            let backend = match &disk.overlay {
+                Some(_) if disk.read_only => {
+                    return Err(Error::Config(format!(
+                        "disk {}: an overlay is for writes; a read-only disk needs none",
+                        disk.path.display()
+                    )))
+                }
+                Some(overlay) => keel_virtio::FileBackend::with_overlay(&disk.path, overlay),
+                None => keel_virtio::FileBackend::open(&disk.path, disk.read_only),
+            }
+            .map_err(|e| Error::Config(format!("disk {}: {e}", disk.path.display())))?;
             let options = keel_virtio::BlockOptions {
                 read_only: disk.read_only,
                 id: disk.id.clone().unwrap_or_default(),

@@ -46,11 +46,15 @@ fn steps(text: &str) -> Vec<u64> {
 const STEPS: u64 = 300;
 
 fn seq_config(disk: &Path, irqchip: IrqchipChoice) -> VmConfig {
+    seq_config_of(disk, irqchip, STEPS, 2)
+}
+
+fn seq_config_of(disk: &Path, irqchip: IrqchipChoice, steps: u64, delay_ms: u64) -> VmConfig {
     let mut config = VmConfig::default();
     config.memory_mib = 32;
     config.irqchip = irqchip;
     config.transport = VirtioTransport::Mmio;
-    config.cmdline = Some(format!("snapshot-seq steps={STEPS} delay-ms=2"));
+    config.cmdline = Some(format!("snapshot-seq steps={steps} delay-ms={delay_ms}"));
     config.disks = vec![DiskConfig::new(disk)];
     config
 }
@@ -291,5 +295,67 @@ fn damaged_snapshots_and_mismatched_machines_are_refused_by_name() {
         err.contains("short.mem") && err.contains("4096 bytes") && err.contains("33554432"),
         "{err}"
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn fifty_clones_of_one_snapshot_run_at_once_each_on_its_own_overlay() {
+    if !kvm() {
+        return;
+    }
+    const CLONES: usize = 50;
+    const CLONE_STEPS: u64 = 60;
+    let dir = temp_dir("clones");
+    let base = disk(&dir);
+    let snap = dir.join("snap");
+    // The original writes the base image up to the snapshot, then stops:
+    // the base is the disk as the snapshot saw it.
+    run_and_snapshot(seq_config_of(&base, IrqchipChoice::Split, CLONE_STEPS, 1), &snap);
+    let base_before = std::fs::read(&base).unwrap();
+    let snapshot = Snapshot::load_dir(&snap).unwrap();
+    let started = Instant::now();
+    let clones: Vec<_> = (0..CLONES)
+        .map(|i| {
+            let mut config = snapshot.config().clone();
+            config.disks[0].overlay = Some(dir.join(format!("clone{i}.ovl")));
+            let serial = Serial::default();
+            let handle = VmBuilder::new(config)
+                .unwrap()
+                .serial_output(serial.clone())
+                .restore(&snapshot, RestoreMode::CopyOnWrite)
+                .unwrap()
+                .start()
+                .unwrap();
+            (handle, serial)
+        })
+        .collect();
+    eprintln!("{CLONES} clones restored and started in {:?}", started.elapsed());
+    for (i, (handle, serial)) in clones.into_iter().enumerate() {
+        let outcome = match handle.wait_timeout(Duration::from_secs(300)) {
+            Ok(outcome) => outcome.unwrap(),
+            Err(_) => panic!("clone {i} did not finish:\n{}", serial.text()),
+        };
+        let text = serial.text();
+        assert_eq!(outcome, ExitReason::GuestExit(0), "clone {i}:\n{text}");
+        assert!(
+            text.contains(&format!(
+                "seq: done: {CLONE_STEPS} steps, table checked, {CLONE_STEPS} sectors read back"
+            )),
+            "clone {i}:\n{text}"
+        );
+    }
+    eprintln!("{CLONES} clones finished in {:?}", started.elapsed());
+    assert!(
+        std::fs::read(&base).unwrap() == base_before,
+        "the base image changed"
+    );
+    // Each clone's writes are in its own overlay, and they differ: the
+    // values mix in each clone's TSC.
+    let overlays: Vec<Vec<u8>> = (0..CLONES)
+        .map(|i| std::fs::read(dir.join(format!("clone{i}.ovl"))).unwrap())
+        .collect();
+    assert!(overlays.iter().all(|o| o.starts_with(b"KEELOVL1")));
+    let distinct: std::collections::HashSet<&Vec<u8>> = overlays.iter().collect();
+    assert_eq!(distinct.len(), CLONES, "every clone wrote its own data");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,9 +1,13 @@
 //! `snapshot-seq`: a checked sequence to snapshot in the middle of: a
 //! counter printed step by step, a table in memory that every step
 //! extends, and (with a virtio-blk disk) one sector written per step. At
-//! the end it checks the whole table and reads every sector back, so a
-//! restore that lost or repeated a step, a memory page or a block write
-//! fails here.
+//! the end it checks the whole table against a running hash and reads
+//! every sector back, so a restore that lost or repeated a step, a memory
+//! page or a block write fails here.
+//!
+//! Each step's value mixes in the TSC, so clones of one snapshot write
+//! different data from their first step after the restore: a clone that
+//! read another's disk writes would fail its read-back.
 
 use super::{arg, virtio_devices, Context, Outcome};
 use crate::abi::fnv1a64;
@@ -17,12 +21,21 @@ pub const KEYS: &[&str] = &["steps", "delay-ms", "seed"];
 /// Most steps: the table's size.
 const MAX_STEPS: usize = 4096;
 
-/// What step `i` of a run with `seed` stores: in the table, and in every
-/// 8 bytes of its sector.
-fn value(seed: u64, i: u64) -> u64 {
-    let mut bytes = [0u8; 16];
+/// What step `i` of a run with `seed` stores at TSC `now`: in the table,
+/// and in every 8 bytes of its sector.
+fn value(seed: u64, i: u64, now: u64) -> u64 {
+    let mut bytes = [0u8; 24];
     bytes[..8].copy_from_slice(&seed.to_le_bytes());
-    bytes[8..].copy_from_slice(&i.to_le_bytes());
+    bytes[8..16].copy_from_slice(&i.to_le_bytes());
+    bytes[16..].copy_from_slice(&now.to_le_bytes());
+    fnv1a64(&bytes)
+}
+
+/// The running hash after `v`.
+fn chain(hash: u64, v: u64) -> u64 {
+    let mut bytes = [0u8; 16];
+    bytes[..8].copy_from_slice(&hash.to_le_bytes());
+    bytes[8..].copy_from_slice(&v.to_le_bytes());
     fnv1a64(&bytes)
 }
 
@@ -57,8 +70,10 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
         "seq: {steps} steps, {delay_ms} ms apart, {}",
         if disk.is_some() { "one disk write each" } else { "no disk" }
     );
+    let mut running = 0u64;
     for i in 0..steps {
-        let v = value(seed, i);
+        let v = value(seed, i, crate::tsc::now());
+        running = chain(running, v);
         table.put_u64(i as usize * 8, v);
         if let Some(blk) = disk.as_mut() {
             for word in 0..64 {
@@ -77,12 +92,16 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
         }
     }
     let mut bytes = [0u8; 8];
+    let entry = |i: u64, bytes: &mut [u8; 8]| {
+        table.read(i as usize * 8, bytes);
+        u64::from_le_bytes(*bytes)
+    };
+    let mut check = 0u64;
     for i in 0..steps {
-        table.read(i as usize * 8, &mut bytes);
-        let found = u64::from_le_bytes(bytes);
-        if found != value(seed, i) {
-            fail!("seq: the table's entry {i} is {found:#x}, expected {:#x}", value(seed, i));
-        }
+        check = chain(check, entry(i, &mut bytes));
+    }
+    if check != running {
+        fail!("seq: the table in memory hashes to {check:#x}, the steps to {running:#x}: memory was lost");
     }
     if let Some(blk) = disk.as_mut() {
         for i in 0..steps {
@@ -92,13 +111,13 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
                 Ok(done) => fail!("seq: reading sector {i}: status {}", done.status),
                 Err(e) => fail!("seq: reading sector {i}: {e}"),
             }
+            let expected = entry(i, &mut bytes);
             for word in 0..64 {
                 sector.read(word * 8, &mut bytes);
                 let found = u64::from_le_bytes(bytes);
-                if found != value(seed, i) {
+                if found != expected {
                     fail!(
-                        "seq: sector {i} word {word} is {found:#x}, expected {:#x}: a block write was lost",
-                        value(seed, i)
+                        "seq: sector {i} word {word} is {found:#x}, expected {expected:#x}: a block write was lost or is another's"
                     );
                 }
             }

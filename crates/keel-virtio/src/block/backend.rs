@@ -83,11 +83,17 @@ fn write_zero_blocks<B: BlockBackend + ?Sized>(backend: &mut B, offset: u64, len
 /// where the file system cannot; write-zeroes punches a hole when the guest
 /// allows unmapping, zeroes the range in place (`FALLOC_FL_ZERO_RANGE`)
 /// otherwise, and falls back to writing zeros.
+///
+/// Or a copy-on-write disk ([`FileBackend::with_overlay`]): a read-only
+/// base image that many disks share, and an overlay file of this disk's
+/// own that holds every cluster it wrote (Keel's overlay format; see
+/// `docs/snapshots.md`).
 #[derive(Debug)]
 pub struct FileBackend {
     file: File,
     path: PathBuf,
     capacity: u64,
+    overlay: Option<super::overlay::Overlay>,
 }
 
 impl FileBackend {
@@ -114,7 +120,35 @@ impl FileBackend {
             path: path.clone(),
             source,
         })?;
-        Ok(Self { file, path, capacity })
+        Ok(Self {
+            file,
+            path,
+            capacity,
+            overlay: None,
+        })
+    }
+
+    /// A copy-on-write disk: `base` opened read-only (never written, so
+    /// any number of disks may share it), every write going to the
+    /// overlay file at `overlay` (created if missing or empty; an existing
+    /// one must overlay a disk of the base's size). The disk reads as the
+    /// base with the overlay's clusters on top.
+    pub fn with_overlay(base: impl AsRef<Path>, overlay: impl AsRef<Path>) -> Result<Self> {
+        let mut disk = Self::open(base, true)?;
+        let overlay = overlay.as_ref();
+        disk.overlay = Some(
+            super::overlay::Overlay::open(overlay, disk.capacity).map_err(|source| Error::OpenDisk {
+                path: overlay.to_owned(),
+                source,
+            })?,
+        );
+        Ok(disk)
+    }
+
+    /// How many 4 KiB clusters this disk's overlay holds (`None` without
+    /// one).
+    pub fn overlay_clusters(&self) -> Option<u64> {
+        self.overlay.as_ref().map(|o| o.allocated_clusters())
     }
 
     /// The image's path.
@@ -151,19 +185,32 @@ impl BlockBackend for FileBackend {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        match &self.overlay {
+            Some(overlay) => overlay.read_at(&self.file, offset, buf),
+            None => self.file.read_exact_at(buf, offset),
+        }
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(buf, offset)
+        match &mut self.overlay {
+            Some(overlay) => overlay.write_at(&self.file, offset, buf),
+            None => self.file.write_all_at(buf, offset),
+        }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        // sync_data is fdatasync(2).
-        self.file.sync_data()
+        match &self.overlay {
+            Some(overlay) => overlay.flush(),
+            // sync_data is fdatasync(2).
+            None => self.file.sync_data(),
+        }
     }
 
     fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if self.overlay.is_some() {
+            // The base is shared: nothing to free there (a valid discard).
+            return Ok(());
+        }
         match self.fallocate(
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
             offset,
@@ -178,6 +225,9 @@ impl BlockBackend for FileBackend {
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if self.overlay.is_some() {
+            return write_zero_blocks(self, offset, len);
+        }
         let mode = if unmap {
             libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
         } else {

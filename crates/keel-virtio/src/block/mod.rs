@@ -2,6 +2,7 @@
 //! [`BlockBackend`].
 
 mod backend;
+mod overlay;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use keel_ratelimit::{BucketUpdate, RateLimiter};
