@@ -55,6 +55,9 @@ fn seq_config_of(disk: &Path, irqchip: IrqchipChoice, steps: u64, delay_ms: u64)
     config.irqchip = irqchip;
     config.transport = VirtioTransport::Mmio;
     config.cmdline = Some(format!("snapshot-seq steps={steps} delay-ms={delay_ms}"));
+    // Devices the sequence does not drive are saved and restored too.
+    config.rng = true;
+    config.balloon = Some(keel_vmm::BalloonConfig::new(0));
     config.disks = vec![DiskConfig::new(disk)];
     config
 }
@@ -184,6 +187,37 @@ fn a_snapshot_needs_a_paused_vm() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A device of a user's own that does not implement `save_state`.
+struct Unsaveable;
+
+impl keel_virtio::VirtioDevice for Unsaveable {
+    fn device_type(&self) -> u32 {
+        42
+    }
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[16]
+    }
+    fn features(&self) -> u64 {
+        keel_virtio::features::VERSION_1
+    }
+    fn ack_features(&mut self, _: u64) {}
+    fn read_config(&self, _: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write_config(&mut self, _: u64, _: &[u8]) {}
+    fn activate(&mut self, _: keel_virtio::Activation) -> keel_virtio::Result<()> {
+        Ok(())
+    }
+    fn reset(&mut self) -> bool {
+        true
+    }
+}
+
+impl keel_vmm::event_manager::MutEventSubscriber for Unsaveable {
+    fn process(&mut self, _: keel_vmm::event_manager::Events, _: &mut keel_vmm::event_manager::EventOps) {}
+    fn init(&mut self, _: &mut keel_vmm::event_manager::EventOps) {}
+}
+
 #[test]
 fn a_device_that_cannot_be_saved_is_named_and_nothing_is_written() {
     if !kvm() {
@@ -194,8 +228,14 @@ fn a_device_that_cannot_be_saved_is_named_and_nothing_is_written() {
     config.memory_mib = 32;
     config.cmdline = Some("snapshot-seq steps=4000 delay-ms=5".into());
     config.transport = VirtioTransport::Mmio;
-    config.vsock = Some(keel_vmm::VsockConfig::new(3, dir.join("vsock.sock")));
-    let handle = VmBuilder::new(config).unwrap().build().unwrap().start().unwrap();
+    let mut builder = VmBuilder::new(config).unwrap();
+    builder
+        .add_virtio_device(
+            "my-device",
+            std::sync::Arc::new(std::sync::Mutex::new(Unsaveable)),
+        )
+        .unwrap();
+    let handle = builder.build().unwrap().start().unwrap();
     handle.pause().unwrap();
     let err = handle
         .controller()
@@ -203,7 +243,7 @@ fn a_device_that_cannot_be_saved_is_named_and_nothing_is_written() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("virtio-vsock") && err.contains("cannot be saved"),
+        err.contains("my-device") && err.contains("device type 42") && err.contains("cannot be saved"),
         "{err}"
     );
     assert!(!dir.join("snap").join(keel_vmm::STATE_FILE_NAME).exists());
@@ -278,7 +318,8 @@ fn damaged_snapshots_and_mismatched_machines_are_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("the snapshot has 1 virtio-mmio devices") && err.contains("this VM 0"),
+        err.contains("the snapshot has 3 virtio-mmio devices (disk ")
+            && err.contains("this VM 2 (virtio-rng, virtio-balloon)"),
         "{err}"
     );
 

@@ -698,6 +698,43 @@ impl VirtioDevice for Balloon {
         state.stats.set_pages(target, 0);
         true
     }
+
+    /// The target and actual page counts and the statistics buffer the
+    /// device holds: `target` (4 bytes), `actual` (4), then 1 and the
+    /// held buffer's head index (2), or 0; little endian.
+    fn save_state(&self) -> Option<crate::DeviceState> {
+        let state = self.shared.state();
+        let mut data = Vec::with_capacity(11);
+        data.extend_from_slice(&state.stats.target_pages.to_le_bytes());
+        data.extend_from_slice(&state.stats.actual_pages.to_le_bytes());
+        match self.held_stats {
+            Some(head) => {
+                data.push(1);
+                data.extend_from_slice(&head.to_le_bytes());
+            }
+            None => data.extend_from_slice(&[0, 0, 0]),
+        }
+        Some(crate::DeviceState::new(self.activation.queue_progress(), data))
+    }
+
+    fn restore_state(&mut self, data: &[u8]) -> Result<()> {
+        let bad = |reason: String| crate::Error::StateMismatch {
+            transport: "virtio-balloon".into(),
+            reason,
+        };
+        let Ok(bytes) = <[u8; 11]>::try_from(data) else {
+            return Err(bad(format!("{} bytes of balloon state, expected 11", data.len())));
+        };
+        let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
+        let (target, actual) = (word(0), word(4));
+        self.held_stats = match bytes[8] {
+            0 => None,
+            1 => Some(u16::from_le_bytes([bytes[9], bytes[10]])),
+            other => return Err(bad(format!("held-buffer flag {other}, expected 0 or 1"))),
+        };
+        self.shared.state().stats.set_pages(target, actual);
+        Ok(())
+    }
 }
 
 impl MutEventSubscriber for Balloon {

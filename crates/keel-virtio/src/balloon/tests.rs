@@ -346,3 +346,24 @@ fn a_target_past_num_pages_is_refused_at_creation() {
     assert!(matches!(err, BalloonError::TargetTooLarge { .. }), "{err}");
     Balloon::new(BalloonOptions::new(MAX_BALLOON_MIB)).unwrap();
 }
+
+#[test]
+fn a_saved_balloon_comes_back_with_its_target_actual_and_held_buffer() {
+    let mut original = Balloon::new(BalloonOptions::new(64)).unwrap();
+    // The driver says it holds 100 pages.
+    original.write_config(4, &100u32.to_le_bytes());
+    original.held_stats = Some(7);
+    let state = original.save_state().unwrap();
+    assert_eq!(state.data.len(), 11);
+
+    let mut restored = Balloon::new(BalloonOptions::new(16)).unwrap();
+    restored.restore_state(&state.data).unwrap();
+    let mut word = [0u8; 4];
+    restored.read_config(0, &mut word);
+    assert_eq!(u32::from_le_bytes(word), 64 * 256, "the snapshot's target");
+    restored.read_config(4, &mut word);
+    assert_eq!(u32::from_le_bytes(word), 100);
+    assert_eq!(restored.held_stats, Some(7));
+    let err = restored.restore_state(&[0; 3]).unwrap_err().to_string();
+    assert!(err.contains("3 bytes of balloon state, expected 11"), "{err}");
+}

@@ -114,6 +114,10 @@ pub struct Vsock {
     guest_cid: u64,
     muxer: muxer::Muxer,
     needs_clear: bool,
+    /// Restored from a snapshot: the driver still believes in connections
+    /// this device never had; it gets `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`
+    /// on the event queue as soon as a buffer is there.
+    transport_reset_pending: bool,
 }
 
 impl std::fmt::Debug for Vsock {
@@ -152,6 +156,7 @@ impl Vsock {
             guest_cid,
             muxer,
             needs_clear: false,
+            transport_reset_pending: false,
         })
     }
 
@@ -263,8 +268,70 @@ impl VirtioDevice for Vsock {
         // The connections die with the driver; their sockets leave the
         // epoll set on the event loop (see `process`).
         self.needs_clear = true;
+        self.transport_reset_pending = false;
         self.activation.reset();
         true
+    }
+
+    fn save_state(&self) -> Option<crate::DeviceState> {
+        // Connections are not saved: a restored device starts with none
+        // and tells the driver so (virtio 1.2, 5.10.6.6), as Firecracker
+        // does.
+        Some(crate::DeviceState::new(
+            self.activation.queue_progress(),
+            Vec::new(),
+        ))
+    }
+
+    fn restore_state(&mut self, data: &[u8]) -> crate::Result<()> {
+        if !data.is_empty() {
+            return Err(crate::Error::StateMismatch {
+                transport: "virtio-vsock".into(),
+                reason: format!("{} bytes of device state, but vsock keeps none", data.len()),
+            });
+        }
+        self.transport_reset_pending = true;
+        Ok(())
+    }
+}
+
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`.
+const EVENT_TRANSPORT_RESET: u32 = 0;
+
+impl Vsock {
+    /// Sends the pending transport reset on the event queue, if the driver
+    /// has put a buffer there.
+    fn send_transport_reset(&mut self) {
+        if !self.transport_reset_pending {
+            return;
+        }
+        let Some(active) = self.activation.active_mut() else {
+            return;
+        };
+        let buffers = match pop_chain(active, EVENT_QUEUE) {
+            Ok(Some(buffers)) => buffers,
+            Ok(None) => return,
+            Err(e) => {
+                keel_ratelimit::warn_limited!("virtio-vsock: event queue: {e}");
+                return;
+            }
+        };
+        let mut writer = buffers.writer(&active.mem, 4);
+        let written = match writer.write(&EVENT_TRANSPORT_RESET.to_le_bytes()) {
+            Ok(4) => 4,
+            _ => {
+                keel_ratelimit::warn_limited!("virtio-vsock: event buffer too small for a transport reset");
+                0
+            }
+        };
+        if let Err(e) = complete(active, EVENT_QUEUE, buffers.head(), written) {
+            keel_ratelimit::warn_limited!("virtio-vsock: event queue: {e}");
+            return;
+        }
+        if let Err(e) = notify_guest(active, EVENT_QUEUE) {
+            keel_ratelimit::warn_limited!("virtio-vsock: event queue: {e}");
+        }
+        self.transport_reset_pending = false;
     }
 }
 
@@ -281,11 +348,15 @@ impl MutEventSubscriber for Vsock {
                     self.muxer.clear(ops);
                 }
                 self.activation.sync(ops);
+                self.send_transport_reset();
                 self.process_tx(ops);
                 self.process_rx(ops);
             }
             EventSource::Queue(index) => {
                 self.activation.take_queue_event(index);
+                if index == EVENT_QUEUE {
+                    self.send_transport_reset();
+                }
                 if index == TX_QUEUE {
                     self.process_tx(ops);
                 }

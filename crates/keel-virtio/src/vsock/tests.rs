@@ -783,3 +783,51 @@ fn device_reset_closes_every_connection() {
     assert!(matches!(host.read(&mut buf), Ok(0) | Err(_)));
     assert_eq!(g.connections(), 0);
 }
+
+#[test]
+fn a_restored_vsock_tells_the_driver_its_connections_are_gone() {
+    let mem = memory().unwrap();
+    let dir = TempDir::new();
+    let vsock = Arc::new(Mutex::new(
+        Vsock::new(CID, dir.0.join("v.sock"), VsockOptions::default()).unwrap(),
+    ));
+    // What a snapshot saved of an active device: queue positions, no data.
+    assert!(vsock.lock().unwrap().save_state().unwrap().data.is_empty());
+    vsock.lock().unwrap().restore_state(&[]).unwrap();
+    assert!(vsock.lock().unwrap().restore_state(&[1]).is_err());
+
+    let rx = DriverQueue::at(&mem, GuestAddress(0x1000), 64).unwrap();
+    let tx = DriverQueue::at(&mem, GuestAddress(0x4000), 64).unwrap();
+    let mut ev = DriverQueue::at(&mem, GuestAddress(0x7000), 64).unwrap();
+    let event_buf = DATA + 0x10_0000;
+    mem.write_obj(0xffff_ffff_u32, GuestAddress(event_buf)).unwrap();
+    ev.add(&[Buf::writable(event_buf, 8)]).unwrap();
+    let notify: Vec<EventFd> = (0..3)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap())
+        .collect();
+    let interrupt = Arc::new(RecordingInterrupt::new());
+    let mut event_loop = EventManager::new().unwrap();
+    event_loop.add_subscriber(vsock.clone());
+    vsock
+        .lock()
+        .unwrap()
+        .activate(Activation {
+            mem: mem.clone(),
+            queues: vec![rx.queue().unwrap(), tx.queue().unwrap(), ev.queue().unwrap()],
+            queue_events: notify.iter().map(|e| e.try_clone().unwrap()).collect(),
+            interrupt: interrupt.clone(),
+            stop: StopSignal::new(),
+        })
+        .unwrap();
+    for _ in 0..5 {
+        event_loop.run_with_timeout(20).unwrap();
+    }
+    assert_eq!(ev.used().len(), 1, "one event");
+    assert_eq!(ev.used()[0].1, 4);
+    assert_eq!(
+        mem.read_obj::<u32>(GuestAddress(event_buf)).unwrap(),
+        0,
+        "TRANSPORT_RESET"
+    );
+    assert!(interrupt.signals().contains(&VirtioSignal::UsedQueue(2)));
+}
