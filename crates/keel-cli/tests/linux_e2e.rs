@@ -1267,3 +1267,133 @@ fn debians_stock_cloud_kernel_boots_to_run_init() {
     assert!(complaints.is_empty(), "ACPI complaints: {complaints:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A `keel --api-sock` process with its serial console in a file.
+fn api_keel(dir: &Path, name: &str) -> (std::process::Child, PathBuf, PathBuf) {
+    let sock = dir.join(format!("{name}.sock"));
+    let serial = dir.join(format!("{name}.serial"));
+    let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--serial")
+        .arg(format!("file:{}", serial.display()))
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(Instant::now() < deadline, "no API socket");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    (child, sock, serial)
+}
+
+#[test]
+fn linux_snapshotted_after_its_devices_probed_continues_in_another_process_to_run_init() {
+    let Some(guest) = guest() else { return };
+    let _one = ONE_BOOT_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = scratch_dir("snapshot");
+    let root = make_root_image(&guest, &dir);
+    let call = |sock: &Path, method: &str, path: &str, body: &str| {
+        let (status, text) = http_client::request(sock, method, path, Some(body));
+        assert!(status < 300, "{method} {path} {body}: {status} {text}");
+    };
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+
+    // Process A boots Linux with two vCPUs and its root on virtio-blk, and
+    // is paused and saved once the disk has been probed.
+    let (mut a, sock_a, serial_a) = api_keel(&dir, "a");
+    call(
+        &sock_a,
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 256}"#,
+    );
+    call(
+        &sock_a,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path": "{}", "boot_args": "{SERIAL_CMDLINE} root=/dev/vda rw rootfstype=ext4 init=/init"}}"#,
+            guest.vmlinux.display()
+        ),
+    );
+    call(
+        &sock_a,
+        "PUT",
+        "/drives/root",
+        &format!(
+            r#"{{"drive_id": "root", "path_on_host": "{}", "is_root_device": true, "is_read_only": false}}"#,
+            root.display()
+        ),
+    );
+    call(&sock_a, "PUT", "/entropy", "{}");
+    let started = Instant::now();
+    call(&sock_a, "PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    while !read(&serial_a).contains("[vda]") {
+        assert!(
+            started.elapsed() < Duration::from_secs(900) && !read(&serial_a).contains("Kernel panic"),
+            "virtio-blk never probed:\n{}",
+            read(&serial_a)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let probed_after = started.elapsed();
+    call(&sock_a, "PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let state = dir.join("linux.state");
+    let memory = dir.join("linux.mem");
+    call(
+        &sock_a,
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            state.display(),
+            memory.display()
+        ),
+    );
+    let before = read(&serial_a);
+    let _ = a.kill();
+    let _ = a.wait();
+    assert!(
+        !before.contains("Run /init"),
+        "the snapshot came too late:\n{before}"
+    );
+
+    // Process B restores it and the kernel carries on to init.
+    let (mut b, sock_b, serial_b) = api_keel(&dir, "b");
+    let restored = Instant::now();
+    call(
+        &sock_b,
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}, "resume_vm": true}}"#,
+            state.display(),
+            memory.display()
+        ),
+    );
+    while !read(&serial_b).contains("Run /init as init process") {
+        assert!(
+            restored.elapsed() < Duration::from_secs(900)
+                && !read(&serial_b).contains("Kernel panic - not syncing: VFS"),
+            "the restored kernel did not reach init:\nbefore the snapshot:\n{before}\nafter:\n{}",
+            read(&serial_b)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let after = read(&serial_b);
+    let _ = b.kill();
+    let _ = b.wait();
+    assert!(
+        after.contains("VFS: Mounted root (ext4 filesystem)"),
+        "the restored kernel mounted its root:\n{after}"
+    );
+    println!(
+        "linux snapshot: virtio-blk probed after {:.1} s; restored in another process, Run /init {:.1} s later",
+        probed_after.as_secs_f64(),
+        restored.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
