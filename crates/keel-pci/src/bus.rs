@@ -392,6 +392,15 @@ impl PciBus {
         self.update_routes(index);
     }
 
+    /// After the function at `address` had its configuration space put
+    /// back from a snapshot: recomputes where its BARs decode and tells it
+    /// (`bar_moved`), as a guest's write to them would.
+    pub fn refresh_routes(&self, address: PciAddress) {
+        if let Some(index) = self.function_at(address) {
+            self.update_routes(index);
+        }
+    }
+
     /// Recomputes where function `index`'s BARs decode, updates the routes
     /// and calls `bar_moved` for each BAR whose decoding changed.
     fn update_routes(&self, index: usize) {

@@ -218,6 +218,36 @@ pub struct ConfigSpace {
     last_next_pointer: u16,
 }
 
+impl ConfigSpace {
+    /// For a snapshot: every register as the guest left it (BARs, command,
+    /// capabilities).
+    pub fn save_registers(&self) -> Vec<u8> {
+        self.regs.to_vec()
+    }
+
+    /// Puts saved registers back into a function built the same way (the
+    /// same IDs, BARs and capabilities); a state of another size or of a
+    /// function with other IDs is refused and nothing changes.
+    pub fn restore_registers(&mut self, saved: &[u8]) -> crate::Result<()> {
+        let regs: [u8; CONFIG_SPACE_SIZE] = saved.try_into().map_err(|_| {
+            crate::Error::State(format!(
+                "{} bytes of configuration space saved, a function has {CONFIG_SPACE_SIZE}",
+                saved.len()
+            ))
+        })?;
+        // The identity (vendor, device, revision, class) must match.
+        if regs[..4] != self.regs[..4] || regs[8..12] != self.regs[8..12] {
+            return Err(crate::Error::State(format!(
+                "the saved function is {:02x?}, this one {:02x?} (vendor, device)",
+                &regs[..4],
+                &self.regs[..4]
+            )));
+        }
+        *self.regs = regs;
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for ConfigSpace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConfigSpace")

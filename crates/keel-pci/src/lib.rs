@@ -109,11 +109,14 @@ pub use config::{
     bar_offset, capability_id, command, reg, status, BarKind, BarSpec, ConfigSpace, HeaderType, PciIds,
     BAR_COUNT, CONFIG_SPACE_SIZE, LEGACY_CONFIG_SIZE,
 };
-pub use msix::{Msix, MsixLayout, MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS};
+pub use msix::{Msix, MsixLayout, MsixState, MSIX_ENTRY_SIZE, MSIX_MAX_VECTORS};
 
 /// Errors from building a PCI topology.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A saved state that does not fit this function.
+    #[error("PCI state: {0}")]
+    State(String),
     /// A BAR size that is not a power of two in the range its kind allows.
     #[error("BAR {index}: size {size:#x} is not a power of two between the minimum (16 bytes of memory, 4 ports) and the maximum of its kind")]
     InvalidBarSize {

@@ -45,6 +45,21 @@ impl Entry {
     }
 }
 
+/// An [`Msix`]'s table, pending bits and control, as a snapshot keeps
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct MsixState {
+    /// Each vector's (message address, message data, vector control).
+    pub entries: Vec<(u64, u32, u32)>,
+    /// Each vector's pending bit.
+    pub pending: Vec<bool>,
+    /// MSI-X enable.
+    pub enabled: bool,
+    /// Function mask.
+    pub function_masked: bool,
+}
+
 /// Where the table and the PBA live: a BAR and an offset in it each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MsixLayout {
@@ -300,6 +315,46 @@ impl Msix {
             "MSI-X: {}-byte write to the read-only PBA at {offset:#x} ignored",
             data.len()
         );
+    }
+
+    /// For a snapshot: the table, the pending bits and the control bits.
+    pub fn save_state(&self) -> MsixState {
+        MsixState {
+            entries: self
+                .table
+                .iter()
+                .map(|e| (e.address, e.data, e.control))
+                .collect(),
+            pending: self.pending.clone(),
+            enabled: self.enabled,
+            function_masked: self.function_masked,
+        }
+    }
+
+    /// Puts a saved table back (same vector count) and routes every vector
+    /// that is deliverable, as the guest had them.
+    pub fn restore_state(&mut self, state: &MsixState) -> Result<()> {
+        if state.entries.len() != self.table.len() || state.pending.len() != self.table.len() {
+            return Err(crate::Error::State(format!(
+                "{} MSI-X vectors saved, this function has {}",
+                state.entries.len(),
+                self.table.len()
+            )));
+        }
+        for (entry, &(address, data, control)) in self.table.iter_mut().zip(&state.entries) {
+            *entry = Entry {
+                address,
+                data,
+                control,
+            };
+        }
+        self.pending.copy_from_slice(&state.pending);
+        self.enabled = state.enabled;
+        self.function_masked = state.function_masked;
+        for vector in 0..self.table.len() {
+            self.refresh(vector);
+        }
+        Ok(())
     }
 
     /// The device wants `vector` sent: sends it if deliverable, else marks
@@ -643,5 +698,38 @@ mod tests {
         assert_eq!(s.msix.pba_size(), 16);
         let clamped = Msix::new(0, LAYOUT, Arc::new(RecordingMsiVectors::new(1)));
         assert_eq!(clamped.vector_count(), 1);
+    }
+
+    #[test]
+    fn a_saved_table_is_restored_with_its_routes_and_config_space_with_its_identity() {
+        let mut original = Setup::new(2);
+        original.control(control::ENABLE);
+        original.program(1, 0x41, false);
+        let config_regs = original.config.save_registers();
+        let state = original.msix.save_state();
+
+        let mut restored = Setup::new(2);
+        restored.config.restore_registers(&config_regs).unwrap();
+        restored.msix.restore_state(&state).unwrap();
+        assert!(restored.msix.enabled());
+        assert_eq!(
+            restored.vectors.message(1),
+            Some(MsiMessage {
+                address: 0xfee0_0000,
+                data: 0x41
+            }),
+            "the deliverable vector is routed again"
+        );
+        restored.msix.signal(1).unwrap();
+        assert_eq!(restored.vectors.triggers(), [1]);
+
+        let mut other = Setup::new(3);
+        let err = other.msix.restore_state(&state).unwrap_err().to_string();
+        assert_eq!(err, "PCI state: 2 MSI-X vectors saved, this function has 3");
+        let mut foreign = config_regs.clone();
+        foreign[2] ^= 1;
+        let err = other.config.restore_registers(&foreign).unwrap_err().to_string();
+        assert!(err.contains("(vendor, device)"), "{err}");
+        assert!(other.config.restore_registers(&config_regs[..64]).is_err());
     }
 }

@@ -322,7 +322,7 @@ pub use net::{
     net_offload, MemoryNetBackend, Net, NetBackend, NetCounters, NetError, NetOptions, TapBackend,
     MAX_FRAME_LEN, VNET_HDR_LEN,
 };
-pub use pci::{NoIoeventfds, NotifyRegistrar, PciTransport, RecordingRegistrar};
+pub use pci::{NoIoeventfds, NotifyRegistrar, PciTransport, PciTransportState, RecordingRegistrar};
 pub use request_device::{RequestDevice, RequestHandler, MAX_REQUEST_BYTES};
 pub use rng::{Rng, MAX_RNG_REQUEST_BYTES};
 pub use snapshot::{DeviceState, QueueProgress, QueueSetup, TransportState};

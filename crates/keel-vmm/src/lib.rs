@@ -93,7 +93,8 @@ pub use config::{
 };
 pub use keel_memory::RestoreMode;
 pub use snapshot::{
-    IrqchipState, SavedVirtioDevice, Snapshot, SnapshotInfo, VmState, MEMORY_FILE_NAME, STATE_FILE_NAME,
+    IrqchipState, SavedTransport, SavedVirtioDevice, Snapshot, SnapshotInfo, VmState, MEMORY_FILE_NAME,
+    STATE_FILE_NAME,
 };
 pub use vm::{
     Counters, ExitReason, SerialSource, StopHandle, Vm, VmBuilder, VmController, VmHandle, BOOT_TIMER_ADDR,

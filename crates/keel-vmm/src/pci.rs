@@ -49,23 +49,24 @@ impl PciWiring {
         device: Arc<Mutex<dyn VirtioDevice>>,
         vm_fd: &Arc<VmFd>,
         mem: &GuestMemoryMmap,
-    ) -> Result<PciAddress> {
+    ) -> Result<(Arc<Mutex<PciTransport>>, PciAddress)> {
         let place = |e: String| Error::DeviceRange(format!("{what}: {e}"));
         let count = PciTransport::vectors_needed(&*device.lock().unwrap_or_else(|e| e.into_inner()));
         let vectors = IrqfdMsiVectors::new(vm_fd, &self.routing, count)?;
         let transport = PciTransport::new(device, mem.clone(), Arc::new(vectors), Box::new(vm_fd.clone()))
             .map_err(|e| place(e.to_string()))?;
+        let transport = Arc::new(Mutex::new(transport));
         let address = self
             .bus
-            .add_device(Arc::new(Mutex::new(transport)), &mut self.bars)
+            .add_device(transport.clone(), &mut self.bars)
             .map_err(|e| place(e.to_string()))?;
         log::debug!("{what}: virtio-pci at {address}, {count} MSI-X vectors");
-        Ok(address)
+        Ok((transport, address))
     }
 
     /// Registers the ECAM window, the configuration ports and the memory
-    /// windows on `io`.
-    pub fn register(self, io: &mut IoManager) -> Result<()> {
+    /// windows on `io`; returns the bus.
+    pub fn register(self, io: &mut IoManager) -> Result<Arc<PciBus>> {
         let bus = Arc::new(self.bus);
         let range = |base: u64, size: u64| {
             MmioRange::new(MmioAddress(base), size)
@@ -82,8 +83,8 @@ impl PciWiring {
         }
         let ports = PioRange::new(PioAddress(keel_pci::CONFIG_ADDRESS_PORT), keel_pci::CONFIG_PORTS)
             .map_err(|e| Error::DeviceRange(format!("PCI configuration ports: {e:?}")))?;
-        io.register_pio(ports, Arc::new(PciConfigPorts(bus)))
+        io.register_pio(ports, Arc::new(PciConfigPorts(bus.clone())))
             .map_err(|e| Error::DeviceRange(format!("PCI configuration ports: {e}")))?;
-        Ok(())
+        Ok(bus)
     }
 }

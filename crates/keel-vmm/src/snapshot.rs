@@ -76,16 +76,40 @@ pub enum IrqchipState {
     Kernel(KernelIrqchipState),
 }
 
-/// One virtio-mmio device of a snapshot.
+/// One virtio device of a snapshot.
 #[derive(Debug, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct SavedVirtioDevice {
     /// What the VM called it (`disk /path`, `virtio-rng`, a user's name).
     pub name: String,
-    /// Its MMIO window, checked on restore.
-    pub base: u64,
-    /// The transport's registers and the device's state.
-    pub transport: keel_virtio::TransportState,
+    /// Its transport's state, with the device's.
+    pub transport: SavedTransport,
+}
+
+/// A virtio transport's part of a snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum SavedTransport {
+    /// virtio-mmio at `base` (checked on restore).
+    Mmio {
+        /// The MMIO window.
+        base: u64,
+        /// Registers and device state.
+        state: keel_virtio::TransportState,
+    },
+    /// virtio-pci at `address` (checked on restore).
+    Pci {
+        /// The function's bus address, `00:dd.f`.
+        address: String,
+        /// Configuration space, MSI-X, registers and device state.
+        state: keel_virtio::PciTransportState,
+    },
+}
+
+/// A transport as the VM wired it, for snapshots.
+pub(crate) enum WiredTransport {
+    Mmio(Arc<Mutex<keel_virtio::MmioTransport>>),
+    Pci(Arc<Mutex<keel_virtio::PciTransport>>, keel_pci::PciAddress),
 }
 
 /// What a snapshot wrote.
@@ -190,9 +214,7 @@ pub(crate) struct SnapshotParts {
     pub serial: Arc<Mutex<keel_devices::SerialConsole<crate::vm::Console>>>,
     pub rtc: Arc<Mutex<keel_devices::Rtc>>,
     pub ioapic: Option<Arc<Mutex<crate::vm::SplitIoapic>>>,
-    pub transports: Vec<(String, Arc<Mutex<keel_virtio::MmioTransport>>)>,
-    /// Devices on virtio-pci, which snapshots do not support yet.
-    pub pci_devices: Vec<String>,
+    pub transports: Vec<(String, WiredTransport)>,
     /// Kept last: the VM above refers to it.
     pub mem: GuestMemoryMmap,
 }
@@ -204,21 +226,25 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl SnapshotParts {
     /// Everything but the vCPUs, which their threads save.
     pub fn save(&self, vcpus: Vec<VcpuState>, record: Option<String>) -> Result<VmState> {
-        if let Some(name) = self.pci_devices.first() {
-            return Err(Error::Snapshot(format!(
-                "{name} is on virtio-pci, which snapshots do not support yet (use the mmio transport)"
-            )));
-        }
         let mut virtio = Vec::with_capacity(self.transports.len());
-        for (name, transport) in &self.transports {
-            let transport = lock(transport);
-            let state = transport
-                .save_state()
-                .map_err(|e| Error::Snapshot(format!("{name}: {e}")))?;
+        for (name, wired) in &self.transports {
+            let failed = |e: keel_virtio::Error| Error::Snapshot(format!("{name}: {e}"));
+            let transport = match wired {
+                WiredTransport::Mmio(t) => {
+                    let t = lock(t);
+                    SavedTransport::Mmio {
+                        base: t.slot().base,
+                        state: t.save_state().map_err(failed)?,
+                    }
+                }
+                WiredTransport::Pci(t, address) => SavedTransport::Pci {
+                    address: address.to_string(),
+                    state: lock(t).save_state().map_err(failed)?,
+                },
+            };
             virtio.push(SavedVirtioDevice {
                 name: name.clone(),
-                base: transport.slot().base,
-                transport: state,
+                transport,
             });
         }
         let irqchip = match &self.ioapic {

@@ -42,10 +42,8 @@ struct VirtioWiring<'a> {
     /// The virtio-mmio windows, for the ACPI tables.
     mmio_windows: Vec<keel_boot::MmioDeviceWindow>,
     subscribers: &'a mut Vec<Subscriber>,
-    /// The virtio-mmio transports, in order, for snapshots.
-    transports: Vec<(String, Arc<Mutex<keel_virtio::MmioTransport>>)>,
-    /// The devices on virtio-pci, which snapshots refuse.
-    pci_devices: Vec<String>,
+    /// The virtio transports, in order, for snapshots.
+    transports: Vec<(String, crate::snapshot::WiredTransport)>,
 }
 
 impl VirtioWiring<'_> {
@@ -68,8 +66,11 @@ impl VirtioWiring<'_> {
         match transport {
             VirtioTransport::Mmio => self.add_mmio(what, device)?,
             VirtioTransport::Pci => {
-                self.pci.add_virtio(what, device, self.vm_fd, self.mem)?;
-                self.pci_devices.push(what.to_string());
+                let (transport, address) = self.pci.add_virtio(what, device, self.vm_fd, self.mem)?;
+                self.transports.push((
+                    what.to_string(),
+                    crate::snapshot::WiredTransport::Pci(transport, address),
+                ));
             }
         }
         self.subscribers.push(subscriber);
@@ -104,7 +105,8 @@ impl VirtioWiring<'_> {
         self.io
             .register_mmio(range, transport.clone())
             .map_err(|e| place(format!("{e:?}")))?;
-        self.transports.push((what.to_string(), transport));
+        self.transports
+            .push((what.to_string(), crate::snapshot::WiredTransport::Mmio(transport)));
         self.cmdline.push(slot.cmdline_entry());
         self.mmio_windows.push(keel_boot::MmioDeviceWindow {
             base: slot.base,
@@ -1201,7 +1203,6 @@ impl Vm {
             mmio_windows: Vec::new(),
             subscribers: &mut subscribers,
             transports: Vec::new(),
-            pci_devices: Vec::new(),
         };
         for disk in &config.disks {
             let backend = match &disk.overlay {
@@ -1403,12 +1404,11 @@ impl Vm {
             pci,
             io: bus,
             transports,
-            pci_devices,
             ..
         } = virtio;
-        pci.register(bus)?;
+        let pci_bus = pci.register(bus)?;
         if let Some((snapshot, _)) = restore {
-            restore_virtio(&transports, &snapshot.state.virtio)?;
+            restore_virtio(&transports, &snapshot.state.virtio, &pci_bus)?;
         }
 
         // A restored VM's memory holds its kernel, boot tables and ACPI
@@ -1559,7 +1559,6 @@ impl Vm {
                 rtc,
                 ioapic: ioapic.clone(),
                 transports,
-                pci_devices,
                 mem: mem.clone(),
             });
         let counters: Vec<_> = vcpus.iter().map(Vcpu::counters).collect();
@@ -2119,16 +2118,18 @@ impl Drop for VmHandle {
     }
 }
 
-/// Puts each saved virtio-mmio device back into the transport built in its
+/// Puts each saved virtio device back into the transport built in its
 /// place, after checking that the VM has the same devices in the same
-/// places.
+/// places; a PCI function's BARs are then routed where the guest had them.
 fn restore_virtio(
-    transports: &[(String, Arc<Mutex<keel_virtio::MmioTransport>>)],
+    transports: &[(String, crate::snapshot::WiredTransport)],
     saved: &[crate::snapshot::SavedVirtioDevice],
+    pci_bus: &keel_pci::PciBus,
 ) -> Result<()> {
+    use crate::snapshot::{SavedTransport, WiredTransport};
     if transports.len() != saved.len() {
         return Err(Error::Snapshot(format!(
-            "the snapshot has {} virtio-mmio devices ({}), this VM {} ({})",
+            "the snapshot has {} virtio devices ({}), this VM {} ({})",
             saved.len(),
             saved
                 .iter()
@@ -2143,19 +2144,54 @@ fn restore_virtio(
                 .join(", "),
         )));
     }
-    for ((name, transport), device) in transports.iter().zip(saved) {
-        let mut transport = transport.lock().unwrap_or_else(|e| e.into_inner());
-        if transport.slot().base != device.base {
-            return Err(Error::Snapshot(format!(
-                "{name} is at {:#x}, but the snapshot's {} was at {:#x}",
-                transport.slot().base,
-                device.name,
-                device.base
-            )));
+    for ((name, wired), device) in transports.iter().zip(saved) {
+        let failed =
+            |e: keel_virtio::Error| Error::Snapshot(format!("{name} (saved as {}): {e}", device.name));
+        match (wired, &device.transport) {
+            (WiredTransport::Mmio(transport), SavedTransport::Mmio { base, state }) => {
+                let mut transport = transport.lock().unwrap_or_else(|e| e.into_inner());
+                if transport.slot().base != *base {
+                    return Err(Error::Snapshot(format!(
+                        "{name} is at {:#x}, but the snapshot's {} was at {base:#x}",
+                        transport.slot().base,
+                        device.name,
+                    )));
+                }
+                transport.restore_state(state).map_err(failed)?;
+            }
+            (
+                WiredTransport::Pci(transport, address),
+                SavedTransport::Pci {
+                    address: saved_at,
+                    state,
+                },
+            ) => {
+                if address.to_string() != *saved_at {
+                    return Err(Error::Snapshot(format!(
+                        "{name} is PCI function {address}, but the snapshot's {} was {saved_at}",
+                        device.name,
+                    )));
+                }
+                transport
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore_state(state)
+                    .map_err(failed)?;
+                pci_bus.refresh_routes(*address);
+            }
+            (WiredTransport::Mmio(_), SavedTransport::Pci { .. }) => {
+                return Err(Error::Snapshot(format!(
+                    "{name} is on virtio-mmio, but the snapshot's {} was on virtio-pci",
+                    device.name
+                )))
+            }
+            (WiredTransport::Pci(..), SavedTransport::Mmio { .. }) => {
+                return Err(Error::Snapshot(format!(
+                    "{name} is on virtio-pci, but the snapshot's {} was on virtio-mmio",
+                    device.name
+                )))
+            }
         }
-        transport
-            .restore_state(&device.transport)
-            .map_err(|e| Error::Snapshot(format!("{name} (saved as {}): {e}", device.name)))?;
     }
     Ok(())
 }

@@ -135,15 +135,21 @@ fn check_continuity(before: &str, after: &str) {
     assert!(!steps(after).is_empty(), "the restored guest made progress");
 }
 
-fn a_guest_snapshotted_mid_run_continues_exactly_after_restore(irqchip: IrqchipChoice, mode: RestoreMode) {
+fn a_guest_snapshotted_mid_run_continues_exactly_after_restore(
+    irqchip: IrqchipChoice,
+    mode: RestoreMode,
+    transport: VirtioTransport,
+) {
     if !kvm() {
         eprintln!("SKIPPED: no /dev/kvm");
         return;
     }
-    let dir = temp_dir(&format!("continue-{irqchip:?}-{mode:?}"));
+    let dir = temp_dir(&format!("continue-{irqchip:?}-{mode:?}-{transport:?}"));
     let disk = disk(&dir);
     let snap = dir.join("snap");
-    let before = run_and_snapshot(seq_config(&disk, irqchip), &snap);
+    let mut config = seq_config(&disk, irqchip);
+    config.transport = transport;
+    let before = run_and_snapshot(config, &snap);
     let after = restore_and_finish(&snap, mode);
     check_continuity(&before, &after);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -154,12 +160,17 @@ fn split_irqchip_copy_on_write() {
     a_guest_snapshotted_mid_run_continues_exactly_after_restore(
         IrqchipChoice::Split,
         RestoreMode::CopyOnWrite,
+        VirtioTransport::Mmio,
     );
 }
 
 #[test]
 fn split_irqchip_copied_memory() {
-    a_guest_snapshotted_mid_run_continues_exactly_after_restore(IrqchipChoice::Split, RestoreMode::Copy);
+    a_guest_snapshotted_mid_run_continues_exactly_after_restore(
+        IrqchipChoice::Split,
+        RestoreMode::Copy,
+        VirtioTransport::Mmio,
+    );
 }
 
 #[test]
@@ -167,6 +178,25 @@ fn kernel_irqchip_copy_on_write() {
     a_guest_snapshotted_mid_run_continues_exactly_after_restore(
         IrqchipChoice::Kernel,
         RestoreMode::CopyOnWrite,
+        VirtioTransport::Mmio,
+    );
+}
+
+#[test]
+fn virtio_pci_with_msi_x() {
+    a_guest_snapshotted_mid_run_continues_exactly_after_restore(
+        IrqchipChoice::Split,
+        RestoreMode::CopyOnWrite,
+        VirtioTransport::Pci,
+    );
+}
+
+#[test]
+fn virtio_pci_kernel_irqchip() {
+    a_guest_snapshotted_mid_run_continues_exactly_after_restore(
+        IrqchipChoice::Kernel,
+        RestoreMode::Copy,
+        VirtioTransport::Pci,
     );
 }
 
@@ -318,8 +348,20 @@ fn damaged_snapshots_and_mismatched_machines_are_refused_by_name() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("the snapshot has 3 virtio-mmio devices (disk ")
+        err.contains("the snapshot has 3 virtio devices (disk ")
             && err.contains("this VM 2 (virtio-rng, virtio-balloon)"),
+        "{err}"
+    );
+
+    let mut on_pci = snapshot.config().clone();
+    on_pci.transport = VirtioTransport::Pci;
+    let err = VmBuilder::new(on_pci)
+        .unwrap()
+        .restore(&snapshot, RestoreMode::CopyOnWrite)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is on virtio-pci, but the snapshot's") && err.contains("was on virtio-mmio"),
         "{err}"
     );
 

@@ -295,6 +295,22 @@ impl VirtioInterrupt for PciInterrupt {
     }
 }
 
+/// A [`PciTransport`]'s part of a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct PciTransportState {
+    /// The configuration space's registers.
+    pub config: Vec<u8>,
+    /// The MSI-X table and control.
+    pub msix: keel_pci::MsixState,
+    /// The configuration-change vector.
+    pub config_vector: u16,
+    /// Each queue's vector.
+    pub queue_vectors: Vec<u16>,
+    /// The virtio registers and the device's state.
+    pub transport: crate::TransportState,
+}
+
 /// A virtio device as a PCI function, modern virtio-pci layout (see the
 /// [module documentation](self)).
 ///
@@ -482,6 +498,63 @@ impl PciTransport {
             msix_capability,
             pci_cfg_capability,
         })
+    }
+
+    /// For a snapshot, while the VM is paused: the configuration space
+    /// (BARs, command, capabilities), the MSI-X table, which vector each
+    /// cause uses, and the virtio registers with the device's state.
+    /// Fails, naming the device, for a device that cannot be saved.
+    pub fn save_state(&self) -> Result<PciTransportState> {
+        let transport = self.state.save_state()?;
+        let vectors = lock_vectors(&self.vectors);
+        Ok(PciTransportState {
+            config: self.config.save_registers(),
+            msix: vectors.msix.save_state(),
+            config_vector: vectors.config,
+            queue_vectors: vectors.queues.clone(),
+            transport,
+        })
+    }
+
+    /// Puts a saved state into this new transport (same device type, built
+    /// the same way) and re-activates the device where its queues left
+    /// off. The bus must then route the BAR where the state has it
+    /// (`PciBus::refresh_routes`), which also moves the notification
+    /// ioeventfds there. Nothing changes if the state does not fit.
+    pub fn restore_state(&mut self, state: &PciTransportState) -> Result<()> {
+        let mismatch = |reason: String| Error::StateMismatch {
+            transport: "virtio-pci".into(),
+            reason,
+        };
+        {
+            let vectors = lock_vectors(&self.vectors);
+            if state.queue_vectors.len() != vectors.queues.len() {
+                return Err(mismatch(format!(
+                    "{} queue vectors saved, the device has {} queues",
+                    state.queue_vectors.len(),
+                    vectors.queues.len()
+                )));
+            }
+        }
+        let mut config = self.config.clone();
+        config
+            .restore_registers(&state.config)
+            .map_err(|e| mismatch(e.to_string()))?;
+        self.state.restore_state(&state.transport, &self.interrupt)?;
+        self.config = config;
+        let mut vectors = lock_vectors(&self.vectors);
+        vectors.config = vectors.checked(state.config_vector);
+        for (slot, &saved) in state.queue_vectors.iter().enumerate() {
+            let checked = vectors.checked(saved);
+            if let Some(v) = vectors.queues.get_mut(slot) {
+                *v = checked;
+            }
+        }
+        vectors
+            .msix
+            .restore_state(&state.msix)
+            .map_err(|e| mismatch(e.to_string()))?;
+        Ok(())
     }
 
     /// The device status as the driver reads it.
