@@ -69,7 +69,9 @@ fn take_snapshot(memory_mib: u64, dir: &Path) -> (Duration, keel_vmm::SnapshotIn
     let mut builder = VmBuilder::new(config(memory_mib, PIO_LOOP)).unwrap();
     builder.add_pio_device(0x80, 1, port.clone()).unwrap();
     let handle = builder.build().unwrap().start().unwrap();
-    wait_until("the guest's first writes", || port.writes.load(Ordering::Relaxed) > 1000);
+    wait_until("the guest's first writes", || {
+        port.writes.load(Ordering::Relaxed) > 1000
+    });
     handle.pause().unwrap();
     let started = Instant::now();
     let info = handle.controller().snapshot_to_dir(dir).unwrap();
@@ -86,7 +88,9 @@ fn restore(snapshot: &Snapshot, mode: RestoreMode) -> (VmHandle, Duration, Arc<P
     let mut builder = VmBuilder::new(snapshot.config().clone()).unwrap();
     builder.add_pio_device(0x80, 1, port.clone()).unwrap();
     let handle = builder.restore(snapshot, mode).unwrap().start().unwrap();
-    wait_until("the restored guest's first write", || port.first.lock().unwrap().is_some());
+    wait_until("the restored guest's first write", || {
+        port.first.lock().unwrap().is_some()
+    });
     let first = port.first.lock().unwrap().unwrap();
     (handle, first - started, port)
 }
@@ -143,14 +147,20 @@ fn process_restore(dir: &Path, runs: usize) -> Option<Duration> {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
     // `cargo test --benches` runs this too: keep that short.
     let testing = !std::env::args().any(|a| a == "--bench");
     if !Path::new("/dev/kvm").exists() {
         println!("snapshot: SKIPPED (no /dev/kvm)");
         return;
     }
-    let runs: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(if testing { 2 } else { 20 });
+    let runs: usize = args
+        .first()
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(if testing { 2 } else { 20 });
     let sizes: &[u64] = if testing { &[128] } else { &[128, 2048] };
     let base = std::env::temp_dir().join(format!("keel-bench-snapshot-{}", std::process::id()));
     println!("snapshot: {runs} restores per size, pio-loop guest, 1 vCPU, virtio none");
@@ -206,8 +216,13 @@ fn main() {
         handle.controller().snapshot_to_dir(&seq_dir).unwrap();
     }
     match process_restore(&seq_dir, runs) {
-        Some(t) => println!("process start → restored guest's first output (keel --restore, 128 MiB): {}", ms(t)),
-        None => println!("process start → restored guest: SKIPPED (build the keel binary: cargo build --release -p keel)"),
+        Some(t) => println!(
+            "process start → restored guest's first output (keel --restore, 128 MiB): {}",
+            ms(t)
+        ),
+        None => println!(
+            "process start → restored guest: SKIPPED (build the keel binary: cargo build --release -p keel)"
+        ),
     }
 
     // Clones per second and their memory, from the 128 MiB snapshot.

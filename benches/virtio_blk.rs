@@ -41,8 +41,9 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use event_manager::{EventManager, SubscriberOps};
 use keel_irq::RecordingLine;
 use keel_virtio::guest_driver::{self, memory, Buf, DriverQueue, DATA, MEM_SIZE};
+use keel_virtio::GuestMemoryMmap;
 use keel_virtio::{features, Block, BlockOptions, MemoryBackend, MmioSlot, MmioTransport};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 type Disk = Arc<Mutex<Block<MemoryBackend>>>;

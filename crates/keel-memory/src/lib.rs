@@ -48,8 +48,14 @@ use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
-/// Guest memory backed by anonymous host mappings.
-pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<()>;
+/// Guest memory backed by host mappings, with a bitmap of the pages the
+/// VMM wrote through it (vm-memory's `AtomicBitmap`, one bit per 4 KiB
+/// page): KVM's dirty log sees only the guest's own writes, this bitmap
+/// the devices' — together what a diff snapshot saves.
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+
+/// One region of [`GuestMemoryMmap`].
+pub type GuestRegionMmap = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// One KiB.
 pub const KIB: u64 = 1 << 10;

@@ -19,9 +19,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::{GuestLayout, GuestMemoryMmap};
+use crate::{GuestLayout, GuestMemoryMmap, GuestRegionMmap};
 
 /// The page size the memory file is written in.
 const PAGE: usize = 4096;
@@ -134,7 +134,7 @@ pub fn save_memory(mem: &GuestMemoryMmap, file: &File) -> Result<SavedMemory, Sn
 /// is resident (`mincore`); a page never touched is known to be zero.
 /// `None` for a file-backed region (a restored guest's), whose
 /// non-resident pages may hold data.
-fn resident_pages(region: &GuestRegionMmap<()>, len: usize) -> Option<Vec<u8>> {
+fn resident_pages(region: &GuestRegionMmap, len: usize) -> Option<Vec<u8>> {
     if region.file_offset().is_some() {
         return None;
     }
@@ -176,7 +176,8 @@ fn map_private(layout: &GuestLayout, file: &File) -> Result<GuestMemoryMmap, Sna
         };
         let size = usize::try_from(len).map_err(|e| map_error(e.to_string()))?;
         let dup = file.try_clone().map_err(io("duplicate descriptor"))?;
-        let mapping = MmapRegionBuilder::new(size)
+        let bitmap = <vm_memory::bitmap::AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(size);
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, bitmap)
             .with_file_offset(FileOffset::new(dup, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -201,7 +202,7 @@ fn map_private(layout: &GuestLayout, file: &File) -> Result<GuestMemoryMmap, Sna
 /// not each take a host page fault; a page it writes is still copied at
 /// its first write. Holes stay unmapped. On kernels without
 /// `MADV_POPULATE_READ` (before Linux 5.14) the pages fault in lazily.
-fn populate_data(region: &GuestRegionMmap<()>, file: &File, offset: u64) -> Result<(), SnapshotError> {
+fn populate_data(region: &GuestRegionMmap, file: &File, offset: u64) -> Result<(), SnapshotError> {
     const MADV_POPULATE_READ: i32 = 22;
     let end = offset + region.len();
     let mut at = offset;

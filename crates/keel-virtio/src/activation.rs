@@ -13,9 +13,9 @@
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::chain::{ChainError, RequestBuffers};

@@ -12,8 +12,9 @@
 
 use std::ops::Deref;
 
+use crate::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, Permissions};
+use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
 /// Why a descriptor chain cannot be used. Any of these means the driver
 /// broke the virtqueue rules; the device answers with `DEVICE_NEEDS_RESET`.

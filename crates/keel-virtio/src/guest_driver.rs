@@ -37,6 +37,7 @@
 //! assert_eq!(driver.used_idx(), 0);
 //! ```
 
+use crate::GuestMemoryMmap;
 use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
@@ -44,7 +45,7 @@ use virtio_queue::mock::{AvailRing, DescriptorTable, UsedRing};
 use virtio_queue::{Queue, QueueT};
 use vm_device::bus::MmioAddress;
 use vm_device::MutDeviceMmio;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::MmioTransport;
 

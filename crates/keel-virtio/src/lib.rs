@@ -93,10 +93,11 @@
 //! use keel_virtio::{features, Block, BlockOptions, MemoryBackend, MmioSlot, MmioTransport};
 //! use vm_device::bus::MmioAddress;
 //! use vm_device::MutDeviceMmio;
-//! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//! use vm_memory::{Bytes, GuestAddress};
+//! use keel_virtio::GuestMemoryMmap;
 //!
 //! // 1 MiB of guest RAM, and a 64 KiB disk whose sector 1 says hello.
-//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+//! let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
 //! let mut image = vec![0u8; 64 * 1024];
 //! image[512..517].copy_from_slice(b"hello");
 //! let backend = MemoryBackend::from_bytes(image);
@@ -197,11 +198,12 @@
 //! use keel_virtio::{Block, BlockOptions, FileBackend, MmioSlot, MmioTransport};
 //! use kvm_ioctls::{IoEventAddress, Kvm};
 //! use vm_device::device_manager::{IoManager, MmioManager};
-//! use vm_memory::{GuestAddress, GuestMemoryMmap};
+//! use vm_memory::GuestAddress;
+//! use keel_virtio::GuestMemoryMmap;
 //!
 //! let vm = Kvm::new()?.create_vm()?;
 //! create_in_kernel_irqchip(&vm)?;
-//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 256 << 20)])?;
+//! let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 256 << 20)])?;
 //! // ... register `mem` with KVM (keel-memory), create vCPUs ...
 //!
 //! let slot = MmioSlot { base: 0xd000_0000, gsi: GsiAllocator::new().allocate()? };
@@ -313,6 +315,9 @@ pub use device::{
     check_queue_count, read_config_space, Activation, RecordingInterrupt, StopSignal, VirtioDevice,
     VirtioInterrupt, VirtioSignal,
 };
+/// The guest memory devices get ([`keel_memory::GuestMemoryMmap`]: its
+/// bitmap records the pages devices write, for diff snapshots).
+pub use keel_memory::GuestMemoryMmap;
 pub use mmio::reg as mmio_register;
 pub use mmio::{
     interrupt_status, MmioSlot, MmioTransport, QueueNotifier, CONFIG_SPACE_OFFSET, MMIO_MAGIC_VALUE,
@@ -327,7 +332,6 @@ pub use request_device::{RequestDevice, RequestHandler, MAX_REQUEST_BYTES};
 pub use rng::{Rng, MAX_RNG_REQUEST_BYTES};
 pub use snapshot::{DeviceState, QueueProgress, QueueSetup, TransportState};
 pub use virtio_queue::Queue;
-pub use vm_memory::GuestMemoryMmap;
 pub use vsock::{Vsock, VsockError, VsockOptions};
 
 /// virtio-blk's request vocabulary (virtio 1.2, section 5.2.6), for

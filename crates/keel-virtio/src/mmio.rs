@@ -18,10 +18,10 @@
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use keel_irq::InterruptLine;
 use vm_device::bus::{MmioAddress, MmioAddressOffset, MmioRange};
 use vm_device::MutDeviceMmio;
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{VirtioDevice, VirtioInterrupt};

@@ -1,10 +1,10 @@
 //! virtio-rng, the entropy device (virtio 1.2, section 5.4): random bytes
 //! from the host's `getrandom(2)` into the guest's buffers.
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use keel_ratelimit::{BucketUpdate, RateLimiter};
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
 use crate::activation::{process_queue, ActivationState, EventSource, Handled};
 use crate::chain::RequestBuffers;

@@ -1,7 +1,8 @@
 //! Giving guest pages back to the host: `madvise(MADV_DONTNEED)` on the
 //! host mapping of guest RAM, for ranges checked to lie inside one region.
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use crate::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 /// The balloon's page size: PFNs in the inflate and deflate queues count
 /// 4 KiB pages whatever the guest's own page size (virtio 1.2, 5.5.6).

@@ -4,6 +4,7 @@
 mod backend;
 mod overlay;
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use keel_ratelimit::{BucketUpdate, RateLimiter};
 use virtio_bindings::virtio_blk::{
@@ -13,7 +14,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::QueueT;
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 
 pub use backend::{BlockBackend, FileBackend, MemoryBackend};
 

@@ -6,6 +6,7 @@ mod backend;
 
 use std::io::{ErrorKind, IoSlice};
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use keel_ratelimit::{BucketUpdate, RateLimiter};
 use virtio_bindings::virtio_net::{
@@ -16,7 +17,6 @@ use virtio_bindings::virtio_net::{
     VIRTIO_NET_HDR_GSO_UDP, VIRTIO_NET_S_LINK_UP,
 };
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
 pub use backend::{net_offload, MemoryNetBackend, NetBackend, TapBackend};
 
@@ -215,11 +215,12 @@ pub struct NetCounters {
 /// use keel_virtio::{MmioSlot, MmioTransport, Net, NetOptions, TapBackend};
 /// use kvm_ioctls::{IoEventAddress, Kvm};
 /// use vm_device::device_manager::{IoManager, MmioManager};
-/// use vm_memory::{GuestAddress, GuestMemoryMmap};
+/// use vm_memory::GuestAddress;
+/// use keel_virtio::GuestMemoryMmap;
 ///
 /// let vm = Kvm::new()?.create_vm()?;
 /// create_in_kernel_irqchip(&vm)?;
-/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 256 << 20)])?;
+/// let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 256 << 20)])?;
 ///
 /// let slot = MmioSlot { base: 0xd000_1000, gsi: GsiAllocator::new().allocate()? };
 /// let tap = TapBackend::open("tap0")?;

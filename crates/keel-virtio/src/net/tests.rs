@@ -3,8 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventManager, SubscriberOps};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;

@@ -32,9 +32,9 @@ use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use crate::GuestMemoryMmap;
 use keel_irq::MsiVectors;
 use keel_pci::{capability_id, BarSpec, ConfigSpace, HeaderType, Msix, MsixLayout, PciDevice, PciIds};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{VirtioDevice, VirtioInterrupt};
@@ -329,9 +329,10 @@ pub struct PciTransportState {
 /// use keel_irq::RecordingMsiVectors;
 /// use keel_pci::{BarAllocator, PciBus};
 /// use keel_virtio::{PciTransport, RecordingRegistrar, Rng};
-/// use vm_memory::{GuestAddress, GuestMemoryMmap};
+/// use vm_memory::GuestAddress;
+/// use keel_virtio::GuestMemoryMmap;
 ///
-/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+/// let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
 /// let rng = Arc::new(Mutex::new(Rng::new().unwrap()));
 /// let vectors = Arc::new(RecordingMsiVectors::new(PciTransport::vectors_needed(&*rng.lock().unwrap())));
 /// let ioeventfds = RecordingRegistrar::new();

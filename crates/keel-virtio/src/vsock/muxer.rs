@@ -24,8 +24,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::conn::{check_guest_header, reset_for, Connection, Outcome, Reject, State};
