@@ -139,6 +139,17 @@ struct Args {
     #[arg(long, requires = "restore")]
     restore_copy: bool,
 
+    /// Merge the diff snapshot in DIR (PUT /snapshot/create with
+    /// snapshot_type Diff, files vm.state and vm.mem) into the snapshot it
+    /// followed, in --into: that directory then holds the VM as the diff
+    /// saw it, for --restore. Merge a chain of diffs oldest first.
+    #[arg(long, value_name = "DIR", requires = "into")]
+    merge_diff: Option<PathBuf>,
+
+    /// With --merge-diff: the snapshot directory the diff followed.
+    #[arg(long, value_name = "DIR", requires = "merge_diff")]
+    into: Option<PathBuf>,
+
     /// The VM's ID, as `GET /` reports it.
     #[arg(long, value_name = "ID", default_value = "keel-vm")]
     id: String,
@@ -370,6 +381,23 @@ fn run_restore(args: &Args, dir: &std::path::Path, process_start: Instant) -> Re
     handle.wait().map_err(|e| e.to_string())
 }
 
+/// `--merge-diff DIFF --into BASE`.
+fn merge_diff(diff: &std::path::Path, base: &std::path::Path) -> Result<u64, String> {
+    let (state, memory) = (
+        diff.join(keel_vmm::STATE_FILE_NAME),
+        diff.join(keel_vmm::MEMORY_FILE_NAME),
+    );
+    let base_memory = base.join(keel_vmm::MEMORY_FILE_NAME);
+    let copied = keel_vmm::merge_diff_snapshot(&state, &memory, &base_memory).map_err(|e| e.to_string())?;
+    // The diff's state (now a full snapshot's) goes with the merged memory.
+    let target = base.join(keel_vmm::STATE_FILE_NAME);
+    let partial = base.join(format!("{}.partial", keel_vmm::STATE_FILE_NAME));
+    std::fs::copy(&state, &partial)
+        .and_then(|_| std::fs::rename(&partial, &target))
+        .map_err(|e| format!("{}: {e}", target.display()))?;
+    Ok(copied)
+}
+
 fn exit_code(reason: ExitReason) -> ExitCode {
     match reason {
         ExitReason::GuestReset | ExitReason::GuestShutdown | ExitReason::Stopped => ExitCode::SUCCESS,
@@ -470,6 +498,23 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
         return run_firecracker_style(&args, logger, process_start);
+    }
+    if let (Some(diff), Some(base)) = (&args.merge_diff, &args.into) {
+        return match merge_diff(diff, base) {
+            Ok(copied) => {
+                eprintln!(
+                    "keel: merged {} ({} KiB of pages) into {}",
+                    diff.display(),
+                    copied / 1024,
+                    base.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("keel: error: {message}");
+                ExitCode::FAILURE
+            }
+        };
     }
     let outcome = match &args.restore {
         Some(dir) => run_restore(&args, dir, process_start),

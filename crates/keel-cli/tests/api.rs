@@ -625,3 +625,107 @@ fn a_snapshot_taken_over_the_api_continues_in_new_processes_through_the_api_and_
     assert!(err.contains("--memory cannot be used with --restore"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_diff_snapshot_over_the_api_merged_with_keel_merge_diff_restores_with_keel_restore() {
+    if !kvm() {
+        return;
+    }
+    const STEPS: u64 = 300;
+    let dir = temp_path("diff-dir");
+    let _ = std::fs::remove_dir_all(&dir);
+    let (full, diff) = (dir.join("full"), dir.join("diff"));
+    std::fs::create_dir_all(&full).unwrap();
+    std::fs::create_dir_all(&diff).unwrap();
+    let disk = dir.join("disk.img");
+    std::fs::File::create(&disk).unwrap().set_len(1 << 20).unwrap();
+    let a = Keel::start("diff-a", &[]);
+    a.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 32, "track_dirty_pages": true}"#,
+    );
+    a.ok(
+        "PUT",
+        "/boot-source",
+        &format!(r#"{{"kernel_image_path": "keel:built-in-guest", "boot_args": "snapshot-seq steps={STEPS} delay-ms=2"}}"#),
+    );
+    a.ok(
+        "PUT",
+        "/drives/data",
+        &format!(
+            r#"{{"drive_id": "data", "path_on_host": "{}", "is_root_device": false, "is_read_only": false}}"#,
+            disk.display()
+        ),
+    );
+    a.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let wait_step = |n: u64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !std::fs::read_to_string(&a.stdout)
+            .unwrap()
+            .replace('\r', "")
+            .contains(&format!("seq: step {n}\n"))
+        {
+            assert!(Instant::now() < deadline, "the guest never reached step {n}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    let create = |kind: &str, at: &Path| {
+        format!(
+            r#"{{"snapshot_type": "{kind}", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+            at.join("vm.state").display(),
+            at.join("vm.mem").display()
+        )
+    };
+    wait_step(30);
+    a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    a.ok("PUT", "/snapshot/create", &create("Full", &full));
+    a.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    wait_step(90);
+    a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    a.ok("PUT", "/snapshot/create", &create("Diff", &diff));
+    let before = std::fs::read_to_string(&a.stdout).unwrap();
+    drop(a);
+    let full_data = std::fs::metadata(full.join("vm.mem")).unwrap();
+    let diff_data = std::fs::metadata(diff.join("vm.mem")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert!(
+        diff_data.blocks() < full_data.blocks(),
+        "the diff is smaller on disk: {} vs {} blocks",
+        diff_data.blocks(),
+        full_data.blocks()
+    );
+
+    let merged = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--merge-diff")
+        .arg(&diff)
+        .arg("--into")
+        .arg(&full)
+        .output()
+        .unwrap();
+    assert_eq!(
+        merged.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&merged.stderr)
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("--restore")
+        .arg(&full)
+        .output()
+        .unwrap();
+    let after = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{after}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let whole = format!("{before}{after}");
+    assert_eq!(
+        seq_steps(&whole),
+        (0..STEPS).collect::<Vec<_>>(),
+        "before:\n{before}\nafter:\n{after}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -783,6 +783,7 @@ impl Vmm {
         let mut config = VmConfig::default();
         config.vcpus = machine.vcpu_count;
         config.memory_mib = machine.mem_size_mib;
+        config.track_dirty_pages = machine.track_dirty_pages;
         config.serial = self.options.serial.clone();
         config.transport = self.options.transport;
         let mut cmdline = boot.boot_args.clone();
@@ -904,14 +905,20 @@ impl Vmm {
                 "snapshot/create: the VM is running: pause it first (PATCH /vm {\"state\": \"Paused\"})",
             ));
         }
-        if params.snapshot_type == SnapshotType::Diff {
-            return Err(invalid(
-                "snapshot_type Diff: Keel does not track dirty pages yet; take a Full snapshot (its memory file is sparse)",
-            ));
-        }
+        let kind = match params.snapshot_type {
+            SnapshotType::Full => keel_vmm::SnapshotKind::Full,
+            SnapshotType::Diff if !self.machine_config().track_dirty_pages => {
+                return Err(invalid(
+                    "snapshot_type Diff: the VM does not track dirty pages (machine-config track_dirty_pages, or track_dirty_pages in snapshot/load)",
+                ))
+            }
+            SnapshotType::Diff => keel_vmm::SnapshotKind::Diff,
+            #[allow(unreachable_patterns)]
+            other => return Err(invalid(format!("snapshot_type {other:?}: not supported"))),
+        };
         let record = serde_json::to_string(&self.config)
             .map_err(|e| invalid(format!("snapshot/create: cannot record the configuration: {e}")))?;
-        Ok(controller.snapshot_with_record(&params.snapshot_path, &params.mem_file_path, Some(record))?)
+        Ok(controller.snapshot_with(&params.snapshot_path, &params.mem_file_path, kind, Some(record))?)
     }
 
     /// `PUT /snapshot/load`: restores a snapshot into this VMM, which must
@@ -946,11 +953,8 @@ impl Vmm {
             (None, Some(path)) => path.clone(),
             (None, None) => return Err(invalid("snapshot/load: mem_backend is missing")),
         };
-        if params.track_dirty_pages == Some(true) || params.enable_diff_snapshots == Some(true) {
-            return Err(invalid(
-                "track_dirty_pages: Keel does not track dirty pages yet (Diff snapshots are not supported)",
-            ));
-        }
+        let track_dirty_pages =
+            params.track_dirty_pages == Some(true) || params.enable_diff_snapshots == Some(true);
         let snapshot = keel_vmm::Snapshot::load(&params.snapshot_path, &memory)?;
         let mut recorded: FullVmConfiguration = match snapshot.record() {
             Some(json) => serde_json::from_str(json).map_err(|e| {
@@ -963,6 +967,10 @@ impl Vmm {
         };
         let mut config = snapshot.config().clone();
         config.serial = self.options.serial.clone();
+        config.track_dirty_pages = track_dirty_pages;
+        if let Some(machine) = recorded.machine_config.as_mut() {
+            machine.track_dirty_pages = track_dirty_pages;
+        }
         for change in params.network_overrides.iter().flatten() {
             let index = recorded
                 .network_interfaces

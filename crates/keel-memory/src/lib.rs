@@ -42,7 +42,9 @@ pub use kvm_ioctls;
 pub use vm_memory;
 
 pub use layout::*;
-pub use snapshot::{restore_memory, save_memory, RestoreMode, SavedMemory, SnapshotError};
+pub use snapshot::{
+    merge_memory_diff, restore_memory, save_memory, save_memory_diff, RestoreMode, SavedMemory, SnapshotError,
+};
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
@@ -105,6 +107,15 @@ pub enum Error {
         /// The ioctl error.
         source: kvm_ioctls::Error,
     },
+    /// KVM could not give a slot's dirty log (was it registered with
+    /// logging?).
+    #[error("KVM_GET_DIRTY_LOG for slot {slot}: {source} (dirty-page tracking must be on for the VM)")]
+    DirtyLog {
+        /// Slot number.
+        slot: u32,
+        /// The ioctl error.
+        source: kvm_ioctls::Error,
+    },
     /// More regions than KVM slots.
     #[error("guest memory has {regions} regions but KVM offers only {max} slots")]
     TooManyRegions {
@@ -123,6 +134,14 @@ pub type Result<T> = std::result::Result<T, Error>;
 ///
 /// Returns the number of slots used.
 pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<u32> {
+    register_with_kvm_logging(vm, mem, false)
+}
+
+/// [`register_with_kvm`], with KVM's dirty-page logging on the slots when
+/// `log_dirty_pages` (`KVM_MEM_LOG_DIRTY_PAGES`): then [`take_dirty_pages`]
+/// can say what the guest wrote since it was last asked. Logging costs the
+/// guest a fault on its first write to each page after every query.
+pub fn register_with_kvm_logging(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty_pages: bool) -> Result<u32> {
     let mut slot = 0u32;
     for region in mem.iter() {
         let memory_region = kvm_userspace_memory_region {
@@ -130,7 +149,11 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<u32> {
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
-            flags: 0,
+            flags: if log_dirty_pages {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
         };
         // SAFETY: the host range belongs to `mem`'s mapping, which stays alive
         // for as long as the caller keeps `mem` (it must outlive the VM: the
@@ -180,6 +203,44 @@ pub fn resident_bytes(mem: &GuestMemoryMmap) -> std::io::Result<u64> {
         resident += vec.iter().filter(|&&b| b & 1 != 0).count() as u64 * page;
     }
     Ok(resident)
+}
+
+/// The pages written since the last call (or since the slots were
+/// registered), as ranges of offsets in the memory file's layout (regions
+/// back to back): what the guest wrote (KVM's dirty log of each slot,
+/// registered with [`register_with_kvm_logging`]) and what the VMM wrote
+/// through `mem` (its bitmap). Both logs are cleared. Call it while the
+/// guest is paused.
+pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<(u64, u64)>> {
+    const PAGE: u64 = 4096;
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut file_offset = 0u64;
+    for (slot, region) in mem.iter().enumerate() {
+        let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
+        let slot = slot as u32;
+        let kvm_bits = vm
+            .get_dirty_log(slot, len)
+            .map_err(|source| Error::DirtyLog { slot, source })?;
+        let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
+        let vmm_bitmap = mapping.bitmap();
+        let pages = region.len() / PAGE;
+        for page in 0..pages {
+            let word = usize::try_from(page / 64).unwrap_or(usize::MAX);
+            let by_guest = kvm_bits.get(word).is_some_and(|w| w & (1 << (page % 64)) != 0);
+            let by_vmm = vmm_bitmap.is_addr_set((page * PAGE) as usize);
+            if !(by_guest || by_vmm) {
+                continue;
+            }
+            let at = file_offset + page * PAGE;
+            match ranges.last_mut() {
+                Some((start, len)) if *start + *len == at => *len += PAGE,
+                _ => ranges.push((at, PAGE)),
+            }
+        }
+        vmm_bitmap.reset();
+        file_offset += region.len();
+    }
+    Ok(ranges)
 }
 
 /// Whether `addr` lies in guest RAM (as opposed to the MMIO gap or beyond).

@@ -130,6 +130,102 @@ pub fn save_memory(mem: &GuestMemoryMmap, file: &File) -> Result<SavedMemory, Sn
     })
 }
 
+/// Writes the pages in `ranges` (offsets in the memory file's layout, as
+/// [`crate::take_dirty_pages`] gives them) to `file`, a diff memory file:
+/// those pages as they are, zeros included, everything else a hole. Its
+/// length is the guest's memory size; merge it onto its base with
+/// [`merge_memory_diff`].
+pub fn save_memory_diff(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    ranges: &[(u64, u64)],
+) -> Result<SavedMemory, SnapshotError> {
+    file.set_len(0).map_err(io("truncate"))?;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    file.set_len(total).map_err(io("set length"))?;
+    let mut data_bytes = 0u64;
+    let mut region_start = 0u64;
+    let regions: Vec<_> = mem.iter().collect();
+    let mut next = regions.iter();
+    let mut current = next.next();
+    for &(offset, len) in ranges {
+        // Find the region holding `offset` (ranges are sorted).
+        while let Some(region) = current {
+            if offset < region_start + region.len() {
+                break;
+            }
+            region_start += region.len();
+            current = next.next();
+        }
+        let Some(region) = current else {
+            return Err(SnapshotError::Map {
+                size: len,
+                offset,
+                reason: "a dirty range lies past the guest's memory".into(),
+            });
+        };
+        let within = offset - region_start;
+        if within + len > region.len() {
+            return Err(SnapshotError::Map {
+                size: len,
+                offset,
+                reason: "a dirty range crosses a region's end".into(),
+            });
+        }
+        let (Ok(from), Ok(n)) = (usize::try_from(within), usize::try_from(len)) else {
+            return Err(io("range")(std::io::Error::other("range too large")));
+        };
+        // SAFETY: `from..from + n` lies inside the region's mapping
+        // (checked above), alive while `mem` is borrowed; the guest is
+        // paused, so the bytes do not change under the slice.
+        let bytes = unsafe { std::slice::from_raw_parts(region.as_ptr().add(from).cast_const(), n) };
+        file.write_all_at(bytes, offset).map_err(io("write"))?;
+        data_bytes += len;
+    }
+    file.sync_data().map_err(io("sync"))?;
+    Ok(SavedMemory {
+        size: total,
+        data_bytes,
+    })
+}
+
+/// Copies the pages in `ranges` from the diff memory file `diff` onto the
+/// memory file `base` (in place): `base` then holds the memory as the
+/// diff saw it. Returns the bytes copied.
+pub fn merge_memory_diff(diff: &File, base: &File, ranges: &[(u64, u64)]) -> Result<u64, SnapshotError> {
+    let diff_len = diff.metadata().map_err(io("stat"))?.len();
+    let base_len = base.metadata().map_err(io("stat"))?.len();
+    if diff_len != base_len {
+        return Err(SnapshotError::WrongSize {
+            expected: diff_len,
+            found: base_len,
+        });
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    let mut copied = 0u64;
+    for &(offset, len) in ranges {
+        if offset.checked_add(len).is_none_or(|end| end > base_len) {
+            return Err(SnapshotError::Map {
+                size: len,
+                offset,
+                reason: format!("the range lies past the {base_len}-byte memory file"),
+            });
+        }
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            diff.read_exact_at(&mut buf[..n], offset + done)
+                .map_err(io("read the diff"))?;
+            base.write_all_at(&buf[..n], offset + done)
+                .map_err(io("write the base"))?;
+            done += n as u64;
+        }
+        copied += len;
+    }
+    base.sync_data().map_err(io("sync"))?;
+    Ok(copied)
+}
+
 /// For an anonymous region: one byte per page, bit 0 set where the page
 /// is resident (`mincore`); a page never touched is known to be zero.
 /// `None` for a file-backed region (a restored guest's), whose

@@ -98,6 +98,12 @@ pub struct VmConfig {
     /// built without ACPI.
     #[serde(default = "default_acpi")]
     pub acpi: bool,
+    /// Track the pages the guest and the devices write (KVM's dirty log
+    /// and guest memory's bitmap), so that diff snapshots can save only
+    /// those (Firecracker's `track_dirty_pages`). Costs the guest a fault
+    /// on its first write to a page after each snapshot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub track_dirty_pages: bool,
 }
 
 /// How a virtio device is attached: as a virtio-pci function (found by PCI
@@ -617,6 +623,7 @@ impl Default for VmConfig {
             irqchip: IrqchipChoice::default(),
             transport: VirtioTransport::default(),
             acpi: default_acpi(),
+            track_dirty_pages: false,
         }
     }
 }

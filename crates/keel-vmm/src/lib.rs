@@ -93,8 +93,8 @@ pub use config::{
 };
 pub use keel_memory::RestoreMode;
 pub use snapshot::{
-    IrqchipState, SavedTransport, SavedVirtioDevice, Snapshot, SnapshotInfo, VmState, MEMORY_FILE_NAME,
-    STATE_FILE_NAME,
+    merge_diff_snapshot, IrqchipState, MemoryContents, SavedTransport, SavedVirtioDevice, Snapshot,
+    SnapshotInfo, SnapshotKind, VmState, MEMORY_FILE_NAME, STATE_FILE_NAME,
 };
 pub use vm::{
     Counters, ExitReason, SerialSource, StopHandle, Vm, VmBuilder, VmController, VmHandle, BOOT_TIMER_ADDR,

@@ -47,6 +47,8 @@ pub struct VmState {
     pub config_json: String,
     /// Guest memory size in bytes (the memory file's length).
     pub memory_size: u64,
+    /// What the memory file holds: all of memory, or a diff.
+    pub memory: MemoryContents,
     /// `KVM_GET_CLOCK`: kvmclock's time.
     pub clock: kvm_bindings::kvm_clock_data,
     /// Every vCPU, by index.
@@ -63,6 +65,33 @@ pub struct VmState {
     /// ([`crate::VmController::snapshot_with_record`]): Keel's control
     /// plane keeps its Firecracker configuration here.
     pub record: Option<String>,
+}
+
+/// What a snapshot's memory file holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum MemoryContents {
+    /// All of guest memory (pages never written are holes).
+    Full,
+    /// Only the pages written since the previous snapshot of the same VM,
+    /// as (offset, length) ranges of the memory file; merge it onto that
+    /// snapshot's memory file with [`merge_diff_snapshot`] to restore.
+    Diff {
+        /// The ranges the diff holds.
+        ranges: Vec<(u64, u64)>,
+    },
+}
+
+/// Full or diff: what [`crate::VmController::snapshot_with`] writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SnapshotKind {
+    /// All of guest memory.
+    #[default]
+    Full,
+    /// Only the pages written since the VM's previous snapshot (or its
+    /// start); needs [`VmConfig::track_dirty_pages`].
+    Diff,
 }
 
 /// The interrupt controller's part of a snapshot.
@@ -215,8 +244,59 @@ pub(crate) struct SnapshotParts {
     pub rtc: Arc<Mutex<keel_devices::Rtc>>,
     pub ioapic: Option<Arc<Mutex<crate::vm::SplitIoapic>>>,
     pub transports: Vec<(String, WiredTransport)>,
+    /// Whether the memory slots log dirty pages (diff snapshots).
+    pub track_dirty_pages: bool,
     /// Kept last: the VM above refers to it.
     pub mem: GuestMemoryMmap,
+}
+
+/// Applies a diff snapshot to the snapshot it followed: copies the pages
+/// the diff's memory file holds (`diff_memory`, listed in its state file
+/// `diff_state`) onto the earlier snapshot's memory file `base_memory`, in
+/// place, then rewrites `diff_state` as a full snapshot's. Afterwards
+/// `diff_state` with `base_memory` restores the VM as the diff saw it; a
+/// chain of diffs is merged oldest first. Returns the bytes copied.
+pub fn merge_diff_snapshot(
+    diff_state: impl AsRef<Path>,
+    diff_memory: impl AsRef<Path>,
+    base_memory: impl AsRef<Path>,
+) -> Result<u64> {
+    let (diff_state, diff_memory, base_memory) =
+        (diff_state.as_ref(), diff_memory.as_ref(), base_memory.as_ref());
+    let bytes = std::fs::read(diff_state)
+        .map_err(|e| Error::Snapshot(format!("state file {}: {e}", diff_state.display())))?;
+    let mut state: VmState = keel_snapshot::decode(&bytes)
+        .map_err(|e| Error::Snapshot(format!("{}: {e}", diff_state.display())))?;
+    let MemoryContents::Diff { ranges } = &state.memory else {
+        return Err(Error::Snapshot(format!(
+            "{} is a full snapshot: there is nothing to merge",
+            diff_state.display()
+        )));
+    };
+    let open = |path: &Path, write: bool| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(path)
+            .map_err(|e| Error::Snapshot(format!("{}: {e}", path.display())))
+    };
+    let diff = open(diff_memory, false)?;
+    let base = open(base_memory, true)?;
+    let copied = keel_memory::merge_memory_diff(&diff, &base, ranges).map_err(|e| {
+        Error::Snapshot(format!(
+            "merging {} onto {}: {e}",
+            diff_memory.display(),
+            base_memory.display()
+        ))
+    })?;
+    state.memory = MemoryContents::Full;
+    let bytes = keel_snapshot::encode(&state).map_err(|e| Error::Snapshot(e.to_string()))?;
+    write_atomically(diff_state, |mut file| {
+        use std::io::Write;
+        file.write_all(&bytes)
+            .map_err(|e| Error::Snapshot(format!("{}: {e}", diff_state.display())))
+    })?;
+    Ok(copied)
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -225,7 +305,12 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl SnapshotParts {
     /// Everything but the vCPUs, which their threads save.
-    pub fn save(&self, vcpus: Vec<VcpuState>, record: Option<String>) -> Result<VmState> {
+    pub fn save(
+        &self,
+        vcpus: Vec<VcpuState>,
+        record: Option<String>,
+        memory: MemoryContents,
+    ) -> Result<VmState> {
         let mut virtio = Vec::with_capacity(self.transports.len());
         for (name, wired) in &self.transports {
             let failed = |e: keel_virtio::Error| Error::Snapshot(format!("{name}: {e}"));
@@ -263,6 +348,7 @@ impl SnapshotParts {
             memory_size: vm_memory::GuestMemoryBackend::iter(&self.mem)
                 .map(vm_memory::GuestMemoryRegion::len)
                 .sum(),
+            memory,
             clock,
             vcpus,
             irqchip,

@@ -24,7 +24,7 @@ use vm_device::{DeviceMmio, DevicePio};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::boot_progress::ConsoleWatcher;
-use crate::snapshot::{Snapshot, SnapshotInfo};
+use crate::snapshot::{Snapshot, SnapshotInfo, SnapshotKind};
 use crate::{
     BootProtocolChoice, ConsoleConfig, Error, IrqchipChoice, Result, Ring0Choice, SerialMode,
     VirtioTransport, VmConfig,
@@ -381,6 +381,7 @@ impl Control {
         &self,
         state_path: &std::path::Path,
         memory_path: &std::path::Path,
+        kind: crate::snapshot::SnapshotKind,
         record: Option<String>,
     ) -> Result<SnapshotInfo> {
         let started = Instant::now();
@@ -424,11 +425,37 @@ impl Control {
             }
             vcpus
         };
-        let state = parts.save(vcpus, record)?;
+        // With tracking on, what was written since the last snapshot: the
+        // content of a diff, and for a full snapshot the start of the next.
+        let dirty = if parts.track_dirty_pages {
+            Some(
+                keel_memory::take_dirty_pages(&parts.vm_fd, &parts.mem)
+                    .map_err(|e| Error::Snapshot(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let contents = match (kind, dirty) {
+            (crate::snapshot::SnapshotKind::Full, _) => crate::snapshot::MemoryContents::Full,
+            (crate::snapshot::SnapshotKind::Diff, Some(ranges)) => {
+                crate::snapshot::MemoryContents::Diff { ranges }
+            }
+            (crate::snapshot::SnapshotKind::Diff, None) => {
+                return Err(Error::Snapshot(
+                    "a diff snapshot needs dirty-page tracking: build the VM with track_dirty_pages".into(),
+                ))
+            }
+        };
+        let state = parts.save(vcpus, record, contents.clone())?;
         let mut memory = keel_memory::SavedMemory::default();
         crate::snapshot::write_atomically(memory_path, |file| {
-            memory = keel_memory::save_memory(&parts.mem, file)
-                .map_err(|e| Error::Snapshot(format!("{}: {e}", memory_path.display())))?;
+            memory = match &contents {
+                crate::snapshot::MemoryContents::Diff { ranges } => {
+                    keel_memory::save_memory_diff(&parts.mem, file, ranges)
+                }
+                _ => keel_memory::save_memory(&parts.mem, file),
+            }
+            .map_err(|e| Error::Snapshot(format!("{}: {e}", memory_path.display())))?;
             Ok(())
         })?;
         let bytes = keel_snapshot::encode(&state).map_err(|e| Error::Snapshot(e.to_string()))?;
@@ -889,6 +916,13 @@ impl VmBuilder {
                 mine.acpi.to_string(),
             ));
         }
+        if let crate::snapshot::MemoryContents::Diff { ranges } = &snapshot.state.memory {
+            return Err(Error::Snapshot(format!(
+                "this is a diff snapshot ({} page ranges): merge it onto the snapshot it follows first \
+                 (keel_vmm::merge_diff_snapshot, or keel --merge-diff)",
+                ranges.len()
+            )));
+        }
         Vm::build(self, Some((snapshot, mode)))
     }
 }
@@ -1056,7 +1090,7 @@ impl Vm {
                     .map_err(|e| Error::Snapshot(format!("{}: {e}", path.display())))?
             }
         };
-        keel_memory::register_with_kvm(&vm_fd, &mem)?;
+        keel_memory::register_with_kvm_logging(&vm_fd, &mem, config.track_dirty_pages)?;
         // KVM_SET_GSI_ROUTING replaces the whole table: the irqchip's routes
         // and the MSI-X vectors' go through one merged table.
         let (pit_setup, ioapic, routing) = match config.irqchip {
@@ -1559,6 +1593,7 @@ impl Vm {
                 rtc,
                 ioapic: ioapic.clone(),
                 transports,
+                track_dirty_pages: config.track_dirty_pages,
                 mem: mem.clone(),
             });
         let counters: Vec<_> = vcpus.iter().map(Vcpu::counters).collect();
@@ -1922,21 +1957,25 @@ impl VmController {
         state_path: impl AsRef<std::path::Path>,
         memory_path: impl AsRef<std::path::Path>,
     ) -> Result<SnapshotInfo> {
-        self.control
-            .snapshot(state_path.as_ref(), memory_path.as_ref(), None)
+        self.snapshot_with(state_path, memory_path, SnapshotKind::Full, None)
     }
 
-    /// [`Self::snapshot`], with `record` kept in the state file for whoever
-    /// restores it ([`Snapshot::record`]): a control plane's own view of
-    /// the VM (Keel's keeps its Firecracker configuration there).
-    pub fn snapshot_with_record(
+    /// [`Self::snapshot`] of `kind`: a [`SnapshotKind::Diff`] writes only
+    /// the pages written since the VM's previous snapshot (it needs
+    /// [`VmConfig::track_dirty_pages`]; merge it onto that snapshot with
+    /// [`crate::merge_diff_snapshot`]). `record` is kept in the state file
+    /// for whoever restores it ([`Snapshot::record`]): a control plane's
+    /// own view of the VM (Keel's keeps its Firecracker configuration
+    /// there).
+    pub fn snapshot_with(
         &self,
         state_path: impl AsRef<std::path::Path>,
         memory_path: impl AsRef<std::path::Path>,
+        kind: SnapshotKind,
         record: Option<String>,
     ) -> Result<SnapshotInfo> {
         self.control
-            .snapshot(state_path.as_ref(), memory_path.as_ref(), record)
+            .snapshot(state_path.as_ref(), memory_path.as_ref(), kind, record)
     }
 
     /// [`Self::snapshot`] into `dir` (created if missing), as
@@ -2011,8 +2050,12 @@ impl VmHandle {
         state_path: impl AsRef<std::path::Path>,
         memory_path: impl AsRef<std::path::Path>,
     ) -> Result<SnapshotInfo> {
-        self.control
-            .snapshot(state_path.as_ref(), memory_path.as_ref(), None)
+        self.control.snapshot(
+            state_path.as_ref(),
+            memory_path.as_ref(),
+            SnapshotKind::Full,
+            None,
+        )
     }
 
     /// Whether the VM is paused.

@@ -442,3 +442,108 @@ fn fifty_clones_of_one_snapshot_run_at_once_each_on_its_own_overlay() {
     assert_eq!(distinct.len(), CLONES, "every clone wrote its own data");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_diff_snapshot_holds_only_what_changed_and_merged_onto_its_base_restores() {
+    if !kvm() {
+        return;
+    }
+    let dir = temp_dir("diff");
+    let disk = disk(&dir);
+    let mut config = seq_config(&disk, IrqchipChoice::Split);
+    config.track_dirty_pages = true;
+    let serial = Serial::default();
+    let handle = VmBuilder::new(config)
+        .unwrap()
+        .serial_output(serial.clone())
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let controller = handle.controller();
+    // A full snapshot at step 40, then the guest goes on.
+    wait_for_text(&serial, "seq: step 40\n");
+    handle.pause().unwrap();
+    let (base_state, base_memory) = (dir.join("base.state"), dir.join("base.mem"));
+    let full = controller.snapshot(&base_state, &base_memory).unwrap();
+    handle.resume().unwrap();
+    // A diff at step 100.
+    wait_for_text(&serial, "seq: step 100\n");
+    handle.pause().unwrap();
+    let (diff_state, diff_memory) = (dir.join("diff.state"), dir.join("diff.mem"));
+    let diff = controller
+        .snapshot_with(&diff_state, &diff_memory, keel_vmm::SnapshotKind::Diff, None)
+        .unwrap();
+    let before = serial.text();
+    handle.stop_handle().stop();
+    handle.wait().unwrap();
+    eprintln!(
+        "full snapshot: {} KiB of data; diff 60 steps later: {} KiB",
+        full.memory.data_bytes / 1024,
+        diff.memory.data_bytes / 1024
+    );
+    assert!(
+        diff.memory.data_bytes * 2 < full.memory.data_bytes,
+        "the diff ({} bytes) holds only the pages written since the full snapshot ({} bytes)",
+        diff.memory.data_bytes,
+        full.memory.data_bytes
+    );
+
+    // A diff alone is not a VM.
+    let unmerged = Snapshot::load(&diff_state, &diff_memory).unwrap();
+    let err = VmBuilder::new(unmerged.config().clone())
+        .unwrap()
+        .restore(&unmerged, RestoreMode::CopyOnWrite)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("this is a diff snapshot") && err.contains("merge it"),
+        "{err}"
+    );
+
+    // Merged onto the full snapshot's memory, it restores the VM at step 100.
+    let copied = keel_vmm::merge_diff_snapshot(&diff_state, &diff_memory, &base_memory).unwrap();
+    assert_eq!(copied, diff.memory.data_bytes);
+    let snapshot = Snapshot::load(&diff_state, &base_memory).unwrap();
+    let after_serial = Serial::default();
+    let handle = VmBuilder::new(snapshot.config().clone())
+        .unwrap()
+        .serial_output(after_serial.clone())
+        .restore(&snapshot, RestoreMode::CopyOnWrite)
+        .unwrap()
+        .start()
+        .unwrap();
+    let outcome = handle.wait_timeout(Duration::from_secs(120));
+    let after = after_serial.text();
+    assert!(matches!(outcome, Ok(Ok(ExitReason::GuestExit(0)))), "{after}");
+    check_continuity(&before, &after);
+    let err = keel_vmm::merge_diff_snapshot(&diff_state, &diff_memory, &base_memory)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("is a full snapshot: there is nothing to merge"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_diff_snapshot_without_dirty_tracking_is_refused() {
+    if !kvm() {
+        return;
+    }
+    let dir = temp_dir("diff-untracked");
+    let mut config = VmConfig::default();
+    config.memory_mib = 32;
+    config.cmdline = Some("snapshot-seq steps=4000 delay-ms=5".into());
+    let handle = VmBuilder::new(config).unwrap().build().unwrap().start().unwrap();
+    handle.pause().unwrap();
+    let err = handle
+        .controller()
+        .snapshot_with(dir.join("s"), dir.join("m"), keel_vmm::SnapshotKind::Diff, None)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("needs dirty-page tracking"), "{err}");
+    drop(handle);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
