@@ -222,22 +222,27 @@ pub fn take_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<(u64, u6
             .get_dirty_log(slot, len)
             .map_err(|source| Error::DirtyLog { slot, source })?;
         let mapping: &vm_memory::MmapRegion<vm_memory::bitmap::AtomicBitmap> = region;
-        let vmm_bitmap = mapping.bitmap();
+        // Both logs are one bit per page, 64 pages a word.
+        let vmm_bits = mapping.bitmap().get_and_reset();
         let pages = region.len() / PAGE;
-        for page in 0..pages {
-            let word = usize::try_from(page / 64).unwrap_or(usize::MAX);
-            let by_guest = kvm_bits.get(word).is_some_and(|w| w & (1 << (page % 64)) != 0);
-            let by_vmm = vmm_bitmap.is_addr_set((page * PAGE) as usize);
-            if !(by_guest || by_vmm) {
-                continue;
-            }
-            let at = file_offset + page * PAGE;
-            match ranges.last_mut() {
-                Some((start, len)) if *start + *len == at => *len += PAGE,
-                _ => ranges.push((at, PAGE)),
+        let words = pages.div_ceil(64) as usize;
+        for word in 0..words {
+            let mut bits =
+                kvm_bits.get(word).copied().unwrap_or(0) | vmm_bits.get(word).copied().unwrap_or(0);
+            while bits != 0 {
+                let bit = u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let page = word as u64 * 64 + bit;
+                if page >= pages {
+                    break;
+                }
+                let at = file_offset + page * PAGE;
+                match ranges.last_mut() {
+                    Some((start, len)) if *start + *len == at => *len += PAGE,
+                    _ => ranges.push((at, PAGE)),
+                }
             }
         }
-        vmm_bitmap.reset();
         file_offset += region.len();
     }
     Ok(ranges)
