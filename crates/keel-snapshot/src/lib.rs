@@ -97,6 +97,19 @@ pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
+/// A complete state file around an already serialized `payload` (for
+/// tools and fuzzing: the fuzz target frames arbitrary bytes with it so
+/// that they reach the payload decoder).
+pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![0u8; HEADER_SIZE];
+    out[0..8].copy_from_slice(&MAGIC);
+    out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[12..20].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    out[20..24].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
 /// Checks a state file's header, length and checksum; returns its payload.
 pub fn payload(bytes: &[u8]) -> Result<&[u8], Error> {
     let Some((header, payload)) = bytes.split_first_chunk::<HEADER_SIZE>() else {
