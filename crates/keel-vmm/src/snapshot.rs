@@ -62,7 +62,7 @@ pub struct VmState {
     /// Every virtio-mmio device, in the order the VM was built with them.
     pub virtio: Vec<SavedVirtioDevice>,
     /// What the caller attached to the snapshot
-    /// ([`crate::VmController::snapshot_with_record`]): Keel's control
+    /// ([`crate::VmController::snapshot_with`]): Keel's control
     /// plane keeps its Firecracker configuration here.
     pub record: Option<String>,
 }
@@ -102,7 +102,7 @@ pub enum IrqchipState {
     /// the vCPU states).
     Split(IoapicState),
     /// KVM's PICs, IOAPIC and PIT.
-    Kernel(KernelIrqchipState),
+    Kernel(Box<KernelIrqchipState>),
 }
 
 /// One virtio device of a snapshot.
@@ -334,7 +334,7 @@ impl SnapshotParts {
         }
         let irqchip = match &self.ioapic {
             Some(ioapic) => IrqchipState::Split(lock(ioapic).save_state()),
-            None => IrqchipState::Kernel(KernelIrqchipState::save(&self.vm_fd)?),
+            None => IrqchipState::Kernel(Box::new(KernelIrqchipState::save(&self.vm_fd)?)),
         };
         let clock = self
             .vm_fd

@@ -1554,7 +1554,7 @@ impl Vm {
                     cpuid.tsc_khz = tsc_khz;
                     cpuid.no_pv_hypercalls = emulated_ring0;
                     cpuid.hide_unemulated_instructions = emulated_ring0;
-                    vcpu.configure_cpuid(&supported, &cpuid)?;
+                    vcpu.configure_cpuid(supported, &cpuid)?;
                     vcpu.configure_msrs()?;
                     match protocol {
                         BootProtocol::Linux64 => vcpu.configure_long_mode_entry(entry)?,
@@ -1567,7 +1567,7 @@ impl Vm {
                         snapshot.state.vcpus.get(usize::from(id)).ok_or_else(|| {
                             Error::Snapshot(format!("the snapshot has no state for vCPU {id}"))
                         })?;
-                    vcpu.restore_state(&vm_fd, &supported, state)?;
+                    vcpu.restore_state(&vm_fd, supported, state)?;
                 }
                 (None, None) => unreachable!("a VM is either new or restored"),
             }
