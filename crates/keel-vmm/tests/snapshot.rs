@@ -3,6 +3,8 @@
 //! snapshot can be refused.
 
 mod common;
+#[path = "common/netns.rs"]
+mod netns;
 use common::Serial;
 
 use std::path::{Path, PathBuf};
@@ -545,5 +547,53 @@ fn a_diff_snapshot_without_dirty_tracking_is_refused() {
         .to_string();
     assert!(err.contains("needs dirty-page tracking"), "{err}");
     drop(handle);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_guest_echoing_over_virtio_net_continues_its_exchange_after_restore() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    if !netns::usable() {
+        eprintln!("SKIPPED: needs root, /dev/kvm, /dev/net/tun and iproute2");
+        return;
+    }
+    let Some(ns) = netns::Netns::new("snapshot") else {
+        eprintln!("SKIPPED: cannot create a network namespace");
+        return;
+    };
+    const ECHO_PORT: u16 = 7777;
+    let dir = temp_dir("net");
+    let disk = disk(&dir);
+    let snap = dir.join("snap");
+    let echoed = Arc::new(AtomicU64::new(0));
+    let (before, after) = std::thread::scope(|scope| {
+        let runner = scope.spawn(|| {
+            // The servers' sockets and the VMs' taps live in the namespace.
+            ns.enter();
+            let socket = std::net::UdpSocket::bind((netns::HOST_ADDR, ECHO_PORT)).unwrap();
+            let (stop, count) = (ns.stop.clone(), echoed.clone());
+            scope.spawn(move || netns::echo_server(socket, stop, count));
+            let mut config = seq_config(&disk, IrqchipChoice::Split);
+            config.cmdline = Some(format!(
+                "snapshot-seq steps={STEPS} delay-ms=2 net=1 host={} me=10.0.2.15 udp-port={ECHO_PORT}",
+                netns::HOST_ADDR
+            ));
+            config.nets = vec![keel_vmm::NetConfig::tap(netns::TAP.to_string())];
+            let before = run_and_snapshot(config, &snap);
+            let after = restore_and_finish(&snap, RestoreMode::CopyOnWrite);
+            (before, after)
+        });
+        let result = runner.join();
+        ns.stop.store(true, Ordering::SeqCst);
+        result.unwrap()
+    });
+    check_continuity(&before, &after);
+    assert!(after.contains(&format!("{STEPS} datagrams echoed")), "{after}");
+    assert!(
+        echoed.load(Ordering::SeqCst) >= STEPS,
+        "the host echoed every step"
+    );
+    drop(ns);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -16,7 +16,7 @@ use crate::println;
 use crate::virtio::blk::{Blk, S_OK};
 use crate::virtio::device_id;
 
-pub const KEYS: &[&str] = &["steps", "delay-ms", "seed"];
+pub const KEYS: &[&str] = &["steps", "delay-ms", "seed", "net", "host", "me", "udp-port"];
 
 /// Most steps: the table's size.
 const MAX_STEPS: usize = 4096;
@@ -39,11 +39,13 @@ fn chain(hash: u64, v: u64) -> u64 {
     fnv1a64(&bytes)
 }
 
-/// `snapshot-seq [steps=N] [delay-ms=M] [seed=S]`: N steps (default 200,
-/// at most 4096), M ms apart (default 5). Each step stores its value in a
-/// table in guest memory, writes it to sector `i` of the first virtio-blk
-/// disk if there is one, and prints `seq: step i`. Then it checks the
-/// table and reads every sector back.
+/// `snapshot-seq [steps=N] [delay-ms=M] [seed=S] [net=1 host= me= udp-port=]`:
+/// N steps (default 200, at most 4096), M ms apart (default 5). Each step
+/// stores its value in a table in guest memory, writes it to sector `i` of
+/// the first virtio-blk disk if there is one, with `net=1` echoes a
+/// datagram with the host's UDP echo server over the first virtio-net
+/// card, and prints `seq: step i`. Then it checks the table and reads
+/// every sector back.
 pub fn run(ctx: &Context<'_>) -> Outcome {
     let steps = arg(ctx.cmdline.number("steps"))?.unwrap_or(200);
     let delay_ms = arg(ctx.cmdline.number("delay-ms"))?.unwrap_or(5);
@@ -62,6 +64,11 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
             Err(e) => fail!("snapshot-seq: virtio-blk initialisation: {e}"),
         },
         None => None,
+    };
+    let mut net = if super::flag(ctx, "net", false)? {
+        Some(super::virtio_net::echoer(ctx)?)
+    } else {
+        None
     };
     let table = dma::alloc_or_panic(MAX_STEPS * 8, 4096);
     let sector = dma::alloc_or_panic(512, 4096);
@@ -83,6 +90,11 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
                 Ok(done) if done.status == S_OK => {}
                 Ok(done) => fail!("seq: step {i}: disk write status {}", done.status),
                 Err(e) => fail!("seq: step {i}: disk write: {e}"),
+            }
+        }
+        if let Some(net) = net.as_mut() {
+            if let Err(e) = net.round(i as u32) {
+                fail!("seq: step {i}: network echo: {e}");
             }
         }
         println!("seq: step {i}");
@@ -124,8 +136,9 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
         }
     }
     println!(
-        "seq: done: {steps} steps, table checked, {} sectors read back",
-        if disk.is_some() { steps } else { 0 }
+        "seq: done: {steps} steps, table checked, {} sectors read back, {} datagrams echoed",
+        if disk.is_some() { steps } else { 0 },
+        if net.is_some() { steps } else { 0 }
     );
     Ok(())
 }

@@ -494,6 +494,22 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
             None => bad_args!("mac={text} is not a MAC address"),
         },
     };
+    let mut nic = bring_up(ctx, me, want_mac)?;
+    match checks(&mut nic, host, port, burst, flood) {
+        Ok(()) => {
+            let _ = nic.transport.reset();
+            Ok(())
+        }
+        Err(e) => {
+            let _ = nic.transport.reset();
+            fail!("virtio-net: {e}")
+        }
+    }
+}
+
+/// Brings up the first virtio-net card as `me`, its receive buffers
+/// posted; checks its MAC against `want_mac` if given.
+fn bring_up(ctx: &Context<'_>, me: [u8; 4], want_mac: Option<[u8; 6]>) -> Result<Nic, Failure> {
     let devices = virtio_devices(ctx)?;
     let Some(found) = devices.of_type(DEVICE_ID_NET).next() else {
         fail!("no virtio-net device on the command line (virtio_mmio.device=...)");
@@ -548,29 +564,11 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
         }
     }
     nic.rxq.kick(&nic.transport);
-    match checks(&mut nic, host, port, burst, flood) {
-        Ok(()) => {
-            let _ = nic.transport.reset();
-            Ok(())
-        }
-        Err(e) => {
-            let _ = nic.transport.reset();
-            fail!("virtio-net: {e}")
-        }
-    }
+    Ok(nic)
 }
 
-/// Formats an error into a static-free message by printing it first.
-macro_rules! check_fail {
-    ($($arg:tt)*) => {{
-        $crate::println!("virtio-net: {}", format_args!($($arg)*));
-        return Err("check failed (see above)");
-    }};
-}
-
-fn checks(nic: &mut Nic, host: [u8; 4], port: u16, burst: u64, flood: u64) -> Result<(), &'static str> {
-    let hz = tsc::frequency().map_or(tsc::ticks_per_ms(1000), |(hz, _)| hz);
-    // (1) ARP.
+/// The host's MAC, by ARP (three tries).
+fn resolve(nic: &mut Nic, host: [u8; 4]) -> Result<[u8; 6], &'static str> {
     let mut host_mac = None;
     for _ in 0..3 {
         let (mac, me) = (nic.mac, nic.me);
@@ -593,9 +591,67 @@ fn checks(nic: &mut Nic, host: [u8; 4], port: u16, burst: u64, flood: u64) -> Re
             break;
         }
     }
-    let Some(host_mac) = host_mac else {
-        check_fail!("ARP: no reply for {} after 3 requests", Ip(host));
+    match host_mac {
+        Some(mac) => Ok(mac),
+        None => {
+            println!("virtio-net: ARP: no reply for {} after 3 requests", Ip(host));
+            Err("check failed (see above)")
+        }
+    }
+}
+
+/// A card that echoes one datagram with the host per call: the
+/// snapshot sequence's network check (`host=`, `me=`, `udp-port=` as for
+/// `virtio-net`).
+pub struct Echoer {
+    nic: Nic,
+    host: [u8; 4],
+    host_mac: [u8; 6],
+    port: u16,
+}
+
+/// Brings up the first virtio-net card and finds the host.
+pub fn echoer(ctx: &Context<'_>) -> Result<Echoer, Failure> {
+    let host = ip_arg(ctx, "host", [10, 0, 2, 1])?;
+    let me = ip_arg(ctx, "me", [10, 0, 2, 15])?;
+    let port = arg(ctx.cmdline.number("udp-port"))?.unwrap_or(7777);
+    let Ok(port) = u16::try_from(port) else {
+        bad_args!("udp-port={port} is not a port");
     };
+    let mut nic = bring_up(ctx, me, None)?;
+    let host_mac = match resolve(&mut nic, host) {
+        Ok(mac) => mac,
+        Err(e) => fail!("virtio-net: {e}"),
+    };
+    Ok(Echoer {
+        nic,
+        host,
+        host_mac,
+        port,
+    })
+}
+
+impl Echoer {
+    /// Sends datagram `seq` (64 bytes of its pattern) and waits for its
+    /// echo, checked byte by byte.
+    pub fn round(&mut self, seq: u32) -> Result<(), &'static str> {
+        self.nic.send_udp(self.host_mac, self.host, self.port, 64, seq)?;
+        echo(&mut self.nic, self.host, self.port, 64, seq)
+    }
+}
+
+/// Formats an error into a static-free message by printing it first.
+macro_rules! check_fail {
+    ($($arg:tt)*) => {{
+        $crate::println!("virtio-net: {}", format_args!($($arg)*));
+        return Err("check failed (see above)");
+    }};
+}
+
+fn checks(nic: &mut Nic, host: [u8; 4], port: u16, burst: u64, flood: u64) -> Result<(), &'static str> {
+    let hz = tsc::frequency().map_or(tsc::ticks_per_ms(1000), |(hz, _)| hz);
+    // (1) ARP.
+    let host_mac = resolve(nic, host)?;
     println!("virtio-net: ARP: {} is at {}", Ip(host), Mac(host_mac));
 
     // (2) ICMP echo.
