@@ -551,7 +551,7 @@ fn a_diff_snapshot_without_dirty_tracking_is_refused() {
 }
 
 #[test]
-fn a_guest_echoing_over_virtio_net_continues_its_exchange_after_restore() {
+fn a_guest_using_its_disk_network_and_vsock_continues_after_restore() {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::Arc;
     if !netns::usable() {
@@ -567,7 +567,36 @@ fn a_guest_echoing_over_virtio_net_continues_its_exchange_after_restore() {
     let disk = disk(&dir);
     let snap = dir.join("snap");
     let echoed = Arc::new(AtomicU64::new(0));
+    // The host end of the guest's vsock exchanges: an echo on <uds>_1235.
+    const VSOCK_PORT: u32 = 1235;
+    let uds = dir.join("v.sock");
+    let listener = std::os::unix::net::UnixListener::bind(format!("{}_{VSOCK_PORT}", uds.display())).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let vsock_echoes = Arc::new(AtomicU64::new(0));
     let (before, after) = std::thread::scope(|scope| {
+        {
+            let (stop, count) = (ns.stop.clone(), vsock_echoes.clone());
+            let listener = &listener;
+            scope.spawn(move || {
+                use std::io::{Read, Write};
+                while !stop.load(Ordering::SeqCst) {
+                    let Ok((mut conn, _)) = listener.accept() else {
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    };
+                    conn.set_nonblocking(false).unwrap();
+                    let mut buf = [0u8; 4096];
+                    // Echo until the guest shuts its side (or the
+                    // connection is lost with the VM).
+                    while let Ok(n) = conn.read(&mut buf) {
+                        if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
         let runner = scope.spawn(|| {
             // The servers' sockets and the VMs' taps live in the namespace.
             ns.enter();
@@ -576,10 +605,12 @@ fn a_guest_echoing_over_virtio_net_continues_its_exchange_after_restore() {
             scope.spawn(move || netns::echo_server(socket, stop, count));
             let mut config = seq_config(&disk, IrqchipChoice::Split);
             config.cmdline = Some(format!(
-                "snapshot-seq steps={STEPS} delay-ms=2 net=1 host={} me=10.0.2.15 udp-port={ECHO_PORT}",
+                "snapshot-seq steps={STEPS} delay-ms=2 net=1 host={} me=10.0.2.15 udp-port={ECHO_PORT} \
+                 vsock=1 vsock-port={VSOCK_PORT}",
                 netns::HOST_ADDR
             ));
             config.nets = vec![keel_vmm::NetConfig::tap(netns::TAP.to_string())];
+            config.vsock = Some(keel_vmm::VsockConfig::new(3, &uds));
             let before = run_and_snapshot(config, &snap);
             let after = restore_and_finish(&snap, RestoreMode::CopyOnWrite);
             (before, after)
@@ -589,11 +620,20 @@ fn a_guest_echoing_over_virtio_net_continues_its_exchange_after_restore() {
         result.unwrap()
     });
     check_continuity(&before, &after);
-    assert!(after.contains(&format!("{STEPS} datagrams echoed")), "{after}");
+    assert!(
+        after.contains(&format!("{STEPS} datagrams echoed, {STEPS} vsock exchanges")),
+        "{after}"
+    );
     assert!(
         echoed.load(Ordering::SeqCst) >= STEPS,
-        "the host echoed every step"
+        "the host echoed every datagram"
     );
+    assert!(
+        vsock_echoes.load(Ordering::SeqCst) >= STEPS,
+        "the host's vsock echo served every step"
+    );
+    // The restored device reset the transport, as the virtio spec has it.
+    assert!(after.contains("seq: vsock: 1 transport reset(s) seen"), "{after}");
     drop(ns);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -16,7 +16,17 @@ use crate::println;
 use crate::virtio::blk::{Blk, S_OK};
 use crate::virtio::device_id;
 
-pub const KEYS: &[&str] = &["steps", "delay-ms", "seed", "net", "host", "me", "udp-port"];
+pub const KEYS: &[&str] = &[
+    "steps",
+    "delay-ms",
+    "seed",
+    "net",
+    "host",
+    "me",
+    "udp-port",
+    "vsock",
+    "vsock-port",
+];
 
 /// Most steps: the table's size.
 const MAX_STEPS: usize = 4096;
@@ -70,6 +80,11 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
     } else {
         None
     };
+    let mut vsock = if super::flag(ctx, "vsock", false)? {
+        Some(super::virtio_vsock::exchanger(ctx)?)
+    } else {
+        None
+    };
     let table = dma::alloc_or_panic(MAX_STEPS * 8, 4096);
     let sector = dma::alloc_or_panic(512, 4096);
     let ticks = crate::tsc::ticks_per_ms(delay_ms);
@@ -95,6 +110,11 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
         if let Some(net) = net.as_mut() {
             if let Err(e) = net.round(i as u32) {
                 fail!("seq: step {i}: network echo: {e}");
+            }
+        }
+        if let Some(vsock) = vsock.as_mut() {
+            if vsock.round(64).is_err() {
+                fail!("seq: step {i}: vsock echo exchange failed (see above)");
             }
         }
         println!("seq: step {i}");
@@ -136,9 +156,16 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
         }
     }
     println!(
-        "seq: done: {steps} steps, table checked, {} sectors read back, {} datagrams echoed",
+        "seq: done: {steps} steps, table checked, {} sectors read back, {} datagrams echoed, {} vsock exchanges",
         if disk.is_some() { steps } else { 0 },
-        if net.is_some() { steps } else { 0 }
+        if net.is_some() { steps } else { 0 },
+        if vsock.is_some() { steps } else { 0 }
     );
+    if let Some(vsock) = &vsock {
+        println!(
+            "seq: vsock: {} transport reset(s) seen, {} exchange(s) retried on a new connection",
+            vsock.resets, vsock.retries
+        );
+    }
     Ok(())
 }

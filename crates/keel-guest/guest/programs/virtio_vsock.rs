@@ -709,3 +709,190 @@ fn summary(dev: &Vsock) {
         s.dropped
     );
 }
+
+/// What [`Exchanger::wait`] saw.
+enum Waited {
+    Done,
+    /// The device reset the transport (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`,
+    /// after a snapshot restore): every connection is gone.
+    TransportReset,
+    TimedOut,
+}
+
+/// A vsock device that makes one echo exchange with the host per call:
+/// the snapshot sequence's vsock check. Each exchange is a connection to
+/// `vsock-port=` (default 1235) that sends `bytes` of a pattern, reads
+/// them back, and shuts down. A connection the device drops — a restored
+/// device starts with none, and says so on the event queue — is retried
+/// on a new one.
+pub struct Exchanger {
+    dev: Vsock,
+    event: Virtqueue,
+    event_buf: Buffer,
+    host_port: u32,
+    next_port: u32,
+    /// Transport resets seen.
+    pub resets: u64,
+    /// Exchanges started again after their connection was lost.
+    pub retries: u64,
+}
+
+/// Brings up the first virtio-vsock device, its event queue armed.
+pub fn exchanger(ctx: &Context<'_>) -> Result<Exchanger, Failure> {
+    let host_port = arg(ctx.cmdline.number("vsock-port"))?.unwrap_or(1235);
+    let Ok(host_port) = u32::try_from(host_port) else {
+        bad_args!("vsock-port={host_port} must fit in 32 bits");
+    };
+    let devices = virtio_devices(ctx)?;
+    let Some(found) = devices.of_type(DEVICE_ID_VSOCK).next() else {
+        fail!("no virtio-vsock device");
+    };
+    let rx_memory = dma::alloc_or_panic(RX_BUFFERS * (HDR + RX_PAYLOAD), 64);
+    let mut dev = Vsock {
+        transport: Transport::new(found, ctx.params, false),
+        rx: Virtqueue::new(RXQ, QUEUE_SIZE),
+        tx: Virtqueue::new(TXQ, QUEUE_SIZE),
+        rx_bufs: [rx_memory.slice(0, 0); RX_BUFFERS],
+        rx_by_head: [0; QUEUE_SIZE as usize],
+        tx_buf: dma::alloc_or_panic(HDR + TX_PAYLOAD, 64),
+        cid: 0,
+        listen_port: 0,
+        accept_left: 0,
+        reply_after: 0,
+        conns: [FREE; MAX_CONNS],
+        stats: Stats::default(),
+    };
+    for (i, buf) in dev.rx_bufs.iter_mut().enumerate() {
+        *buf = rx_memory.slice(i * (HDR + RX_PAYLOAD), HDR + RX_PAYLOAD);
+    }
+    let mut event = Virtqueue::new(EVENTQ, 8);
+    if let Err(e) = init_device(&dev.transport, 0, &mut [&mut dev.rx, &mut dev.tx, &mut event], QUEUE_SIZE) {
+        fail!("virtio-vsock at {}: initialisation: {e}", found.location);
+    }
+    dev.cid = dev.transport.config(0, 8);
+    for i in 0..RX_BUFFERS {
+        dev.post(i)?;
+    }
+    dev.rx.kick(&dev.transport);
+    let mut exchanger = Exchanger {
+        dev,
+        event,
+        event_buf: dma::alloc_or_panic(8, 8),
+        host_port,
+        next_port: FIRST_GUEST_PORT,
+        resets: 0,
+        retries: 0,
+    };
+    exchanger.arm_event()?;
+    Ok(exchanger)
+}
+
+impl Exchanger {
+    fn arm_event(&mut self) -> Outcome {
+        if self.event.add(&Chain::new().write_buf(self.event_buf)).is_none() {
+            return Err(failed(format_args!("cannot post the event buffer")));
+        }
+        self.event.kick(&self.dev.transport);
+        Ok(())
+    }
+
+    /// Receives and sends until `done`, a transport reset, or `timeout_ms`.
+    fn wait(&mut self, timeout_ms: u64, done: impl Fn(&Vsock) -> bool) -> Result<Waited, Failure> {
+        let start = tsc::now();
+        let limit = tsc::ticks_per_ms(timeout_ms);
+        loop {
+            if self.event.poll().is_some() {
+                let mut id = [0u8; 4];
+                self.event_buf.read(0, &mut id);
+                self.arm_event()?;
+                if u32::from_le_bytes(id) == 0 {
+                    // TRANSPORT_RESET: every connection is gone; the CID
+                    // may have changed (virtio 1.2, 5.10.6.6).
+                    self.resets += 1;
+                    self.dev.conns = [FREE; MAX_CONNS];
+                    self.dev.cid = self.dev.transport.config(0, 8);
+                    return Ok(Waited::TransportReset);
+                }
+            }
+            while self.dev.poll()? {}
+            self.dev.pump()?;
+            if let Some(c) = self.dev.conns.iter().find(|c| c.state != State::Free && c.rx_bad.is_some()) {
+                return Err(failed(format_args!(
+                    "connection {}:{}: an echoed byte differs from what was sent",
+                    c.local_port, c.peer_port
+                )));
+            }
+            if done(&self.dev) {
+                return Ok(Waited::Done);
+            }
+            if tsc::now().wrapping_sub(start) > limit {
+                return Ok(Waited::TimedOut);
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// One exchange of `bytes`; retried (on a new connection) up to three
+    /// times when the connection is lost.
+    pub fn round(&mut self, bytes: u64) -> Outcome {
+        for _ in 0..3 {
+            if self.try_round(bytes)? {
+                return Ok(());
+            }
+            self.retries += 1;
+        }
+        Err(failed(format_args!(
+            "no echo exchange with host port {} after 3 connections",
+            self.host_port
+        )))
+    }
+
+    fn try_round(&mut self, bytes: u64) -> Result<bool, Failure> {
+        // Slots of finished exchanges are free again.
+        for c in self.dev.conns.iter_mut() {
+            if c.state == State::Closed {
+                *c = FREE;
+            }
+        }
+        let i = self.dev.free_slot()?;
+        let port = self.next_port;
+        self.next_port = if port >= FIRST_GUEST_PORT + 10_000 { FIRST_GUEST_PORT } else { port + 1 };
+        // The host echoes what it gets: the same pattern both ways.
+        self.dev.conns[i] = Conn {
+            state: State::Connecting,
+            local_port: port,
+            peer_port: self.host_port,
+            rx_seed: SEED_GUEST_TO_HOST,
+            tx_seed: SEED_GUEST_TO_HOST,
+            ..FREE
+        };
+        self.dev.send(i, OP_REQUEST, 0, 0)?;
+        match self.wait(5_000, |d| d.conns[i].state != State::Connecting)? {
+            Waited::Done if self.dev.conns[i].state == State::Established => {}
+            Waited::Done => {
+                return Err(failed(format_args!(
+                    "connection to host port {} refused (is anything listening on <uds>_{}?)",
+                    self.host_port, self.host_port
+                )))
+            }
+            Waited::TransportReset | Waited::TimedOut => return Ok(false),
+        }
+        self.dev.conns[i].tx_total = bytes;
+        let echoed = self.wait(5_000, |d| {
+            let c = &d.conns[i];
+            c.state != State::Established || (c.tx_sent == bytes && c.rx_bytes >= bytes)
+        })?;
+        let c = self.dev.conns[i];
+        if !matches!(echoed, Waited::Done) || c.state != State::Established || c.rx_bytes != bytes {
+            self.dev.conns[i] = FREE;
+            return Ok(false);
+        }
+        self.dev.send(i, OP_SHUTDOWN, SHUTDOWN_BOTH, 0)?;
+        self.dev.conns[i].state = State::Closing;
+        // The host closes its side and the device answers RST; a lost
+        // connection here lost nothing (the echo is complete).
+        let _ = self.wait(5_000, |d| d.conns[i].state == State::Closed)?;
+        self.dev.conns[i] = FREE;
+        Ok(true)
+    }
+}
