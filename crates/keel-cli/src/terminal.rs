@@ -30,9 +30,12 @@ fn restore_saved() {
 impl RawMode {
     /// Raw mode on `fd` if it is a terminal; `None` otherwise.
     pub fn enable(fd: RawFd) -> Option<RawMode> {
-        // SAFETY: isatty and tcgetattr only read; `termios` is plain data.
+        // SAFETY: `termios` is plain data, valid when zeroed.
         let mut termios: libc::termios = unsafe { std::mem::zeroed() };
-        if unsafe { libc::isatty(fd) } != 1 || unsafe { libc::tcgetattr(fd, &mut termios) } != 0 {
+        // SAFETY: isatty only inspects the descriptor.
+        let is_tty = unsafe { libc::isatty(fd) } == 1;
+        // SAFETY: tcgetattr writes into the struct we own and pass.
+        if !is_tty || unsafe { libc::tcgetattr(fd, &mut termios) } != 0 {
             return None;
         }
         *SAVED.lock().unwrap_or_else(|e| e.into_inner()) = Some((fd, termios));
@@ -202,8 +205,9 @@ impl AsRawFd for StdinFd {
 /// Whether fd 0 is something epoll can watch (a terminal, pipe or socket),
 /// rather than a regular file or `/dev/null`.
 pub fn stdin_is_pollable() -> bool {
-    // SAFETY: fstat writes into the struct we pass.
+    // SAFETY: `stat` is plain data, valid when zeroed.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes into the struct we own and pass.
     if unsafe { libc::fstat(libc::STDIN_FILENO, &mut st) } != 0 {
         return false;
     }
