@@ -1,10 +1,11 @@
 //! A hostile driver against Keel's virtio devices through the virtio-mmio
 //! transport: the input picks a device (block, rng, net, console, vsock,
-//! balloon), fills the start of guest memory (where it may build rings,
-//! descriptor tables and chains), then plays a sequence of register reads
-//! and writes — feature pages, queue setup, status, notifications, config
-//! space — with the device's event loop run between them. Nothing the
-//! driver does may panic the VMM.
+//! balloon) and a number of operations; the operations are a sequence of
+//! register reads and writes — feature pages, queue setup, status,
+//! notifications, config space — and guest memory writes, with the
+//! device's event loop run between them; the rest of the input is guest
+//! memory at 0x1000 (where it may build rings, descriptor tables and
+//! chains). Nothing the driver does may panic the VMM.
 #![no_main]
 
 use std::sync::{Arc, Mutex};
@@ -56,12 +57,12 @@ fn device(
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&kind, rest)) = data.split_first() else {
+    let [kind, count, rest @ ..] = data else {
         return;
     };
-    // The first 4 KiB of input (at most) is guest memory at 0x1000.
-    let split = rest.len().min(4096);
-    let (memory, ops) = rest.split_at(split);
+    let split = rest.len().min(usize::from(*count) * 7);
+    let (ops, memory) = rest.split_at(split);
+    let kind = *kind;
     let dir = std::env::temp_dir().join(format!("keel-fuzz-mmio-{}", std::process::id()));
     let _ = std::fs::create_dir_all(&dir);
     let _ = std::fs::remove_file(dir.join("v.sock"));
