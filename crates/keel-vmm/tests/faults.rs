@@ -1,0 +1,185 @@
+//! Faults of the host under a running guest: a disk that fills up, a
+//! backend that fails with EIO. The guest's request fails with
+//! `VIRTIO_BLK_S_IOERR`, the VMM keeps running, and every write the guest
+//! saw acknowledged is on the disk.
+
+mod common;
+use common::Serial;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use keel_virtio::{BlockBackend, BlockOptions, MemoryBackend};
+use keel_vmm::{DiskConfig, ExitReason, VirtioTransport, VmBuilder, VmConfig};
+
+fn kvm() -> bool {
+    Path::new("/dev/kvm").exists()
+}
+
+/// The `seq: step N` lines the guest printed: the writes it saw succeed.
+fn acknowledged(text: &str) -> u64 {
+    text.lines().filter(|l| l.starts_with("seq: step ")).count() as u64
+}
+
+fn seq_config() -> VmConfig {
+    let mut config = VmConfig::default();
+    config.memory_mib = 32;
+    config.transport = VirtioTransport::Mmio;
+    config.cmdline = Some("snapshot-seq steps=200 delay-ms=0".into());
+    config
+}
+
+/// A small tmpfs, unmounted on drop.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(size: &str) -> Option<SmallFs> {
+        let dir = std::env::temp_dir().join(format!("keel-enospc-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "keel-enospc"])
+            .arg(&dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallFs(dir))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_guests_write_with_ioerr_and_loses_nothing_acknowledged() {
+    if !kvm() {
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: mounting a small tmpfs needs root");
+        return;
+    }
+    let Some(fs) = SmallFs::mount("64k") else {
+        eprintln!("SKIPPED: cannot mount a tmpfs");
+        return;
+    };
+    // A sparse 1 MiB image on a 64 KiB file system: writes allocate pages
+    // until the file system is full.
+    let image = fs.0.join("disk.img");
+    std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
+    let mut config = seq_config();
+    config.disks = vec![DiskConfig::new(&image)];
+    let serial = Serial::default();
+    let outcome = VmBuilder::new(config)
+        .unwrap()
+        .serial_output(serial.clone())
+        .build()
+        .unwrap()
+        .start()
+        .unwrap()
+        .wait_timeout(Duration::from_secs(60));
+    let text = serial.text();
+    // The guest's check failed (status 1) on its write's IOERR; the VMM
+    // ran on and reported it as the guest's exit.
+    assert!(
+        matches!(outcome, Ok(Ok(ExitReason::GuestExit(1)))),
+        "{outcome:?}\n{text}"
+    );
+    assert!(
+        text.contains("disk write status 1"),
+        "the guest saw VIRTIO_BLK_S_IOERR:\n{text}"
+    );
+    let steps = acknowledged(&text);
+    assert!(
+        steps > 0 && steps < 200,
+        "{steps} writes before the disk filled:\n{text}"
+    );
+    // Every acknowledged sector holds its step's value (a word repeated).
+    let disk = std::fs::read(&image).unwrap();
+    for step in 0..steps as usize {
+        let sector = &disk[step * 512..(step + 1) * 512];
+        let first = &sector[..8];
+        assert!(first != [0u8; 8], "sector {step} was acknowledged but is empty");
+        assert!(sector.chunks(8).all(|w| w == first), "sector {step} is torn");
+    }
+    eprintln!("disk full after {steps} acknowledged writes; all of them on the disk");
+}
+
+/// A disk that fails every write after the first `good` with EIO.
+struct FailingDisk {
+    disk: MemoryBackend,
+    good: usize,
+}
+
+impl BlockBackend for FailingDisk {
+    fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.disk.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        if self.good == 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.good -= 1;
+        self.disk.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn a_backend_failing_with_eio_fails_the_request_and_the_vmm_keeps_serving() {
+    if !kvm() {
+        return;
+    }
+    let mut builder = VmBuilder::new(seq_config()).unwrap();
+    let disk = builder
+        .add_disk(
+            FailingDisk {
+                disk: MemoryBackend::new(1 << 20),
+                good: 10,
+            },
+            BlockOptions::default(),
+        )
+        .unwrap();
+    let serial = Serial::default();
+    let outcome = builder
+        .serial_output(serial.clone())
+        .build()
+        .unwrap()
+        .start()
+        .unwrap()
+        .wait_timeout(Duration::from_secs(60));
+    let text = serial.text();
+    assert!(
+        matches!(outcome, Ok(Ok(ExitReason::GuestExit(1)))),
+        "{outcome:?}\n{text}"
+    );
+    assert!(text.contains("seq: step 10: disk write status 1"), "{text}");
+    assert_eq!(acknowledged(&text), 10);
+    // The ten acknowledged writes are in the backend, the failed one not.
+    let guard = disk.lock().unwrap();
+    let data = guard.backend().disk.data();
+    for step in 0..10 {
+        let sector = &data[step * 512..(step + 1) * 512];
+        assert!(
+            sector[..8] != [0u8; 8],
+            "sector {step} was acknowledged but is empty"
+        );
+        assert!(
+            sector.chunks(8).all(|w| w == &sector[..8]),
+            "sector {step} is torn"
+        );
+    }
+    assert!(
+        data[10 * 512..11 * 512].iter().all(|&b| b == 0),
+        "the failed write left data"
+    );
+}
