@@ -4,6 +4,8 @@
 //! saw acknowledged is on the disk.
 
 mod common;
+#[path = "common/netns.rs"]
+mod netns;
 use common::Serial;
 
 use std::path::{Path, PathBuf};
@@ -182,4 +184,76 @@ fn a_backend_failing_with_eio_fails_the_request_and_the_vmm_keeps_serving() {
         data[10 * 512..11 * 512].iter().all(|&b| b == 0),
         "the failed write left data"
     );
+}
+
+#[test]
+fn a_tap_deleted_under_a_running_vm_takes_the_guests_link_down_and_the_vmm_runs_on() {
+    use std::sync::atomic::Ordering;
+    if !netns::usable() {
+        eprintln!("SKIPPED: needs root, /dev/kvm, /dev/net/tun and iproute2");
+        return;
+    }
+    let Some(ns) = netns::Netns::new("faults") else {
+        eprintln!("SKIPPED: cannot create a network namespace");
+        return;
+    };
+    const ECHO_PORT: u16 = 7777;
+    let serial = Serial::default();
+    let (outcome, link_up, errors) = std::thread::scope(|scope| {
+        let runner = scope.spawn(|| {
+            ns.enter();
+            let socket = std::net::UdpSocket::bind((netns::HOST_ADDR, ECHO_PORT)).unwrap();
+            let (stop, count) = (
+                ns.stop.clone(),
+                std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            );
+            scope.spawn(move || netns::echo_server(socket, stop, count));
+            let mut config = seq_config();
+            config.cmdline = Some(format!(
+                "snapshot-seq steps=4000 delay-ms=1 net=1 host={} me=10.0.2.15 udp-port={ECHO_PORT}",
+                netns::HOST_ADDR
+            ));
+            config.nets = vec![keel_vmm::NetConfig::tap(netns::TAP.to_string())];
+            let handle = VmBuilder::new(config)
+                .unwrap()
+                .serial_output(serial.clone())
+                .build()
+                .unwrap()
+                .start()
+                .unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while !serial.text().contains("seq: step 20\n") {
+                assert!(std::time::Instant::now() < deadline, "{}", serial.text());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // The tap goes away under the running VM.
+            assert!(Command::new("ip")
+                .args(["netns", "exec", &ns.name, "ip", "link", "del", netns::TAP])
+                .status()
+                .unwrap()
+                .success());
+            let controller = handle.controller();
+            let outcome = handle.wait_timeout(Duration::from_secs(60));
+            let card = controller.network_interface(0).unwrap();
+            let card = card.lock().unwrap();
+            (
+                outcome.map_err(|_| "hung"),
+                card.link_up(),
+                card.counters().rx_backend_errors,
+            )
+        });
+        let result = runner.join().unwrap();
+        ns.stop.store(true, Ordering::SeqCst);
+        result
+    });
+    let text = serial.text();
+    // The guest's next echo got no answer: its check failed, and it said
+    // so; the VMM ran on to report it.
+    assert!(
+        matches!(outcome, Ok(Ok(ExitReason::GuestExit(1)))),
+        "{outcome:?}\n{text}"
+    );
+    assert!(text.contains("network echo"), "{text}");
+    assert!(!link_up, "the guest was told the link is down");
+    assert_eq!(errors, 1, "one backend error, counted once");
 }

@@ -228,6 +228,8 @@ struct MemoryState {
     refuse_offloads: bool,
     refused_offload_flags: u32,
     reads: usize,
+    /// Reads fail with this errno (a tap deleted under the VM).
+    read_error: Option<i32>,
 }
 
 /// A [`NetBackend`] in memory, for tests: frames to hand the guest are
@@ -296,12 +298,23 @@ impl MemoryNetBackend {
     pub fn reads(&self) -> usize {
         self.state().reads
     }
+
+    /// From now on every read fails with `errno`, as reads from a tap
+    /// deleted under the VM do, and the backend reports itself readable
+    /// so the device finds out.
+    pub fn fail_reads(&self, errno: i32) {
+        self.state().read_error = Some(errno);
+        let _ = self.ready.write(1);
+    }
 }
 
 impl NetBackend for MemoryNetBackend {
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut state = self.state();
         state.reads += 1;
+        if let Some(errno) = state.read_error {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
         let Some(frame) = state.incoming.pop_front() else {
             let _ = self.ready.read();
             return Err(io::ErrorKind::WouldBlock.into());

@@ -167,7 +167,9 @@ pub struct NetCounters {
 /// `DEVICE_NEEDS_RESET`.
 ///
 /// **Features**: `VERSION_1`, `RING_INDIRECT_DESC`, `RING_EVENT_IDX`,
-/// `MAC`, `STATUS` (link always up), `MRG_RXBUF`, `CSUM`, `HOST_TSO4`,
+/// `MAC`, `STATUS` (link up while the backend works: when it fails — a tap
+/// deleted under the VM — receive stops, the link goes down and the guest
+/// gets a configuration-change interrupt), `MRG_RXBUF`, `CSUM`, `HOST_TSO4`,
 /// `HOST_TSO6`, and — if the backend accepts those offloads when the device
 /// probes it — `GUEST_CSUM`, `GUEST_TSO4` and `GUEST_TSO6`, plus
 /// `GUEST_UFO` and `HOST_UFO` if it also accepts UDP fragmentation offload
@@ -534,7 +536,14 @@ impl<B: NetBackend> Net<B> {
                             "virtio-net: cannot read from the backend, receive stops: {e}"
                         );
                         self.counters.rx_backend_errors += 1;
+                        // `lose_backend`, with the activation borrowed.
                         self.backend_failed = true;
+                        link_down(&mut self.config);
+                        if let Err(e) = active.interrupt.signal_config_change() {
+                            keel_ratelimit::warn_limited!(
+                                "virtio-net: cannot tell the guest the link is down: {e}"
+                            );
+                        }
                         break;
                     }
                 }
@@ -596,7 +605,7 @@ impl<B: NetBackend> Net<B> {
                     keel_ratelimit::warn_limited!(
                         "virtio-net: cannot watch the backend's fd, receive stops: {e:?}"
                     );
-                    self.backend_failed = true;
+                    self.lose_backend();
                 }
             }
         } else {
@@ -785,6 +794,34 @@ fn deliver(
     Ok(Delivery::Delivered(chains.len()))
 }
 
+/// Clears `VIRTIO_NET_S_LINK_UP` in a configuration space's status.
+fn link_down(config: &mut [u8; CONFIG_SPACE_SIZE]) {
+    let status = u16::from_le_bytes([config[6], config[7]]) & !(VIRTIO_NET_S_LINK_UP as u16);
+    config[6..8].copy_from_slice(&status.to_le_bytes());
+}
+
+impl<B: NetBackend> Net<B> {
+    /// The backend failed: receive stops for good, and the guest is told
+    /// the link is down (a configuration change, virtio 1.2, 5.1.4).
+    fn lose_backend(&mut self) {
+        if self.backend_failed {
+            return;
+        }
+        self.backend_failed = true;
+        link_down(&mut self.config);
+        if let Some(active) = self.activation.active_mut() {
+            if let Err(e) = active.interrupt.signal_config_change() {
+                keel_ratelimit::warn_limited!("virtio-net: cannot tell the guest the link is down: {e}");
+            }
+        }
+    }
+
+    /// Whether the guest sees the link up.
+    pub fn link_up(&self) -> bool {
+        u16::from_le_bytes([self.config[6], self.config[7]]) & VIRTIO_NET_S_LINK_UP as u16 != 0
+    }
+}
+
 impl<B: NetBackend> VirtioDevice for Net<B> {
     fn device_type(&self) -> u32 {
         device_type::NET
@@ -890,7 +927,7 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
                         "virtio-net: the backend's fd reports an error, receive stops"
                     );
                     self.counters.rx_backend_errors += 1;
-                    self.backend_failed = true;
+                    self.lose_backend();
                 }
                 self.receive(ops);
             }

@@ -947,3 +947,36 @@ mod rate_limiting {
         assert!(net.is_watching_backend());
     }
 }
+
+#[test]
+fn a_failing_backend_takes_the_link_down_and_tells_the_guest_once() {
+    let mem = memory().unwrap();
+    let mut h = Harness::new(&mem, 0);
+    assert!(h.net.lock().unwrap().link_up());
+    h.rx.add(&[Buf::writable(DATA, 2048)]).unwrap();
+    h.rx_notify.write(1).unwrap();
+    h.run_once();
+    // The tap vanishes: its reads fail.
+    h.backend.fail_reads(libc::EIO);
+    for _ in 0..3 {
+        h.run_once();
+    }
+    let net = h.net.lock().unwrap();
+    assert!(!net.link_up(), "the link is down");
+    let mut status = [0u8; 2];
+    net.read_config(6, &mut status);
+    assert_eq!(u16::from_le_bytes(status) & VIRTIO_NET_S_LINK_UP as u16, 0);
+    assert_eq!(net.counters().rx_backend_errors, 1);
+    let changes = h
+        .interrupt
+        .signals()
+        .iter()
+        .filter(|s| **s == VirtioSignal::ConfigChange)
+        .count();
+    assert_eq!(changes, 1, "one configuration-change interrupt");
+    drop(net);
+    // The device no longer reads the failed backend.
+    let reads = h.backend.reads();
+    h.run_once();
+    assert_eq!(h.backend.reads(), reads);
+}
