@@ -503,19 +503,17 @@ impl Vsock {
     }
 }
 
-/// `virtio-vsock [port=N] [host-port=M] [conns=K] [bytes=B] [timeout-ms=T]`.
-pub fn run(ctx: &Context<'_>) -> Outcome {
-    let port = arg(ctx.cmdline.number("port"))?.unwrap_or(1234);
-    let host_port = arg(ctx.cmdline.number("host-port"))?.unwrap_or(1235);
-    let conns = arg(ctx.cmdline.number("conns"))?.unwrap_or(2);
-    let bytes = arg(ctx.cmdline.number("bytes"))?.unwrap_or(65536);
-    let timeout_ms = arg(ctx.cmdline.number("timeout-ms"))?.unwrap_or(10_000);
-    let (Ok(port), Ok(host_port)) = (u32::try_from(port), u32::try_from(host_port)) else {
-        bad_args!("port= and host-port= must fit in 32 bits");
-    };
-    if !(1..=MAX_PER_PHASE).contains(&conns) {
-        bad_args!("conns={conns}: must be 1 to {MAX_PER_PHASE}");
-    }
+/// Brings up the first virtio-vsock device: its three queues set up, every
+/// receive buffer posted, the guest CID read. `listen_port`,
+/// `accept_left` and `reply_after` are the host-initiated phase's (see
+/// [`run`]). Returns the device, its event queue (no buffers posted) and
+/// where it was found.
+fn bring_up(
+    ctx: &Context<'_>,
+    listen_port: u32,
+    accept_left: u64,
+    reply_after: u64,
+) -> Result<(Vsock, Virtqueue, crate::virtio::Location), Failure> {
     let devices = virtio_devices(ctx)?;
     let Some(found) = devices.of_type(DEVICE_ID_VSOCK).next() else {
         fail!("no virtio-vsock device on the command line (virtio_mmio.device=...)");
@@ -529,16 +527,15 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
         rx_by_head: [0; QUEUE_SIZE as usize],
         tx_buf: dma::alloc_or_panic(HDR + TX_PAYLOAD, 64),
         cid: 0,
-        listen_port: port,
-        accept_left: conns,
-        reply_after: bytes,
+        listen_port,
+        accept_left,
+        reply_after,
         conns: [FREE; MAX_CONNS],
         stats: Stats::default(),
     };
     for (i, buf) in dev.rx_bufs.iter_mut().enumerate() {
         *buf = rx_memory.slice(i * (HDR + RX_PAYLOAD), HDR + RX_PAYLOAD);
     }
-    // The event queue gets no buffers: transport resets are not handled.
     let mut event = Virtqueue::new(EVENTQ, 8);
     if let Err(e) = init_device(
         &dev.transport,
@@ -546,20 +543,32 @@ pub fn run(ctx: &Context<'_>) -> Outcome {
         &mut [&mut dev.rx, &mut dev.tx, &mut event],
         QUEUE_SIZE,
     ) {
-        fail!(
-            "virtio-vsock at {}: initialisation: {e}",
-            found.location
-        );
+        fail!("virtio-vsock at {}: initialisation: {e}", found.location);
     }
     dev.cid = dev.transport.config(0, 8);
-    println!(
-        "virtio-vsock: device at {}: guest CID {}",
-        found.location, dev.cid
-    );
     for i in 0..RX_BUFFERS {
         dev.post(i)?;
     }
     dev.rx.kick(&dev.transport);
+    Ok((dev, event, found.location))
+}
+
+/// `virtio-vsock [port=N] [host-port=M] [conns=K] [bytes=B] [timeout-ms=T]`.
+pub fn run(ctx: &Context<'_>) -> Outcome {
+    let port = arg(ctx.cmdline.number("port"))?.unwrap_or(1234);
+    let host_port = arg(ctx.cmdline.number("host-port"))?.unwrap_or(1235);
+    let conns = arg(ctx.cmdline.number("conns"))?.unwrap_or(2);
+    let bytes = arg(ctx.cmdline.number("bytes"))?.unwrap_or(65536);
+    let timeout_ms = arg(ctx.cmdline.number("timeout-ms"))?.unwrap_or(10_000);
+    let (Ok(port), Ok(host_port)) = (u32::try_from(port), u32::try_from(host_port)) else {
+        bad_args!("port= and host-port= must fit in 32 bits");
+    };
+    if !(1..=MAX_PER_PHASE).contains(&conns) {
+        bad_args!("conns={conns}: must be 1 to {MAX_PER_PHASE}");
+    }
+    // The event queue gets no buffers: transport resets are not handled.
+    let (mut dev, _event, location) = bring_up(ctx, port, conns, bytes)?;
+    println!("virtio-vsock: device at {location}: guest CID {}", dev.cid);
     println!("virtio-vsock: listening on port {port} for {conns} connection(s) of {bytes} bytes");
 
     // (1) Host-initiated: receive `bytes`, answer with as many, and end
@@ -743,37 +752,7 @@ pub fn exchanger(ctx: &Context<'_>) -> Result<Exchanger, Failure> {
     let Ok(host_port) = u32::try_from(host_port) else {
         bad_args!("vsock-port={host_port} must fit in 32 bits");
     };
-    let devices = virtio_devices(ctx)?;
-    let Some(found) = devices.of_type(DEVICE_ID_VSOCK).next() else {
-        fail!("no virtio-vsock device");
-    };
-    let rx_memory = dma::alloc_or_panic(RX_BUFFERS * (HDR + RX_PAYLOAD), 64);
-    let mut dev = Vsock {
-        transport: Transport::new(found, ctx.params, false),
-        rx: Virtqueue::new(RXQ, QUEUE_SIZE),
-        tx: Virtqueue::new(TXQ, QUEUE_SIZE),
-        rx_bufs: [rx_memory.slice(0, 0); RX_BUFFERS],
-        rx_by_head: [0; QUEUE_SIZE as usize],
-        tx_buf: dma::alloc_or_panic(HDR + TX_PAYLOAD, 64),
-        cid: 0,
-        listen_port: 0,
-        accept_left: 0,
-        reply_after: 0,
-        conns: [FREE; MAX_CONNS],
-        stats: Stats::default(),
-    };
-    for (i, buf) in dev.rx_bufs.iter_mut().enumerate() {
-        *buf = rx_memory.slice(i * (HDR + RX_PAYLOAD), HDR + RX_PAYLOAD);
-    }
-    let mut event = Virtqueue::new(EVENTQ, 8);
-    if let Err(e) = init_device(&dev.transport, 0, &mut [&mut dev.rx, &mut dev.tx, &mut event], QUEUE_SIZE) {
-        fail!("virtio-vsock at {}: initialisation: {e}", found.location);
-    }
-    dev.cid = dev.transport.config(0, 8);
-    for i in 0..RX_BUFFERS {
-        dev.post(i)?;
-    }
-    dev.rx.kick(&dev.transport);
+    let (dev, event, _) = bring_up(ctx, 0, 0, 0)?;
     let mut exchanger = Exchanger {
         dev,
         event,
