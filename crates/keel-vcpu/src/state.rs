@@ -322,18 +322,7 @@ impl Vcpu {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn entry(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
-        kvm_cpuid_entry2 {
-            function,
-            index,
-            eax,
-            ebx,
-            ecx,
-            edx,
-            ..Default::default()
-        }
-    }
+    use crate::cpuid::tests::entry;
 
     #[test]
     fn a_feature_the_host_lacks_is_named_by_leaf_register_and_bits() {
