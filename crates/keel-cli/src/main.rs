@@ -17,7 +17,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use clap::Parser;
-use keel_vmm::{BootProtocolChoice, ExitReason, IrqchipChoice, Ring0Choice, SerialMode, VmBuilder, VmConfig};
+use keel_vmm::keel_seccomp::ThreadRole;
+use keel_vmm::{
+    BootProtocolChoice, ExitReason, IrqchipChoice, Ring0Choice, SeccompLevel, SerialMode, VmBuilder, VmConfig,
+};
 use terminal::{EscapeFilter, RawMode, StdinFd};
 
 /// Run a KVM virtual machine.
@@ -161,6 +164,24 @@ struct Args {
     /// Log level: error, warn, info, debug, trace (or RUST_LOG).
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log_level: String,
+
+    /// Seccomp filters, one per thread role (docs/security.md): kill (a
+    /// system call outside the thread's role ends the process, naming the
+    /// call), log (the kernel logs it and lets it through, for debugging)
+    /// or off [default: kill, or the --config file's "seccomp"].
+    #[arg(long, value_name = "LEVEL", value_parser = parse_seccomp_level)]
+    seccomp_level: Option<SeccompLevel>,
+}
+
+fn parse_seccomp_level(s: &str) -> Result<SeccompLevel, String> {
+    s.parse()
+        .map_err(|e: keel_vmm::keel_seccomp::Error| e.to_string())
+}
+
+/// Installs `role`'s seccomp filter on the calling thread (and so on the
+/// threads it starts afterwards).
+fn confine(role: ThreadRole, level: SeccompLevel) -> Result<(), String> {
+    keel_vmm::keel_seccomp::apply(role, level).map_err(|e| e.to_string())
 }
 
 fn parse_boot_protocol(s: &str) -> Result<BootProtocolChoice, String> {
@@ -283,11 +304,16 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
     if let Some(c) = &args.console {
         config.console = Some(c.clone());
     }
+    if let Some(level) = args.seccomp_level {
+        config.seccomp = level;
+    }
     Ok(config)
 }
 
 fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
     let config = config_from(args)?;
+    let seccomp = config.seccomp;
+    confine(ThreadRole::Api, seccomp)?;
     let stdio = config.serial == SerialMode::Stdio;
     let mut builder = VmBuilder::new(config)
         .map_err(|e| e.to_string())?
@@ -304,6 +330,11 @@ fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
         .and_then(|vm| vm.start())
         .map_err(|e| e.to_string())?;
     let _ = stop.set(handle.stop_handle());
+    if let Err(e) = confine(ThreadRole::Main, seccomp) {
+        handle.stop_handle().stop();
+        let _ = handle.wait();
+        return Err(e);
+    }
     handle.wait().map_err(|e| e.to_string())
 }
 
@@ -359,12 +390,17 @@ fn restore_config(args: &Args, snapshot: &keel_vmm::Snapshot) -> Result<VmConfig
         }
         config.console = Some(console.clone());
     }
+    if let Some(level) = args.seccomp_level {
+        config.seccomp = level;
+    }
     Ok(config)
 }
 
 fn run_restore(args: &Args, dir: &std::path::Path, process_start: Instant) -> Result<ExitReason, String> {
     let snapshot = keel_vmm::Snapshot::load_dir(dir).map_err(|e| e.to_string())?;
     let config = restore_config(args, &snapshot)?;
+    let seccomp = config.seccomp;
+    confine(ThreadRole::Api, seccomp)?;
     let mode = if args.restore_copy {
         keel_vmm::RestoreMode::Copy
     } else {
@@ -378,6 +414,11 @@ fn run_restore(args: &Args, dir: &std::path::Path, process_start: Instant) -> Re
         .and_then(|vm| vm.start())
         .map_err(|e| e.to_string())?;
     log::info!("restored from {} in {:?}", dir.display(), process_start.elapsed());
+    if let Err(e) = confine(ThreadRole::Main, seccomp) {
+        handle.stop_handle().stop();
+        let _ = handle.wait();
+        return Err(e);
+    }
     handle.wait().map_err(|e| e.to_string())
 }
 
@@ -423,6 +464,13 @@ fn run_firecracker_style(args: &Args, logger: logger::ProcessLogger, process_sta
     if let Some(t) = args.transport {
         options.transport = t;
     }
+    options.seccomp = args.seccomp_level.unwrap_or_default();
+    // Every thread from here on (the API's, the VM's) starts under the
+    // API role's filter; the VM's own threads narrow it to theirs.
+    if let Err(message) = confine(ThreadRole::Api, options.seccomp) {
+        eprintln!("keel: error: {message}");
+        return ExitCode::FAILURE;
+    }
     // Firecracker's process ends with its VM.
     options.on_exit = Some(Box::new(|outcome| {
         let code = match outcome {
@@ -438,6 +486,7 @@ fn run_firecracker_style(args: &Args, logger: logger::ProcessLogger, process_sta
         std::process::exit(code);
     }));
     let _ = process_start;
+    let options_seccomp = options.seccomp;
     let mut vmm = keel_control::Vmm::new(options);
     if let Some(path) = &args.config_file {
         let configured = std::fs::read_to_string(path)
@@ -462,6 +511,10 @@ fn run_firecracker_style(args: &Args, logger: logger::ProcessLogger, process_sta
     let Some(sock) = &args.api_sock else {
         // --config-file alone: no API; wait for the VM.
         let watch = vmm.exit_watch().expect("started above");
+        if let Err(message) = confine(ThreadRole::Main, options_seccomp) {
+            eprintln!("keel: error: {message}");
+            return ExitCode::FAILURE;
+        }
         loop {
             if let Some(outcome) = watch.wait_timeout(std::time::Duration::from_secs(3600)) {
                 return match outcome {

@@ -90,6 +90,9 @@ pub struct VmmOptions {
     pub log_control: Option<Arc<dyn LogControl>>,
     /// Called on the VM's waiter thread when the VM ends.
     pub on_exit: Option<ExitCallback>,
+    /// The seccomp filter on the VM's vCPU and device threads (the API
+    /// thread's own is its caller's to install; see `keel_seccomp`).
+    pub seccomp: keel_vmm::SeccompLevel,
 }
 
 impl VmmOptions {
@@ -102,6 +105,7 @@ impl VmmOptions {
             kvm_device: std::path::PathBuf::from(keel_vmm::DEFAULT_KVM_DEVICE),
             log_control: None,
             on_exit: None,
+            seccomp: keel_vmm::SeccompLevel::default(),
         }
     }
 }
@@ -785,6 +789,7 @@ impl Vmm {
         config.memory_mib = machine.mem_size_mib;
         config.track_dirty_pages = machine.track_dirty_pages;
         config.serial = self.options.serial.clone();
+        config.seccomp = self.options.seccomp;
         config.transport = self.options.transport;
         let mut cmdline = boot.boot_args.clone();
         if boot.kernel_image_path != BUILT_IN_GUEST {
@@ -967,6 +972,7 @@ impl Vmm {
         };
         let mut config = snapshot.config().clone();
         config.serial = self.options.serial.clone();
+        config.seccomp = self.options.seccomp;
         config.track_dirty_pages = track_dirty_pages;
         if let Some(machine) = recorded.machine_config.as_mut() {
             machine.track_dirty_pages = track_dirty_pages;

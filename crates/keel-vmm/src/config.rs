@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use keel_seccomp::SeccompLevel;
 use serde::{Deserialize, Serialize};
 
 use crate::{Error, Result};
@@ -104,6 +105,13 @@ pub struct VmConfig {
     /// on its first write to a page after each snapshot.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub track_dirty_pages: bool,
+    /// The seccomp filter on the VM's vCPU and device threads (see
+    /// `keel_seccomp`): `kill` (the default) ends the process on a system
+    /// call outside the thread's role, `log` lets it through and has the
+    /// kernel log it, `off` installs none. A device of your own whose
+    /// backend makes calls the devices role does not allow needs `off`.
+    #[serde(default, skip_serializing_if = "is_default_seccomp")]
+    pub seccomp: SeccompLevel,
 }
 
 /// How a virtio device is attached: as a virtio-pci function (found by PCI
@@ -585,6 +593,10 @@ fn default_vcpus() -> u8 {
     1
 }
 
+fn is_default_seccomp(level: &SeccompLevel) -> bool {
+    *level == SeccompLevel::default()
+}
+
 fn default_acpi() -> bool {
     true
 }
@@ -624,6 +636,7 @@ impl Default for VmConfig {
             transport: VirtioTransport::default(),
             acpi: default_acpi(),
             track_dirty_pages: false,
+            seccomp: SeccompLevel::default(),
         }
     }
 }

@@ -82,6 +82,9 @@ pub use vm_memory;
 pub use vmm_sys_util;
 
 pub use keel_ratelimit;
+/// Seccomp filters per thread role, which the VM's threads install.
+pub use keel_seccomp;
+pub use keel_seccomp::SeccompLevel;
 /// The virtio layer whose devices and backends [`VmBuilder`] takes.
 pub use keel_virtio;
 
@@ -162,6 +165,10 @@ pub enum Error {
     /// A thread could not be started.
     #[error("cannot start a VM thread: {0}")]
     Thread(std::io::Error),
+    /// A VM thread could not install its seccomp filter (the message
+    /// names the role; `VmConfig::seccomp` set to `off` runs without).
+    #[error("{0}")]
+    Seccomp(String),
 }
 
 /// Result type of this crate.

@@ -942,6 +942,8 @@ pub struct Vm {
     balloon: Option<keel_virtio::BalloonHandle>,
     /// The MSRs a vCPU saves in a snapshot.
     msr_indices: Arc<Vec<u32>>,
+    /// The filter the VM's threads install.
+    seccomp: keel_seccomp::SeccompLevel,
     _vm_fd: Arc<VmFd>,
     // Kept alive as long as the VM: the vCPUs and slots refer to them.
     mem: GuestMemoryMmap,
@@ -1620,6 +1622,7 @@ impl Vm {
             ged,
             balloon,
             msr_indices,
+            seccomp: config.seccomp,
             _vm_fd: vm_fd,
             mem,
         })
@@ -1663,12 +1666,13 @@ impl Vm {
             ged,
             balloon,
             msr_indices,
+            seccomp,
             _vm_fd,
             mem,
         } = self;
         let mut threads = Vec::with_capacity(vcpus.len() + 1);
         if !subscribers.is_empty() {
-            threads.push(spawn_event_loop(control.clone(), subscribers)?);
+            threads.push(spawn_event_loop(control.clone(), subscribers, seccomp)?);
         }
         for mut vcpu in vcpus {
             let control_for_thread = control.clone();
@@ -1688,7 +1692,13 @@ impl Vm {
                 .spawn(move || {
                     let _bound = kicker.bind_current_thread();
                     let control = control_for_thread;
+                    // Confined before the guest runs: a vCPU thread that
+                    // cannot install its filter does not run the guest.
+                    let confined = keel_seccomp::apply(keel_seccomp::ThreadRole::Vcpu, seccomp);
                     let outcome = loop {
+                        if let Err(e) = &confined {
+                            break Some(Err(Error::Seccomp(e.to_string())));
+                        }
                         match vcpu.run(&*io, &control.leave_run) {
                             // Paused: park between two KVM_RUNs, then go on.
                             Ok(VcpuStop::Requested) if !control.stop.load(Ordering::Acquire) => {
@@ -1774,7 +1784,11 @@ impl MutEventSubscriber for StopWatcher {
 }
 
 /// The device I/O thread: serial input now, virtio queues later.
-fn spawn_event_loop(control: Arc<Control>, subscribers: Vec<Subscriber>) -> Result<JoinHandle<()>> {
+fn spawn_event_loop(
+    control: Arc<Control>,
+    subscribers: Vec<Subscriber>,
+    seccomp: keel_seccomp::SeccompLevel,
+) -> Result<JoinHandle<()>> {
     let mut manager: EventManager<Subscriber> =
         EventManager::new().map_err(|e| Error::EventLoop(std::io::Error::other(format!("{e:?}"))))?;
     manager.add_subscriber(Arc::new(Mutex::new(StopWatcher {
@@ -1789,6 +1803,11 @@ fn spawn_event_loop(control: Arc<Control>, subscribers: Vec<Subscriber>) -> Resu
         .name("keel-events".into())
         .spawn(move || {
             let control = thread_control;
+            if let Err(e) = keel_seccomp::apply(keel_seccomp::ThreadRole::Devices, seccomp) {
+                control.finish(Err(Error::Seccomp(e.to_string())));
+                control.pause.leave();
+                return;
+            }
             loop {
                 // Between two events no device is inside a request (and
                 // a VM started paused parks before its first).
