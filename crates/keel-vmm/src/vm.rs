@@ -42,6 +42,9 @@ struct VirtioWiring<'a> {
     /// The virtio-mmio windows, for the ACPI tables.
     mmio_windows: Vec<keel_boot::MmioDeviceWindow>,
     subscribers: &'a mut Vec<Subscriber>,
+    /// Devices with an event loop (and thread) of their own: disks, whose
+    /// backends may block.
+    own_threads: &'a mut Vec<Subscriber>,
     /// The virtio transports, in order, for snapshots.
     transports: Vec<(String, crate::snapshot::WiredTransport)>,
 }
@@ -52,7 +55,7 @@ impl VirtioWiring<'_> {
     where
         D: keel_virtio::VirtioDevice + MutEventSubscriber + Send + 'static,
     {
-        self.add_shared(what, device.clone(), device, transport)
+        self.add_shared(what, device.clone(), device, transport, false)
     }
 
     /// [`Self::add`] for a device seen through its two roles.
@@ -62,6 +65,7 @@ impl VirtioWiring<'_> {
         device: Arc<Mutex<dyn keel_virtio::VirtioDevice>>,
         subscriber: Subscriber,
         transport: VirtioTransport,
+        own_thread: bool,
     ) -> Result<()> {
         match transport {
             VirtioTransport::Mmio => self.add_mmio(what, device)?,
@@ -73,7 +77,11 @@ impl VirtioWiring<'_> {
                 ));
             }
         }
-        self.subscribers.push(subscriber);
+        if own_thread {
+            self.own_threads.push(subscriber);
+        } else {
+            self.subscribers.push(subscriber);
+        }
         Ok(())
     }
 
@@ -512,6 +520,8 @@ struct UserVirtioDevice {
     device: Arc<Mutex<dyn keel_virtio::VirtioDevice>>,
     subscriber: Subscriber,
     transport: Option<VirtioTransport>,
+    /// Processed on a thread of its own (a disk, whose backend may block).
+    own_thread: bool,
 }
 
 /// The ports Keel's own devices hold in every VM, and who holds them.
@@ -764,7 +774,7 @@ impl VmBuilder {
     where
         D: keel_virtio::VirtioDevice + MutEventSubscriber + Send + 'static,
     {
-        self.push_virtio(name.into(), device, None)
+        self.push_virtio(name.into(), device, None, false)
     }
 
     /// [`add_virtio_device`](Self::add_virtio_device) on `transport`
@@ -778,7 +788,7 @@ impl VmBuilder {
     where
         D: keel_virtio::VirtioDevice + MutEventSubscriber + Send + 'static,
     {
-        self.push_virtio(name.into(), device, Some(transport))
+        self.push_virtio(name.into(), device, Some(transport), false)
     }
 
     fn push_virtio<D>(
@@ -786,6 +796,7 @@ impl VmBuilder {
         name: String,
         device: Arc<Mutex<D>>,
         transport: Option<VirtioTransport>,
+        own_thread: bool,
     ) -> Result<()>
     where
         D: keel_virtio::VirtioDevice + MutEventSubscriber + Send + 'static,
@@ -800,6 +811,7 @@ impl VmBuilder {
             device: device.clone(),
             subscriber: device,
             transport,
+            own_thread,
         });
         Ok(())
     }
@@ -821,7 +833,7 @@ impl VmBuilder {
         let block =
             keel_virtio::Block::new(backend, options).map_err(|e| Error::Config(format!("{name}: {e}")))?;
         let block = Arc::new(Mutex::new(block));
-        self.push_virtio(name, block.clone(), None)?;
+        self.push_virtio(name, block.clone(), None, true)?;
         Ok(block)
     }
 
@@ -843,7 +855,7 @@ impl VmBuilder {
         let card =
             keel_virtio::Net::new(backend, options).map_err(|e| Error::Config(format!("{name}: {e}")))?;
         let card = Arc::new(Mutex::new(card));
-        self.push_virtio(name, card.clone(), None)?;
+        self.push_virtio(name, card.clone(), None, false)?;
         Ok(card)
     }
 
@@ -857,7 +869,7 @@ impl VmBuilder {
         let console =
             keel_virtio::Console::new(backend).map_err(|e| Error::Config(format!("{name}: {e}")))?;
         let console = Arc::new(Mutex::new(console));
-        self.push_virtio(name, console.clone(), None)?;
+        self.push_virtio(name, console.clone(), None, false)?;
         Ok(console)
     }
 
@@ -932,6 +944,8 @@ pub struct Vm {
     control: Arc<Control>,
     io: Arc<VmExits>,
     subscribers: Vec<Subscriber>,
+    /// Devices on event loops of their own.
+    own_threads: Vec<Subscriber>,
     vcpus: Vec<Vcpu>,
     // Fields drop in order: the helper thread is joined, then the VM is
     // torn down, then its memory unmapped (unmapping first would make KVM
@@ -1172,6 +1186,7 @@ impl Vm {
         };
         let serial = Arc::new(Mutex::new(serial));
         let mut subscribers: Vec<Subscriber> = Vec::new();
+        let mut own_threads: Vec<Subscriber> = Vec::new();
         if let Some(input) = builder.serial_in {
             let input = SerialInput::new(BoxedSource(input), serial.clone())
                 .map_err(|e| Error::DeviceRange(format!("serial input: {e}")))?;
@@ -1238,6 +1253,7 @@ impl Vm {
             cmdline: Vec::new(),
             mmio_windows: Vec::new(),
             subscribers: &mut subscribers,
+            own_threads: &mut own_threads,
             transports: Vec::new(),
         };
         for disk in &config.disks {
@@ -1265,10 +1281,12 @@ impl Vm {
             }
             let block = Arc::new(Mutex::new(block));
             control.lock_devices().disks.push(block.clone());
-            virtio.add(
+            virtio.add_shared(
                 &format!("disk {}", disk.path.display()),
+                block.clone(),
                 block,
                 disk.transport.unwrap_or(config.transport),
+                true,
             )?;
         }
         for (index, net) in config.nets.iter().enumerate() {
@@ -1410,6 +1428,7 @@ impl Vm {
                 user.device,
                 user.subscriber,
                 user.transport.unwrap_or(config.transport),
+                user.own_thread,
             )?;
         }
         // The ACPI event device takes the next GSI after the devices', so
@@ -1617,6 +1636,7 @@ impl Vm {
             control,
             io: Arc::new(VmExits { bus: io, ioapic }),
             subscribers,
+            own_threads,
             vcpus,
             pit_setup,
             ged,
@@ -1661,6 +1681,7 @@ impl Vm {
             control,
             io,
             subscribers,
+            own_threads,
             vcpus,
             pit_setup,
             ged,
@@ -1670,9 +1691,31 @@ impl Vm {
             _vm_fd,
             mem,
         } = self;
-        let mut threads = Vec::with_capacity(vcpus.len() + 1);
+        let mut threads = Vec::with_capacity(vcpus.len() + own_threads.len() + 1);
         if !subscribers.is_empty() {
-            threads.push(spawn_event_loop(control.clone(), subscribers, seccomp)?);
+            threads.push(spawn_event_loop(
+                control.clone(),
+                subscribers,
+                seccomp,
+                "keel-events".into(),
+            )?);
+        }
+        // A disk whose backend blocks (a stalled file system) holds up its
+        // own thread only: the other devices and the vCPUs go on.
+        for (index, subscriber) in own_threads.into_iter().enumerate() {
+            match spawn_event_loop(
+                control.clone(),
+                vec![subscriber],
+                seccomp,
+                format!("keel-disk{index}"),
+            ) {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    control.finish(Ok(ExitReason::Stopped));
+                    halt_threads(&control, threads);
+                    return Err(e);
+                }
+            }
         }
         for mut vcpu in vcpus {
             let control_for_thread = control.clone();
@@ -1773,11 +1816,16 @@ struct StopWatcher {
 
 impl MutEventSubscriber for StopWatcher {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
-        let _ = self.control.wake_event_loop.read();
+        // Not read: every event loop watches the one eventfd, edge-
+        // triggered, and each write wakes them all.
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::new(&self.control.wake_event_loop, EventSet::IN)) {
+        let events = Events::new(
+            &self.control.wake_event_loop,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        );
+        if let Err(e) = ops.add(events) {
             log::error!("event loop: cannot watch the stop event: {e:?}");
         }
     }
@@ -1788,6 +1836,7 @@ fn spawn_event_loop(
     control: Arc<Control>,
     subscribers: Vec<Subscriber>,
     seccomp: keel_seccomp::SeccompLevel,
+    name: String,
 ) -> Result<JoinHandle<()>> {
     let mut manager: EventManager<Subscriber> =
         EventManager::new().map_err(|e| Error::EventLoop(std::io::Error::other(format!("{e:?}"))))?;
@@ -1800,7 +1849,7 @@ fn spawn_event_loop(
     control.pause.join();
     let thread_control = control.clone();
     std::thread::Builder::new()
-        .name("keel-events".into())
+        .name(name)
         .spawn(move || {
             let control = thread_control;
             if let Err(e) = keel_seccomp::apply(keel_seccomp::ThreadRole::Devices, seccomp) {

@@ -257,3 +257,117 @@ fn a_tap_deleted_under_a_running_vm_takes_the_guests_link_down_and_the_vmm_runs_
     assert!(!link_up, "the guest was told the link is down");
     assert_eq!(errors, 1, "one backend error, counted once");
 }
+
+/// A disk whose `stall_at`-th write blocks until the test releases it: a
+/// backend stuck on a stalled file system.
+struct StallingDisk {
+    disk: MemoryBackend,
+    writes: usize,
+    stall_at: usize,
+    entered: std::sync::mpsc::Sender<()>,
+    release: std::sync::mpsc::Receiver<()>,
+}
+
+impl BlockBackend for StallingDisk {
+    fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.disk.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        self.writes += 1;
+        if self.writes == self.stall_at {
+            let _ = self.entered.send(());
+            let _ = self.release.recv();
+        }
+        self.disk.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serial input that counts the bytes the VMM has read from it.
+struct CountingInput {
+    stream: std::os::unix::net::UnixStream,
+    read: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl std::io::Read for CountingInput {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.stream.read(buf)?;
+        self.read.fetch_add(n, std::sync::atomic::Ordering::SeqCst);
+        Ok(n)
+    }
+}
+
+impl std::os::fd::AsRawFd for CountingInput {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.stream.as_raw_fd()
+    }
+}
+
+#[test]
+fn a_backend_that_blocks_stalls_only_its_own_disk() {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    if !kvm() {
+        return;
+    }
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut builder = VmBuilder::new(seq_config()).unwrap();
+    builder
+        .add_disk(
+            StallingDisk {
+                disk: MemoryBackend::new(1 << 20),
+                writes: 0,
+                stall_at: 6,
+                entered: entered_tx,
+                release: release_rx,
+            },
+            BlockOptions::default(),
+        )
+        .unwrap();
+    let serial = Serial::default();
+    let handle = builder
+        .serial_output(serial.clone())
+        .serial_input(CountingInput {
+            stream: theirs,
+            read: read.clone(),
+        })
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    // Dropped before the handle if the test fails, so the stalled thread
+    // returns and the VM can be torn down.
+    let release = release;
+    entered
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("the guest never reached the sixth write:\n{}", serial.text()));
+    // The disk's thread is inside the backend, holding the disk. The other
+    // devices' event loop still serves: serial input is read.
+    (&ours).write_all(b"ping\n").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while read.load(Ordering::SeqCst) < 5 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "serial input was not read while a disk backend was blocked"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(acknowledged(&serial.text()), 5, "{}", serial.text());
+    // Released, the disk finishes the request and the guest goes on.
+    release.send(()).unwrap();
+    let outcome = handle.wait_timeout(Duration::from_secs(120));
+    let text = serial.text();
+    assert!(
+        matches!(outcome, Ok(Ok(ExitReason::GuestExit(0)))),
+        "{outcome:?}\n{text}"
+    );
+    assert_eq!(acknowledged(&text), 200, "{text}");
+}
