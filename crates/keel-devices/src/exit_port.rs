@@ -56,7 +56,7 @@ impl ExitPort {
 impl MutDevicePio for ExitPort {
     fn pio_read(&mut self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
         data.fill(UNDECODED_READ);
-        self.ignored_accesses += 1;
+        self.ignored_accesses = self.ignored_accesses.saturating_add(1);
         log::debug!("exit port: ignored {}-byte read at offset {offset}", data.len());
     }
 
@@ -67,7 +67,7 @@ impl MutDevicePio for ExitPort {
                 self.power.request_exit(*status);
             }
             _ => {
-                self.ignored_accesses += 1;
+                self.ignored_accesses = self.ignored_accesses.saturating_add(1);
                 let len = data.len();
                 if self.ignored_accesses == 1 {
                     keel_ratelimit::warn_limited!("exit port: ignored {len}-byte write at offset {offset}: only 1-byte writes at offset 0 request an exit");

@@ -80,7 +80,7 @@ impl I8042Reset {
     }
 
     fn ignore(&mut self, access: &str, offset: PioAddressOffset, len: usize) {
-        self.ignored_accesses += 1;
+        self.ignored_accesses = self.ignored_accesses.saturating_add(1);
         log::debug!("i8042: ignored {len}-byte {access} at offset {offset}");
     }
 }

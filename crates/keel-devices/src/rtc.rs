@@ -46,6 +46,8 @@ const CMOS_BYTES: usize = 128;
 /// The update cycle at the end of each second takes this long; UIP reads 1
 /// during it, and the time registers must not be trusted.
 const UPDATE_CYCLE_NANOS: u32 = 244_000;
+/// Where in each second the update cycle starts.
+const UPDATE_CYCLE_START_NANOS: u32 = 1_000_000_000 - UPDATE_CYCLE_NANOS;
 
 /// Where the clock's time comes from: the host's wall clock by default.
 pub trait WallClock: Send {
@@ -87,6 +89,10 @@ pub struct DateTime {
 
 impl DateTime {
     /// The date and time `secs` seconds after the Unix epoch.
+    // Cannot overflow, whatever `secs`: |days| <= 2^63 / 86400 < 1.1e14, so
+    // |era| < 7.4e8 and |year| < 3e11; doe, yoe, doy, mp, day and month are
+    // bounded by one era (146097 days), rem by one day.
+    #[allow(clippy::arithmetic_side_effects)]
     pub fn from_unix(secs: i64) -> Self {
         let days = secs.div_euclid(86_400);
         let rem = secs.rem_euclid(86_400);
@@ -116,15 +122,24 @@ impl DateTime {
     /// they come, as a guest may write them).
     pub fn to_unix(&self) -> i64 {
         // Howard Hinnant's days_from_civil.
+        // A year, and so a time, too far out for an i64 saturates.
         let month = i64::from(self.month.clamp(1, 12));
-        let year = self.year - i64::from(month <= 2);
+        let year = self.year.saturating_sub(i64::from(month <= 2));
         let era = year.div_euclid(400);
         let yoe = year.rem_euclid(400);
-        let mp = (month + 9) % 12;
-        let doy = (153 * mp + 2) / 5 + i64::from(self.day) - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        let days = era * 146_097 + doe - 719_468;
-        days * 86_400 + i64::from(self.hour) * 3600 + i64::from(self.minute) * 60 + i64::from(self.second)
+        // Cannot overflow: month is 1..=12, yoe 0..=399, and day, hour,
+        // minute and second at most 255, so these stay below 10^6.
+        #[allow(clippy::arithmetic_side_effects)]
+        let (doe, second_of_day) = {
+            let mp = (month + 9) % 12;
+            let doy = (153 * mp + 2) / 5 + i64::from(self.day) - 1;
+            (
+                yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468,
+                i64::from(self.hour) * 3600 + i64::from(self.minute) * 60 + i64::from(self.second),
+            )
+        };
+        let days = era.saturating_mul(146_097).saturating_add(doe);
+        days.saturating_mul(86_400).saturating_add(second_of_day)
     }
 }
 
@@ -204,16 +219,16 @@ impl Rtc {
 
     /// A clock reading `clock` (for tests, or a VM whose clock is shifted).
     pub fn with_clock(clock: Box<dyn WallClock>) -> Self {
-        let mut cmos = [0u8; CMOS_BYTES];
-        cmos[usize::from(rtc_reg::A)] = A_DEFAULT;
-        cmos[usize::from(rtc_reg::B)] = B_24H;
-        cmos[usize::from(rtc_reg::D)] = D_VRT;
-        Self {
+        let mut rtc = Self {
             clock,
             index: 0,
-            cmos,
+            cmos: [0u8; CMOS_BYTES],
             offset: 0,
-        }
+        };
+        rtc.set_cmos(rtc_reg::A, A_DEFAULT);
+        rtc.set_cmos(rtc_reg::B, B_24H);
+        rtc.set_cmos(rtc_reg::D, D_VRT);
+        rtc
     }
 
     /// For a snapshot: the CMOS bytes, the index register and the guest's
@@ -244,8 +259,25 @@ impl Rtc {
         Ok(())
     }
 
+    /// CMOS byte `index`. The chip decodes 7 bits of the index, so every
+    /// index names one of the bytes (an index restored from a snapshot
+    /// may have bit 7 set).
+    fn cmos(&self, index: u8) -> u8 {
+        self.cmos
+            .get(usize::from(index) % CMOS_BYTES)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Sets CMOS byte `index` (see [`cmos`](Self::cmos)).
+    fn set_cmos(&mut self, index: u8, value: u8) {
+        if let Some(byte) = self.cmos.get_mut(usize::from(index) % CMOS_BYTES) {
+            *byte = value;
+        }
+    }
+
     fn b(&self) -> u8 {
-        self.cmos[usize::from(rtc_reg::B)]
+        self.cmos(rtc_reg::B)
     }
 
     fn encode(&self, value: u8) -> u8 {
@@ -282,7 +314,7 @@ impl Rtc {
         }
         let h12 = self.decode(value & 0x7f) % 12;
         if value & 0x80 != 0 {
-            h12 + 12
+            h12.saturating_add(12)
         } else {
             h12
         }
@@ -317,48 +349,50 @@ impl Rtc {
                 _ => self.encode(century),
             };
         }
-        let slot = usize::from(index) % CMOS_BYTES;
         match index {
             A => {
                 let (_, nanos) = self.now();
-                let uip = if nanos >= 1_000_000_000 - UPDATE_CYCLE_NANOS {
+                let uip = if nanos >= UPDATE_CYCLE_START_NANOS {
                     A_UIP
                 } else {
                     0
                 };
-                (self.cmos[slot] & !A_UIP) | uip
+                (self.cmos(A) & !A_UIP) | uip
             }
-            C => std::mem::take(&mut self.cmos[slot]),
-            _ => self.cmos[slot],
+            C => {
+                let flags = self.cmos(C);
+                self.set_cmos(C, 0);
+                flags
+            }
+            _ => self.cmos(index),
         }
     }
 
     fn write_register(&mut self, index: u8, value: u8) {
         use rtc_reg::*;
-        let slot = usize::from(index) % CMOS_BYTES;
         match index {
             B => {
                 let was_set = self.b() & B_SET != 0;
                 if value & B_SET != 0 && !was_set {
                     // Freeze: copy the running time into the registers, in
                     // the new format, for the guest to change.
-                    self.cmos[slot] = value;
+                    self.set_cmos(B, value);
                     self.snapshot_time();
                 } else if value & B_SET == 0 && was_set {
                     // Run again from what the guest wrote.
-                    self.cmos[slot] = value | B_SET;
+                    self.set_cmos(B, value | B_SET);
                     let written = self.frozen_time();
-                    self.cmos[slot] = value;
+                    self.set_cmos(B, value);
                     let (host, _) = self.clock.now();
                     self.offset = written.to_unix().saturating_sub(host);
                 } else {
-                    self.cmos[slot] = value;
+                    self.set_cmos(B, value);
                 }
             }
             // Read-only: UIP in A, C and D.
-            A => self.cmos[slot] = (value & !A_UIP) | (self.cmos[slot] & A_UIP),
+            A => self.set_cmos(A, (value & !A_UIP) | (self.cmos(A) & A_UIP)),
             C | D => {}
-            _ => self.cmos[slot] = value,
+            _ => self.set_cmos(index, value),
         }
     }
 
@@ -377,15 +411,17 @@ impl Rtc {
             (YEAR, self.encode(year)),
             (CENTURY, self.encode(century)),
         ] {
-            self.cmos[usize::from(index)] = value;
+            self.set_cmos(index, value);
         }
     }
 
     fn frozen_time(&self) -> DateTime {
         use rtc_reg::*;
-        let get = |index: u8| self.cmos[usize::from(index)];
+        let get = |index: u8| self.cmos(index);
         let century = i64::from(self.decode(get(CENTURY)));
-        let year = century * 100 + i64::from(self.decode(get(YEAR)) % 100);
+        let year = century
+            .saturating_mul(100)
+            .saturating_add(i64::from(self.decode(get(YEAR)) % 100));
         DateTime {
             year,
             month: self.decode(get(MONTH)),
@@ -480,6 +516,26 @@ mod tests {
             assert_eq!(DateTime::from_unix(secs).to_unix(), secs);
         }
         assert_eq!(DateTime::from_unix(951_782_400).day, 29);
+    }
+
+    #[test]
+    fn extreme_times_convert_without_overflow() {
+        for secs in [i64::MIN, i64::MAX] {
+            let t = DateTime::from_unix(secs);
+            assert!((1..=12).contains(&t.month) && (1..=31).contains(&t.day));
+        }
+        let far = |year| DateTime {
+            year,
+            month: 0,
+            day: 255,
+            hour: 255,
+            minute: 255,
+            second: 255,
+            weekday: 0,
+        };
+        assert_eq!(far(i64::MAX).to_unix(), i64::MAX);
+        // Saturated at the start of the day, plus the time of day.
+        assert!(far(i64::MIN).to_unix() < i64::MIN + 1_000_000);
     }
 
     #[test]

@@ -182,9 +182,9 @@ impl<W: Write + Send> SerialConsole<W> {
             Ok(queued) => Ok(queued),
             Err(UartError::FullFifo) => Ok(0),
             Err(UartError::Trigger(source)) => {
-                self.interrupt_failures += 1;
+                self.interrupt_failures = self.interrupt_failures.saturating_add(1);
                 Err(Error::InputInterrupt {
-                    queued: capacity_before - self.uart.fifo_capacity(),
+                    queued: capacity_before.saturating_sub(self.uart.fifo_capacity()),
                     source,
                 })
             }
@@ -192,7 +192,7 @@ impl<W: Write + Send> SerialConsole<W> {
             // some, the bytes it took are still the ones queued.
             Err(UartError::IOError(e)) => {
                 log::warn!("serial: unexpected I/O error while queueing input: {e}");
-                Ok(capacity_before - self.uart.fifo_capacity())
+                Ok(capacity_before.saturating_sub(self.uart.fifo_capacity()))
             }
         }
     }
@@ -249,14 +249,14 @@ impl<W: Write + Send> SerialConsole<W> {
     }
 
     fn ignore(&mut self, access: &str, offset: PioAddressOffset, len: usize) {
-        self.ignored_accesses += 1;
+        self.ignored_accesses = self.ignored_accesses.saturating_add(1);
         log::debug!("serial: ignored {len}-byte {access} at offset {offset}");
     }
 
     fn note_uart_error(&mut self, error: UartError<keel_irq::Error>) {
         match error {
             UartError::Trigger(e) => {
-                self.interrupt_failures += 1;
+                self.interrupt_failures = self.interrupt_failures.saturating_add(1);
                 keel_ratelimit::warn_limited!("serial: cannot raise the interrupt: {e}");
             }
             UartError::IOError(e) => {

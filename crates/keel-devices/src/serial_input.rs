@@ -106,11 +106,16 @@ impl<R: Read + AsRawFd + Send, W: Write + Send> SerialInput<R, W> {
             return;
         }
         let mut buffer = [0u8; SERIAL_FIFO_SIZE];
-        let want = capacity.min(buffer.len());
-        match self.input.read(&mut buffer[..want]) {
+        // No more than the FIFO takes (never more than it holds).
+        let Some(buffer) = buffer.get_mut(..capacity.min(SERIAL_FIFO_SIZE)) else {
+            return;
+        };
+        match self.input.read(buffer) {
             Ok(0) => self.close_input(ops, "end of file"),
             Ok(read) => {
-                self.pending.extend_from_slice(&buffer[..read]);
+                // A reader claiming more than the buffer gave what it holds.
+                self.pending
+                    .extend_from_slice(buffer.get(..read).unwrap_or(buffer));
                 self.deliver_pending(ops);
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}

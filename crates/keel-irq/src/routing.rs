@@ -89,12 +89,16 @@ pub fn default_irqchip_routes() -> Vec<GsiRoute> {
     let mut routes = Vec::with_capacity(40);
     for gsi in 0..IOAPIC_PINS {
         if gsi < 16 {
-            let (chip, pin) = if gsi < 8 {
-                (KVM_IRQCHIP_PIC_MASTER, gsi)
+            let chip = if gsi < 8 {
+                KVM_IRQCHIP_PIC_MASTER
             } else {
-                (KVM_IRQCHIP_PIC_SLAVE, gsi - 8)
+                KVM_IRQCHIP_PIC_SLAVE
             };
-            routes.push(GsiRoute::Irqchip { gsi, chip, pin });
+            routes.push(GsiRoute::Irqchip {
+                gsi,
+                chip,
+                pin: gsi % 8,
+            });
         }
         routes.push(GsiRoute::Irqchip {
             gsi,
@@ -205,7 +209,7 @@ impl RouteInstaller for RecordingRoutes {
             ));
         }
         recorded.routes = routes.to_vec();
-        recorded.installs += 1;
+        recorded.installs = recorded.installs.saturating_add(1);
         Ok(())
     }
 }
@@ -252,7 +256,7 @@ impl RoutingState {
             }
             Err(e) => {
                 self.installed = false;
-                self.install_errors += 1;
+                self.install_errors = self.install_errors.saturating_add(1);
                 keel_ratelimit::warn_limited!("cannot install {} GSI routes: {e}", routes.len());
                 Err(e)
             }
@@ -341,13 +345,16 @@ impl GsiRouting {
     /// It has no route until [`set_msi_route`](Self::set_msi_route).
     pub fn allocate_msi_gsi(&self) -> Result<u32> {
         let mut state = lock(&self.state);
-        let gsi = FIRST_MSI_GSI + state.msi.len() as u32;
-        if gsi >= MSI_GSI_END {
+        let Some(gsi) = u32::try_from(state.msi.len())
+            .ok()
+            .and_then(|n| FIRST_MSI_GSI.checked_add(n))
+            .filter(|&gsi| gsi < MSI_GSI_END)
+        else {
             return Err(Error::MsiGsiExhausted {
                 first: FIRST_MSI_GSI,
                 end: MSI_GSI_END,
             });
-        }
+        };
         state.msi.push(None);
         Ok(gsi)
     }
@@ -463,7 +470,7 @@ impl IrqfdMsiVectors {
         }
         log::debug!(
             "{count} MSI vectors on GSIs {:?}",
-            vectors.first().map(|v| v.0)..vectors.last().map(|v| v.0 + 1)
+            vectors.first().map(|v| v.0)..vectors.last().map(|v| v.0.saturating_add(1))
         );
         Ok(Self {
             routing: routing.clone(),

@@ -174,7 +174,7 @@ impl MsiRouter for RecordingRouter {
             ));
         }
         recorded.routes = routes.to_vec();
-        recorded.updates += 1;
+        recorded.updates = recorded.updates.saturating_add(1);
         Ok(())
     }
 }
@@ -478,9 +478,12 @@ impl<R: MsiRouter> Ioapic<R> {
         match index {
             REG_ID | REG_ARB => self.id,
             REG_VER => VERSION,
-            _ => match redirection_index(index) {
-                Some((pin, true)) => (self.entries[pin] >> 32) as u32,
-                Some((pin, false)) => self.entries[pin] as u32,
+            // redirection_index only names pins the table has; any other
+            // index reads as 0, like an unknown register.
+            _ => match redirection_index(index).and_then(|(pin, high)| Some((*self.entries.get(pin)?, high)))
+            {
+                Some((entry, true)) => (entry >> 32) as u32,
+                Some((entry, false)) => entry as u32,
                 None => 0,
             },
         }
@@ -491,14 +494,18 @@ impl<R: MsiRouter> Ioapic<R> {
             REG_ID => self.id = value & ID_MASK,
             _ => match redirection_index(index) {
                 Some((pin, high)) => {
-                    let old = self.entries[pin];
+                    // redirection_index only names pins the table has.
+                    let Some(slot) = self.entries.get_mut(pin) else {
+                        return;
+                    };
+                    let old = *slot;
                     let written = if high {
                         (old & 0xffff_ffff) | (u64::from(value) << 32)
                     } else {
                         (old & !0xffff_ffff) | u64::from(value)
                     };
                     let entry = (written & RTE_WRITABLE) | (old & !RTE_WRITABLE);
-                    self.entries[pin] = entry;
+                    *slot = entry;
                     if entry != old {
                         self.check_entry(pin, entry);
                     }
@@ -543,19 +550,19 @@ impl<R: MsiRouter> Ioapic<R> {
         if !self.route_limit.reduce(1) {
             // The guest rewrites its routes faster than any OS needs to:
             // its vCPU waits for the next token (see ROUTE_UPDATE_LIMIT).
-            self.throttled_route_updates += 1;
+            self.throttled_route_updates = self.throttled_route_updates.saturating_add(1);
             let wait = self.route_limit.time_until_at(1, std::time::Instant::now());
             std::thread::sleep(wait);
             self.route_limit.reduce(1);
         }
-        self.route_updates += 1;
+        self.route_updates = self.route_updates.saturating_add(1);
         match self.router.set_msi_routes(&routes) {
             Ok(()) => {
                 log::debug!("IOAPIC routes: {routes:x?}");
                 self.installed = Some(routes);
             }
             Err(e) => {
-                self.route_errors += 1;
+                self.route_errors = self.route_errors.saturating_add(1);
                 self.installed = None;
                 keel_ratelimit::warn_limited!("cannot install {} IOAPIC MSI routes: {e}", routes.len());
             }

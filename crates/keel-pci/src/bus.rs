@@ -343,17 +343,16 @@ impl PciBus {
             config.set_u16(reg::COMMAND, command);
         }
         if address.function > 0 {
-            if let Some(first) = self.function_at(PciAddress::new(address.device, 0)) {
-                lock(&self.functions[first].device)
-                    .config_mut()
-                    .set_multifunction(true);
+            if let Some(mut first) = self.device_at(PciAddress::new(address.device, 0)) {
+                first.config_mut().set_multifunction(true);
             }
         }
+        let index = self.functions.len();
         self.functions.push(Function {
             address,
             device: device.clone(),
         });
-        self.update_routes(self.functions.len() - 1);
+        self.update_routes(index);
         log::debug!("PCI {address}: added");
         Ok(address)
     }
@@ -373,10 +372,24 @@ impl PciBus {
         self.functions.iter().position(|f| f.address == address)
     }
 
+    /// The device of function `index` (from `function_at` or a route),
+    /// locked.
+    fn device(&self, index: usize) -> Option<MutexGuard<'_, dyn PciDevice + 'static>> {
+        self.functions.get(index).map(|f| lock(&f.device))
+    }
+
+    /// The device at `address`, locked.
+    fn device_at(&self, address: PciAddress) -> Option<MutexGuard<'_, dyn PciDevice + 'static>> {
+        self.functions
+            .iter()
+            .find(|f| f.address == address)
+            .map(|f| lock(&f.device))
+    }
+
     /// The guest reads configuration space of `address` at `register`.
     pub fn read_config(&self, address: PciAddress, register: u16, data: &mut [u8]) {
-        match self.function_at(address) {
-            Some(index) => lock(&self.functions[index].device).read_config(register, data),
+        match self.device_at(address) {
+            Some(mut device) => device.read_config(register, data),
             None => data.fill(0xff),
         }
     }
@@ -388,7 +401,9 @@ impl PciBus {
             log::debug!("PCI {address}: config write to an absent function dropped");
             return;
         };
-        lock(&self.functions[index].device).write_config(register, data);
+        if let Some(mut device) = self.device(index) {
+            device.write_config(register, data);
+        }
         self.update_routes(index);
     }
 
@@ -404,7 +419,10 @@ impl PciBus {
     /// Recomputes where function `index`'s BARs decode, updates the routes
     /// and calls `bar_moved` for each BAR whose decoding changed.
     fn update_routes(&self, index: usize) {
-        let mut device = lock(&self.functions[index].device);
+        let Some(function) = self.functions.get(index) else {
+            return;
+        };
+        let mut device = lock(&function.device);
         let decoded: Vec<BarRoute> = device
             .config()
             .decoded_memory_bars()
@@ -424,7 +442,7 @@ impl PciBus {
         }
         routes.retain(|r| r.function != index);
         routes.extend(decoded.iter().copied());
-        routes.sort_by_key(|r| (self.functions[r.function].address, r.bar));
+        routes.sort_by_key(|r| (self.functions.get(r.function).map(|f| f.address), r.bar));
         drop(routes);
         let bars = old.iter().chain(&decoded).map(|r| r.bar);
         let mut seen = Vec::new();
@@ -438,7 +456,7 @@ impl PciBus {
             if before != after {
                 log::debug!(
                     "PCI {}: BAR {bar} decodes at {after:x?} (was {before:x?})",
-                    self.functions[index].address
+                    function.address
                 );
                 device.bar_moved(bar, after);
             }
@@ -459,23 +477,20 @@ impl PciBus {
     /// nowhere, so devices only ever see accesses inside their BARs.
     fn route(&self, address: u64, len: usize) -> Option<(usize, usize, u64)> {
         let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
-        routes
-            .iter()
-            .find(|r| {
-                address >= r.start
-                    && (address - r.start)
-                        .checked_add(len as u64)
-                        .is_some_and(|end| end <= r.size)
-            })
-            .map(|r| (r.function, r.bar, address - r.start))
+        routes.iter().find_map(|r| {
+            let offset = address.checked_sub(r.start)?;
+            let end = offset.checked_add(len as u64)?;
+            (end <= r.size).then_some((r.function, r.bar, offset))
+        })
     }
 
     /// A guest read of memory at `address` (inside one of the windows).
     pub fn read_memory(&self, address: u64, data: &mut [u8]) {
-        match self.route(address, data.len()) {
-            Some((function, bar, offset)) => {
-                lock(&self.functions[function].device).read_bar(bar, offset, data)
-            }
+        match self
+            .route(address, data.len())
+            .and_then(|(function, bar, offset)| Some((self.device(function)?, bar, offset)))
+        {
+            Some((mut device, bar, offset)) => device.read_bar(bar, offset, data),
             None => data.fill(0xff),
         }
     }
@@ -483,7 +498,9 @@ impl PciBus {
     /// A guest write of memory at `address` (inside one of the windows).
     pub fn write_memory(&self, address: u64, data: &[u8]) {
         if let Some((function, bar, offset)) = self.route(address, data.len()) {
-            lock(&self.functions[function].device).write_bar(bar, offset, data);
+            if let Some(mut device) = self.device(function) {
+                device.write_bar(bar, offset, data);
+            }
         }
     }
 
@@ -506,21 +523,24 @@ impl PciBus {
     }
 
     /// The function and register `CONFIG_ADDRESS` selects for a data access
-    /// at `CONFIG_DATA + byte`, if enabled and on this bus.
+    /// at `CONFIG_DATA + byte` (`byte` 0–3), if enabled and on this bus.
     fn selected(&self, byte: u16) -> Option<(PciAddress, u16)> {
         let value = self.config_address.load(Ordering::SeqCst);
         if value & 0x8000_0000 == 0 || (value >> 16) & 0xff != 0 {
             return None;
         }
         let address = PciAddress::new(((value >> 11) & 0x1f) as u8, ((value >> 8) & 0x7) as u8);
-        Some((address, (value & 0xfc) as u16 + byte))
+        // The dword's register, then the byte in it (bits 0–1 of
+        // CONFIG_ADDRESS are 0).
+        Some((address, (value & 0xfc) as u16 | (byte & 0x3)))
     }
 
     /// A guest read of port `CONFIG_ADDRESS_PORT + offset`.
     pub fn read_port(&self, offset: u16, data: &mut [u8]) {
         match (offset, data.len()) {
             (0, 4) => data.copy_from_slice(&self.config_address.load(Ordering::SeqCst).to_le_bytes()),
-            (4..=7, 1 | 2 | 4) => match self.selected(offset - 4) {
+            // CONFIG_DATA: ports 4–7, the dword's bytes 0–3.
+            (4..=7, 1 | 2 | 4) => match self.selected(offset & 0x3) {
                 Some((address, register)) => self.read_config(address, register, data),
                 None => data.fill(0xff),
             },
@@ -541,7 +561,7 @@ impl PciBus {
                     .store(u32::from_le_bytes(bytes) & 0x80ff_fffc, Ordering::SeqCst);
             }
             (4..=7, 1 | 2 | 4) => {
-                if let Some((address, register)) = self.selected(offset - 4) {
+                if let Some((address, register)) = self.selected(offset & 0x3) {
                     self.write_config(address, register, data);
                 }
             }

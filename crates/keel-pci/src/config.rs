@@ -235,12 +235,16 @@ impl ConfigSpace {
                 saved.len()
             ))
         })?;
-        // The identity (vendor, device, revision, class) must match.
-        if regs[..4] != self.regs[..4] || regs[8..12] != self.regs[8..12] {
+        /// The identity: vendor, device; revision, class.
+        fn identity(regs: &[u8]) -> [Option<&[u8]>; 2] {
+            [regs.get(..4), regs.get(8..12)]
+        }
+        // The identity must match.
+        if identity(&regs) != identity(&self.regs[..]) {
             return Err(crate::Error::State(format!(
                 "the saved function is {:02x?}, this one {:02x?} (vendor, device)",
-                &regs[..4],
-                &self.regs[..4]
+                regs.get(..4).unwrap_or_default(),
+                self.regs.get(..4).unwrap_or_default()
             )));
         }
         *self.regs = regs;
@@ -261,6 +265,8 @@ impl std::fmt::Debug for ConfigSpace {
 
 /// First byte past the header, where capabilities start.
 const FIRST_CAPABILITY: u16 = 0x40;
+/// Type 1: the secondary status register, after the I/O base and limit.
+const SECONDARY_STATUS: u16 = 0x1e;
 
 impl ConfigSpace {
     /// A function of `header` type with `ids`, no BARs and no capabilities;
@@ -279,24 +285,30 @@ impl ConfigSpace {
         space.set_u16(reg::DEVICE_ID, ids.device);
         space.set_u32(reg::REVISION_ID, (ids.class << 8) | u32::from(ids.revision));
         space.mask_u16(reg::COMMAND, command::WRITABLE);
-        space.write_1_to_clear[usize::from(reg::STATUS)..][..2]
-            .copy_from_slice(&status::WRITE_1_TO_CLEAR.to_le_bytes());
-        space.writable[usize::from(reg::CACHE_LINE_SIZE)] = 0xff;
-        space.writable[usize::from(reg::INTERRUPT_LINE)] = 0xff;
+        put(
+            &mut space.write_1_to_clear[..],
+            reg::STATUS,
+            &status::WRITE_1_TO_CLEAR.to_le_bytes(),
+        );
+        put(&mut space.writable[..], reg::CACHE_LINE_SIZE, &[0xff]);
+        put(&mut space.writable[..], reg::INTERRUPT_LINE, &[0xff]);
         match header {
             HeaderType::Device => {
                 space.set_u16(reg::SUBSYSTEM_VENDOR_ID, ids.subsystem_vendor);
                 space.set_u16(reg::SUBSYSTEM_ID, ids.subsystem);
             }
             HeaderType::Bridge => {
-                space.regs[usize::from(reg::HEADER_TYPE)] = 0x01;
+                space.set_bytes(reg::HEADER_TYPE, &[0x01]);
                 // Bus numbers and secondary latency timer.
                 space.mask_u32(reg::PRIMARY_BUS, 0xffff_ffff);
                 // I/O base and limit: upper nibble (4 KiB granules, 16-bit
                 // decode); secondary status: error bits are W1C.
                 space.mask_u16(reg::IO_BASE, 0xf0f0);
-                space.write_1_to_clear[usize::from(reg::IO_BASE) + 2..][..2]
-                    .copy_from_slice(&status::WRITE_1_TO_CLEAR.to_le_bytes());
+                put(
+                    &mut space.write_1_to_clear[..],
+                    SECONDARY_STATUS,
+                    &status::WRITE_1_TO_CLEAR.to_le_bytes(),
+                );
                 // Memory base and limit: 1 MiB granules.
                 space.mask_u32(reg::MEMORY_BASE, 0xfff0_fff0);
                 // Prefetchable base and limit (64-bit: low nibble 1) and
@@ -329,8 +341,9 @@ impl ConfigSpace {
     /// Sets or clears the multi-function bit of the header type (a bus sets
     /// it on function 0 of a slot that has more functions).
     pub fn set_multifunction(&mut self, multifunction: bool) {
-        let header = &mut self.regs[usize::from(reg::HEADER_TYPE)];
-        *header = (*header & 0x7f) | if multifunction { 0x80 } else { 0 };
+        if let Some(header) = self.regs.get_mut(usize::from(reg::HEADER_TYPE)) {
+            *header = (*header & 0x7f) | if multifunction { 0x80 } else { 0 };
+        }
     }
 
     /// Declares BAR `index` (a 64-bit BAR also takes `index + 1`). Its
@@ -342,43 +355,44 @@ impl ConfigSpace {
             BarKind::Memory32 => 1 << 31,
             BarKind::Memory64 => 1 << 62,
         };
-        if !spec.size.is_power_of_two() || spec.size < min || spec.size > max {
-            return Err(Error::InvalidBarSize {
-                index,
-                size: spec.size,
-            });
-        }
+        // The address bits below the size (a power of two).
+        let low_bits = match spec.size.checked_sub(1) {
+            Some(low_bits) if spec.size.is_power_of_two() && (min..=max).contains(&spec.size) => low_bits,
+            _ => {
+                return Err(Error::InvalidBarSize {
+                    index,
+                    size: spec.size,
+                })
+            }
+        };
         let slots = if spec.kind == BarKind::Memory64 { 2 } else { 1 };
-        if index + slots > self.bar_count() {
-            return Err(Error::NoSuchBar { index });
-        }
-        if (index..index + slots).any(|i| self.bars[i].is_some() || self.is_bar_high_half(i)) {
+        let end = index
+            .checked_add(slots)
+            .filter(|&end| end <= self.bar_count())
+            .ok_or(Error::NoSuchBar { index })?;
+        if (index..end).any(|i| self.bar(i).is_some() || self.is_bar_high_half(i)) {
             return Err(Error::BarInUse { index });
         }
-        self.bars[index] = Some(spec);
+        *self.bars.get_mut(index).ok_or(Error::NoSuchBar { index })? = Some(spec);
         let offset = bar_offset(index);
         // The address bits at and above the size are writable.
         self.set_u32(offset, spec.flags());
-        self.mask_u32(offset, !((spec.size - 1) as u32) & !0xf & !spec.flags());
+        self.mask_u32(offset, !(low_bits as u32) & !0xf & !spec.flags());
         if spec.kind == BarKind::Io {
-            self.mask_u32(offset, !((spec.size - 1) as u32) & !0x3);
+            self.mask_u32(offset, !(low_bits as u32) & !0x3);
         }
         if spec.kind == BarKind::Memory64 {
-            self.mask_u32(offset + 4, !((spec.size - 1) >> 32) as u32);
+            self.mask_u32(offset.saturating_add(4), !(low_bits >> 32) as u32);
         }
         Ok(())
     }
 
     /// Whether BAR slot `index` holds the high dword of a 64-bit BAR.
     fn is_bar_high_half(&self, index: usize) -> bool {
-        index > 0
-            && matches!(
-                self.bars[index - 1],
-                Some(BarSpec {
-                    kind: BarKind::Memory64,
-                    ..
-                })
-            )
+        index
+            .checked_sub(1)
+            .and_then(|low| self.bar(low))
+            .is_some_and(|spec| spec.kind == BarKind::Memory64)
     }
 
     /// The BAR declared at `index`, if any.
@@ -406,7 +420,7 @@ impl ConfigSpace {
         let offset = bar_offset(index);
         self.set_u32(offset, address as u32 | spec.flags());
         if spec.kind == BarKind::Memory64 {
-            self.set_u32(offset + 4, (address >> 32) as u32);
+            self.set_u32(offset.saturating_add(4), (address >> 32) as u32);
         }
         Ok(())
     }
@@ -420,7 +434,7 @@ impl ConfigSpace {
         Some(match spec.kind {
             BarKind::Io => low & !0x3,
             BarKind::Memory32 => low & !0xf,
-            BarKind::Memory64 => (u64::from(self.read_u32(offset + 4)) << 32) | (low & !0xf),
+            BarKind::Memory64 => (u64::from(self.read_u32(offset.saturating_add(4))) << 32) | (low & !0xf),
         })
     }
 
@@ -448,21 +462,34 @@ impl ConfigSpace {
     /// Returns the capability's offset.
     pub fn add_capability(&mut self, id: u8, body: &[u8], body_writable: &[u8]) -> Result<u16> {
         let offset = self.next_capability;
-        let len = 2 + body.len();
-        let end = usize::from(offset) + len;
-        if end > LEGACY_CONFIG_SIZE || (!body_writable.is_empty() && body_writable.len() != body.len()) {
-            return Err(Error::CapabilitySpace { id, len });
-        }
         let start = usize::from(offset);
-        self.regs[start] = id;
-        self.regs[start + 1] = 0;
-        self.regs[start + 2..end].copy_from_slice(body);
-        if !body_writable.is_empty() {
-            self.writable[start + 2..end].copy_from_slice(body_writable);
+        let len = body.len().saturating_add(2);
+        let end = start.saturating_add(len);
+        let no_room = Error::CapabilitySpace { id, len };
+        if end > LEGACY_CONFIG_SIZE || (!body_writable.is_empty() && body_writable.len() != body.len()) {
+            return Err(no_room);
         }
-        // Link it in; the pointer byte stays read-only.
-        self.regs[usize::from(self.last_next_pointer)] = offset as u8;
-        self.last_next_pointer = offset + 1;
+        // The ID, a next pointer of 0, then the body.
+        let ([cap_id, next], regs_body) = self
+            .regs
+            .get_mut(start..end)
+            .and_then(|cap| cap.split_first_chunk_mut::<2>())
+            .ok_or(no_room)?;
+        *cap_id = id;
+        *next = 0;
+        // end - start = 2 + body.len(): the slices are as long as the body.
+        regs_body.copy_from_slice(body);
+        if !body_writable.is_empty() {
+            if let Some(writable_body) = self.writable.get_mut(start..end).and_then(|cap| cap.get_mut(2..)) {
+                writable_body.copy_from_slice(body_writable);
+            }
+        }
+        // Link it in; the pointer byte stays read-only. The capability ends
+        // inside the first 256 bytes, so its offset fits the pointer byte.
+        if let Some(pointer) = self.regs.get_mut(usize::from(self.last_next_pointer)) {
+            *pointer = offset as u8;
+        }
+        self.last_next_pointer = offset.saturating_add(1);
         self.next_capability = end.next_multiple_of(4) as u16;
         let status = self.read_u16(reg::STATUS) | status::CAPABILITIES_LIST;
         self.set_u16(reg::STATUS, status);
@@ -472,8 +499,8 @@ impl ConfigSpace {
     /// The guest's read of `data.len()` bytes at `offset`; see the type's
     /// documentation for what is accepted.
     pub fn read(&self, offset: u16, data: &mut [u8]) {
-        match checked_range(offset, data.len()) {
-            Some(range) => data.copy_from_slice(&self.regs[range]),
+        match checked_range(offset, data.len()).and_then(|range| self.regs.get(range)) {
+            Some(regs) => data.copy_from_slice(regs),
             None => {
                 log::debug!("PCI config: {}-byte read at {offset:#x} refused", data.len());
                 data.fill(0xff);
@@ -489,10 +516,20 @@ impl ConfigSpace {
             log::debug!("PCI config: {}-byte write at {offset:#x} refused", data.len());
             return false;
         };
-        for (i, &value) in range.zip(data) {
-            let writable = self.writable[i];
-            let cleared = value & self.write_1_to_clear[i];
-            self.regs[i] = ((self.regs[i] & !writable) | (value & writable)) & !cleared;
+        // checked_range keeps the range inside the space, so these are all
+        // there; they are as long as `data`.
+        let (Some(regs), Some(writable), Some(write_1_to_clear)) = (
+            self.regs.get_mut(range.clone()),
+            self.writable.get(range.clone()),
+            self.write_1_to_clear.get(range),
+        ) else {
+            return false;
+        };
+        for (((reg, &writable), &write_1_to_clear), &value) in
+            regs.iter_mut().zip(writable).zip(write_1_to_clear).zip(data)
+        {
+            let cleared = value & write_1_to_clear;
+            *reg = ((*reg & !writable) | (value & writable)) & !cleared;
         }
         true
     }
@@ -514,12 +551,7 @@ impl ConfigSpace {
     /// Sets bytes regardless of the write masks (the device model's side).
     /// Out-of-range writes are ignored.
     pub fn set_bytes(&mut self, offset: u16, data: &[u8]) {
-        if let Some(dest) = self
-            .regs
-            .get_mut(usize::from(offset)..usize::from(offset) + data.len())
-        {
-            dest.copy_from_slice(data);
-        }
+        put(&mut self.regs[..], offset, data);
     }
 
     /// Sets a 16-bit register regardless of the write masks.
@@ -535,37 +567,41 @@ impl ConfigSpace {
     /// Makes the bits of `mask` in the 16-bit register at `offset` writable
     /// by the guest (and only those).
     pub fn mask_u16(&mut self, offset: u16, mask: u16) {
-        if let Some(dest) = self
-            .writable
-            .get_mut(usize::from(offset)..usize::from(offset) + 2)
-        {
-            dest.copy_from_slice(&mask.to_le_bytes());
-        }
+        put(&mut self.writable[..], offset, &mask.to_le_bytes());
     }
 
     /// Makes the bits of `mask` in the 32-bit register at `offset` writable
     /// by the guest (and only those).
     pub fn mask_u32(&mut self, offset: u16, mask: u32) {
-        if let Some(dest) = self
-            .writable
-            .get_mut(usize::from(offset)..usize::from(offset) + 4)
-        {
-            dest.copy_from_slice(&mask.to_le_bytes());
-        }
+        put(&mut self.writable[..], offset, &mask.to_le_bytes());
     }
 }
 
-/// The register offset of BAR `index`.
+/// The register offset of BAR `index`. An index far past the last BAR
+/// gives an offset past the end of the space (where reads are all ones and
+/// writes are ignored), never a wrapped-around one.
 pub fn bar_offset(index: usize) -> u16 {
-    reg::BAR0 + 4 * index as u16
+    let index = u16::try_from(index).unwrap_or(u16::MAX);
+    reg::BAR0.saturating_add(index.saturating_mul(4))
+}
+
+/// Copies `data` into `array` at `offset`; a range past the end is ignored.
+fn put(array: &mut [u8], offset: u16, data: &[u8]) {
+    if let Some(dest) = array
+        .get_mut(usize::from(offset)..)
+        .and_then(|tail| tail.get_mut(..data.len()))
+    {
+        dest.copy_from_slice(data);
+    }
 }
 
 /// The bytes a guest access of `len` at `offset` covers, if it is a
 /// naturally aligned 1-, 2- or 4-byte access inside the space.
 fn checked_range(offset: u16, len: usize) -> Option<std::ops::Range<usize>> {
     let start = usize::from(offset);
+    let end = start.checked_add(len)?;
     let aligned = matches!(len, 1 | 2 | 4) && start.is_multiple_of(len);
-    (aligned && start + len <= CONFIG_SPACE_SIZE).then_some(start..start + len)
+    (aligned && end <= CONFIG_SPACE_SIZE).then_some(start..end)
 }
 
 #[cfg(test)]

@@ -165,16 +165,14 @@ impl Msix {
     /// function mask bits (the only writable ones), table and PBA
     /// locations. Returns its offset.
     pub fn add_capability(&mut self, config: &mut ConfigSpace) -> Result<u16> {
-        let mut body = [0u8; 10];
-        let table_size = (self.table.len() - 1) as u16;
-        body[0..2].copy_from_slice(&table_size.to_le_bytes());
-        body[2..6].copy_from_slice(
-            &(self.layout.table_offset | u32::from(self.layout.table_bar & 7)).to_le_bytes(),
-        );
-        body[6..10]
-            .copy_from_slice(&(self.layout.pba_offset | u32::from(self.layout.pba_bar & 7)).to_le_bytes());
-        let mut writable = [0u8; 10];
-        writable[1] = ((control::ENABLE | control::FUNCTION_MASK) >> 8) as u8;
+        // The table size field is N - 1; `new` keeps N in 1..=2048.
+        let [s0, s1] = (self.table.len().saturating_sub(1) as u16).to_le_bytes();
+        let [t0, t1, t2, t3] =
+            (self.layout.table_offset | u32::from(self.layout.table_bar & 7)).to_le_bytes();
+        let [p0, p1, p2, p3] = (self.layout.pba_offset | u32::from(self.layout.pba_bar & 7)).to_le_bytes();
+        let body = [s0, s1, t0, t1, t2, t3, p0, p1, p2, p3];
+        let [_, control_high] = (control::ENABLE | control::FUNCTION_MASK).to_le_bytes();
+        let writable = [0, control_high, 0, 0, 0, 0, 0, 0, 0, 0];
         let offset = config.add_capability(capability_id::MSIX, &body, &writable)?;
         self.capability = Some(offset);
         Ok(offset)
@@ -192,12 +190,12 @@ impl Msix {
 
     /// Size in bytes of the table.
     pub fn table_size(&self) -> u64 {
-        self.table.len() as u64 * MSIX_ENTRY_SIZE
+        (self.table.len() as u64).saturating_mul(MSIX_ENTRY_SIZE)
     }
 
     /// Size in bytes of the PBA (whole 64-bit words).
     pub fn pba_size(&self) -> u64 {
-        self.table.len().div_ceil(64) as u64 * 8
+        (self.table.len().div_ceil(64) as u64).saturating_mul(8)
     }
 
     /// How many vectors the table has.
@@ -229,7 +227,7 @@ impl Msix {
         let Some(offset) = self.capability else {
             return;
         };
-        let control = config.read_u16(offset + 2);
+        let control = config.read_u16(offset.saturating_add(2));
         let enabled = control & control::ENABLE != 0;
         let function_masked = control & control::FUNCTION_MASK != 0;
         if (enabled, function_masked) == (self.enabled, self.function_masked) {
@@ -256,14 +254,17 @@ impl Msix {
             log::debug!("MSI-X: {}-byte table read at {offset:#x} refused", data.len());
             return;
         };
-        let entry = self.table[index];
+        // table_field keeps the index inside the table.
+        let Some(entry) = self.table.get(index) else {
+            return;
+        };
         let dwords = [
             entry.address as u32,
             (entry.address >> 32) as u32,
             entry.data,
             entry.control,
         ];
-        for (chunk, dword) in data.chunks_mut(4).zip(&dwords[field..]) {
+        for (chunk, dword) in data.chunks_mut(4).zip(dwords.iter().skip(field)) {
             chunk.copy_from_slice(&dword.to_le_bytes());
         }
     }
@@ -276,12 +277,16 @@ impl Msix {
             log::debug!("MSI-X: {}-byte table write at {offset:#x} refused", data.len());
             return;
         };
-        let entry = &mut self.table[index];
-        for (i, chunk) in data.chunks(4).enumerate() {
+        // table_field keeps the index inside the table.
+        let Some(entry) = self.table.get_mut(index) else {
+            return;
+        };
+        // table_field only accepts 4- and 8-byte accesses: whole dwords.
+        for (field, chunk) in (field..).zip(data.chunks_exact(4)) {
             let mut dword = [0u8; 4];
             dword.copy_from_slice(chunk);
             let value = u32::from_le_bytes(dword);
-            match field + i {
+            match field {
                 0 => entry.address = (entry.address & !0xffff_ffff) | u64::from(value),
                 1 => entry.address = (entry.address & 0xffff_ffff) | (u64::from(value) << 32),
                 2 => entry.data = value,
@@ -299,12 +304,13 @@ impl Msix {
             log::debug!("MSI-X: {}-byte PBA read at {offset:#x} refused", data.len());
             return;
         }
-        for (i, byte) in data.iter_mut().enumerate() {
-            let first = (offset as usize + i) * 8;
-            for bit in 0..8 {
-                if self.pending.get(first + bit).copied().unwrap_or(false) {
-                    *byte |= 1 << bit;
-                }
+        // Byte n of the PBA holds the pending bits of vectors 8n..8n+8.
+        let Ok(first) = usize::try_from(offset) else {
+            return;
+        };
+        for (byte, pending) in data.iter_mut().zip(self.pending.chunks(8).skip(first)) {
+            for (bit, &pending) in pending.iter().enumerate() {
+                *byte |= u8::from(pending) << bit;
             }
         }
     }
@@ -362,17 +368,20 @@ impl Msix {
     /// an error of the device model, not of the guest.
     pub fn signal(&mut self, vector: u16) -> Result<()> {
         let index = usize::from(vector);
-        if index >= self.table.len() {
+        let Some(entry) = self.table.get(index) else {
             return Err(crate::Error::NoSuchVector {
                 vector,
                 count: self.table.len() as u16,
             });
-        }
+        };
         if !self.enabled {
             return Ok(());
         }
-        if self.function_masked || self.table[index].masked() {
-            self.pending[index] = true;
+        if self.function_masked || entry.masked() {
+            // The pending bits are as many as the table's entries.
+            if let Some(pending) = self.pending.get_mut(index) {
+                *pending = true;
+            }
             return Ok(());
         }
         self.send(index)
@@ -383,8 +392,9 @@ impl Msix {
     /// this; a function-level reset does.)
     pub fn reset(&mut self, config: &mut ConfigSpace) {
         if let Some(offset) = self.capability {
-            let control = config.read_u16(offset + 2) & !(control::ENABLE | control::FUNCTION_MASK);
-            config.set_u16(offset + 2, control);
+            let control_offset = offset.saturating_add(2);
+            let control = config.read_u16(control_offset) & !(control::ENABLE | control::FUNCTION_MASK);
+            config.set_u16(control_offset, control);
         }
         self.enabled = false;
         self.function_masked = false;
@@ -409,7 +419,7 @@ impl Msix {
     }
 
     fn deliverable(&self, index: usize) -> bool {
-        self.enabled && !self.function_masked && !self.table[index].masked()
+        self.enabled && !self.function_masked && self.table.get(index).is_some_and(|entry| !entry.masked())
     }
 
     /// After a change to entry `index` or the function's state: moves its
@@ -418,7 +428,9 @@ impl Msix {
         if !self.deliverable(index) {
             return;
         }
-        let entry = self.table[index];
+        let Some(&entry) = self.table.get(index) else {
+            return;
+        };
         let message = if entry.address & MSI_ADDRESS_MASK == MSI_ADDRESS_BASE {
             Some(MsiMessage {
                 address: entry.address,
@@ -432,8 +444,8 @@ impl Msix {
             None
         };
         self.route(index, message);
-        if self.pending[index] {
-            self.pending[index] = false;
+        // Sends it if it was pending, clearing the bit.
+        if self.pending.get_mut(index).is_some_and(std::mem::take) {
             if let Err(e) = self.send(index) {
                 keel_ratelimit::warn_limited!("MSI-X vector {index}: cannot send the pending message: {e}");
             }
@@ -441,17 +453,20 @@ impl Msix {
     }
 
     fn route(&mut self, index: usize, message: Option<MsiMessage>) {
-        if self.routed[index] == message {
+        let Some(routed) = self.routed.get_mut(index) else {
+            return;
+        };
+        if *routed == message {
             return;
         }
         match self.vectors.set_message(index as u16, message) {
-            Ok(()) => self.routed[index] = message,
+            Ok(()) => *routed = message,
             Err(e) => keel_ratelimit::warn_limited!("MSI-X vector {index}: cannot route it: {e}"),
         }
     }
 
     fn send(&self, index: usize) -> Result<()> {
-        if self.routed[index].is_none() {
+        if self.routed.get(index).copied().flatten().is_none() {
             // No interrupt address: a message a real function would send
             // as a write to memory, which this model never does.
             return Ok(());

@@ -20,6 +20,8 @@ pub const BOOT_GDT: [u64; 5] = [
     gdt_entry(0xc093, 0, 0xfffff), // 0x18: data, DPL 0
     gdt_entry(0x808b, 0, 0xfffff), // 0x20: busy 64-bit TSS
 ];
+/// GDTR's limit for [`BOOT_GDT`]: its size in bytes, minus one.
+const BOOT_GDT_LIMIT: u16 = (std::mem::size_of_val(&BOOT_GDT) - 1) as u16;
 /// Code selector at entry.
 pub const BOOT_CS: u16 = 0x10;
 /// Data selector at entry.
@@ -103,7 +105,7 @@ fn load_boot_tables_and_segments(
     tss: kvm_segment,
 ) {
     sregs.gdt.base = BOOT_GDT_START.0;
-    sregs.gdt.limit = (BOOT_GDT.len() * 8 - 1) as u16;
+    sregs.gdt.limit = BOOT_GDT_LIMIT;
     sregs.idt.base = BOOT_IDT_START.0;
     sregs.idt.limit = 7;
     sregs.cs = code;
@@ -205,6 +207,9 @@ pub mod msr_index {
 
 /// The MSRs a vCPU gets at boot: syscall/sysenter cleared, TSC at 0, fast
 /// strings on, MTRRs enabled with write-back as the default type.
+// Cannot panic: a fixed list of 11 entries, far below KVM_MAX_MSR_ENTRIES
+// (256), the only limit Msrs::from_entries checks.
+#[allow(clippy::expect_used)]
 pub fn boot_msrs() -> Msrs {
     use msr_index::*;
     let entry = |index, data| kvm_msr_entry {
@@ -233,14 +238,24 @@ const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
 
+/// The 32-bit local APIC register at `offset` (0 past the register page).
 fn lapic_reg(state: &kvm_lapic_state, offset: usize) -> u32 {
-    let bytes: [u8; 4] = std::array::from_fn(|i| state.regs[offset + i] as u8);
+    let mut bytes = [0u8; 4];
+    if let Some(reg) = state.regs.get(offset..).and_then(|rest| rest.get(..4)) {
+        for (byte, &r) in bytes.iter_mut().zip(reg) {
+            *byte = r as u8;
+        }
+    }
     u32::from_le_bytes(bytes)
 }
 
+/// Sets the 32-bit local APIC register at `offset` (nothing past the
+/// register page).
 fn set_lapic_reg(state: &mut kvm_lapic_state, offset: usize, value: u32) {
-    for (i, b) in value.to_le_bytes().into_iter().enumerate() {
-        state.regs[offset + i] = b as _;
+    if let Some(reg) = state.regs.get_mut(offset..).and_then(|rest| rest.get_mut(..4)) {
+        for (r, byte) in reg.iter_mut().zip(value.to_le_bytes()) {
+            *r = byte as _;
+        }
     }
 }
 

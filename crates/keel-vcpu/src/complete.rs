@@ -186,11 +186,12 @@ fn fxsave_image(fpu: &kvm_fpu) -> [u8; 512] {
     image[16..24].copy_from_slice(&fpu.last_dp.to_le_bytes());
     image[24..28].copy_from_slice(&fpu.mxcsr.to_le_bytes());
     image[28..32].copy_from_slice(&MXCSR_MASK.to_le_bytes());
-    for (i, st) in fpu.fpr.iter().enumerate() {
-        image[32 + i * 16..32 + i * 16 + 16].copy_from_slice(st);
+    // ST0–ST7 at 32..160 and XMM0–XMM15 at 160..416, 16 bytes each.
+    for (slot, st) in image[32..160].chunks_exact_mut(16).zip(&fpu.fpr) {
+        slot.copy_from_slice(st);
     }
-    for (i, xmm) in fpu.xmm.iter().enumerate() {
-        image[160 + i * 16..160 + i * 16 + 16].copy_from_slice(xmm);
+    for (slot, xmm) in image[160..416].chunks_exact_mut(16).zip(&fpu.xmm) {
+        slot.copy_from_slice(xmm);
     }
     image
 }
@@ -198,9 +199,9 @@ fn fxsave_image(fpu: &kvm_fpu) -> [u8; 512] {
 /// Loads `fpu` from a 512-byte FXSAVE image; `Err` where the CPU raises
 /// #GP (reserved MXCSR bits).
 fn fxrstor_image(image: &[u8; 512], fpu: &mut kvm_fpu) -> Result<(), ()> {
-    let u16_at = |o: usize| u16::from_le_bytes([image[o], image[o + 1]]);
-    let u32_at = |o: usize| u32::from_le_bytes([image[o], image[o + 1], image[o + 2], image[o + 3]]);
-    let u64_at = |o: usize| u64::from(u32_at(o)) | u64::from(u32_at(o + 4)) << 32;
+    let u16_at = |o: usize| u16::from_le_bytes(bytes_at(image, o));
+    let u32_at = |o: usize| u32::from_le_bytes(bytes_at(image, o));
+    let u64_at = |o: usize| u64::from_le_bytes(bytes_at(image, o));
     let mxcsr = u32_at(24);
     if mxcsr & !MXCSR_MASK != 0 {
         return Err(());
@@ -212,13 +213,23 @@ fn fxrstor_image(image: &[u8; 512], fpu: &mut kvm_fpu) -> Result<(), ()> {
     fpu.last_ip = u64_at(8);
     fpu.last_dp = u64_at(16);
     fpu.mxcsr = mxcsr;
-    for (i, st) in fpu.fpr.iter_mut().enumerate() {
-        st.copy_from_slice(&image[32 + i * 16..32 + i * 16 + 16]);
+    for (st, slot) in fpu.fpr.iter_mut().zip(image[32..160].chunks_exact(16)) {
+        st.copy_from_slice(slot);
     }
-    for (i, xmm) in fpu.xmm.iter_mut().enumerate() {
-        xmm.copy_from_slice(&image[160 + i * 16..160 + i * 16 + 16]);
+    for (xmm, slot) in fpu.xmm.iter_mut().zip(image[160..416].chunks_exact(16)) {
+        xmm.copy_from_slice(slot);
     }
     Ok(())
+}
+
+/// The `N` bytes of `image` at `offset` (the FXSAVE fields are all inside
+/// the image; zeros past its end).
+fn bytes_at<const N: usize>(image: &[u8], offset: usize) -> [u8; N] {
+    image
+        .get(offset..)
+        .and_then(|rest| rest.first_chunk::<N>())
+        .copied()
+        .unwrap_or([0; N])
 }
 
 #[cfg(test)]

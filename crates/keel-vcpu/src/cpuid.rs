@@ -128,7 +128,7 @@ impl CpuidConfig {
             4 => {
                 // Deterministic cache parameters: EAX[31:26] is cores per
                 // package minus one; one core per vCPU, no SMT.
-                e.eax = (e.eax & 0x03ff_ffff) | ((count - 1) << 26);
+                e.eax = (e.eax & 0x03ff_ffff) | (count.saturating_sub(1) << 26);
             }
             7 if e.index == 0 && self.hide_unemulated_instructions => {
                 e.ebx &= !LEAF7_EBX_UNEMULATED;
@@ -153,7 +153,7 @@ impl CpuidConfig {
                         e.ecx = (1 << 8) | e.index;
                     }
                     1 => {
-                        e.eax = 32 - (count - 1).leading_zeros().min(32);
+                        e.eax = u32::BITS.saturating_sub(count.saturating_sub(1).leading_zeros());
                         e.ebx = count;
                         e.ecx = (2 << 8) | e.index;
                     }

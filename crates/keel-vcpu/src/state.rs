@@ -126,15 +126,17 @@ pub fn check_cpu_features(
         let Some(used) = find(saved, leaf, subleaf) else {
             continue;
         };
+        // FEATURE_REGISTERS names registers 0-3 (EAX-EDX).
+        let bits = |e: &kvm_cpuid_entry2| regs(e).get(register).copied().unwrap_or(0);
         let offered = find(supported.as_slice(), leaf, subleaf)
-            .map(|e| regs(&e)[register])
+            .map(|e| bits(&e))
             .unwrap_or(0);
-        let missing = regs(&used)[register] & !offered & !own_bits;
+        let missing = bits(&used) & !offered & !own_bits;
         if missing != 0 {
             return Err(MissingCpuFeatures {
                 leaf,
                 subleaf,
-                register: NAMES[register],
+                register: NAMES.get(register).copied().unwrap_or("?"),
                 bits: missing,
             });
         }
@@ -184,7 +186,13 @@ impl Vcpu {
             Ok(lapic) => Some(lapic),
             // No in-kernel local APIC in this VM.
             Err(e) if e.errno() == libc::EINVAL || e.errno() == libc::ENXIO => None,
-            Err(e) => return Err(self.kvm::<()>("KVM_GET_LAPIC", Err(e)).unwrap_err()),
+            Err(source) => {
+                return Err(Error::Kvm {
+                    op: "KVM_GET_LAPIC",
+                    vcpu: self.id,
+                    source,
+                })
+            }
         };
         let msrs = self.read_msrs(msr_indices)?;
         let events = self.kvm("KVM_GET_VCPU_EVENTS", fd.get_vcpu_events())?;
@@ -211,7 +219,7 @@ impl Vcpu {
         let mut saved = Vec::with_capacity(indices.len());
         let mut rest = indices;
         while !rest.is_empty() {
-            let batch = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
+            let batch = rest.get(..kvm_bindings::KVM_MAX_MSR_ENTRIES).unwrap_or(rest);
             let entries: Vec<kvm_msr_entry> = batch
                 .iter()
                 .map(|&index| kvm_msr_entry {
@@ -224,10 +232,10 @@ impl Vcpu {
                 reason: format!("{} MSRs: {e:?}", entries.len()),
             })?;
             let read = self.kvm("KVM_GET_MSRS", self.fd().get_msrs(&mut msrs))?;
-            saved.extend_from_slice(&msrs.as_slice()[..read.min(batch.len())]);
+            saved.extend(msrs.as_slice().iter().take(read.min(batch.len())));
             // `read` were read; the next one (if any) is unreadable: skip it.
-            let consumed = if read < batch.len() { read + 1 } else { read };
-            rest = &rest[consumed..];
+            let consumed = read.saturating_add(1).min(batch.len());
+            rest = rest.get(consumed..).unwrap_or_default();
         }
         Ok(saved)
     }
@@ -239,14 +247,14 @@ impl Vcpu {
     fn write_msrs(&self, entries: &[kvm_msr_entry]) -> Result<()> {
         let mut rest = entries;
         while !rest.is_empty() {
-            let batch = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
+            let batch = rest.get(..kvm_bindings::KVM_MAX_MSR_ENTRIES).unwrap_or(rest);
             let msrs = Msrs::from_entries(batch).map_err(|e| Error::Snapshot {
                 vcpu: self.id,
                 reason: format!("{} MSRs: {e:?}", batch.len()),
             })?;
             let set = self.kvm("KVM_SET_MSRS", self.fd().set_msrs(&msrs))?;
             let Some(refused) = batch.get(set) else {
-                rest = &rest[batch.len()..];
+                rest = rest.get(batch.len()..).unwrap_or_default();
                 continue;
             };
             let current = self.read_msrs(&[refused.index])?;
@@ -256,7 +264,9 @@ impl Vcpu {
                     index: refused.index,
                 });
             }
-            rest = &rest[set + 1..];
+            // `set` is an index into the batch, so the rest starts at most
+            // at its end.
+            rest = rest.get(set.saturating_add(1)..).unwrap_or_default();
         }
         Ok(())
     }

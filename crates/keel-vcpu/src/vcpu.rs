@@ -139,11 +139,14 @@ impl Vcpu {
     pub fn configure_msrs(&self) -> Result<()> {
         let msrs = boot_msrs();
         let set = self.kvm("KVM_SET_MSRS", self.fd.set_msrs(&msrs))?;
-        if set != msrs.as_slice().len() {
-            let index = msrs.as_slice()[set].index;
-            return Err(Error::MsrRejected { vcpu: self.id, index });
+        // KVM stops at the first MSR it refuses.
+        match msrs.as_slice().get(set) {
+            Some(refused) => Err(Error::MsrRejected {
+                vcpu: self.id,
+                index: refused.index,
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Routes LINT0 as ExtINT and LINT1 as NMI. Needs the in-kernel irqchip.
@@ -266,17 +269,20 @@ impl Vcpu {
         // so `io` is the active union member.
         let info = unsafe { run.__bindgen_anon_1.io };
         let size = usize::from(info.size);
-        let total = size * info.count as usize;
         // KVM puts the data in the page after kvm_run (KVM_PIO_PAGE_OFFSET)
         // and never more than that page holds.
-        if size == 0 || total > 4096 {
+        let Some(total) = usize::try_from(info.count)
+            .ok()
+            .and_then(|count| size.checked_mul(count))
+            .filter(|&total| size != 0 && total <= 4096)
+        else {
             log::warn!(
                 "vCPU {}: malformed port I/O exit (size {size}, count {})",
                 self.id,
                 info.count
             );
             return;
-        }
+        };
         // SAFETY: KVM places the data `data_offset` bytes into the vCPU's
         // mapping (as kvm-ioctls also relies on), at most a page of it, and
         // the mapping outlives this borrow.
@@ -393,7 +399,7 @@ impl Vcpu {
                 self.kvm("KVM_SET_VCPU_EVENTS", inject(&self.fd, 14, Some(error_code)))?;
             }
         }
-        self.completed_instructions += 1;
+        self.completed_instructions = self.completed_instructions.saturating_add(1);
         crate::VcpuCounters::bump(&self.counters.completed_instructions);
         log::debug!(
             "vCPU {}: completed {:02x?} at {rip:#x} for the host's emulator: {completion:?}",
@@ -419,7 +425,7 @@ impl Vcpu {
             regs.rip = rip.wrapping_add(1);
             self.kvm("KVM_SET_REGS", self.fd.set_regs(&regs))?;
         }
-        self.emulated_fwaits += 1;
+        self.emulated_fwaits = self.emulated_fwaits.saturating_add(1);
         Ok(())
     }
 
@@ -433,7 +439,7 @@ impl Vcpu {
         events.exception.has_error_code = 0;
         events.exception.error_code = 0;
         self.kvm("KVM_SET_VCPU_EVENTS", self.fd.set_vcpu_events(&events))?;
-        self.bp_injections += 1;
+        self.bp_injections = self.bp_injections.saturating_add(1);
         Ok(())
     }
 
@@ -501,11 +507,7 @@ fn fetch_instruction(
         let Some(gpa) = translate(at) else {
             break;
         };
-        // 1..=4096: what is left of this page.
-        let in_page = 4096 - (at & 0xfff);
-        let len = usize::try_from(in_page)
-            .unwrap_or(MAX_INSTRUCTION)
-            .min(MAX_INSTRUCTION - bytes.len());
+        let len = left_in_page(at).min(MAX_INSTRUCTION.saturating_sub(bytes.len()));
         let mut chunk = [0u8; MAX_INSTRUCTION];
         let Some(chunk) = chunk.get_mut(..len) else {
             break;
@@ -517,6 +519,12 @@ fn fetch_instruction(
         addr = at.checked_add(len as u64);
     }
     bytes
+}
+
+/// Bytes from `at` to the end of its 4 KiB page: 1..=4096.
+fn left_in_page(at: u64) -> usize {
+    // `at & 0xfff` is at most 4095: the subtraction cannot wrap.
+    0x1000usize.saturating_sub((at & 0xfff) as usize)
 }
 
 /// The guest as [`crate::complete`] sees it: registers, segment bases,
@@ -540,17 +548,17 @@ impl GuestMachine<'_> {
     ) -> std::result::Result<(), u64> {
         let mut done = 0usize;
         while done < len {
+            // Linear addresses wrap around the address space.
             let at = linear.wrapping_add(done as u64);
-            let in_page = (4096 - (at & 0xfff)) as usize;
-            let n = in_page.min(len - done);
+            let end = done.saturating_add(left_in_page(at)).min(len);
             let gpa = match self.fd.translate_gva(at) {
                 Ok(t) if t.valid != 0 => t.physical_address,
                 _ => return Err(at),
             };
-            if !access(gpa, done..done + n) {
+            if !access(gpa, done..end) {
                 return Err(at);
             }
-            done += n;
+            done = end;
         }
         Ok(())
     }
@@ -598,7 +606,8 @@ impl crate::complete::Machine for GuestMachine<'_> {
     fn read(&mut self, linear: u64, buf: &mut [u8]) -> std::result::Result<(), u64> {
         let mem = self.mem;
         self.each_page(linear, buf.len(), |gpa, range| {
-            mem.read_slice(&mut buf[range], GuestAddress(gpa)).is_ok()
+            buf.get_mut(range)
+                .is_some_and(|piece| mem.read_slice(piece, GuestAddress(gpa)).is_ok())
         })
     }
 
@@ -607,7 +616,8 @@ impl crate::complete::Machine for GuestMachine<'_> {
         // Check every page first, so a fault leaves memory untouched.
         self.each_page(linear, data.len(), |_, _| true)?;
         self.each_page(linear, data.len(), |gpa, range| {
-            mem.write_slice(&data[range], GuestAddress(gpa)).is_ok()
+            data.get(range)
+                .is_some_and(|piece| mem.write_slice(piece, GuestAddress(gpa)).is_ok())
         })
     }
 
