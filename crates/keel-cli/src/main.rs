@@ -171,6 +171,21 @@ struct Args {
     /// or off [default: kill, or the --config file's "seccomp"].
     #[arg(long, value_name = "LEVEL", value_parser = parse_seccomp_level)]
     seccomp_level: Option<SeccompLevel>,
+
+    /// No seccomp filters (Firecracker's flag; --seccomp-level off).
+    #[arg(long, conflicts_with = "seccomp_level")]
+    no_seccomp: bool,
+}
+
+impl Args {
+    /// The seccomp level the flags ask for, if they do.
+    fn seccomp(&self) -> Option<SeccompLevel> {
+        if self.no_seccomp {
+            Some(SeccompLevel::Off)
+        } else {
+            self.seccomp_level
+        }
+    }
 }
 
 fn parse_seccomp_level(s: &str) -> Result<SeccompLevel, String> {
@@ -304,7 +319,7 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
     if let Some(c) = &args.console {
         config.console = Some(c.clone());
     }
-    if let Some(level) = args.seccomp_level {
+    if let Some(level) = args.seccomp() {
         config.seccomp = level;
     }
     Ok(config)
@@ -390,7 +405,7 @@ fn restore_config(args: &Args, snapshot: &keel_vmm::Snapshot) -> Result<VmConfig
         }
         config.console = Some(console.clone());
     }
-    if let Some(level) = args.seccomp_level {
+    if let Some(level) = args.seccomp() {
         config.seccomp = level;
     }
     Ok(config)
@@ -464,7 +479,7 @@ fn run_firecracker_style(args: &Args, logger: logger::ProcessLogger, process_sta
     if let Some(t) = args.transport {
         options.transport = t;
     }
-    options.seccomp = args.seccomp_level.unwrap_or_default();
+    options.seccomp = args.seccomp().unwrap_or_default();
     // Every thread from here on (the API's, the VM's) starts under the
     // API role's filter; the VM's own threads narrow it to theirs.
     if let Err(message) = confine(ThreadRole::Api, options.seccomp) {

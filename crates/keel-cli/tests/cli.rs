@@ -202,3 +202,81 @@ fn a_net_fd_that_is_not_a_tap_is_one_clear_error() {
     // fd 0 is stdin (here /dev/null from `output()`): open, but no tap.
     assert_one_line_error(&["--memory", "32", "--net", "fd=0"], "net fd=0:");
 }
+
+/// Each thread of a running `keel` and its seccomp mode (2: a filter).
+fn thread_filters(pid: u32) -> Vec<(String, String)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        threads.push((field("Name:"), field("Seccomp:")));
+    }
+    threads
+}
+
+/// Starts `keel` on a guest that waits, lets `look` see its threads, and
+/// ends it.
+fn while_running(extra: &[&str], look: impl FnOnce(Vec<(String, String)>)) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args([
+            "--memory",
+            "32",
+            "--rng",
+            "--cmdline",
+            "acpi-power-button timeout-ms=20000",
+        ])
+        .args(extra)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let threads = loop {
+        let threads = thread_filters(child.id());
+        if threads.iter().any(|(name, _)| name == "keel-events")
+            && threads.iter().any(|(name, _)| name.starts_with("keel-vcpu"))
+        {
+            break threads;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "keel's threads never started: {threads:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    look(threads);
+}
+
+#[test]
+fn every_thread_runs_under_a_seccomp_filter_by_default() {
+    while_running(&[], |threads| {
+        for (name, mode) in &threads {
+            assert_eq!(mode, "2", "thread {name} has no seccomp filter: {threads:?}");
+        }
+    });
+    while_running(&["--no-seccomp"], |threads| {
+        for (name, mode) in &threads {
+            assert_eq!(
+                mode, "0",
+                "thread {name} is filtered with --no-seccomp: {threads:?}"
+            );
+        }
+    });
+}
+
+#[test]
+fn a_bad_seccomp_level_is_named() {
+    let (code, _, err) = keel(&["--seccomp-level", "strict"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("seccomp level \"strict\""), "{err}");
+}

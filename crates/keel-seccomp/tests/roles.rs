@@ -262,7 +262,10 @@ fn allow_lists_are_small_and_name_real_calls() {
         .map(|r| (r, allowed_syscalls(r).len()))
         .collect();
     for (role, count) in &counts {
-        eprintln!("{role}: {count} system calls");
+        eprintln!(
+            "{role}: {count} system calls: {}",
+            allowed_syscalls(*role).join(" ")
+        );
         assert!((20..120).contains(count), "{role}: {count}");
     }
     assert!(allowed_syscalls(ThreadRole::Vcpu).contains(&"ioctl"));
