@@ -153,6 +153,12 @@ pub const HOST_DEPS: &[Dep] = &[
         "bounds each `keel` run of keel's cli tests",
     ),
     dep(
+        Tool("ldd"),
+        "libc-bin",
+        Tests,
+        "lists the libraries keel-jail copies into a jail: keel jail tests",
+    ),
+    dep(
         Tool("sysctl"),
         "procps",
         Tests,
