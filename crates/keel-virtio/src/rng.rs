@@ -4,7 +4,6 @@
 use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use keel_ratelimit::{BucketUpdate, RateLimiter};
-use virtio_queue::QueueT;
 
 use crate::activation::{process_queue, ActivationState, EventSource, Handled};
 use crate::chain::RequestBuffers;
@@ -94,10 +93,9 @@ impl Rng {
             // The limiter's timer brings us back.
             return;
         }
-        let Some(active) = self.activation.active_mut() else {
+        let Some((active, budget)) = self.activation.start_pass(ops, 0) else {
             return;
         };
-        let budget = usize::from(active.queues[0].size());
         let buffer = &mut self.buffer;
         let served = &mut self.served;
         let limiter = &mut self.limiter;

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::QueueT;
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -498,10 +497,9 @@ impl Balloon {
             self.process_stats(ops);
             return;
         }
-        let Some(active) = self.activation.active_mut() else {
+        let Some((active, budget)) = self.activation.start_pass(ops, index) else {
             return;
         };
-        let budget = usize::from(active.queues[index].size());
         let counters = &self.shared.counters;
         let result = match index {
             0 => process_queue(active, index, budget, |mem, chain| {
@@ -609,9 +607,9 @@ fn take_stats(
     shared: &Shared,
     bytes: &mut [u8],
 ) -> std::result::Result<QueueRun, QueueError> {
-    let budget = usize::from(active.queues[queue].size());
+    let budget = active.queue_size(queue)?;
     let mut returned = false;
-    let mut taken = 0;
+    let mut taken = 0usize;
     let run = 'run: loop {
         while let Some(chain) = pop_chain(active, queue)? {
             if let Some(old) = held.replace(chain.head()) {

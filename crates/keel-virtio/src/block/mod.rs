@@ -13,7 +13,6 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::QueueT;
 use vm_memory::Bytes;
 
 pub use backend::{BlockBackend, FileBackend, MemoryBackend};
@@ -276,10 +275,9 @@ impl<B: BlockBackend> Block<B> {
             // The limiter's timer brings us back.
             return;
         }
-        let Some(active) = self.activation.active_mut() else {
+        let Some((active, budget)) = self.activation.start_pass(ops, 0) else {
             return;
         };
-        let budget = usize::from(active.queues[0].size());
         let disk = &mut self.disk;
         let limiter = &mut self.limiter;
         let throttled = &mut self.throttled;

@@ -8,7 +8,6 @@ use std::path::Path;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use keel_ratelimit::{BucketConfig, BucketUpdate, RateLimiter};
-use virtio_queue::QueueT;
 
 pub use backend::{ConsoleBackend, StreamBackend, UnixSocketBackend};
 
@@ -183,12 +182,11 @@ impl Console {
             // The limiter's timer brings us back.
             return;
         }
-        let Some(active) = self.activation.active_mut() else {
+        let Some((active, budget)) = self.activation.start_pass(ops, TRANSMITQ) else {
             return;
         };
-        let budget = usize::from(active.queues[TRANSMITQ].size());
         let backend = &mut self.backend;
-        let scratch = &mut self.scratch[..OUTPUT_CHUNK];
+        let scratch = &mut (*self.scratch)[..OUTPUT_CHUNK];
         let limiter = &mut self.output_limiter;
         let counters = &mut self.counters;
         let mut pass_bytes = 0u64;
@@ -257,7 +255,7 @@ impl Console {
         let Some(active) = self.activation.active_mut() else {
             return Ok(false);
         };
-        let budget = usize::from(active.queues[RECEIVEQ].size());
+        let budget = active.queue_size(RECEIVEQ)?;
         let mut used = 0usize;
         // Chains used plus rounds of re-checking the ring: bounded, so a
         // driver moving its index without adding buffers cannot spin us.

@@ -443,10 +443,9 @@ impl<B: NetBackend> Net<B> {
             // The limiter's timer brings us back.
             return;
         }
-        let Some(active) = self.activation.active_mut() else {
+        let Some((active, budget)) = self.activation.start_pass(ops, TXQ) else {
             return;
         };
-        let budget = usize::from(active.queues[TXQ].size());
         let backend = &mut self.backend;
         let buffer = &mut self.tx_frame;
         let counters = &mut self.counters;
@@ -484,7 +483,7 @@ impl<B: NetBackend> Net<B> {
         let Some(active) = self.activation.active_mut() else {
             return Ok(false);
         };
-        let budget = usize::from(active.queues[RXQ].size());
+        let budget = active.queue_size(RXQ)?;
         // Frames handled or dropped: bounded, so a backend that never runs
         // dry cannot keep the event loop here.
         let mut frames = 0usize;
@@ -727,8 +726,8 @@ fn deliver(
     mergeable: bool,
     frame: &mut [u8],
 ) -> std::result::Result<Delivery, QueueError> {
-    let ring_size = usize::from(active.queues[RXQ].size());
-    let start = active.queues[RXQ].next_avail();
+    let ring_size = active.queue_size(RXQ)?;
+    let start = active.queue_mut(RXQ)?.next_avail();
     let need = frame.len() as u64;
     let mut chains: Vec<RequestBuffers> = Vec::new();
     let mut capacity = 0u64;
@@ -740,16 +739,17 @@ fn deliver(
             // Ask for a notification first, then look again: buffers added
             // meanwhile are taken now, not missed.
             if rearm_notification(active, RXQ)? {
-                rechecks += 1;
+                // At most `ring_size + 1`.
+                rechecks = rechecks.saturating_add(1);
                 if rechecks > ring_size {
-                    active.queues[RXQ].set_next_avail(start);
+                    active.queue_mut(RXQ)?.set_next_avail(start);
                     return Ok(Delivery::Busy);
                 }
                 continue;
             }
             // Put back what was taken; the notification request stays at
             // the ring's current end, so the next buffer wakes the device.
-            active.queues[RXQ].set_next_avail(start);
+            active.queue_mut(RXQ)?.set_next_avail(start);
             return Ok(Delivery::NoBuffers);
         };
         let head = chain.head();
@@ -767,10 +767,11 @@ fn deliver(
                 reason: "a receive buffer is shorter than the virtio-net header",
             });
         }
-        capacity += chain.writable_len();
+        // At most the queue size of chains of at most 4 GiB each.
+        capacity = capacity.saturating_add(chain.writable_len());
         chains.push(chain);
         if capacity < need && (!mergeable || chains.len() == ring_size) {
-            active.queues[RXQ].set_next_avail(start);
+            active.queue_mut(RXQ)?.set_next_avail(start);
             return Ok(Delivery::TooBig);
         }
     }
