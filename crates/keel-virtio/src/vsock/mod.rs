@@ -206,12 +206,13 @@ impl Vsock {
                 if rounds == budget {
                     return Ok(true);
                 }
-                rounds += 1;
+                // At most `budget`, a usize.
+                rounds = rounds.saturating_add(1);
                 match pop_chain(active, RX_QUEUE)? {
                     Some(chain) => {
                         let len = muxer.fill_rx(&active.mem, &chain, ops);
                         complete(active, RX_QUEUE, chain.head(), len)?;
-                        used += 1;
+                        used = used.saturating_add(1);
                     }
                     // No buffers: the driver notifies when it adds some.
                     None if !rearm_notification(active, RX_QUEUE)? => return Ok(false),
