@@ -33,6 +33,31 @@ pub(crate) struct Active {
     pub failed: bool,
 }
 
+impl Active {
+    /// Queue `queue` (see [`queue_ref`]).
+    pub fn queue_mut(&mut self, queue: usize) -> std::result::Result<&mut Queue, QueueError> {
+        queue_mut(&mut self.queues, queue)
+    }
+
+    /// The size of queue `queue`: the budget of a pass over it.
+    pub fn queue_size(&self, queue: usize) -> std::result::Result<usize, QueueError> {
+        Ok(usize::from(queue_ref(&self.queues, queue)?.size()))
+    }
+}
+
+/// Queue `queue` of `queues`. Devices name their queues with constants
+/// below the count [`check_queue_count`](crate::check_queue_count) holds
+/// them to at activation, so a missing queue is a bug in the device; it is
+/// reported like a broken queue (the device needs a reset), never a panic.
+fn queue_ref(queues: &[Queue], queue: usize) -> std::result::Result<&Queue, QueueError> {
+    queues.get(queue).ok_or(QueueError::NoSuchQueue { queue })
+}
+
+/// [`queue_ref`], mutable.
+fn queue_mut(queues: &mut [Queue], queue: usize) -> std::result::Result<&mut Queue, QueueError> {
+    queues.get_mut(queue).ok_or(QueueError::NoSuchQueue { queue })
+}
+
 /// Where an event the subscriber received came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EventSource {
@@ -86,6 +111,20 @@ impl ActivationState {
 
     pub fn active_mut(&mut self) -> Option<&mut Active> {
         self.active.as_mut().filter(|a| !a.failed)
+    }
+
+    /// For a pass over queue `queue`: the active device and the pass's
+    /// budget, the queue's size. `None` while inactive or failed, and for a
+    /// queue the device does not have (then the device fails, see
+    /// [`Active::queue_size`]).
+    pub fn start_pass(&mut self, ops: &mut EventOps, queue: usize) -> Option<(&mut Active, usize)> {
+        match self.active_mut()?.queue_size(queue) {
+            Ok(budget) => Some((self.active_mut()?, budget)),
+            Err(e) => {
+                self.fail(ops, &e);
+                None
+            }
+        }
     }
 
     /// Called on the transport's thread: keeps the activation for the event
@@ -254,6 +293,8 @@ impl ActivationState {
 /// A queue-level failure: the device cannot go on without a reset.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum QueueError {
+    #[error("queue {queue}: the device has no such queue")]
+    NoSuchQueue { queue: usize },
     #[error("queue {queue}: cannot read the available ring: {source}")]
     AvailRing {
         queue: usize,
@@ -326,7 +367,7 @@ pub(crate) fn pop_chain(
     queue: usize,
 ) -> std::result::Result<Option<RequestBuffers>, QueueError> {
     let Active { mem, queues, .. } = active;
-    let q = &mut queues[queue];
+    let q = queue_mut(queues, queue)?;
     let max = q.size();
     let chain = q
         .iter(&*mem)
@@ -348,7 +389,7 @@ pub(crate) fn complete(
     head: u16,
     len: u32,
 ) -> std::result::Result<(), QueueError> {
-    active.queues[queue]
+    queue_mut(&mut active.queues, queue)?
         .add_used(&active.mem, head, len)
         .map_err(|source| QueueError::UsedRing { queue, head, source })
 }
@@ -356,12 +397,13 @@ pub(crate) fn complete(
 /// Interrupts the guest for `queue` if the driver asked to be told now
 /// (`EVENT_IDX`), or always without it.
 pub(crate) fn notify_guest(active: &mut Active, queue: usize) -> std::result::Result<(), QueueError> {
-    let needed = active.queues[queue]
+    let q = queue_mut(&mut active.queues, queue)?;
+    let needed = q
         .needs_notification(&active.mem)
         .map_err(|source| QueueError::Notification { queue, source })?;
     log::trace!(
         "queue {queue}: used index {}, interrupt {}",
-        active.queues[queue].next_used(),
+        q.next_used(),
         if needed {
             "sent"
         } else {
@@ -380,7 +422,7 @@ pub(crate) fn notify_guest(active: &mut Active, queue: usize) -> std::result::Re
 /// Asks the driver to notify again once it adds buffers; returns whether
 /// some arrived meanwhile (then the caller should look again).
 pub(crate) fn rearm_notification(active: &mut Active, queue: usize) -> std::result::Result<bool, QueueError> {
-    active.queues[queue]
+    queue_mut(&mut active.queues, queue)?
         .enable_notification(&active.mem)
         .map_err(|source| QueueError::Notification { queue, source })
 }
@@ -401,7 +443,7 @@ where
     let mut processed = 0usize;
     let mut used = 0usize;
     let run = 'run: loop {
-        active.queues[queue]
+        queue_mut(&mut active.queues, queue)?
             .disable_notification(&active.mem)
             .map_err(|source| QueueError::Notification { queue, source })?;
         loop {
@@ -419,7 +461,7 @@ where
                 Handled::Used(len) => complete(active, queue, head, len)?,
                 Handled::UsedAndSpent(len) => {
                     complete(active, queue, head, len)?;
-                    used += 1;
+                    used = used.saturating_add(1);
                     break 'run QueueRun::BudgetSpent;
                 }
                 Handled::Unanswerable(reason) => {
@@ -428,12 +470,13 @@ where
                 Handled::Throttled => {
                     // Un-pop: the chain is served when the limiter allows.
                     // Notifications stay off, the timer brings us back.
-                    active.queues[queue].go_to_previous_position();
+                    queue_mut(&mut active.queues, queue)?.go_to_previous_position();
                     break 'run QueueRun::Throttled;
                 }
             }
-            processed += 1;
-            used += 1;
+            // Both at most `budget`, a usize.
+            processed = processed.saturating_add(1);
+            used = used.saturating_add(1);
         }
         if !rearm_notification(active, queue)? {
             break QueueRun::Drained;
@@ -444,7 +487,7 @@ where
         if processed == budget {
             break QueueRun::BudgetSpent;
         }
-        processed += 1;
+        processed = processed.saturating_add(1);
     };
     if used > 0 {
         notify_guest(active, queue)?;

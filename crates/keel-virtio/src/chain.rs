@@ -14,7 +14,7 @@ use std::ops::Deref;
 
 use crate::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError, Permissions};
 
 /// Why a descriptor chain cannot be used. Any of these means the driver
 /// broke the virtqueue rules; the device answers with `DEVICE_NEEDS_RESET`.
@@ -99,7 +99,8 @@ impl RequestBuffers {
                 return Err(ChainError::TooLong { max: max_descriptors });
             }
             let index = count;
-            count += 1;
+            // Below `max_descriptors`, a u16, after the check above.
+            count = count.saturating_add(1);
             last_has_next = desc.has_next();
             if desc.len() == 0 {
                 continue;
@@ -190,7 +191,8 @@ impl RequestBuffers {
     /// virtio-blk put their status.
     pub fn last_writable_byte(&self) -> Option<GuestAddress> {
         let last = self.writable.last()?;
-        last.addr.0.checked_add(u64::from(last.len) - 1).map(GuestAddress)
+        // Segments are never empty (parse drops zero-length descriptors).
+        last.addr.checked_add(u64::from(last.len.checked_sub(1)?))
     }
 }
 
@@ -225,18 +227,26 @@ impl<'a> SegmentCursor<'a> {
             return None;
         }
         let segment = self.segments.get(self.index)?;
-        let left_in_segment = u64::from(segment.len - self.offset);
-        let len = left_in_segment.min(self.remaining).min(max as u64);
-        // Cannot overflow: parse checked that the whole segment is in memory.
-        let addr = GuestAddress(segment.addr.0 + u64::from(self.offset));
-        // `len` fits in u32: it is at most `left_in_segment`.
-        self.offset += len as u32;
-        if self.offset == segment.len {
-            self.index += 1;
+        // `offset` stays below `segment.len`: it goes back to 0 at the end
+        // of a segment.
+        let left_in_segment = segment.len.checked_sub(self.offset)?;
+        let wanted = self.remaining.min(u64::try_from(max).unwrap_or(u64::MAX));
+        let len = left_in_segment.min(u32::try_from(wanted).unwrap_or(u32::MAX));
+        // Never fails: parse checked that the whole segment is in memory.
+        let addr = segment.addr.checked_add(u64::from(self.offset))?;
+        if len == left_in_segment {
+            // `index` is below `segments.len()`, a usize.
+            self.index = self.index.saturating_add(1);
             self.offset = 0;
+        } else {
+            // Below `segment.len`, a u32.
+            self.offset = self.offset.saturating_add(len);
         }
-        self.remaining -= len;
-        self.consumed += len;
+        // `len` is at most `remaining`, and `consumed + remaining` at most
+        // the segments' total, a u64.
+        self.remaining = self.remaining.saturating_sub(u64::from(len));
+        self.consumed = self.consumed.saturating_add(u64::from(len));
+        // A u32 fits in a usize on every target this crate runs on (64-bit).
         Some((addr, len as usize))
     }
 }
@@ -256,12 +266,19 @@ impl GuestReader<'_> {
 
     /// Fills as much of `buf` as there are bytes left; returns how many.
     pub fn read(&mut self, buf: &mut [u8]) -> Result<usize, GuestMemoryError> {
-        let mut done = 0;
-        while let Some((addr, len)) = self.cursor.next_span(buf.len() - done) {
-            self.mem.read_slice(&mut buf[done..done + len], addr)?;
-            done += len;
+        let wanted = buf.len();
+        let mut rest = buf;
+        while let Some((addr, len)) = self.cursor.next_span(rest.len()) {
+            // `next_span` returns at most `rest.len()` bytes: the split
+            // always succeeds.
+            let Some((span, tail)) = std::mem::take(&mut rest).split_at_mut_checked(len) else {
+                break;
+            };
+            self.mem.read_slice(span, addr)?;
+            rest = tail;
         }
-        Ok(done)
+        // `rest` is a suffix of `buf`.
+        Ok(wanted.saturating_sub(rest.len()))
     }
 
     /// Fills all of `buf`, or fails (having consumed what was there).
@@ -298,12 +315,18 @@ impl GuestWriter<'_> {
 
     /// Writes as much of `buf` as fits; returns how many bytes.
     pub fn write(&mut self, buf: &[u8]) -> Result<usize, GuestMemoryError> {
-        let mut done = 0;
-        while let Some((addr, len)) = self.cursor.next_span(buf.len() - done) {
-            self.mem.write_slice(&buf[done..done + len], addr)?;
-            done += len;
+        let mut rest = buf;
+        while let Some((addr, len)) = self.cursor.next_span(rest.len()) {
+            // `next_span` returns at most `rest.len()` bytes: the split
+            // always succeeds.
+            let Some((span, tail)) = rest.split_at_checked(len) else {
+                break;
+            };
+            self.mem.write_slice(span, addr)?;
+            rest = tail;
         }
-        Ok(done)
+        // `rest` is a suffix of `buf`.
+        Ok(buf.len().saturating_sub(rest.len()))
     }
 }
 

@@ -287,7 +287,9 @@ pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
         return;
     };
     let len = available.len().min(data.len());
-    data[..len].copy_from_slice(&available[..len]);
+    if let (Some(dst), Some(src)) = (data.get_mut(..len), available.get(..len)) {
+        dst.copy_from_slice(src);
+    }
 }
 
 /// Checks that `activation` has one queue and one queue eventfd per entry of

@@ -262,6 +262,18 @@
 //! ```
 
 #![deny(missing_docs)]
+// Guest-facing code: no panic a guest could reach (issue 13). Tests may
+// unwrap; the crate itself handles every failure or says why it cannot happen.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod activation;

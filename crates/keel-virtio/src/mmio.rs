@@ -131,9 +131,11 @@ impl MmioSlot {
             .map_err(|_| Error::InvalidMmioWindow { base: self.base })
     }
 
-    /// The guest physical address of the `QueueNotify` register.
+    /// The guest physical address of the `QueueNotify` register. (For a
+    /// window that does not fit in the address space, which
+    /// [`range`](Self::range) and [`MmioTransport::new`] refuse, it wraps.)
     pub fn notify_address(&self) -> u64 {
-        self.base + QUEUE_NOTIFY_OFFSET
+        self.base.wrapping_add(QUEUE_NOTIFY_OFFSET)
     }
 
     /// What to add to a Linux guest's kernel command line so it finds the
@@ -369,9 +371,9 @@ impl MmioTransport {
 
 impl MutDeviceMmio for MmioTransport {
     fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
-        if offset >= CONFIG_SPACE_OFFSET {
+        if let Some(config_offset) = offset.checked_sub(CONFIG_SPACE_OFFSET) {
             if matches!(data.len(), 1 | 2 | 4 | 8) {
-                lock(&self.state.device).read_config(offset - CONFIG_SPACE_OFFSET, data);
+                lock(&self.state.device).read_config(config_offset, data);
             } else {
                 log::debug!("virtio-mmio: {}-byte config read ignored", data.len());
                 data.fill(0);
@@ -390,9 +392,9 @@ impl MutDeviceMmio for MmioTransport {
     }
 
     fn mmio_write(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
-        if offset >= CONFIG_SPACE_OFFSET {
+        if let Some(config_offset) = offset.checked_sub(CONFIG_SPACE_OFFSET) {
             if matches!(data.len(), 1 | 2 | 4 | 8) {
-                lock(&self.state.device).write_config(offset - CONFIG_SPACE_OFFSET, data);
+                lock(&self.state.device).write_config(config_offset, data);
             } else {
                 log::debug!("virtio-mmio: {}-byte config write ignored", data.len());
             }

@@ -141,9 +141,10 @@ impl<H: RequestHandler> RequestDevice<H> {
                 reply.clear();
                 reply.resize(capacity, 0);
                 let len = handler.handle(queue, request, reply).min(capacity);
-                *requests += 1;
+                *requests = requests.saturating_add(1);
                 let mut writer = chain.writer(mem, len as u64);
-                let _ = writer.write(&reply[..len]);
+                reply.truncate(len);
+                let _ = writer.write(reply);
                 Handled::Used(writer.written() as u32)
             });
             self.activation.end_pass(ops, queue, result);

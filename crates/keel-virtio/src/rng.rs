@@ -4,7 +4,6 @@
 use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use keel_ratelimit::{BucketUpdate, RateLimiter};
-use virtio_queue::QueueT;
 
 use crate::activation::{process_queue, ActivationState, EventSource, Handled};
 use crate::chain::RequestBuffers;
@@ -94,10 +93,9 @@ impl Rng {
             // The limiter's timer brings us back.
             return;
         }
-        let Some(active) = self.activation.active_mut() else {
+        let Some((active, budget)) = self.activation.start_pass(ops, 0) else {
             return;
         };
-        let budget = usize::from(active.queues[0].size());
         let buffer = &mut self.buffer;
         let served = &mut self.served;
         let limiter = &mut self.limiter;
@@ -113,7 +111,7 @@ impl Rng {
                 if *served == 0 && n > 0 {
                     keel_ratelimit::info_limited!("virtio-rng: served the guest's first {n} random bytes");
                 }
-                *served += u64::from(n);
+                *served = served.saturating_add(u64::from(n));
             }
             handled
         });
@@ -123,12 +121,14 @@ impl Rng {
 
 fn fill(buffer: &mut [u8], mem: &GuestMemoryMmap, chain: &RequestBuffers) -> Handled {
     let want = chain.writable_len().min(buffer.len() as u64) as usize;
-    if let Err(e) = getrandom(&mut buffer[..want]) {
+    // `want` is at most `buffer.len()`: the slice is always there.
+    let buffer = buffer.get_mut(..want).unwrap_or_default();
+    if let Err(e) = getrandom(buffer) {
         keel_ratelimit::warn_limited!("virtio-rng: getrandom failed: {e}");
         return Handled::Used(0);
     }
     let mut writer = chain.writer(mem, want as u64);
-    match writer.write(&buffer[..want]) {
+    match writer.write(buffer) {
         // `want` is at most 64 KiB.
         Ok(written) => Handled::Used(written as u32),
         Err(_) => Handled::Used(writer.written() as u32),
@@ -138,9 +138,8 @@ fn fill(buffer: &mut [u8], mem: &GuestMemoryMmap, chain: &RequestBuffers) -> Han
 /// Fills `buf` from the kernel's random source, retrying short reads and
 /// interruptions.
 fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
+    let mut rest = buf;
+    while !rest.is_empty() {
         // SAFETY: the pointer and length describe `rest`, a live, writable
         // slice; getrandom writes at most `rest.len()` bytes into it.
         let ret = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
@@ -151,8 +150,10 @@ fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
             }
             return Err(e);
         }
-        // ret is non-negative and at most rest.len().
-        done += ret as usize;
+        // ret is non-negative and at most rest.len(); were it more, the
+        // buffer is full.
+        let filled = usize::try_from(ret).unwrap_or(usize::MAX);
+        rest = std::mem::take(&mut rest).get_mut(filled..).unwrap_or_default();
     }
     Ok(())
 }

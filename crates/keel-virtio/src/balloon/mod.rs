@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use crate::GuestMemoryMmap;
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
-use virtio_queue::QueueT;
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -211,7 +210,10 @@ impl BalloonHandle {
             });
         }
         let actual = state.stats.actual_pages;
-        state.stats.set_pages(amount_mib * PAGES_PER_MIB, actual);
+        // At most MAX_BALLOON_MIB (checked above): the pages fit in a u32.
+        state
+            .stats
+            .set_pages(amount_mib.saturating_mul(PAGES_PER_MIB), actual);
         state.target_changed = true;
         drop(state);
         self.shared.wake_device();
@@ -400,7 +402,8 @@ impl Balloon {
             queue_sizes.push(QUEUE_SIZE);
         }
         let mut stats = BalloonStats::default();
-        stats.set_pages(options.amount_mib * PAGES_PER_MIB, 0);
+        // At most MAX_BALLOON_MIB (checked above): the pages fit in a u32.
+        stats.set_pages(options.amount_mib.saturating_mul(PAGES_PER_MIB), 0);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 stats,
@@ -498,10 +501,9 @@ impl Balloon {
             self.process_stats(ops);
             return;
         }
-        let Some(active) = self.activation.active_mut() else {
+        let Some((active, budget)) = self.activation.start_pass(ops, index) else {
             return;
         };
-        let budget = usize::from(active.queues[index].size());
         let counters = &self.shared.counters;
         let result = match index {
             0 => process_queue(active, index, budget, |mem, chain| {
@@ -557,8 +559,10 @@ fn for_each_pfn(mem: &GuestMemoryMmap, chain: &RequestBuffers, mut f: impl FnMut
     let mut left = MAX_PFNS_PER_REQUEST * 4;
     let mut count = 0u64;
     while left > 0 {
+        // At most `bytes.len()`: the chunk is always there.
         let want = left.min(bytes.len());
-        let read = match reader.read(&mut bytes[..want]) {
+        let chunk = bytes.get_mut(..want).unwrap_or_default();
+        let read = match reader.read(chunk) {
             Ok(0) => break,
             Ok(read) => read,
             Err(e) => {
@@ -566,11 +570,13 @@ fn for_each_pfn(mem: &GuestMemoryMmap, chain: &RequestBuffers, mut f: impl FnMut
                 break;
             }
         };
-        for pfn in bytes[..read].chunks_exact(4) {
-            f(u32::from_le_bytes([pfn[0], pfn[1], pfn[2], pfn[3]]));
-            count += 1;
+        // `read` is at most `chunk.len()`, itself at most `left`.
+        let pfns = chunk.get(..read).unwrap_or_default().chunks_exact(4);
+        for pfn in pfns.filter_map(|pfn| <[u8; 4]>::try_from(pfn).ok()) {
+            f(u32::from_le_bytes(pfn));
+            count = count.saturating_add(1);
         }
-        left -= read;
+        left = left.saturating_sub(read);
     }
     if reader.remaining() >= 4 {
         keel_ratelimit::warn_limited!(
@@ -592,10 +598,10 @@ fn inflate(mem: &GuestMemoryMmap, chain: &RequestBuffers) -> Released {
 
 /// Releases the memory a free page report names; returns the bytes.
 fn report(mem: &GuestMemoryMmap, chain: &RequestBuffers) -> u64 {
-    let mut released = 0;
+    let mut released = 0u64;
     for segment in chain.segments() {
         match release_inner_pages(mem, segment.addr, u64::from(segment.len)) {
-            Ok(bytes) => released += bytes,
+            Ok(bytes) => released = released.saturating_add(bytes),
             Err(e) => keel_ratelimit::warn_limited!("virtio-balloon: free page report: {e}"),
         }
     }
@@ -609,9 +615,9 @@ fn take_stats(
     shared: &Shared,
     bytes: &mut [u8],
 ) -> std::result::Result<QueueRun, QueueError> {
-    let budget = usize::from(active.queues[queue].size());
+    let budget = active.queue_size(queue)?;
     let mut returned = false;
-    let mut taken = 0;
+    let mut taken = 0usize;
     let run = 'run: loop {
         while let Some(chain) = pop_chain(active, queue)? {
             if let Some(old) = held.replace(chain.head()) {
@@ -620,11 +626,17 @@ fn take_stats(
                 returned = true;
             }
             let len = chain.readable_len().min(bytes.len() as u64) as usize;
-            let read = chain.reader(&active.mem).read(&mut bytes[..len]).unwrap_or(0);
-            let known = shared.state().stats.update_from(&bytes[..read]);
+            // `len` is at most `bytes.len()`, and `read` at most `len`.
+            let buffer = bytes.get_mut(..len).unwrap_or_default();
+            let read = chain.reader(&active.mem).read(buffer).unwrap_or(0);
+            let known = shared
+                .state()
+                .stats
+                .update_from(buffer.get(..read).unwrap_or_default());
             log::debug!("virtio-balloon: statistics from the guest: {known} known entries in {read} bytes");
             add(&shared.counters.stats_updates, 1);
-            taken += 1;
+            // At most `budget`, a usize.
+            taken = taken.saturating_add(1);
             if taken == budget {
                 break 'run QueueRun::BudgetSpent;
             }
@@ -726,8 +738,8 @@ impl VirtioDevice for Balloon {
         let Ok(bytes) = <[u8; 11]>::try_from(data) else {
             return Err(bad(format!("{} bytes of balloon state, expected 11", data.len())));
         };
-        let word = |at: usize| u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
-        let (target, actual) = (word(0), word(4));
+        let target = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let actual = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
         self.held_stats = match bytes[8] {
             0 => None,
             1 => Some(u16::from_le_bytes([bytes[9], bytes[10]])),

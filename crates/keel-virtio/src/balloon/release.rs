@@ -7,6 +7,8 @@ use vm_memory::{GuestAddress, GuestMemoryBackend};
 /// The balloon's page size: PFNs in the inflate and deflate queues count
 /// 4 KiB pages whatever the guest's own page size (virtio 1.2, 5.5.6).
 pub const BALLOON_PAGE_SIZE: u64 = 4096;
+/// The offset bits of an address in a balloon page.
+const PAGE_OFFSET_MASK: u64 = BALLOON_PAGE_SIZE - 1;
 
 /// Why a guest range was not released.
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +80,10 @@ impl PfnRuns {
     pub fn push(&mut self, mem: &GuestMemoryMmap, pfn: u32, done: &mut Released) {
         let pfn = u64::from(pfn);
         match &mut self.run {
-            Some((start, count)) if *start + *count == pfn => *count += 1,
+            // The count stays below 2^32 + 1: PFNs are 32-bit.
+            Some((start, count)) if start.checked_add(*count) == Some(pfn) => {
+                *count = count.saturating_add(1)
+            }
             _ => {
                 self.flush(mem, done);
                 self.run = Some((pfn, 1));
@@ -91,14 +96,13 @@ impl PfnRuns {
         let Some((start, count)) = self.run.take() else {
             return;
         };
-        // PFNs are 32-bit: start + count < 2^33 pages, 2^45 bytes.
-        let addr = GuestAddress(start * BALLOON_PAGE_SIZE);
-        match release(mem, addr, count * BALLOON_PAGE_SIZE) {
-            Ok(()) => done.pages += count,
+        match release_pages(mem, start, count) {
+            Ok(()) => done.pages = done.pages.saturating_add(count),
             // A run across a region boundary or partly outside RAM: page by
             // page, so the good pages are still released.
             Err(_) if count > 1 => {
-                for pfn in start..start + count {
+                // PFNs are 32-bit: start + count < 2^33.
+                for pfn in start..start.saturating_add(count) {
                     release_one(mem, pfn, done);
                 }
             }
@@ -107,16 +111,32 @@ impl PfnRuns {
     }
 }
 
+/// Releases `count` pages from page `pfn` on. (A range past the end of the
+/// address space is outside RAM too; with 32-bit PFNs, start + count <
+/// 2^33 pages, 2^45 bytes, it never is.)
+fn release_pages(mem: &GuestMemoryMmap, pfn: u64, count: u64) -> Result<(), ReleaseError> {
+    match (
+        pfn.checked_mul(BALLOON_PAGE_SIZE),
+        count.checked_mul(BALLOON_PAGE_SIZE),
+    ) {
+        (Some(addr), Some(len)) => release(mem, GuestAddress(addr), len),
+        _ => Err(ReleaseError::OutsideRam {
+            addr: pfn.saturating_mul(BALLOON_PAGE_SIZE),
+            len: count.saturating_mul(BALLOON_PAGE_SIZE),
+        }),
+    }
+}
+
 fn release_one(mem: &GuestMemoryMmap, pfn: u64, done: &mut Released) {
-    match release(mem, GuestAddress(pfn * BALLOON_PAGE_SIZE), BALLOON_PAGE_SIZE) {
-        Ok(()) => done.pages += 1,
+    match release_pages(mem, pfn, 1) {
+        Ok(()) => done.pages = done.pages.saturating_add(1),
         Err(e) => note_ignored(&e, done),
     }
 }
 
 fn note_ignored(error: &ReleaseError, done: &mut Released) {
     keel_ratelimit::warn_limited!("virtio-balloon: page ignored: {error}");
-    done.ignored += 1;
+    done.ignored = done.ignored.saturating_add(1);
 }
 
 /// Releases the whole 4 KiB pages inside `[addr, addr + len)`: a free page
@@ -126,13 +146,17 @@ pub(crate) fn release_inner_pages(
     addr: GuestAddress,
     len: u64,
 ) -> Result<u64, ReleaseError> {
-    let end = addr.0.saturating_add(len) / BALLOON_PAGE_SIZE * BALLOON_PAGE_SIZE;
-    let start = addr.0.div_ceil(BALLOON_PAGE_SIZE) * BALLOON_PAGE_SIZE;
-    if end <= start {
+    // Rounded down and up to whole pages. A start past the last page of
+    // the address space leaves no whole page.
+    let end = addr.0.saturating_add(len) & !PAGE_OFFSET_MASK;
+    let Some(start) = addr.0.checked_next_multiple_of(BALLOON_PAGE_SIZE) else {
         return Ok(0);
-    }
-    release(mem, GuestAddress(start), end - start)?;
-    Ok(end - start)
+    };
+    let Some(whole) = end.checked_sub(start).filter(|&whole| whole > 0) else {
+        return Ok(0);
+    };
+    release(mem, GuestAddress(start), whole)?;
+    Ok(whole)
 }
 
 #[cfg(test)]

@@ -117,10 +117,15 @@ impl BalloonStats {
         bytes
             .chunks_exact(STAT_ENTRY_BYTES)
             .filter(|entry| {
-                let tag = u16::from_le_bytes([entry[0], entry[1]]);
-                let mut value = [0u8; 8];
-                value.copy_from_slice(&entry[2..]);
-                self.set(tag, u64::from_le_bytes(value))
+                // Every chunk is STAT_ENTRY_BYTES long: a 2-byte tag and an
+                // 8-byte value.
+                let Some((tag, value)) = entry.split_first_chunk::<2>() else {
+                    return false;
+                };
+                let Ok(value) = <[u8; 8]>::try_from(value) else {
+                    return false;
+                };
+                self.set(u16::from_le_bytes(*tag), u64::from_le_bytes(value))
             })
             .count()
     }

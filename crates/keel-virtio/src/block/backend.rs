@@ -66,11 +66,15 @@ pub trait BlockBackend: Send {
 fn write_zero_blocks<B: BlockBackend + ?Sized>(backend: &mut B, offset: u64, len: u64) -> io::Result<()> {
     const CHUNK: u64 = 64 * 1024;
     let zeros = vec![0u8; CHUNK.min(len) as usize];
-    let mut done = 0;
-    while done < len {
-        let n = CHUNK.min(len - done);
-        backend.write_at(offset + done, &zeros[..n as usize])?;
-        done += n;
+    let mut at = offset;
+    let mut left = len;
+    while left > 0 {
+        // At most `zeros.len()`, CHUNK.min(len): the chunk is always there.
+        let chunk = zeros.get(..CHUNK.min(left) as usize).unwrap_or(&zeros);
+        backend.write_at(at, chunk)?;
+        // The device checked that `offset + len` is on the disk.
+        at = at.saturating_add(chunk.len() as u64);
+        left = left.saturating_sub(chunk.len() as u64);
     }
     Ok(())
 }
@@ -275,21 +279,18 @@ impl MemoryBackend {
         self.flushes
     }
 
-    fn range(&self, offset: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
-        let start = usize::try_from(offset).ok();
-        start
-            .and_then(|s| Some(s..s.checked_add(len)?))
-            .filter(|r| r.end <= self.data.len())
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "{len} bytes at {offset} are past the end of a {}-byte disk",
-                        self.data.len()
-                    ),
-                )
-            })
+    /// The `len` bytes at `offset`, if they are all on the disk.
+    fn range(offset: u64, len: usize) -> Option<std::ops::Range<usize>> {
+        let start = usize::try_from(offset).ok()?;
+        Some(start..start.checked_add(len)?)
     }
+}
+
+fn past_end(offset: u64, len: usize, disk_len: usize) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("{len} bytes at {offset} are past the end of a {disk_len}-byte disk"),
+    )
 }
 
 impl BlockBackend for MemoryBackend {
@@ -298,26 +299,35 @@ impl BlockBackend for MemoryBackend {
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let range = self.range(offset, buf.len())?;
-        buf.copy_from_slice(&self.data[range]);
+        let disk_len = self.data.len();
+        let bytes = Self::range(offset, buf.len())
+            .and_then(|range| self.data.get(range))
+            .ok_or_else(|| past_end(offset, buf.len(), disk_len))?;
+        buf.copy_from_slice(bytes);
         Ok(())
     }
 
     fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        let range = self.range(offset, buf.len())?;
-        self.data[range].copy_from_slice(buf);
+        let disk_len = self.data.len();
+        let bytes = Self::range(offset, buf.len())
+            .and_then(|range| self.data.get_mut(range))
+            .ok_or_else(|| past_end(offset, buf.len(), disk_len))?;
+        bytes.copy_from_slice(buf);
         Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.flushes += 1;
+        self.flushes = self.flushes.saturating_add(1);
         Ok(())
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, _unmap: bool) -> io::Result<()> {
         let len = usize::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        let range = self.range(offset, len)?;
-        self.data[range].fill(0);
+        let disk_len = self.data.len();
+        let bytes = Self::range(offset, len)
+            .and_then(|range| self.data.get_mut(range))
+            .ok_or_else(|| past_end(offset, len, disk_len))?;
+        bytes.fill(0);
         Ok(())
     }
 }

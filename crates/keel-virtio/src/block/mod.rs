@@ -13,7 +13,6 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use virtio_queue::QueueT;
 use vm_memory::Bytes;
 
 pub use backend::{BlockBackend, FileBackend, MemoryBackend};
@@ -167,7 +166,10 @@ impl<B: BlockBackend> Block<B> {
             });
         }
         let mut id = [0u8; ID_BYTES];
-        id[..options.id.len()].copy_from_slice(options.id.as_bytes());
+        // At most ID_BYTES (checked above).
+        for (dst, &src) in id.iter_mut().zip(options.id.as_bytes()) {
+            *dst = src;
+        }
         let capacity_sectors = backend.capacity() / SECTOR_SIZE;
 
         let mut features = features::VERSION_1
@@ -182,7 +184,8 @@ impl<B: BlockBackend> Block<B> {
             features |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES);
         }
 
-        let seg_max = u32::from(size) - 2;
+        // `size` is at least 4 (checked above).
+        let seg_max = u32::from(size).saturating_sub(2);
         let mut config = [0u8; CONFIG_SPACE_SIZE];
         put(&mut config, 0, &capacity_sectors.to_le_bytes());
         put(&mut config, 8, &options.max_segment_size.to_le_bytes());
@@ -276,10 +279,9 @@ impl<B: BlockBackend> Block<B> {
             // The limiter's timer brings us back.
             return;
         }
-        let Some(active) = self.activation.active_mut() else {
+        let Some((active, budget)) = self.activation.start_pass(ops, 0) else {
             return;
         };
-        let budget = usize::from(active.queues[0].size());
         let disk = &mut self.disk;
         let limiter = &mut self.limiter;
         let throttled = &mut self.throttled;
@@ -313,13 +315,23 @@ fn transfer_len(mem: &GuestMemoryMmap, buffers: &RequestBuffers) -> u64 {
         // Less the status byte.
         VIRTIO_BLK_T_IN => buffers.writable_len().saturating_sub(1),
         // Less the rest of the header.
-        VIRTIO_BLK_T_OUT => reader.remaining().saturating_sub(HEADER_SIZE as u64 - 4),
+        VIRTIO_BLK_T_OUT => reader.remaining().saturating_sub(HEADER_REST),
         _ => 0,
     }
 }
 
+/// The header after its 4-byte request type.
+const HEADER_REST: u64 = (HEADER_SIZE - 4) as u64;
+
+/// Writes `bytes` at `offset` of the configuration space; `new` calls it
+/// with constant offsets inside the space.
 fn put(config: &mut [u8], offset: usize, bytes: &[u8]) {
-    config[offset..offset + bytes.len()].copy_from_slice(bytes);
+    let field = config
+        .get_mut(offset..)
+        .and_then(|rest| rest.get_mut(..bytes.len()));
+    if let Some(field) = field {
+        field.copy_from_slice(bytes);
+    }
 }
 
 impl<B: BlockBackend> VirtioDevice for Block<B> {
@@ -433,21 +445,25 @@ impl<B: BlockBackend> Disk<B> {
     fn byte_range(&self, sector: u64, len: u64) -> Option<u64> {
         let offset = sector.checked_mul(SECTOR_SIZE)?;
         let end = offset.checked_add(len)?;
-        (end <= self.capacity_sectors * SECTOR_SIZE).then_some(offset)
+        // No overflow: the capacity in sectors is the backend's in bytes
+        // divided by the sector size.
+        let capacity = self.capacity_sectors.checked_mul(SECTOR_SIZE)?;
+        (end <= capacity).then_some(offset)
     }
 
     fn execute(&mut self, mem: &GuestMemoryMmap, buffers: &RequestBuffers) -> Handled {
         let Some(status_addr) = buffers.last_writable_byte() else {
             return Handled::Unanswerable("no device-writable byte for the status");
         };
-        let data_len = buffers.writable_len() - 1;
+        // Less the status byte, which is there (above).
+        let data_len = buffers.writable_len().saturating_sub(1);
         let (status, written) = self.run(mem, buffers, data_len);
         if mem.write_obj(status, status_addr).is_err() {
             // Cannot happen: parse checked the buffer is in guest memory.
             return Handled::Unanswerable("status byte not writable");
         }
         // The chain is at most 4 GiB in total, so this fits.
-        Handled::Used(u32::try_from(written + 1).unwrap_or(u32::MAX))
+        Handled::Used(u32::try_from(written.saturating_add(1)).unwrap_or(u32::MAX))
     }
 
     /// Executes one request; returns its status and the data bytes written
@@ -485,8 +501,8 @@ impl<B: BlockBackend> Disk<B> {
             }
             VIRTIO_BLK_T_GET_ID => {
                 let mut writer = buffers.writer(mem, data_len);
-                let take = ID_BYTES.min(data_len as usize);
-                match writer.write(&self.id[..take]) {
+                // The writer stops at `data_len`.
+                match writer.write(&self.id) {
                     Ok(_) => (OK, writer.written()),
                     Err(_) => (IOERR, writer.written()),
                 }
@@ -514,17 +530,24 @@ impl<B: BlockBackend> Disk<B> {
             );
             return IOERR;
         };
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(self.bounce.len() as u64) as usize;
-            if let Err(e) = self.backend.read_at(offset + done, &mut self.bounce[..n]) {
-                keel_ratelimit::warn_limited!("virtio-blk: backend read at {} failed: {e}", offset + done);
+        let mut at = offset;
+        let mut left = len;
+        while left > 0 {
+            // At most the bounce buffer's length: the chunk is always there.
+            let n = left.min(self.bounce.len() as u64) as usize;
+            let Some(chunk) = self.bounce.get_mut(..n) else {
+                return IOERR;
+            };
+            if let Err(e) = self.backend.read_at(at, chunk) {
+                keel_ratelimit::warn_limited!("virtio-blk: backend read at {at} failed: {e}");
                 return IOERR;
             }
-            if writer.write(&self.bounce[..n]).is_err() {
+            if writer.write(chunk).is_err() {
                 return IOERR;
             }
-            done += n as u64;
+            // `n` is at most `left`, and `offset + len` is on the disk.
+            at = at.saturating_add(n as u64);
+            left = left.saturating_sub(n as u64);
         }
         OK
     }
@@ -548,17 +571,24 @@ impl<B: BlockBackend> Disk<B> {
             );
             return IOERR;
         };
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(self.bounce.len() as u64) as usize;
-            if reader.read_exact(&mut self.bounce[..n]).is_err() {
+        let mut at = offset;
+        let mut left = len;
+        while left > 0 {
+            // At most the bounce buffer's length: the chunk is always there.
+            let n = left.min(self.bounce.len() as u64) as usize;
+            let Some(chunk) = self.bounce.get_mut(..n) else {
+                return IOERR;
+            };
+            if reader.read_exact(chunk).is_err() {
                 return IOERR;
             }
-            if let Err(e) = self.backend.write_at(offset + done, &self.bounce[..n]) {
-                keel_ratelimit::warn_limited!("virtio-blk: backend write at {} failed: {e}", offset + done);
+            if let Err(e) = self.backend.write_at(at, chunk) {
+                keel_ratelimit::warn_limited!("virtio-blk: backend write at {at} failed: {e}");
                 return IOERR;
             }
-            done += n as u64;
+            // `n` is at most `left`, and `offset + len` is on the disk.
+            at = at.saturating_add(n as u64);
+            left = left.saturating_sub(n as u64);
         }
         self.write_through()
     }

@@ -47,6 +47,13 @@ fn invalid(path: &Path, what: String) -> io::Error {
     )
 }
 
+/// An offset outside the overlay file's layout. `open` checked that the
+/// whole layout fits in a u64 and `check` that requests stay on the disk,
+/// so this is never returned.
+fn outside_layout() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, "offset outside the overlay's layout")
+}
+
 impl Overlay {
     /// Opens the overlay at `path` for a disk of `size` bytes, creating it
     /// if it does not exist or is empty; an existing one must be an
@@ -61,7 +68,15 @@ impl Overlay {
         let clusters = size.div_ceil(CLUSTER);
         let bitmap_len = usize::try_from(clusters.div_ceil(8))
             .map_err(|_| invalid(path, format!("a {size}-byte disk is too large")))?;
-        let data_offset = (BITMAP_OFFSET + bitmap_len as u64).next_multiple_of(CLUSTER);
+        let too_large = || invalid(path, format!("a {size}-byte disk is too large"));
+        let data_offset = BITMAP_OFFSET
+            .checked_add(bitmap_len as u64)
+            .and_then(|end| end.checked_next_multiple_of(CLUSTER))
+            .ok_or_else(too_large)?;
+        let file_len = clusters
+            .checked_mul(CLUSTER)
+            .and_then(|data| data.checked_add(data_offset))
+            .ok_or_else(too_large)?;
         if file.metadata()?.len() == 0 {
             let mut header = [0u8; 32];
             header[0..8].copy_from_slice(&OVERLAY_MAGIC);
@@ -70,7 +85,7 @@ impl Overlay {
             header[16..24].copy_from_slice(&size.to_le_bytes());
             header[24..32].copy_from_slice(&data_offset.to_le_bytes());
             file.write_all_at(&header, 0)?;
-            file.set_len(data_offset + clusters * CLUSTER)?;
+            file.set_len(file_len)?;
             file.sync_all()?;
             return Ok(Self {
                 file,
@@ -82,9 +97,13 @@ impl Overlay {
         let mut header = [0u8; 32];
         file.read_exact_at(&mut header, 0)
             .map_err(|e| invalid(path, format!("cannot read the header: {e}")))?;
+        // A little-endian field of up to 8 bytes; the ranges are constants
+        // inside the header.
         let field = |range: std::ops::Range<usize>| {
             let mut b = [0u8; 8];
-            b[..range.len()].copy_from_slice(&header[range]);
+            for (dst, src) in b.iter_mut().zip(header.get(range).unwrap_or_default()) {
+                *dst = *src;
+            }
             u64::from_le_bytes(b)
         };
         if header[0..8] != OVERLAY_MAGIC {
@@ -157,58 +176,78 @@ impl Overlay {
     /// it, else from `base`.
     pub fn read_at(&self, base: &File, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check(offset, buf.len())?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let cluster = at / CLUSTER;
-            let in_cluster = (CLUSTER - at % CLUSTER) as usize;
-            let n = in_cluster.min(buf.len() - done);
-            let chunk = &mut buf[done..done + n];
+        let mut at = offset;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let (cluster, within, chunk_len) = locate(at, rest.len());
+            let (chunk, tail) = std::mem::take(&mut rest)
+                .split_at_mut_checked(chunk_len)
+                .ok_or_else(outside_layout)?;
             if self.present(cluster) {
-                self.file
-                    .read_exact_at(chunk, self.data_offset + cluster * CLUSTER + at % CLUSTER)?;
+                let data = self.cluster_data(cluster)?;
+                let from = data.checked_add(within).ok_or_else(outside_layout)?;
+                self.file.read_exact_at(chunk, from)?;
             } else {
                 base.read_exact_at(chunk, at)?;
             }
-            done += n;
+            // At most `offset + buf.len()`, on the disk (`check`).
+            at = at.saturating_add(chunk_len as u64);
+            rest = tail;
         }
         Ok(())
+    }
+
+    /// Where cluster `cluster`'s data is in the overlay file.
+    fn cluster_data(&self, cluster: u64) -> io::Result<u64> {
+        cluster
+            .checked_mul(CLUSTER)
+            .and_then(|start| start.checked_add(self.data_offset))
+            .ok_or_else(outside_layout)
     }
 
     /// Writes `buf` at `offset` into the overlay, copying the rest of a
     /// cluster from `base` the first time part of it is written.
     pub fn write_at(&mut self, base: &File, offset: u64, buf: &[u8]) -> io::Result<()> {
         self.check(offset, buf.len())?;
-        let mut done = 0usize;
         let mut whole = vec![0u8; CLUSTER as usize];
-        while done < buf.len() {
-            let at = offset + done as u64;
-            let cluster = at / CLUSTER;
-            let within = (at % CLUSTER) as usize;
-            let n = (CLUSTER as usize - within).min(buf.len() - done);
-            let data = self.data_offset + cluster * CLUSTER;
+        let mut at = offset;
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let (cluster, within, chunk_len) = locate(at, rest.len());
+            let (chunk, tail) = rest.split_at_checked(chunk_len).ok_or_else(outside_layout)?;
+            let data = self.cluster_data(cluster)?;
             if self.present(cluster) {
-                self.file
-                    .write_all_at(&buf[done..done + n], data + within as u64)?;
+                let to = data.checked_add(within).ok_or_else(outside_layout)?;
+                self.file.write_all_at(chunk, to)?;
             } else {
                 // The cluster's other bytes come from the base (the last
-                // cluster may be short).
-                let cluster_start = cluster * CLUSTER;
-                let valid = (self.size - cluster_start).min(CLUSTER) as usize;
+                // cluster may be short). `at` is on the disk, so the
+                // cluster starts below its end.
+                let cluster_start = at.saturating_sub(within);
+                let valid = self.size.saturating_sub(cluster_start).min(CLUSTER) as usize;
                 whole.fill(0);
-                if n < valid {
-                    base.read_exact_at(&mut whole[..valid], cluster_start)?;
+                if chunk_len < valid {
+                    let start = whole.get_mut(..valid).ok_or_else(outside_layout)?;
+                    base.read_exact_at(start, cluster_start)?;
                 }
-                whole[within..within + n].copy_from_slice(&buf[done..done + n]);
+                whole
+                    .get_mut(within as usize..)
+                    .and_then(|w| w.get_mut(..chunk_len))
+                    .ok_or_else(outside_layout)?
+                    .copy_from_slice(chunk);
                 self.file.write_all_at(&whole, data)?;
                 let byte = (cluster / 8) as usize;
                 if let Some(b) = self.bitmap.get_mut(byte) {
                     *b |= 1 << (cluster % 8);
                     let value = *b;
-                    self.file.write_all_at(&[value], BITMAP_OFFSET + byte as u64)?;
+                    // Below the data area (`open`).
+                    let bitmap_at = BITMAP_OFFSET.saturating_add(byte as u64);
+                    self.file.write_all_at(&[value], bitmap_at)?;
                 }
             }
-            done += n;
+            // At most `offset + buf.len()`, on the disk (`check`).
+            at = at.saturating_add(chunk_len as u64);
+            rest = tail;
         }
         Ok(())
     }
@@ -217,6 +256,17 @@ impl Overlay {
     pub fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+}
+
+/// Where disk byte `at` is: its cluster, its offset in the cluster, and how
+/// many of `len` bytes from there lie in that cluster (1 to `CLUSTER`, for
+/// a `len` above 0).
+fn locate(at: u64, len: usize) -> (u64, u64, usize) {
+    let within = at % CLUSTER;
+    // `within` is below CLUSTER.
+    let left_in_cluster = CLUSTER.saturating_sub(within);
+    // At most CLUSTER, so it fits in usize.
+    (at / CLUSTER, within, (left_in_cluster as usize).min(len))
 }
 
 #[cfg(test)]

@@ -278,8 +278,12 @@ impl ConsoleBackend for UnixSocketBackend {
                     _ => return Err(e),
                 }
             }
-            // ret is non-negative and at most data.len().
-            data = &data[ret as usize..];
+            // ret is non-negative and at most data.len(); were it more,
+            // nothing is left to send.
+            data = usize::try_from(ret)
+                .ok()
+                .and_then(|sent| data.get(sent..))
+                .unwrap_or_default();
         }
         Ok(())
     }

@@ -8,7 +8,6 @@ use std::path::Path;
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use keel_ratelimit::{BucketConfig, BucketUpdate, RateLimiter};
-use virtio_queue::QueueT;
 
 pub use backend::{ConsoleBackend, StreamBackend, UnixSocketBackend};
 
@@ -28,6 +27,12 @@ const QUEUE_SIZE: u16 = 256;
 const INPUT_CHUNK: usize = 4096;
 /// How much guest output is copied to the backend at once.
 const OUTPUT_CHUNK: usize = 4096;
+/// The scratch buffer, for input and output in turn.
+const SCRATCH_BYTES: usize = if INPUT_CHUNK > OUTPUT_CHUNK {
+    INPUT_CHUNK
+} else {
+    OUTPUT_CHUNK
+};
 /// Most bytes of one transmit request that reach the backend; the rest of
 /// a longer chain is dropped (and counted). Linux's `hvc` driver sends at
 /// most a page per request.
@@ -65,7 +70,7 @@ pub struct Console {
     /// Input read from the backend that the guest has no buffers for yet.
     pending: Vec<u8>,
     watched_input: Option<RawFd>,
-    scratch: Vec<u8>,
+    scratch: Box<[u8; SCRATCH_BYTES]>,
     /// Paces output (bytes per second); unlimited unless set.
     output_limiter: RateLimiter,
     counters: ConsoleCounters,
@@ -105,7 +110,7 @@ impl Console {
             queue_sizes: [QUEUE_SIZE, QUEUE_SIZE],
             pending: Vec::new(),
             watched_input: None,
-            scratch: vec![0; INPUT_CHUNK.max(OUTPUT_CHUNK)],
+            scratch: Box::new([0; SCRATCH_BYTES]),
             output_limiter: RateLimiter::unlimited().map_err(crate::Error::CreateEventFd)?,
             counters: ConsoleCounters::default(),
         })
@@ -183,12 +188,12 @@ impl Console {
             // The limiter's timer brings us back.
             return;
         }
-        let Some(active) = self.activation.active_mut() else {
+        let Some((active, budget)) = self.activation.start_pass(ops, TRANSMITQ) else {
             return;
         };
-        let budget = usize::from(active.queues[TRANSMITQ].size());
         let backend = &mut self.backend;
-        let scratch = &mut self.scratch[..OUTPUT_CHUNK];
+        // A constant range of the array, which clippy checks against its length.
+        let scratch = &mut (*self.scratch)[..OUTPUT_CHUNK];
         let limiter = &mut self.output_limiter;
         let counters = &mut self.counters;
         let mut pass_bytes = 0u64;
@@ -196,13 +201,19 @@ impl Console {
             let mut reader = chain.reader(mem);
             let mut sent = 0u64;
             while sent < MAX_OUTPUT_REQUEST_BYTES {
-                // At most OUTPUT_CHUNK, so it fits in usize.
-                let want = (MAX_OUTPUT_REQUEST_BYTES - sent).min(OUTPUT_CHUNK as u64) as usize;
-                match reader.read(&mut scratch[..want]) {
+                // At most OUTPUT_CHUNK, so it fits in usize; `sent` is below
+                // MAX_OUTPUT_REQUEST_BYTES.
+                let want = MAX_OUTPUT_REQUEST_BYTES
+                    .saturating_sub(sent)
+                    .min(OUTPUT_CHUNK as u64) as usize;
+                // `want` is at most `scratch.len()`: the chunk is always there.
+                let chunk = scratch.get_mut(..want).unwrap_or_default();
+                match reader.read(chunk) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        sent += n as u64;
-                        if let Err(e) = backend.write_output(&scratch[..n]) {
+                        sent = sent.saturating_add(n as u64);
+                        // `read` returns at most `chunk.len()`.
+                        if let Err(e) = backend.write_output(chunk.get(..n).unwrap_or_default()) {
                             log::debug!("virtio-console: output dropped: {e}");
                         }
                     }
@@ -257,13 +268,13 @@ impl Console {
         let Some(active) = self.activation.active_mut() else {
             return Ok(false);
         };
-        let budget = usize::from(active.queues[RECEIVEQ].size());
+        let budget = active.queue_size(RECEIVEQ)?;
         let mut used = 0usize;
         // Chains used plus rounds of re-checking the ring: bounded, so a
         // driver moving its index without adding buffers cannot spin us.
         let mut rounds = 0usize;
         while !self.pending.is_empty() && rounds < budget {
-            rounds += 1;
+            rounds = rounds.saturating_add(1);
             let Some(chain) = pop_chain(active, RECEIVEQ)? else {
                 if rearm_notification(active, RECEIVEQ)? {
                     continue; // buffers arrived meanwhile
@@ -275,7 +286,7 @@ impl Console {
             self.pending.drain(..written);
             // At most INPUT_CHUNK bytes.
             complete(active, RECEIVEQ, chain.head(), written as u32)?;
-            used += 1;
+            used = used.saturating_add(1);
         }
         if used > 0 {
             notify_guest(active, RECEIVEQ)?;
@@ -285,11 +296,14 @@ impl Console {
 
     fn on_input(&mut self, ops: &mut EventOps) {
         if self.pending.is_empty() {
-            let chunk = &mut self.scratch[..INPUT_CHUNK];
+            // A constant range of the array, which clippy checks against its length.
+            let chunk = &mut (*self.scratch)[..INPUT_CHUNK];
             match self.backend.read_input(chunk) {
                 Ok(0) => self.end_input(ops, "end of input"),
                 Ok(n) => {
-                    self.pending.extend_from_slice(&chunk[..n]);
+                    // A backend returning more than it was given (it must
+                    // not) has its input cut to the chunk.
+                    self.pending.extend_from_slice(chunk.get(..n).unwrap_or(chunk));
                     self.receive(ops);
                 }
                 Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted) => {}

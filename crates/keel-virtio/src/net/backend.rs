@@ -105,7 +105,11 @@ impl TapBackend {
             .open("/dev/net/tun")
             .map_err(tap_error)?;
         let mut req = IfReq::default();
-        req.name[..name.len()].copy_from_slice(name.as_bytes());
+        // At most MAX_IFNAME_LEN bytes (checked above): the name and its
+        // NUL fit.
+        for (dst, &src) in req.name.iter_mut().zip(name.as_bytes()) {
+            *dst = src;
+        }
         // The flags fit in a c_short: 0x0002 | 0x1000 | 0x4000.
         req.flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
         // SAFETY: `file` is an open /dev/net/tun fd and `req` a live ifreq
@@ -168,8 +172,9 @@ impl TapBackend {
 }
 
 fn ifname(raw: &[u8]) -> String {
-    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-    String::from_utf8_lossy(&raw[..end]).into_owned()
+    // Up to the first NUL, if any.
+    let name = raw.split(|&b| b == 0).next().unwrap_or(raw);
+    String::from_utf8_lossy(name).into_owned()
 }
 
 impl NetBackend for TapBackend {
@@ -311,7 +316,7 @@ impl MemoryNetBackend {
 impl NetBackend for MemoryNetBackend {
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let mut state = self.state();
-        state.reads += 1;
+        state.reads = state.reads.saturating_add(1);
         if let Some(errno) = state.read_error {
             return Err(io::Error::from_raw_os_error(errno));
         }
@@ -324,7 +329,9 @@ impl NetBackend for MemoryNetBackend {
         }
         // Like a read from a tap: a short buffer truncates the frame.
         let len = frame.len().min(buf.len());
-        buf[..len].copy_from_slice(&frame[..len]);
+        if let (Some(dst), Some(src)) = (buf.get_mut(..len), frame.get(..len)) {
+            dst.copy_from_slice(src);
+        }
         Ok(len)
     }
 

@@ -443,10 +443,9 @@ impl<B: NetBackend> Net<B> {
             // The limiter's timer brings us back.
             return;
         }
-        let Some(active) = self.activation.active_mut() else {
+        let Some((active, budget)) = self.activation.start_pass(ops, TXQ) else {
             return;
         };
-        let budget = usize::from(active.queues[TXQ].size());
         let backend = &mut self.backend;
         let buffer = &mut self.tx_frame;
         let counters = &mut self.counters;
@@ -484,7 +483,7 @@ impl<B: NetBackend> Net<B> {
         let Some(active) = self.activation.active_mut() else {
             return Ok(false);
         };
-        let budget = usize::from(active.queues[RXQ].size());
+        let budget = active.queue_size(RXQ)?;
         // Frames handled or dropped: bounded, so a backend that never runs
         // dry cannot keep the event loop here.
         let mut frames = 0usize;
@@ -505,37 +504,42 @@ impl<B: NetBackend> Net<B> {
                 match self.backend.read_frame(&mut self.rx_frame) {
                     Ok(n) if n < VNET_HDR_LEN + ETH_HLEN => {
                         log::debug!("virtio-net: dropped a {n}-byte frame from the backend");
-                        self.counters.rx_dropped_malformed += 1;
-                        frames += 1;
+                        self.counters.rx_dropped_malformed =
+                            self.counters.rx_dropped_malformed.saturating_add(1);
+                        frames = frames.saturating_add(1);
                         continue;
                     }
-                    Ok(n) if n == self.rx_frame.len() => {
+                    // (More than the buffer is a broken backend; the frame
+                    // is dropped all the same.)
+                    Ok(n) if n >= self.rx_frame.len() => {
                         log::debug!("virtio-net: dropped a frame from the backend longer than {n} bytes");
-                        self.counters.rx_dropped_too_big += 1;
-                        frames += 1;
+                        self.counters.rx_dropped_too_big = self.counters.rx_dropped_too_big.saturating_add(1);
+                        frames = frames.saturating_add(1);
                         continue;
                     }
                     Ok(n) => {
-                        if !rx_header_allowed(&mut self.rx_frame[..VNET_HDR_LEN], self.acked) {
+                        let header = self.rx_frame.first_chunk_mut::<VNET_HDR_LEN>();
+                        if !header.is_some_and(|header| rx_header_allowed(header, self.acked)) {
                             log::debug!(
                                 "virtio-net: dropped a frame whose offloads the driver did not accept"
                             );
-                            self.counters.rx_dropped_malformed += 1;
-                            frames += 1;
+                            self.counters.rx_dropped_malformed =
+                                self.counters.rx_dropped_malformed.saturating_add(1);
+                            frames = frames.saturating_add(1);
                             continue;
                         }
                         self.rx_pending = n;
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => {
-                        frames += 1;
+                        frames = frames.saturating_add(1);
                         continue;
                     }
                     Err(e) => {
                         keel_ratelimit::warn_limited!(
                             "virtio-net: cannot read from the backend, receive stops: {e}"
                         );
-                        self.counters.rx_backend_errors += 1;
+                        self.counters.rx_backend_errors = self.counters.rx_backend_errors.saturating_add(1);
                         // `lose_backend`, with the activation borrowed.
                         self.backend_failed = true;
                         link_down(&mut self.config);
@@ -560,19 +564,27 @@ impl<B: NetBackend> Net<B> {
                 }
                 self.rx_charged = true;
             }
-            let frame = &mut self.rx_frame[..self.rx_pending];
+            let Some(frame) = self.rx_frame.get_mut(..self.rx_pending) else {
+                // Never: `rx_pending` is below `rx_frame.len()`, checked
+                // when the frame was read.
+                self.rx_pending = 0;
+                self.rx_charged = false;
+                continue;
+            };
             match deliver(active, mergeable, frame)? {
                 Delivery::Delivered(chains) => {
-                    used += chains;
-                    self.counters.rx_frames += 1;
-                    self.counters.rx_bytes += (self.rx_pending - VNET_HDR_LEN) as u64;
+                    used = used.saturating_add(chains);
+                    self.counters.rx_frames = self.counters.rx_frames.saturating_add(1);
+                    // `rx_pending` is at least a header and an Ethernet header.
+                    let payload = self.rx_pending.saturating_sub(VNET_HDR_LEN) as u64;
+                    self.counters.rx_bytes = self.counters.rx_bytes.saturating_add(payload);
                 }
                 Delivery::TooBig => {
                     log::debug!(
                         "virtio-net: dropped a {}-byte frame the guest's buffers cannot hold",
                         self.rx_pending
                     );
-                    self.counters.rx_dropped_too_big += 1;
+                    self.counters.rx_dropped_too_big = self.counters.rx_dropped_too_big.saturating_add(1);
                 }
                 Delivery::NoBuffers => break,
                 Delivery::Busy => {
@@ -582,7 +594,8 @@ impl<B: NetBackend> Net<B> {
             }
             self.rx_pending = 0;
             self.rx_charged = false;
-            frames += 1;
+            // At most `budget`, a usize.
+            frames = frames.saturating_add(1);
         }
         if used > 0 {
             notify_guest(active, RXQ)?;
@@ -621,7 +634,7 @@ impl<B: NetBackend> Net<B> {
 /// zero — a "checksum valid" hint is cleared, a partial checksum cannot be
 /// handed over — and segmented frames need the matching `GUEST_TSO*` or `GUEST_UFO`.
 /// Returns whether the frame may go to the guest.
-fn rx_header_allowed(header: &mut [u8], acked: u64) -> bool {
+fn rx_header_allowed(header: &mut [u8; VNET_HDR_LEN], acked: u64) -> bool {
     let has = |feature: u32| acked & bit(feature) != 0;
     let flags = u32::from(header[0]);
     if !has(VIRTIO_NET_F_GUEST_CSUM) {
@@ -643,7 +656,7 @@ fn rx_header_allowed(header: &mut [u8], acked: u64) -> bool {
 /// accepted, so the backend never sees offloads that were not negotiated:
 /// a partial checksum needs `CSUM`, segmentation the matching `HOST_TSO*` or
 /// `HOST_UFO`.
-fn tx_header_allowed(header: &[u8], acked: u64) -> bool {
+fn tx_header_allowed(header: &[u8; VNET_HDR_LEN], acked: u64) -> bool {
     let has = |feature: u32| acked & bit(feature) != 0;
     if u32::from(header[0]) & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 && !has(VIRTIO_NET_F_CSUM) {
         return false;
@@ -668,40 +681,45 @@ fn send<B: NetBackend>(
 ) {
     if chain.writable_len() > 0 {
         log::debug!("virtio-net: dropped a transmit chain with device-writable buffers");
-        counters.tx_dropped_malformed += 1;
+        counters.tx_dropped_malformed = counters.tx_dropped_malformed.saturating_add(1);
         return;
     }
     let mut reader = chain.reader(mem);
     let len = reader.remaining();
     if len < (VNET_HDR_LEN + ETH_HLEN) as u64 {
         log::debug!("virtio-net: dropped a {len}-byte transmit chain, too short for its headers");
-        counters.tx_dropped_malformed += 1;
+        counters.tx_dropped_malformed = counters.tx_dropped_malformed.saturating_add(1);
         return;
     }
-    if len > (VNET_HDR_LEN + MAX_FRAME_LEN) as u64 {
+    // `buffer` is VNET_HDR_LEN + MAX_FRAME_LEN bytes: a longer chain does
+    // not fit.
+    let Some(frame) = usize::try_from(len).ok().and_then(|len| buffer.get_mut(..len)) else {
         log::debug!("virtio-net: dropped a {len}-byte transmit chain, longer than {MAX_FRAME_LEN} bytes");
-        counters.tx_dropped_oversized += 1;
+        counters.tx_dropped_oversized = counters.tx_dropped_oversized.saturating_add(1);
+        return;
+    };
+    if reader.read_exact(frame).is_err() {
+        counters.tx_dropped_malformed = counters.tx_dropped_malformed.saturating_add(1);
         return;
     }
-    // At most VNET_HDR_LEN + MAX_FRAME_LEN, the buffer's size.
-    let len = len as usize;
-    if reader.read_exact(&mut buffer[..len]).is_err() {
-        counters.tx_dropped_malformed += 1;
-        return;
-    }
-    if !tx_header_allowed(&buffer[..VNET_HDR_LEN], acked) {
+    // The frame is at least a header and an Ethernet header long.
+    if !frame
+        .first_chunk()
+        .is_some_and(|header| tx_header_allowed(header, acked))
+    {
         log::debug!("virtio-net: dropped a transmitted frame using offloads the driver did not accept");
-        counters.tx_dropped_malformed += 1;
+        counters.tx_dropped_malformed = counters.tx_dropped_malformed.saturating_add(1);
         return;
     }
-    match backend.write_frame(&[IoSlice::new(&buffer[..len])]) {
+    match backend.write_frame(&[IoSlice::new(frame)]) {
         Ok(_) => {
-            counters.tx_frames += 1;
-            counters.tx_bytes += (len - VNET_HDR_LEN) as u64;
+            counters.tx_frames = counters.tx_frames.saturating_add(1);
+            let payload = frame.len().saturating_sub(VNET_HDR_LEN) as u64;
+            counters.tx_bytes = counters.tx_bytes.saturating_add(payload);
         }
         Err(e) => {
             log::debug!("virtio-net: the backend dropped a transmitted frame: {e}");
-            counters.tx_backend_errors += 1;
+            counters.tx_backend_errors = counters.tx_backend_errors.saturating_add(1);
         }
     }
 }
@@ -727,8 +745,8 @@ fn deliver(
     mergeable: bool,
     frame: &mut [u8],
 ) -> std::result::Result<Delivery, QueueError> {
-    let ring_size = usize::from(active.queues[RXQ].size());
-    let start = active.queues[RXQ].next_avail();
+    let ring_size = active.queue_size(RXQ)?;
+    let start = active.queue_mut(RXQ)?.next_avail();
     let need = frame.len() as u64;
     let mut chains: Vec<RequestBuffers> = Vec::new();
     let mut capacity = 0u64;
@@ -740,16 +758,17 @@ fn deliver(
             // Ask for a notification first, then look again: buffers added
             // meanwhile are taken now, not missed.
             if rearm_notification(active, RXQ)? {
-                rechecks += 1;
+                // At most `ring_size + 1`.
+                rechecks = rechecks.saturating_add(1);
                 if rechecks > ring_size {
-                    active.queues[RXQ].set_next_avail(start);
+                    active.queue_mut(RXQ)?.set_next_avail(start);
                     return Ok(Delivery::Busy);
                 }
                 continue;
             }
             // Put back what was taken; the notification request stays at
             // the ring's current end, so the next buffer wakes the device.
-            active.queues[RXQ].set_next_avail(start);
+            active.queue_mut(RXQ)?.set_next_avail(start);
             return Ok(Delivery::NoBuffers);
         };
         let head = chain.head();
@@ -767,27 +786,34 @@ fn deliver(
                 reason: "a receive buffer is shorter than the virtio-net header",
             });
         }
-        capacity += chain.writable_len();
+        // At most the queue size of chains of at most 4 GiB each.
+        capacity = capacity.saturating_add(chain.writable_len());
         chains.push(chain);
         if capacity < need && (!mergeable || chains.len() == ring_size) {
-            active.queues[RXQ].set_next_avail(start);
+            active.queue_mut(RXQ)?.set_next_avail(start);
             return Ok(Delivery::TooBig);
         }
     }
     // At most the queue size, a u16.
     let count = chains.len() as u16;
-    frame[NUM_BUFFERS_OFFSET..VNET_HDR_LEN].copy_from_slice(&count.to_le_bytes());
-    let mut offset = 0usize;
+    // Received frames are at least a header and an Ethernet header long
+    // (checked when read), so `num_buffers` is always there.
+    if let Some(num_buffers) = frame
+        .get_mut(NUM_BUFFERS_OFFSET..)
+        .and_then(|rest| rest.first_chunk_mut::<2>())
+    {
+        *num_buffers = count.to_le_bytes();
+    }
+    let mut rest: &[u8] = frame;
     for chain in &chains {
-        let mut writer = chain.writer(&active.mem, (frame.len() - offset) as u64);
-        let written = writer
-            .write(&frame[offset..])
-            .map_err(|_| QueueError::Unanswerable {
-                queue: RXQ,
-                head: chain.head(),
-                reason: "a receive buffer is not writable",
-            })?;
-        offset += written;
+        let mut writer = chain.writer(&active.mem, rest.len() as u64);
+        let written = writer.write(rest).map_err(|_| QueueError::Unanswerable {
+            queue: RXQ,
+            head: chain.head(),
+            reason: "a receive buffer is not writable",
+        })?;
+        // `write` returns at most `rest.len()`.
+        rest = rest.get(written..).unwrap_or_default();
         // At most MAX_FRAME_LEN + VNET_HDR_LEN.
         complete(active, RXQ, chain.head(), written as u32)?;
     }
@@ -866,7 +892,7 @@ impl<B: NetBackend> VirtioDevice for Net<B> {
         if self.rx_pending > 0 {
             self.rx_pending = 0;
             self.rx_charged = false;
-            self.counters.rx_dropped_reset += 1;
+            self.counters.rx_dropped_reset = self.counters.rx_dropped_reset.saturating_add(1);
         }
         self.acked = 0;
         if let Err(e) = self.backend.set_offload(0) {
@@ -926,7 +952,7 @@ impl<B: NetBackend> MutEventSubscriber for Net<B> {
                     keel_ratelimit::warn_limited!(
                         "virtio-net: the backend's fd reports an error, receive stops"
                     );
-                    self.counters.rx_backend_errors += 1;
+                    self.counters.rx_backend_errors = self.counters.rx_backend_errors.saturating_add(1);
                     self.lose_backend();
                 }
                 self.receive(ops);

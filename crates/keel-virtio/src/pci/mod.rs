@@ -385,7 +385,9 @@ fn class_code(device_type: u32) -> u32 {
 /// Builds a virtio vendor capability (`struct virtio_pci_cap` after the ID
 /// and next pointer), with `extra` appended.
 fn virtio_cap(cfg: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
-    let mut body = vec![(16 + extra.len()) as u8, cfg, BAR_INDEX as u8, 0, 0, 0];
+    // `extra` is at most 4 bytes: the length fits in a u8.
+    let cap_len = extra.len().saturating_add(16) as u8;
+    let mut body = vec![cap_len, cfg, BAR_INDEX as u8, 0, 0, 0];
     body.extend_from_slice(&(offset as u32).to_le_bytes());
     body.extend_from_slice(&(length as u32).to_le_bytes());
     body.extend_from_slice(extra);
@@ -394,15 +396,30 @@ fn virtio_cap(cfg: u8, offset: u64, length: u64, extra: &[u8]) -> Vec<u8> {
 
 /// Byte `at` of `range` lies inside `[start, start + len)`.
 fn overlaps(range: &Range<u16>, start: u16, len: u16) -> bool {
-    range.start < start + len && start < range.end
+    // Configuration space offsets are below 4096: nothing saturates.
+    range.start < start.saturating_add(len) && start < range.end
 }
+
+/// Where `offset` is in the `len` bytes of a BAR region at `start`, if it
+/// is in it.
+fn offset_in(offset: u64, start: u64, len: u64) -> Option<u64> {
+    offset.checked_sub(start).filter(|&o| o < len)
+}
+
+/// The MSI-X table's size in the BAR: up to the PBA.
+const MSIX_TABLE_SIZE: u64 = MSIX_PBA_OFFSET - MSIX_TABLE_OFFSET;
+/// The notification region's size in the BAR: up to the MSI-X table.
+const NOTIFY_SIZE: u64 = MSIX_TABLE_OFFSET - NOTIFY_OFFSET;
+/// [`NOTIFY_OFF_MULTIPLIER`], for BAR offsets.
+const NOTIFY_STRIDE: u64 = NOTIFY_OFF_MULTIPLIER as u64;
 
 impl PciTransport {
     /// How many MSI-X vectors a transport for `device` has: one per queue
     /// and one for configuration changes. Create the [`MsiVectors`] with
     /// this many.
     pub fn vectors_needed(device: &dyn VirtioDevice) -> u16 {
-        (device.queue_max_sizes().len().min(MAX_QUEUES) + 1) as u16
+        // At most MAX_QUEUES + 1, which fits in a u16.
+        device.queue_max_sizes().len().min(MAX_QUEUES).saturating_add(1) as u16
     }
 
     /// Exposes `device` as a PCI function, with `mem` as guest RAM, its
@@ -442,7 +459,8 @@ impl PciTransport {
             },
         );
         config.set_bar(BAR_INDEX, BarSpec::memory64(BAR_SIZE))?;
-        let notify_len = (queue_count.max(1) as u64) * u64::from(NOTIFY_OFF_MULTIPLIER);
+        // At most MAX_QUEUES (checked above) registers.
+        let notify_len = (queue_count.max(1) as u64).saturating_mul(u64::from(NOTIFY_OFF_MULTIPLIER));
         for (cfg, offset, length, extra) in [
             (cfg_type::COMMON, COMMON_CFG_OFFSET, COMMON_CFG_SIZE, &[][..]),
             (
@@ -462,13 +480,15 @@ impl PciTransport {
         }
         // The PCI configuration access capability: bar, offset, length
         // and data are the driver's to write.
+        // (18 bytes: `add_capability` refuses a mask of another length.)
         let body = virtio_cap(cfg_type::PCI, 0, 0, &[0; 4]);
-        let mut writable = vec![0u8; body.len()];
+        let mut writable = [0u8; 18];
         writable[2] = 0xff; // bar
         writable[6..18].fill(0xff); // offset, length, data
         let pci_cfg_capability = config.add_capability(capability_id::VENDOR_SPECIFIC, &body, &writable)?;
 
-        let vector_count = (queue_count + 1) as u16;
+        // At most MAX_QUEUES + 1 (checked above), which fits in a u16.
+        let vector_count = queue_count.saturating_add(1) as u16;
         let mut msix = Msix::new(
             vector_count.min(vectors.count().max(1)),
             MsixLayout {
@@ -688,7 +708,7 @@ impl PciTransport {
     fn move_notifications(&mut self, base: Option<u64>) {
         if let Some(old) = self.notify_base.take() {
             for (queue, event) in self.state.queue_events.iter().enumerate() {
-                let Some(address) = old.checked_add(queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)) else {
+                let Some(address) = notify_address(old, queue) else {
                     continue;
                 };
                 // new() checked that queue indices fit in u16.
@@ -703,7 +723,7 @@ impl PciTransport {
             return;
         };
         for (queue, event) in self.state.queue_events.iter().enumerate() {
-            let Some(address) = base.checked_add(queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)) else {
+            let Some(address) = notify_address(base, queue) else {
                 keel_ratelimit::warn_limited!(
                     "virtio-pci: queue {queue}'s notification address overflows past {base:#x}"
                 );
@@ -724,15 +744,29 @@ impl PciTransport {
     /// this BAR.
     fn pci_cfg_window(&self) -> Option<(u64, usize)> {
         let cap = self.pci_cfg_capability;
-        let bar = self.config.read_u32(cap + 4) & 0xff;
-        let offset = u64::from(self.config.read_u32(cap + 8));
-        let len = self.config.read_u32(cap + 12) as usize;
+        let bar = self.config.read_u32(cap.checked_add(4)?) & 0xff;
+        let offset = u64::from(self.config.read_u32(cap.checked_add(8)?));
+        let len = self.config.read_u32(cap.checked_add(12)?) as usize;
         let valid = bar as usize == BAR_INDEX
             && matches!(len, 1 | 2 | 4)
             && offset.is_multiple_of(len as u64)
-            && offset + len as u64 <= BAR_SIZE;
+            && offset.checked_add(len as u64).is_some_and(|end| end <= BAR_SIZE);
         valid.then_some((offset, len))
     }
+
+    /// Where the PCI configuration access capability's data field is in
+    /// the configuration space (the capability is in its first 256 bytes).
+    fn pci_cfg_data(&self) -> u16 {
+        self.pci_cfg_capability.saturating_add(16)
+    }
+}
+
+/// The address of queue `queue`'s notification register, for the
+/// notification region at `base`.
+fn notify_address(base: u64, queue: usize) -> Option<u64> {
+    (queue as u64)
+        .checked_mul(NOTIFY_STRIDE)
+        .and_then(|offset| base.checked_add(offset))
 }
 
 impl PciDevice for PciTransport {
@@ -745,11 +779,14 @@ impl PciDevice for PciTransport {
     }
 
     fn read_config(&mut self, offset: u16, data: &mut [u8]) {
-        let data_field = self.pci_cfg_capability + 16;
+        let data_field = self.pci_cfg_data();
         if overlaps(&(offset..offset.saturating_add(data.len() as u16)), data_field, 4) {
             let mut value = [0u8; 4];
             if let Some((bar_offset, len)) = self.pci_cfg_window() {
-                self.read_bar(BAR_INDEX, bar_offset, &mut value[..len]);
+                // `len` is 1, 2 or 4.
+                if let Some(value) = value.get_mut(..len) {
+                    self.read_bar(BAR_INDEX, bar_offset, value);
+                }
             }
             self.config.set_bytes(data_field, &value);
         }
@@ -760,15 +797,19 @@ impl PciDevice for PciTransport {
         if !self.config.write(offset, data) {
             return;
         }
-        let written = offset..offset + data.len() as u16;
+        let written = offset..offset.saturating_add(data.len() as u16);
         if overlaps(&written, self.msix_capability, 12) {
             lock_vectors(&self.vectors).msix.update_control(&self.config);
         }
-        if overlaps(&written, self.pci_cfg_capability + 16, 4) {
+        let data_field = self.pci_cfg_data();
+        if overlaps(&written, data_field, 4) {
             if let Some((bar_offset, len)) = self.pci_cfg_window() {
                 let mut value = [0u8; 4];
-                self.config.read(self.pci_cfg_capability + 16, &mut value);
-                self.write_bar(BAR_INDEX, bar_offset, &value[..len]);
+                self.config.read(data_field, &mut value);
+                // `len` is 1, 2 or 4.
+                if let Some(value) = value.get(..len) {
+                    self.write_bar(BAR_INDEX, bar_offset, value);
+                }
             }
         }
     }
@@ -779,38 +820,29 @@ impl PciDevice for PciTransport {
             return;
         }
         let len = data.len();
-        match offset {
-            o if o < COMMON_CFG_SIZE => {
-                if let Some(value) = self.read_common(o, len) {
-                    let bytes = value.to_le_bytes();
-                    if let Some(bytes) = bytes.get(..len) {
-                        data.copy_from_slice(bytes);
-                    }
+        if let Some(o) = offset_in(offset, COMMON_CFG_OFFSET, COMMON_CFG_SIZE) {
+            if let Some(value) = self.read_common(o, len) {
+                let bytes = value.to_le_bytes();
+                if let Some(bytes) = bytes.get(..len) {
+                    data.copy_from_slice(bytes);
                 }
             }
-            ISR_OFFSET => {
-                // Reading clears it.
-                let value = self.state.signals.isr.swap(0, Ordering::SeqCst);
-                if let Some(first) = data.first_mut() {
-                    *first = value as u8;
-                }
+        } else if offset == ISR_OFFSET {
+            // Reading clears it.
+            let value = self.state.signals.isr.swap(0, Ordering::SeqCst);
+            if let Some(first) = data.first_mut() {
+                *first = value as u8;
             }
-            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => {
-                if matches!(len, 1 | 2 | 4 | 8) {
-                    lock(&self.state.device).read_config(o - DEVICE_CFG_OFFSET, data);
-                }
+        } else if let Some(o) = offset_in(offset, DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE) {
+            if matches!(len, 1 | 2 | 4 | 8) {
+                lock(&self.state.device).read_config(o, data);
             }
-            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                lock_vectors(&self.vectors)
-                    .msix
-                    .read_table(o - MSIX_TABLE_OFFSET, data);
-            }
-            o if o >= MSIX_PBA_OFFSET => {
-                lock_vectors(&self.vectors)
-                    .msix
-                    .read_pba(o - MSIX_PBA_OFFSET, data);
-            }
-            _ => log::debug!("virtio-pci: {len}-byte read at BAR offset {offset:#x} ignored"),
+        } else if let Some(o) = offset_in(offset, MSIX_TABLE_OFFSET, MSIX_TABLE_SIZE) {
+            lock_vectors(&self.vectors).msix.read_table(o, data);
+        } else if let Some(o) = offset.checked_sub(MSIX_PBA_OFFSET) {
+            lock_vectors(&self.vectors).msix.read_pba(o, data);
+        } else {
+            log::debug!("virtio-pci: {len}-byte read at BAR offset {offset:#x} ignored");
         }
     }
 
@@ -818,33 +850,31 @@ impl PciDevice for PciTransport {
         if bar != BAR_INDEX || data.is_empty() || data.len() > 8 {
             return;
         }
+        // Little endian, 1 to 8 bytes (checked above).
         let mut bytes = [0u8; 8];
-        bytes[..data.len()].copy_from_slice(data);
+        for (dst, &src) in bytes.iter_mut().zip(data) {
+            *dst = src;
+        }
         let value = u64::from_le_bytes(bytes);
-        match offset {
-            o if o < COMMON_CFG_SIZE => self.write_common(o, data.len(), value),
-            o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + DEVICE_CFG_SIZE).contains(&o) => {
-                if matches!(data.len(), 1 | 2 | 4 | 8) {
-                    lock(&self.state.device).write_config(o - DEVICE_CFG_OFFSET, data);
-                }
+        if let Some(o) = offset_in(offset, COMMON_CFG_OFFSET, COMMON_CFG_SIZE) {
+            self.write_common(o, data.len(), value);
+        } else if let Some(o) = offset_in(offset, DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE) {
+            if matches!(data.len(), 1 | 2 | 4 | 8) {
+                lock(&self.state.device).write_config(o, data);
             }
-            o if (NOTIFY_OFFSET..MSIX_TABLE_OFFSET).contains(&o) => {
-                // A notification that did not go through an ioeventfd.
-                let queue = (o - NOTIFY_OFFSET) / u64::from(NOTIFY_OFF_MULTIPLIER);
-                self.state.notify_queue(queue as u32);
-            }
-            o if (MSIX_TABLE_OFFSET..MSIX_PBA_OFFSET).contains(&o) => {
-                lock_vectors(&self.vectors)
-                    .msix
-                    .write_table(o - MSIX_TABLE_OFFSET, data);
-            }
-            o if o >= MSIX_PBA_OFFSET => lock_vectors(&self.vectors)
-                .msix
-                .write_pba(o - MSIX_PBA_OFFSET, data),
-            _ => log::debug!(
+        } else if let Some(o) = offset_in(offset, NOTIFY_OFFSET, NOTIFY_SIZE) {
+            // A notification that did not go through an ioeventfd.
+            let queue = o / NOTIFY_STRIDE;
+            self.state.notify_queue(queue as u32);
+        } else if let Some(o) = offset_in(offset, MSIX_TABLE_OFFSET, MSIX_TABLE_SIZE) {
+            lock_vectors(&self.vectors).msix.write_table(o, data);
+        } else if let Some(o) = offset.checked_sub(MSIX_PBA_OFFSET) {
+            lock_vectors(&self.vectors).msix.write_pba(o, data);
+        } else {
+            log::debug!(
                 "virtio-pci: {}-byte write at BAR offset {offset:#x} ignored",
                 data.len()
-            ),
+            );
         }
     }
 

@@ -172,7 +172,7 @@ impl Connection {
                 if self.peer_shutdown & SHUTDOWN_SEND != 0 {
                     return self.protocol_error();
                 }
-                let buffered = self.to_host.len() as u64 + payload.len() as u64;
+                let buffered = (self.to_host.len() as u64).saturating_add(payload.len() as u64);
                 if buffered > u64::from(self.buf_alloc) {
                     // Past the credit we gave: a broken or hostile guest.
                     return self.protocol_error();
@@ -220,7 +220,9 @@ impl Connection {
     /// [`Self::host_data_room`] are kept).
     pub fn push_host_data(&mut self, data: &[u8]) {
         let n = data.len().min(self.host_data_room());
-        self.to_guest.extend(&data[..n]);
+        if let Some(kept) = data.get(..n) {
+            self.to_guest.extend(kept);
+        }
     }
 
     /// The host socket reached end of file: once staged data is out, tell
@@ -264,7 +266,7 @@ impl Connection {
         self.to_host.drain(..n);
         self.fwd_cnt = self.fwd_cnt.wrapping_add(n as u32);
         let unannounced = self.fwd_cnt.wrapping_sub(self.last_fwd_cnt_sent);
-        let guest_view_used = self.to_host.len() as u64 + u64::from(unannounced);
+        let guest_view_used = (self.to_host.len() as u64).saturating_add(u64::from(unannounced));
         let guest_view_free = u64::from(self.buf_alloc).saturating_sub(guest_view_used);
         if unannounced > 0 && guest_view_free < u64::from(self.buf_alloc) / 2 {
             self.pending |= PENDING_CREDIT_UPDATE;

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
-use virtio_queue::QueueT;
 
 use crate::activation::{
     complete, notify_guest, pop_chain, process_queue, rearm_notification, ActivationState, EventSource,
@@ -181,10 +180,9 @@ impl Vsock {
     }
 
     fn process_tx(&mut self, ops: &mut EventOps) {
-        let Some(active) = self.activation.active_mut() else {
+        let Some((active, budget)) = self.activation.start_pass(ops, TX_QUEUE) else {
             return;
         };
-        let budget = usize::from(active.queues[TX_QUEUE].size());
         let muxer = &mut self.muxer;
         let result = process_queue(active, TX_QUEUE, budget, |mem, chain| {
             muxer.handle_tx_chain(mem, chain, ops);
@@ -194,10 +192,9 @@ impl Vsock {
     }
 
     fn process_rx(&mut self, ops: &mut EventOps) {
-        let Some(active) = self.activation.active_mut() else {
+        let Some((active, budget)) = self.activation.start_pass(ops, RX_QUEUE) else {
             return;
         };
-        let budget = usize::from(active.queues[RX_QUEUE].size());
         let muxer = &mut self.muxer;
         let mut rounds = 0usize;
         let mut used = 0usize;
@@ -209,12 +206,13 @@ impl Vsock {
                 if rounds == budget {
                     return Ok(true);
                 }
-                rounds += 1;
+                // At most `budget`, a usize.
+                rounds = rounds.saturating_add(1);
                 match pop_chain(active, RX_QUEUE)? {
                     Some(chain) => {
                         let len = muxer.fill_rx(&active.mem, &chain, ops);
                         complete(active, RX_QUEUE, chain.head(), len)?;
-                        used += 1;
+                        used = used.saturating_add(1);
                     }
                     // No buffers: the driver notifies when it adds some.
                     None if !rearm_notification(active, RX_QUEUE)? => return Ok(false),

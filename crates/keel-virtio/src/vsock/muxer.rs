@@ -145,7 +145,8 @@ impl Muxer {
         if self.timer_armed {
             return;
         }
-        let tick = (self.options.connect_timeout / 2).max(Duration::from_millis(10));
+        let half = self.options.connect_timeout.checked_div(2).unwrap_or_default();
+        let tick = half.max(Duration::from_millis(10));
         match self.timer.reset(tick, Some(tick)) {
             Ok(()) => self.timer_armed = true,
             Err(e) => keel_ratelimit::warn_limited!("virtio-vsock: cannot arm the connect timer: {e}"),
@@ -257,7 +258,7 @@ impl Muxer {
                     continue;
                 }
             };
-            let full = self.conns.len() + self.handshakes.len() >= self.options.max_connections;
+            let full = self.conns.len().saturating_add(self.handshakes.len()) >= self.options.max_connections;
             if !active || full || stream.set_nonblocking(true).is_err() {
                 continue; // dropped: the host program sees its socket close
             }
@@ -280,21 +281,28 @@ impl Muxer {
             return;
         };
         let mut buf = [0u8; MAX_CONNECT_LINE];
-        let room = MAX_CONNECT_LINE - h.line.len();
-        match h.stream.read(&mut buf[..room]) {
+        // The line is never longer than MAX_CONNECT_LINE: a full one
+        // without a newline ends the handshake below.
+        let room = buf
+            .get_mut(..MAX_CONNECT_LINE.saturating_sub(h.line.len()))
+            .unwrap_or_default();
+        match h.stream.read(room) {
             Ok(0) => return self.drop_handshake(fd, ops),
-            Ok(n) => h.line.extend_from_slice(&buf[..n]),
+            Ok(n) => h.line.extend_from_slice(room.get(..n).unwrap_or_default()),
             Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => return,
             Err(_) => return self.drop_handshake(fd, ops),
         }
-        let Some(newline) = h.line.iter().position(|&b| b == b'\n') else {
-            if h.line.len() == MAX_CONNECT_LINE {
+        // The line up to the first newline, and what follows it.
+        let mut parts = h.line.splitn(2, |&b| b == b'\n');
+        let line = parts.next().unwrap_or_default();
+        let Some(leftover) = parts.next() else {
+            if h.line.len() >= MAX_CONNECT_LINE {
                 self.drop_handshake(fd, ops);
             }
             return;
         };
-        let port = parse_connect(&h.line[..newline]);
-        let leftover = h.line[newline + 1..].to_vec();
+        let port = parse_connect(line);
+        let leftover = leftover.to_vec();
         let Some(h) = self.handshakes.remove(&fd) else {
             return;
         };
@@ -347,9 +355,12 @@ impl Muxer {
             && entry.conn.wants_host_data()
         {
             let room = entry.conn.host_data_room().min(self.read_buf.len());
-            match entry.stream.read(&mut self.read_buf[..room]) {
+            // `room` is at most `read_buf.len()`, and above 0 while the
+            // connection wants host data.
+            let buf = self.read_buf.get_mut(..room).unwrap_or_default();
+            match entry.stream.read(buf) {
                 Ok(0) => entry.conn.host_eof(),
-                Ok(n) => entry.conn.push_host_data(&self.read_buf[..n]),
+                Ok(n) => entry.conn.push_host_data(buf.get(..n).unwrap_or_default()),
                 Err(e) if e.kind() == ErrorKind::WouldBlock || e.kind() == ErrorKind::Interrupted => {}
                 Err(_) => entry.conn.host_error(),
             }
@@ -547,7 +558,10 @@ impl Muxer {
         if room < HDR_SIZE as u64 || !self.has_rx() {
             return 0;
         }
-        let max_payload = (room - HDR_SIZE as u64).min(u64::from(self.options.max_packet_bytes)) as usize;
+        // `room` is at least HDR_SIZE (checked above).
+        let max_payload = room
+            .saturating_sub(HDR_SIZE as u64)
+            .min(u64::from(self.options.max_packet_bytes)) as usize;
         let mut payload = std::mem::take(&mut self.payload);
         payload.clear();
         let hdr = if let Some(hdr) = self.resets.pop_front() {

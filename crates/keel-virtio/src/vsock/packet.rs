@@ -61,21 +61,28 @@ pub struct Header {
 impl Header {
     /// Decodes a header; `bytes` must hold at least [`HDR_SIZE`] bytes.
     pub fn decode(bytes: &[u8]) -> Option<Self> {
-        let b = bytes.get(..HDR_SIZE)?;
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or_default());
-        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap_or_default());
+        // The fields in order, 8 + 8 + 4 + 4 + 4 + 2 + 2 + 4 + 4 + 4 bytes.
+        let (src_cid, b) = bytes.split_first_chunk()?;
+        let (dst_cid, b) = b.split_first_chunk()?;
+        let (src_port, b) = b.split_first_chunk()?;
+        let (dst_port, b) = b.split_first_chunk()?;
+        let (len, b) = b.split_first_chunk()?;
+        let (type_, b) = b.split_first_chunk()?;
+        let (op, b) = b.split_first_chunk()?;
+        let (flags, b) = b.split_first_chunk()?;
+        let (buf_alloc, b) = b.split_first_chunk()?;
+        let (fwd_cnt, _) = b.split_first_chunk()?;
         Some(Self {
-            src_cid: u64_at(0),
-            dst_cid: u64_at(8),
-            src_port: u32_at(16),
-            dst_port: u32_at(20),
-            len: u32_at(24),
-            type_: u16_at(28),
-            op: u16_at(30),
-            flags: u32_at(32),
-            buf_alloc: u32_at(36),
-            fwd_cnt: u32_at(40),
+            src_cid: u64::from_le_bytes(*src_cid),
+            dst_cid: u64::from_le_bytes(*dst_cid),
+            src_port: u32::from_le_bytes(*src_port),
+            dst_port: u32::from_le_bytes(*dst_port),
+            len: u32::from_le_bytes(*len),
+            type_: u16::from_le_bytes(*type_),
+            op: u16::from_le_bytes(*op),
+            flags: u32::from_le_bytes(*flags),
+            buf_alloc: u32::from_le_bytes(*buf_alloc),
+            fwd_cnt: u32::from_le_bytes(*fwd_cnt),
         })
     }
 
