@@ -550,6 +550,15 @@ fn rules(role: ThreadRole) -> Result<Rules, Error> {
         ThreadRole::Api => control(&mut allow)?,
         ThreadRole::Main => {
             allow.calls(&[libc::SYS_poll, libc::SYS_ppoll, libc::SYS_epoll_ctl]);
+            // Tearing the VM down: devices remove the Unix sockets they
+            // created (vsock, console), disks flush, sockets shut down.
+            allow.calls(&[
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+                libc::SYS_fsync,
+                libc::SYS_fdatasync,
+                libc::SYS_shutdown,
+            ]);
             ioctls(&mut allow, &ioctls::terminal())?;
         }
     }

@@ -92,6 +92,7 @@ fn child_body() {
         .unwrap()
         .wait_timeout(Duration::from_secs(30));
     println!("VM ended: {:?}", outcome.map_err(|_| "timeout"));
+    println!("console:\n{}", serial.text());
     std::process::exit(0);
 }
 
