@@ -320,12 +320,19 @@ mod tests {
     #[test]
     fn the_test_tools_the_suite_spawns_are_listed() {
         let tools = |needs: &[Need]| -> Vec<&str> { needed_for(needs).iter().map(Dep::name).collect() };
-        // keel-vmm net_guest and keel's cli tests run even with --no-linux.
-        assert_eq!(tools(&[Tests]), ["ip", "timeout", "sysctl"]);
+        // keel-vmm net_guest, keel's cli and jail tests run even with --no-linux.
+        assert_eq!(tools(&[Tests]), ["ip", "timeout", "ldd", "sysctl"]);
         // keel linux_e2e: the root disk and the DHCP server.
         assert_eq!(tools(&[LinuxTests]), ["mkfs.ext4", "dnsmasq", "iasl"]);
         let pkgs = packages(&needed_for(&[Tests, LinuxTests]));
-        for p in ["iproute2", "coreutils", "procps", "e2fsprogs", "dnsmasq-base"] {
+        for p in [
+            "iproute2",
+            "coreutils",
+            "libc-bin",
+            "procps",
+            "e2fsprogs",
+            "dnsmasq-base",
+        ] {
             assert!(pkgs.contains(&p), "{p} in {pkgs:?}");
         }
     }

@@ -1,6 +1,9 @@
 //! `keel-jail`: run a Keel VMM (or another program) in a jail. See the
 //! `keel_jail` crate documentation and docs/security.md for what it does.
 
+// The flags' doc comments are clap's help text, written for a terminal.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
+
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitCode;
