@@ -327,8 +327,10 @@ fn config_from(args: &Args) -> Result<VmConfig, String> {
 
 fn run(args: &Args, process_start: Instant) -> Result<ExitReason, String> {
     let config = config_from(args)?;
+    // Built from the command line and files its user gave, before any
+    // guest code runs; filtered from the moment the guest runs (the VM's
+    // threads install their own filters, this one narrows to main's).
     let seccomp = config.seccomp;
-    confine(ThreadRole::Api, seccomp)?;
     let stdio = config.serial == SerialMode::Stdio;
     let mut builder = VmBuilder::new(config)
         .map_err(|e| e.to_string())?
@@ -415,7 +417,6 @@ fn run_restore(args: &Args, dir: &std::path::Path, process_start: Instant) -> Re
     let snapshot = keel_vmm::Snapshot::load_dir(dir).map_err(|e| e.to_string())?;
     let config = restore_config(args, &snapshot)?;
     let seccomp = config.seccomp;
-    confine(ThreadRole::Api, seccomp)?;
     let mode = if args.restore_copy {
         keel_vmm::RestoreMode::Copy
     } else {
