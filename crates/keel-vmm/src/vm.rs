@@ -1738,36 +1738,37 @@ impl Vm {
                     // Confined before the guest runs: a vCPU thread that
                     // cannot install its filter does not run the guest.
                     let confined = keel_seccomp::apply(keel_seccomp::ThreadRole::Vcpu, seccomp);
-                    let outcome = loop {
-                        if let Err(e) = &confined {
-                            break Some(Err(Error::Seccomp(e.to_string())));
-                        }
-                        match vcpu.run(&*io, &control.leave_run) {
-                            // Paused: park between two KVM_RUNs, then go on.
-                            Ok(VcpuStop::Requested) if !control.stop.load(Ordering::Acquire) => {
-                                // While parked, save this vCPU whenever a
-                                // snapshot asks.
-                                control.pause.park_if_requested_with(&mut || {
-                                    let state = vcpu.save_state(&vm_fd, &msr_indices);
-                                    let mut slots =
-                                        control.vcpu_states.lock().unwrap_or_else(|e| e.into_inner());
-                                    if let Some(slot) = slots.get_mut(usize::from(id)) {
-                                        *slot = Some(state);
-                                    }
-                                });
+                    let outcome = if let Err(e) = confined {
+                        Some(Err(Error::Seccomp(e.to_string())))
+                    } else {
+                        loop {
+                            match vcpu.run(&*io, &control.leave_run) {
+                                // Paused: park between two KVM_RUNs, then go on.
+                                Ok(VcpuStop::Requested) if !control.stop.load(Ordering::Acquire) => {
+                                    // While parked, save this vCPU whenever a
+                                    // snapshot asks.
+                                    control.pause.park_if_requested_with(&mut || {
+                                        let state = vcpu.save_state(&vm_fd, &msr_indices);
+                                        let mut slots =
+                                            control.vcpu_states.lock().unwrap_or_else(|e| e.into_inner());
+                                        if let Some(slot) = slots.get_mut(usize::from(id)) {
+                                            *slot = Some(state);
+                                        }
+                                    });
+                                }
+                                Ok(VcpuStop::Requested) => break None,
+                                Ok(VcpuStop::TripleFault) => {
+                                    break Some(Ok(ExitReason::TripleFault { vcpu: id }))
+                                }
+                                Ok(VcpuStop::Reset) => break Some(Ok(ExitReason::GuestReset)),
+                                Ok(VcpuStop::PowerOff) => break Some(Ok(ExitReason::GuestShutdown)),
+                                Ok(other) => {
+                                    break Some(Err(Error::InvalidState(format!(
+                                        "vCPU {id} stopped for a reason this VMM does not know: {other:?}"
+                                    ))))
+                                }
+                                Err(e) => break Some(Err(Error::Vcpu(e))),
                             }
-                            Ok(VcpuStop::Requested) => break None,
-                            Ok(VcpuStop::TripleFault) => {
-                                break Some(Ok(ExitReason::TripleFault { vcpu: id }))
-                            }
-                            Ok(VcpuStop::Reset) => break Some(Ok(ExitReason::GuestReset)),
-                            Ok(VcpuStop::PowerOff) => break Some(Ok(ExitReason::GuestShutdown)),
-                            Ok(other) => {
-                                break Some(Err(Error::InvalidState(format!(
-                                    "vCPU {id} stopped for a reason this VMM does not know: {other:?}"
-                                ))))
-                            }
-                            Err(e) => break Some(Err(Error::Vcpu(e))),
                         }
                     };
                     control.pause.leave();
