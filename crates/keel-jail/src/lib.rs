@@ -310,10 +310,7 @@ impl Jail {
             }
             let source =
                 std::fs::canonicalize(&file.source).map_err(path_error("jail file", &file.source))?;
-            let target = root.join(file.dest.strip_prefix("/").unwrap_or(&file.dest));
-            if let Some(parent) = target.parent() {
-                std::fs::create_dir_all(parent).map_err(path_error("jail file directory", parent))?;
-            }
+            let target = in_jail(&root, &file.dest)?;
             if !target.exists() {
                 std::fs::File::create(&target).map_err(path_error("jail file", &target))?;
             }
@@ -504,9 +501,9 @@ fn chown(path: &Path, uid: u32, gid: u32) -> Result<(), Error> {
     })
 }
 
-/// Copies `source` to `inside` (an absolute path in the jail), hard-linking
-/// when on the same file system.
-fn copy_into(root: &Path, source: &Path, inside: &Path) -> Result<(), Error> {
+/// Where the absolute path `inside` of the jail is on the host, its parent
+/// directories made.
+fn in_jail(root: &Path, inside: &Path) -> Result<PathBuf, Error> {
     let target = root.join(inside.strip_prefix("/").unwrap_or(inside));
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(|source| Error::Path {
@@ -515,6 +512,13 @@ fn copy_into(root: &Path, source: &Path, inside: &Path) -> Result<(), Error> {
             source,
         })?;
     }
+    Ok(target)
+}
+
+/// Copies `source` to `inside` (an absolute path in the jail), hard-linking
+/// when on the same file system.
+fn copy_into(root: &Path, source: &Path, inside: &Path) -> Result<(), Error> {
+    let target = in_jail(root, inside)?;
     let _ = std::fs::remove_file(&target);
     if std::fs::hard_link(source, &target).is_err() {
         std::fs::copy(source, &target).map_err(|e| Error::Path {
@@ -563,14 +567,7 @@ fn make_node(root: &Path, node: &Path, uid: u32, gid: u32) -> Result<(), Error> 
         path: node.to_owned(),
         source,
     })?;
-    let target = root.join(node.strip_prefix("/").unwrap_or(node));
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| Error::Path {
-            what: "jail directory",
-            path: parent.to_owned(),
-            source,
-        })?;
-    }
+    let target = in_jail(root, node)?;
     let _ = std::fs::remove_file(&target);
     let c_target = cstring(target.as_os_str().as_bytes())?;
     // SAFETY: mknod on a path this function owns, with the host node's
