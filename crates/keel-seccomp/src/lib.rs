@@ -41,7 +41,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::os::raw::{c_int, c_ulong, c_void};
 use std::str::FromStr;
-use std::sync::{Once, OnceLock};
+use std::sync::OnceLock;
 
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
@@ -267,42 +267,32 @@ impl Allow {
     }
 
     /// `nr` with any arguments.
-    fn call(&mut self, nr: i64) -> &mut Self {
-        self.any.insert(nr);
-        self
-    }
-
-    fn calls(&mut self, nrs: &[i64]) -> &mut Self {
-        for &nr in nrs {
-            self.call(nr);
-        }
-        self
+    fn calls(&mut self, nrs: &[i64]) {
+        self.any.extend(nrs);
     }
 
     /// `nr` when argument `arg` (its low 32 bits) is one of `values`.
-    fn arg_in(&mut self, nr: i64, arg: u8, values: &[u64]) -> Result<&mut Self, Error> {
+    fn arg_in(&mut self, nr: i64, arg: u8, values: &[u64]) -> Result<(), Error> {
         for &value in values {
             let condition = self.condition(arg, SeccompCmpOp::Eq, value)?;
             self.push(nr, vec![condition])?;
         }
-        Ok(self)
+        Ok(())
     }
 
     /// `nr` when none of `bits` are set in argument `arg`.
-    fn arg_without(&mut self, nr: i64, arg: u8, bits: u64) -> Result<&mut Self, Error> {
+    fn arg_without(&mut self, nr: i64, arg: u8, bits: u64) -> Result<(), Error> {
         let condition = self.condition(arg, SeccompCmpOp::MaskedEq(bits), 0)?;
-        self.push(nr, vec![condition])?;
-        Ok(self)
+        self.push(nr, vec![condition])
     }
 
     /// `nr` when argument `arg` is within `low..=high`.
-    fn arg_range(&mut self, nr: i64, arg: u8, low: u64, high: u64) -> Result<&mut Self, Error> {
+    fn arg_range(&mut self, nr: i64, arg: u8, low: u64, high: u64) -> Result<(), Error> {
         let conditions = vec![
             self.condition(arg, SeccompCmpOp::Ge, low)?,
             self.condition(arg, SeccompCmpOp::Le, high)?,
         ];
-        self.push(nr, conditions)?;
-        Ok(self)
+        self.push(nr, conditions)
     }
 
     fn condition(&self, arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, Error> {
@@ -364,7 +354,7 @@ fn common(allow: &mut Allow) -> Result<(), Error> {
         libc::SYS_exit_group,
     ]);
     // No executable mappings.
-    let exec = u64::from(libc::PROT_EXEC.unsigned_abs());
+    let exec = to_u64(libc::PROT_EXEC);
     allow.arg_without(libc::SYS_mmap, 2, exec)?;
     allow.arg_without(libc::SYS_mprotect, 2, exec)?;
     // Freeing memory (the allocator, a thread's stack, balloon pages) and
@@ -413,8 +403,7 @@ fn to_u64(value: c_int) -> u64 {
 
 fn ioctls(allow: &mut Allow, requests: &[c_ulong]) -> Result<(), Error> {
     let values: Vec<u64> = requests.iter().map(|&r| r & 0xffff_ffff).collect();
-    allow.arg_in(libc::SYS_ioctl, 1, &values)?;
-    Ok(())
+    allow.arg_in(libc::SYS_ioctl, 1, &values)
 }
 
 /// I/O on descriptors a device already holds: files, taps, sockets,
@@ -693,13 +682,12 @@ extern "C" fn report_forbidden_syscall(_: c_int, info: *mut libc::siginfo_t, con
 }
 
 fn install_sigsys_handler() -> Result<(), Error> {
-    static INSTALLED: Once = Once::new();
     static RESULT: OnceLock<Result<(), i32>> = OnceLock::new();
-    INSTALLED.call_once(|| {
+    let result = RESULT.get_or_init(|| {
         // SAFETY: a zeroed sigaction is a valid "no flags, empty mask"
         // start; the handler is an `extern "C"` function with the
         // SA_SIGINFO signature that only calls async-signal-safe functions.
-        let result = unsafe {
+        unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
             action.sa_sigaction = report_forbidden_syscall as *const () as usize;
             action.sa_flags = libc::SA_SIGINFO;
@@ -709,11 +697,7 @@ fn install_sigsys_handler() -> Result<(), Error> {
             } else {
                 Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
             }
-        };
-        let _ = RESULT.set(result);
+        }
     });
-    match RESULT.get() {
-        Some(Err(errno)) => Err(Error::SignalHandler(std::io::Error::from_raw_os_error(*errno))),
-        _ => Ok(()),
-    }
+    result.map_err(|errno| Error::SignalHandler(std::io::Error::from_raw_os_error(errno)))
 }
