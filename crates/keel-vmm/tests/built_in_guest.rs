@@ -21,21 +21,7 @@ fn config() -> VmConfig {
 
 /// Runs the guest program `cmdline`, failing the test if it hangs.
 fn run_guest(builder: VmBuilder, cmdline: &str) -> (keel_vmm::Result<ExitReason>, String) {
-    let console = Serial::default();
-    let vm = builder
-        .cmdline(cmdline)
-        .serial_output(console.clone())
-        .build()
-        .unwrap();
-    let handle = vm.start().unwrap();
-    let result = match handle.wait_timeout(Duration::from_secs(20)) {
-        Ok(r) => r,
-        Err(handle) => {
-            handle.stop_handle().stop();
-            panic!("guest `{cmdline}` hung; console:\n{}", console.text());
-        }
-    };
-    (result, console.text())
+    common::run_guest(builder, cmdline, Duration::from_secs(20))
 }
 
 fn run(cmdline: &str) -> (keel_vmm::Result<ExitReason>, String) {

@@ -3,7 +3,6 @@
 //! badly.
 
 mod common;
-use common::Serial;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -149,21 +148,8 @@ impl RequestHandler for UpperCase {
 }
 
 fn run(builder: VmBuilder, cmdline: &str) -> (ExitReason, String) {
-    let serial = Serial::default();
-    let handle = builder
-        .cmdline(cmdline)
-        .serial_output(serial.clone())
-        .build()
-        .unwrap()
-        .start()
-        .unwrap();
-    match handle.wait_timeout(Duration::from_secs(30)) {
-        Ok(result) => (result.unwrap(), serial.text()),
-        Err(handle) => {
-            handle.stop_handle().stop();
-            panic!("`{cmdline}` hung; console:\n{}", serial.text());
-        }
-    }
+    let (result, console) = common::run_guest(builder, cmdline, Duration::from_secs(30));
+    (result.unwrap(), console)
 }
 
 fn a_device_of_the_embedders_own_is_driven_by_the_guest(transport: VirtioTransport) {

@@ -24,11 +24,14 @@ fn acknowledged(text: &str) -> u64 {
     text.lines().filter(|l| l.starts_with("seq: step ")).count() as u64
 }
 
+/// The guest program of these tests: 200 steps, each writing a sector.
+const SEQ: &str = "snapshot-seq steps=200 delay-ms=0";
+
 fn seq_config() -> VmConfig {
     let mut config = VmConfig::default();
     config.memory_mib = 32;
     config.transport = VirtioTransport::Mmio;
-    config.cmdline = Some("snapshot-seq steps=200 delay-ms=0".into());
+    config.cmdline = Some(SEQ.into());
     config
 }
 
@@ -75,20 +78,11 @@ fn a_full_disk_fails_the_guests_write_with_ioerr_and_loses_nothing_acknowledged(
     std::fs::File::create(&image).unwrap().set_len(1 << 20).unwrap();
     let mut config = seq_config();
     config.disks = vec![DiskConfig::new(&image)];
-    let serial = Serial::default();
-    let outcome = VmBuilder::new(config)
-        .unwrap()
-        .serial_output(serial.clone())
-        .build()
-        .unwrap()
-        .start()
-        .unwrap()
-        .wait_timeout(Duration::from_secs(60));
-    let text = serial.text();
+    let (outcome, text) = common::run_guest(VmBuilder::new(config).unwrap(), SEQ, Duration::from_secs(60));
     // The guest's check failed (status 1) on its write's IOERR; the VMM
     // ran on and reported it as the guest's exit.
     assert!(
-        matches!(outcome, Ok(Ok(ExitReason::GuestExit(1)))),
+        matches!(outcome, Ok(ExitReason::GuestExit(1))),
         "{outcome:?}\n{text}"
     );
     assert!(
@@ -151,17 +145,9 @@ fn a_backend_failing_with_eio_fails_the_request_and_the_vmm_keeps_serving() {
             BlockOptions::default(),
         )
         .unwrap();
-    let serial = Serial::default();
-    let outcome = builder
-        .serial_output(serial.clone())
-        .build()
-        .unwrap()
-        .start()
-        .unwrap()
-        .wait_timeout(Duration::from_secs(60));
-    let text = serial.text();
+    let (outcome, text) = common::run_guest(builder, SEQ, Duration::from_secs(60));
     assert!(
-        matches!(outcome, Ok(Ok(ExitReason::GuestExit(1)))),
+        matches!(outcome, Ok(ExitReason::GuestExit(1))),
         "{outcome:?}\n{text}"
     );
     assert!(text.contains("seq: step 10: disk write status 1"), "{text}");

@@ -6,7 +6,6 @@
 //! to run.
 
 mod common;
-use common::Serial;
 
 use std::process::{Command, Output};
 use std::sync::{Arc, Mutex};
@@ -82,17 +81,9 @@ fn child_body() {
         }
         other => panic!("no role {other}"),
     };
-    let serial = Serial::default();
-    let outcome = builder
-        .cmdline(cmdline)
-        .serial_output(serial.clone())
-        .build()
-        .unwrap()
-        .start()
-        .unwrap()
-        .wait_timeout(Duration::from_secs(30));
-    println!("VM ended: {:?}", outcome.map_err(|_| "timeout"));
-    println!("console:\n{}", serial.text());
+    let (outcome, console) = common::run_guest(builder, &cmdline, Duration::from_secs(30));
+    println!("VM ended: {outcome:?}");
+    println!("console:\n{console}");
     std::process::exit(0);
 }
 
@@ -157,9 +148,9 @@ fn at_log_level_the_call_goes_through_and_the_vm_runs_on() {
         // The VM ran to its end (the scratch device here is not the one
         // `mmio-rw` checks, so that guest reports a failure; the request
         // guest passes).
-        assert!(stdout.contains("VM ended: Ok(Ok(GuestExit("), "{role}: {stdout}");
+        assert!(stdout.contains("VM ended: Ok(GuestExit("), "{role}: {stdout}");
         if role == "devices" {
-            assert!(stdout.contains("VM ended: Ok(Ok(GuestExit(0)))"), "{stdout}");
+            assert!(stdout.contains("VM ended: Ok(GuestExit(0))"), "{stdout}");
         }
     }
 }

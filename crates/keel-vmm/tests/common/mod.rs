@@ -24,6 +24,33 @@ impl Serial {
     }
 }
 
+/// Runs `builder`'s guest with `cmdline` to its end with its serial
+/// console captured; returns how it ended and what it printed. A guest
+/// still running after `timeout` is stopped and fails the test.
+// Not every test binary that shares this module runs guests this way.
+#[allow(dead_code)]
+pub fn run_guest(
+    builder: keel_vmm::VmBuilder,
+    cmdline: &str,
+    timeout: std::time::Duration,
+) -> (keel_vmm::Result<keel_vmm::ExitReason>, String) {
+    let console = Serial::default();
+    let handle = builder
+        .cmdline(cmdline)
+        .serial_output(console.clone())
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    match handle.wait_timeout(timeout) {
+        Ok(result) => (result, console.text()),
+        Err(handle) => {
+            handle.stop_handle().stop();
+            panic!("guest `{cmdline}` hung; console:\n{}", console.text());
+        }
+    }
+}
+
 /// Turns each listed function `NAME(transport: VirtioTransport)` into two
 /// tests, `NAME::mmio` and `NAME::pci`: every device test runs over both
 /// virtio transports.
