@@ -8,27 +8,18 @@ by side in one run.
 Each run is `keel --memory 128M --cmdline "exit code=0" --serial none`
 (plus `--no-seccomp` for the other column); the two alternate
 run by run. Prints the median wall time (spawn to reap) and CPU time of
-each, and the difference. Uses `run` from acpi_startup.py.
+each, and the difference. Uses `compare` from acpi_startup.py.
 """
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from acpi_startup import run  # noqa: E402
+from acpi_startup import compare  # noqa: E402
 
 
 def main():
     runs = int(sys.argv[1]) if len(sys.argv) > 1 else 40
-    filtered, unfiltered = [], []
-    for _ in range(runs):
-        filtered.append(run([]))
-        unfiltered.append(run(["--no-seccomp"]))
-    med = statistics.median
-    for name, rows in (("seccomp (default)", filtered), ("--no-seccomp", unfiltered)):
-        print(f"{name:22} wall {med(r[0] for r in rows):6.2f} ms   CPU {med(r[1] for r in rows):6.2f} ms")
-    print(f"filters - none: wall {med(r[0] for r in filtered) - med(r[0] for r in unfiltered):+.2f} ms, "
-          f"CPU {med(r[1] for r in filtered) - med(r[1] for r in unfiltered):+.2f} ms")
+    compare(runs, ("seccomp (default)", []), ("--no-seccomp", ["--no-seccomp"]), "filters - none")
 
 
 if __name__ == "__main__":
