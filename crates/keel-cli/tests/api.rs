@@ -179,10 +179,20 @@ fn configure_start_pause_resume_and_power_off_over_the_socket() {
         "/metrics",
         &format!(r#"{{"metrics_path": "{}"}}"#, metrics.display()),
     );
-    keel.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
-    let text = std::fs::read_to_string(&metrics).unwrap();
-    let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
-    assert!(line["vcpu"]["exit_io_out"].as_u64().unwrap() > 0, "{line}");
+    // The counters are live: flushed again, the guest's port writes show
+    // up once its vCPUs have run (the first flush can come before their
+    // first KVM_RUN on a loaded host).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        keel.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+        let text = std::fs::read_to_string(&metrics).unwrap();
+        let line: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        if line["vcpu"]["exit_io_out"].as_u64().unwrap() > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no port write counted in 10 s: {line}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _ = std::fs::remove_file(&metrics);
     // A running drive gets a new image and a new limit; a bad path changes
     // nothing.
