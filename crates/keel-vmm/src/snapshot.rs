@@ -360,6 +360,136 @@ impl SnapshotParts {
     }
 }
 
+impl SnapshotParts {
+    /// Writes the snapshot of a paused VM whose vCPU threads saved
+    /// `vcpus`: the memory file (all of it, or for a diff the pages
+    /// written since the last snapshot), then the state file, each
+    /// through a temporary file renamed into place. Returns the state
+    /// file's size and what the memory file holds.
+    pub fn write(
+        &self,
+        vcpus: Vec<VcpuState>,
+        kind: SnapshotKind,
+        record: Option<String>,
+        state_path: &Path,
+        memory_path: &Path,
+    ) -> Result<(u64, SavedMemory)> {
+        // With tracking on, what was written since the last snapshot: the
+        // content of a diff, and for a full snapshot the start of the next.
+        let dirty = if self.track_dirty_pages {
+            Some(
+                keel_memory::take_dirty_pages(&self.vm_fd, &self.mem)
+                    .map_err(|e| Error::Snapshot(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let contents = match (kind, dirty) {
+            (SnapshotKind::Full, _) => MemoryContents::Full,
+            (SnapshotKind::Diff, Some(ranges)) => MemoryContents::Diff { ranges },
+            (SnapshotKind::Diff, None) => {
+                return Err(Error::Snapshot(
+                    "a diff snapshot needs dirty-page tracking: build the VM with track_dirty_pages".into(),
+                ))
+            }
+        };
+        let state = self.save(vcpus, record, contents.clone())?;
+        let mut memory = SavedMemory::default();
+        write_atomically(memory_path, |file| {
+            memory = match &contents {
+                MemoryContents::Diff { ranges } => keel_memory::save_memory_diff(&self.mem, file, ranges),
+                _ => keel_memory::save_memory(&self.mem, file),
+            }
+            .map_err(|e| Error::Snapshot(format!("{}: {e}", memory_path.display())))?;
+            Ok(())
+        })?;
+        let bytes = keel_snapshot::encode(&state).map_err(|e| Error::Snapshot(e.to_string()))?;
+        write_atomically(state_path, |mut file| {
+            use std::io::Write;
+            file.write_all(&bytes)
+                .map_err(|e| Error::Snapshot(format!("{}: {e}", state_path.display())))
+        })?;
+        Ok((bytes.len() as u64, memory))
+    }
+}
+
+/// Puts each saved virtio device back into the transport built in its
+/// place, after checking that the VM has the same devices in the same
+/// places; a PCI function's BARs are then routed where the guest had them.
+pub(crate) fn restore_virtio(
+    transports: &[(String, crate::snapshot::WiredTransport)],
+    saved: &[crate::snapshot::SavedVirtioDevice],
+    pci_bus: &keel_pci::PciBus,
+) -> Result<()> {
+    if transports.len() != saved.len() {
+        return Err(Error::Snapshot(format!(
+            "the snapshot has {} virtio devices ({}), this VM {} ({})",
+            saved.len(),
+            saved
+                .iter()
+                .map(|d| d.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            transports.len(),
+            transports
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )));
+    }
+    for ((name, wired), device) in transports.iter().zip(saved) {
+        let failed =
+            |e: keel_virtio::Error| Error::Snapshot(format!("{name} (saved as {}): {e}", device.name));
+        match (wired, &device.transport) {
+            (WiredTransport::Mmio(transport), SavedTransport::Mmio { base, state }) => {
+                let mut transport = transport.lock().unwrap_or_else(|e| e.into_inner());
+                if transport.slot().base != *base {
+                    return Err(Error::Snapshot(format!(
+                        "{name} is at {:#x}, but the snapshot's {} was at {base:#x}",
+                        transport.slot().base,
+                        device.name,
+                    )));
+                }
+                transport.restore_state(state).map_err(failed)?;
+            }
+            (
+                WiredTransport::Pci(transport, address),
+                SavedTransport::Pci {
+                    address: saved_at,
+                    state,
+                },
+            ) => {
+                if address.to_string() != *saved_at {
+                    return Err(Error::Snapshot(format!(
+                        "{name} is PCI function {address}, but the snapshot's {} was {saved_at}",
+                        device.name,
+                    )));
+                }
+                transport
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .restore_state(state)
+                    .map_err(failed)?;
+                pci_bus.refresh_routes(*address);
+            }
+            (WiredTransport::Mmio(_), SavedTransport::Pci { .. }) => {
+                return Err(Error::Snapshot(format!(
+                    "{name} is on virtio-mmio, but the snapshot's {} was on virtio-pci",
+                    device.name
+                )))
+            }
+            (WiredTransport::Pci(..), SavedTransport::Mmio { .. }) => {
+                return Err(Error::Snapshot(format!(
+                    "{name} is on virtio-pci, but the snapshot's {} was on virtio-mmio",
+                    device.name
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` through a temporary file renamed into place.
 pub(crate) fn write_atomically(path: &Path, write: impl FnOnce(&File) -> Result<()>) -> Result<()> {
     let mut tmp_name = path.as_os_str().to_owned();

@@ -389,7 +389,7 @@ impl Control {
         &self,
         state_path: &std::path::Path,
         memory_path: &std::path::Path,
-        kind: crate::snapshot::SnapshotKind,
+        kind: SnapshotKind,
         record: Option<String>,
     ) -> Result<SnapshotInfo> {
         let started = Instant::now();
@@ -433,46 +433,9 @@ impl Control {
             }
             vcpus
         };
-        // With tracking on, what was written since the last snapshot: the
-        // content of a diff, and for a full snapshot the start of the next.
-        let dirty = if parts.track_dirty_pages {
-            Some(
-                keel_memory::take_dirty_pages(&parts.vm_fd, &parts.mem)
-                    .map_err(|e| Error::Snapshot(e.to_string()))?,
-            )
-        } else {
-            None
-        };
-        let contents = match (kind, dirty) {
-            (crate::snapshot::SnapshotKind::Full, _) => crate::snapshot::MemoryContents::Full,
-            (crate::snapshot::SnapshotKind::Diff, Some(ranges)) => {
-                crate::snapshot::MemoryContents::Diff { ranges }
-            }
-            (crate::snapshot::SnapshotKind::Diff, None) => {
-                return Err(Error::Snapshot(
-                    "a diff snapshot needs dirty-page tracking: build the VM with track_dirty_pages".into(),
-                ))
-            }
-        };
-        let state = parts.save(vcpus, record, contents.clone())?;
-        let mut memory = keel_memory::SavedMemory::default();
-        crate::snapshot::write_atomically(memory_path, |file| {
-            memory = match &contents {
-                crate::snapshot::MemoryContents::Diff { ranges } => {
-                    keel_memory::save_memory_diff(&parts.mem, file, ranges)
-                }
-                _ => keel_memory::save_memory(&parts.mem, file),
-            }
-            .map_err(|e| Error::Snapshot(format!("{}: {e}", memory_path.display())))?;
-            Ok(())
-        })?;
-        let bytes = keel_snapshot::encode(&state).map_err(|e| Error::Snapshot(e.to_string()))?;
-        crate::snapshot::write_atomically(state_path, |mut file| {
-            file.write_all(&bytes)
-                .map_err(|e| Error::Snapshot(format!("{}: {e}", state_path.display())))
-        })?;
+        let (state_bytes, memory) = parts.write(vcpus, kind, record, state_path, memory_path)?;
         Ok(SnapshotInfo {
-            state_bytes: bytes.len() as u64,
+            state_bytes,
             memory,
             took: started.elapsed(),
         })
@@ -1463,7 +1426,7 @@ impl Vm {
         } = virtio;
         let pci_bus = pci.register(bus)?;
         if let Some((snapshot, _)) = restore {
-            restore_virtio(&transports, &snapshot.state.virtio, &pci_bus)?;
+            crate::snapshot::restore_virtio(&transports, &snapshot.state.virtio, &pci_bus)?;
         }
 
         // A restored VM's memory holds its kernel, boot tables and ACPI
@@ -2228,82 +2191,4 @@ impl Drop for VmHandle {
             self.stop_and_join();
         }
     }
-}
-
-/// Puts each saved virtio device back into the transport built in its
-/// place, after checking that the VM has the same devices in the same
-/// places; a PCI function's BARs are then routed where the guest had them.
-fn restore_virtio(
-    transports: &[(String, crate::snapshot::WiredTransport)],
-    saved: &[crate::snapshot::SavedVirtioDevice],
-    pci_bus: &keel_pci::PciBus,
-) -> Result<()> {
-    use crate::snapshot::{SavedTransport, WiredTransport};
-    if transports.len() != saved.len() {
-        return Err(Error::Snapshot(format!(
-            "the snapshot has {} virtio devices ({}), this VM {} ({})",
-            saved.len(),
-            saved
-                .iter()
-                .map(|d| d.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-            transports.len(),
-            transports
-                .iter()
-                .map(|(n, _)| n.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
-        )));
-    }
-    for ((name, wired), device) in transports.iter().zip(saved) {
-        let failed =
-            |e: keel_virtio::Error| Error::Snapshot(format!("{name} (saved as {}): {e}", device.name));
-        match (wired, &device.transport) {
-            (WiredTransport::Mmio(transport), SavedTransport::Mmio { base, state }) => {
-                let mut transport = transport.lock().unwrap_or_else(|e| e.into_inner());
-                if transport.slot().base != *base {
-                    return Err(Error::Snapshot(format!(
-                        "{name} is at {:#x}, but the snapshot's {} was at {base:#x}",
-                        transport.slot().base,
-                        device.name,
-                    )));
-                }
-                transport.restore_state(state).map_err(failed)?;
-            }
-            (
-                WiredTransport::Pci(transport, address),
-                SavedTransport::Pci {
-                    address: saved_at,
-                    state,
-                },
-            ) => {
-                if address.to_string() != *saved_at {
-                    return Err(Error::Snapshot(format!(
-                        "{name} is PCI function {address}, but the snapshot's {} was {saved_at}",
-                        device.name,
-                    )));
-                }
-                transport
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .restore_state(state)
-                    .map_err(failed)?;
-                pci_bus.refresh_routes(*address);
-            }
-            (WiredTransport::Mmio(_), SavedTransport::Pci { .. }) => {
-                return Err(Error::Snapshot(format!(
-                    "{name} is on virtio-mmio, but the snapshot's {} was on virtio-pci",
-                    device.name
-                )))
-            }
-            (WiredTransport::Pci(..), SavedTransport::Mmio { .. }) => {
-                return Err(Error::Snapshot(format!(
-                    "{name} is on virtio-pci, but the snapshot's {} was on virtio-mmio",
-                    device.name
-                )))
-            }
-        }
-    }
-    Ok(())
 }
