@@ -6,7 +6,6 @@
 
 #[macro_use]
 mod common;
-use common::Serial;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -54,21 +53,9 @@ impl Drop for Images {
 
 /// Boots `cmdline` with `config`; the exit reason and the serial text.
 fn run(config: VmConfig, cmdline: &str) -> (ExitReason, String) {
-    let serial = Serial::default();
-    let vm = VmBuilder::new(config)
-        .unwrap()
-        .cmdline(cmdline)
-        .serial_output(serial.clone())
-        .build()
-        .unwrap();
-    let exit = match vm.start().unwrap().wait_timeout(WATCHDOG) {
-        Ok(result) => result.unwrap_or_else(|e| panic!("`{cmdline}`: {e}\nserial:\n{}", serial.text())),
-        Err(handle) => {
-            handle.stop_handle().stop();
-            panic!("guest `{cmdline}` hung; serial:\n{}", serial.text());
-        }
-    };
-    (exit, serial.text())
+    let (result, text) = common::run_guest(VmBuilder::new(config).unwrap(), cmdline, WATCHDOG);
+    let exit = result.unwrap_or_else(|e| panic!("`{cmdline}`: {e}\nserial:\n{text}"));
+    (exit, text)
 }
 
 fn hostile_guest_cannot_hurt_the_pci_bus_or_msix(irqchip: IrqchipChoice) {

@@ -7,7 +7,6 @@
 
 #[macro_use]
 mod common;
-use common::Serial;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -33,22 +32,7 @@ impl Drop for Image {
 }
 
 fn run(config: VmConfig, cmdline: &str) -> String {
-    let serial = Serial::default();
-    let vm = VmBuilder::new(config)
-        .unwrap()
-        .cmdline(cmdline)
-        .serial_output(serial.clone())
-        .build()
-        .unwrap();
-    let handle = vm.start().unwrap();
-    let result = match handle.wait_timeout(WATCHDOG) {
-        Ok(result) => result,
-        Err(handle) => {
-            handle.stop_handle().stop();
-            panic!("guest `{cmdline}` hung; serial:\n{}", serial.text());
-        }
-    };
-    let text = serial.text();
+    let (result, text) = common::run_guest(VmBuilder::new(config).unwrap(), cmdline, WATCHDOG);
     match result {
         Ok(exit) => assert_eq!(exit, ExitReason::GuestExit(0), "serial:\n{text}"),
         Err(e) => panic!("the VMM failed running `{cmdline}`: {e}\nserial:\n{text}"),

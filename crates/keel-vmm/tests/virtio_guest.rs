@@ -121,23 +121,9 @@ fn run(config: VmConfig, cmdline: &str) -> Run {
 
 /// Like [`run`], with a builder made by the caller.
 fn run_with(builder: VmBuilder, cmdline: &str) -> Run {
-    let serial = Serial::default();
-    let vm = builder
-        .cmdline(cmdline)
-        .serial_output(serial.clone())
-        .build()
-        .unwrap();
     let start = Instant::now();
-    let handle = vm.start().unwrap();
-    let result = match handle.wait_timeout(WATCHDOG) {
-        Ok(result) => result,
-        Err(handle) => {
-            handle.stop_handle().stop();
-            panic!("guest `{cmdline}` hung; serial:\n{}", serial.text());
-        }
-    };
+    let (result, text) = common::run_guest(builder, cmdline, WATCHDOG);
     let elapsed = start.elapsed();
-    let text = serial.text();
     let exit = match result {
         Ok(exit) => exit,
         Err(e) => panic!("the VMM failed running `{cmdline}`: {e}\nserial:\n{text}"),
