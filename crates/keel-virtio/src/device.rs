@@ -71,6 +71,18 @@ pub trait VirtioDevice: Send {
     /// read-only fields or past the end are ignored.
     fn write_config(&mut self, offset: u64, data: &[u8]);
 
+    /// The configuration space, for transports to read without the
+    /// device's lock. A device whose event loop can block in its backend
+    /// (a disk on a stalled file) offers one, so a driver reading the
+    /// configuration — the capacity, say — never waits for a request in
+    /// progress. A transport asks once, when it is built; with `Some`, it
+    /// reads from the [`SharedConfig`] and no longer calls
+    /// [`read_config`](Self::read_config). `None` (the default): every
+    /// read takes the device's lock.
+    fn shared_config(&self) -> Option<SharedConfig> {
+        None
+    }
+
     /// Starts the device with what the driver set up; see [`Activation`].
     ///
     /// Fails if the activation does not match the device
@@ -264,6 +276,54 @@ impl VirtioInterrupt for RecordingInterrupt {
     fn signal_needs_reset(&self) -> Result<()> {
         self.record(VirtioSignal::NeedsReset);
         Ok(())
+    }
+}
+
+/// A device's configuration space behind a lock of its own, shared with
+/// the transports: see [`VirtioDevice::shared_config`]. Clones share the
+/// bytes. The lock is held only to copy bytes in or out, never across I/O.
+///
+/// # Example
+///
+/// ```
+/// let config = keel_virtio::SharedConfig::new(vec![0; 8]);
+/// let transport_view = config.clone();
+/// config.write(0, &2048u64.to_le_bytes());
+/// let mut capacity = [0u8; 8];
+/// transport_view.read(0, &mut capacity);
+/// assert_eq!(u64::from_le_bytes(capacity), 2048);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct SharedConfig(Arc<Mutex<Vec<u8>>>);
+
+impl SharedConfig {
+    /// A configuration space holding `bytes`; its size never changes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Arc::new(Mutex::new(bytes)))
+    }
+
+    fn space(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        // Copying bytes cannot leave the space half-updated in a way a
+        // panic elsewhere would matter to; keep serving it.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fills `data` from `offset`, zeros past the end: [`read_config_space`].
+    pub fn read(&self, offset: u64, data: &mut [u8]) {
+        read_config_space(&self.space(), offset, data);
+    }
+
+    /// Writes `bytes` at `offset` as one update (a reader sees all of it or
+    /// none). Bytes that would fall past the end are dropped.
+    pub fn write(&self, offset: usize, bytes: &[u8]) {
+        let mut space = self.space();
+        let end = space.len();
+        if let Some(field) = space.get_mut(offset.min(end)..) {
+            let len = field.len().min(bytes.len());
+            if let (Some(dst), Some(src)) = (field.get_mut(..len), bytes.get(..len)) {
+                dst.copy_from_slice(src);
+            }
+        }
     }
 }
 

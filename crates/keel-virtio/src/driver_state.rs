@@ -108,6 +108,9 @@ pub(crate) struct DriverState {
     /// `virtio-mmio 0xd0001000`, `virtio-pci`.
     pub transport: String,
     pub device: Arc<Mutex<dyn VirtioDevice>>,
+    /// The device's configuration space, when it offers one readable
+    /// without its lock ([`VirtioDevice::shared_config`]).
+    shared_config: Option<crate::SharedConfig>,
     pub mem: GuestMemoryMmap,
     pub signals: Arc<SignalState>,
     pub stop: StopSignal,
@@ -136,9 +139,14 @@ impl DriverState {
         device: Arc<Mutex<dyn VirtioDevice>>,
         mem: GuestMemoryMmap,
     ) -> Result<Self> {
-        let (device_type, device_features, queue_max_sizes) = {
+        let (device_type, device_features, queue_max_sizes, shared_config) = {
             let d = lock(&device);
-            (d.device_type(), d.features(), d.queue_max_sizes().to_vec())
+            (
+                d.device_type(),
+                d.features(),
+                d.queue_max_sizes().to_vec(),
+                d.shared_config(),
+            )
         };
         if u16::try_from(queue_max_sizes.len()).is_err() {
             return Err(Error::TooManyQueues {
@@ -152,6 +160,7 @@ impl DriverState {
         Ok(Self {
             transport,
             device,
+            shared_config,
             mem,
             signals: Arc::new(SignalState::default()),
             stop: StopSignal::new(),
@@ -167,6 +176,17 @@ impl DriverState {
             status: 0,
             device_broken: false,
         })
+    }
+
+    /// A driver's read of the configuration space: from the device's
+    /// [`SharedConfig`](crate::SharedConfig) when it has one (a request
+    /// in progress on its event loop does not hold it up), else under the
+    /// device's lock.
+    pub fn read_config(&self, offset: u64, data: &mut [u8]) {
+        match &self.shared_config {
+            Some(config) => config.read(offset, data),
+            None => lock(&self.device).read_config(offset, data),
+        }
     }
 
     /// The device status as the driver reads it, `DEVICE_NEEDS_RESET`

@@ -324,8 +324,8 @@ pub use console::{
     MAX_OUTPUT_PASS_BYTES, MAX_OUTPUT_REQUEST_BYTES,
 };
 pub use device::{
-    check_queue_count, read_config_space, Activation, RecordingInterrupt, StopSignal, VirtioDevice,
-    VirtioInterrupt, VirtioSignal,
+    check_queue_count, read_config_space, Activation, RecordingInterrupt, SharedConfig, StopSignal,
+    VirtioDevice, VirtioInterrupt, VirtioSignal,
 };
 /// The guest memory devices get ([`keel_memory::GuestMemoryMmap`]: its
 /// bitmap records the pages devices write, for diff snapshots).

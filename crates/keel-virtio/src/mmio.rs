@@ -373,7 +373,7 @@ impl MutDeviceMmio for MmioTransport {
     fn mmio_read(&mut self, _base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
         if let Some(config_offset) = offset.checked_sub(CONFIG_SPACE_OFFSET) {
             if matches!(data.len(), 1 | 2 | 4 | 8) {
-                lock(&self.state.device).read_config(config_offset, data);
+                self.state.read_config(config_offset, data);
             } else {
                 log::debug!("virtio-mmio: {}-byte config read ignored", data.len());
                 data.fill(0);

@@ -19,7 +19,7 @@ pub use backend::{BlockBackend, FileBackend, MemoryBackend};
 
 use crate::activation::{process_queue, ActivationState, EventSource, Handled};
 use crate::chain::RequestBuffers;
-use crate::device::{read_config_space, Activation, VirtioDevice};
+use crate::device::{Activation, SharedConfig, VirtioDevice};
 use crate::{check_queue_count, device_type, features, Error, Result};
 
 /// Bytes per sector: the unit of every offset and length in the protocol.
@@ -132,7 +132,9 @@ pub struct Block<B: BlockBackend> {
     activation: ActivationState,
     features: u64,
     queue_sizes: [u16; 1],
-    config: [u8; CONFIG_SPACE_SIZE],
+    /// Read by the transports without the device's lock, so a driver
+    /// reading the capacity never waits for a request stuck in the backend.
+    config: SharedConfig,
     limiter: RateLimiter,
     throttled: u64,
 }
@@ -212,7 +214,7 @@ impl<B: BlockBackend> Block<B> {
             activation: ActivationState::new("virtio-blk")?,
             features,
             queue_sizes: [size],
-            config,
+            config: SharedConfig::new(config.to_vec()),
             limiter: RateLimiter::unlimited().map_err(Error::CreateEventFd)?,
             throttled: 0,
         })
@@ -250,7 +252,7 @@ impl<B: BlockBackend> Block<B> {
         let capacity_sectors = backend.capacity() / SECTOR_SIZE;
         let old = std::mem::replace(&mut self.disk.backend, backend);
         self.disk.capacity_sectors = capacity_sectors;
-        put(&mut self.config, 0, &capacity_sectors.to_le_bytes());
+        self.config.write(0, &capacity_sectors.to_le_bytes());
         if let Some(active) = self.activation.active_mut() {
             if let Err(e) = active.interrupt.signal_config_change() {
                 log::warn!("virtio-blk: cannot signal the capacity change: {e}");
@@ -352,7 +354,11 @@ impl<B: BlockBackend> VirtioDevice for Block<B> {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_space(&self.config, offset, data);
+        self.config.read(offset, data);
+    }
+
+    fn shared_config(&self) -> Option<SharedConfig> {
+        Some(self.config.clone())
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

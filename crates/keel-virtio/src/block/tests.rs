@@ -1341,3 +1341,90 @@ fn replacing_the_backend_of_a_running_device_changes_the_capacity_and_tells_the_
     assert_eq!(u64::from_le_bytes(capacity), 4 * SECTORS);
     assert_eq!(interrupt.signals(), [VirtioSignal::ConfigChange]);
 }
+
+/// A backend whose writes wait until the test lets each one go.
+struct StallingDisk {
+    disk: MemoryBackend,
+    entered: std::sync::mpsc::Sender<()>,
+    release: std::sync::mpsc::Receiver<()>,
+}
+
+impl BlockBackend for StallingDisk {
+    fn capacity(&self) -> u64 {
+        self.disk.capacity()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.disk.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let _ = self.entered.send(());
+        let _ = self.release.recv();
+        self.disk.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.disk.flush()
+    }
+}
+
+#[test]
+fn a_driver_reads_the_capacity_while_a_request_is_stuck_in_the_backend() {
+    use crate::{MmioSlot, MmioTransport};
+    use std::sync::mpsc;
+    use std::time::Duration;
+    use vm_device::bus::MmioAddress;
+    use vm_device::MutDeviceMmio;
+
+    let mem = memory().unwrap();
+    let (entered_tx, entered) = mpsc::channel();
+    let (release, release_rx) = mpsc::channel();
+    let backend = StallingDisk {
+        disk: MemoryBackend::new(DISK_SIZE),
+        entered: entered_tx,
+        release: release_rx,
+    };
+    let mut h = Harness::new(&mem, backend, BlockOptions::default());
+    let slot = MmioSlot {
+        base: 0xd000_0000,
+        gsi: 5,
+    };
+    let mut transport = MmioTransport::new(
+        h.block.clone(),
+        mem.clone(),
+        Arc::new(keel_irq::RecordingLine::new()),
+        slot,
+    )
+    .unwrap();
+    header(&mem, VIRTIO_BLK_T_OUT, 0);
+    let bufs = request(&mem, VIRTIO_BLK_T_OUT, 0, 512);
+    h.driver.add(&bufs).unwrap();
+    std::thread::scope(|scope| {
+        // The event loop serves the write and stops inside the backend,
+        // holding the device's lock.
+        let Harness {
+            notify, event_loop, ..
+        } = &mut h;
+        notify.write(1).unwrap();
+        let serving = scope.spawn(move || event_loop.run_with_timeout(5_000).unwrap());
+        entered
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the write reached the backend");
+        // A vCPU reading the capacity (config offset 0, at 0x100) gets
+        // it now, not when the backend returns.
+        let (read_tx, read_rx) = mpsc::channel();
+        scope.spawn(move || {
+            let mut capacity = [0u8; 8];
+            transport.mmio_read(MmioAddress(slot.base), 0x100, &mut capacity);
+            let _ = read_tx.send(u64::from_le_bytes(capacity));
+        });
+        let capacity = read_rx.recv_timeout(Duration::from_secs(5));
+        release.send(()).unwrap();
+        serving.join().unwrap();
+        assert_eq!(
+            capacity,
+            Ok(SECTORS),
+            "the config read waited for the stuck request"
+        );
+    });
+    assert_eq!(h.driver.used().len(), 1, "the write completed once released");
+    assert_eq!(h.status(), OK);
+}

@@ -835,7 +835,7 @@ impl PciDevice for PciTransport {
             }
         } else if let Some(o) = offset_in(offset, DEVICE_CFG_OFFSET, DEVICE_CFG_SIZE) {
             if matches!(len, 1 | 2 | 4 | 8) {
-                lock(&self.state.device).read_config(o, data);
+                self.state.read_config(o, data);
             }
         } else if let Some(o) = offset_in(offset, MSIX_TABLE_OFFSET, MSIX_TABLE_SIZE) {
             lock_vectors(&self.vectors).msix.read_table(o, data);
