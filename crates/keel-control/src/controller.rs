@@ -1,7 +1,7 @@
 //! The VM's lifecycle as Firecracker's API sees it.
 
 use std::path::Path;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use keel_vmm::{
@@ -50,6 +50,28 @@ pub enum ControlError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// How long a change to a running drive waits for the disk's thread to be
+/// between requests; as long as a pause waits for it.
+const BUSY_DRIVE_WAIT: Duration = Duration::from_secs(5);
+
+/// `device` locked, if its holder lets go within `limit`. A disk's own
+/// thread holds its lock while a request is in the backend; when the
+/// backend stalls (an image on a hung NFS mount), the control plane must
+/// answer rather than wait with it.
+fn lock_within<T: ?Sized>(device: &Mutex<T>, limit: Duration) -> Option<MutexGuard<'_, T>> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match device.try_lock() {
+            Ok(guard) => return Some(guard),
+            Err(TryLockError::Poisoned(poisoned)) => return Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(TryLockError::WouldBlock) => return None,
+        }
+    }
 }
 
 fn invalid(message: impl Into<String>) -> ControlError {
@@ -215,6 +237,15 @@ impl Vmm {
             )));
         }
         Ok(())
+    }
+
+    /// The running VM's controller, for an embedder that reaches past the
+    /// API (a device's backend or counters); `None` before `InstanceStart`.
+    pub fn vm_controller(&self) -> Option<&VmController> {
+        match &self.phase {
+            Phase::Started { controller, .. } => Some(controller),
+            Phase::NotStarted => None,
+        }
     }
 
     fn controller(&self, what: &str) -> Result<&VmController> {
@@ -412,7 +443,13 @@ impl Vmm {
             ),
             None => None,
         };
-        let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(mut device) = lock_within(&device, BUSY_DRIVE_WAIT) else {
+            return Err(wrong_state(format!(
+                "drives/{path_id}: the drive is busy: a request has been in its backend for over {} s \
+                 (a stalled image?); nothing was changed, try again",
+                BUSY_DRIVE_WAIT.as_secs()
+            )));
+        };
         if let Some(backend) = backend {
             device.replace_backend(backend);
         }
