@@ -17,9 +17,10 @@
 //! 3. resolves the Debian package versions of the guest (`apt-cache
 //!    policy`) after that refresh, and keys the guest cache by them;
 //! 4. finds the guest cached or builds it ([`guest`]);
-//! 5. runs `cargo test --workspace` with the guest's paths in
-//!    `KEEL_GUEST_*` and `KEEL_REQUIRE_LINUX=1`, so the Linux end-to-end
-//!    tests cannot be skipped.
+//! 5. runs `cargo test --workspace --no-fail-fast` with the guest's paths
+//!    in `KEEL_GUEST_*` and `KEEL_REQUIRE_LINUX=1`, so the Linux end-to-end
+//!    tests cannot be skipped, and a failing test binary does not hide the
+//!    results of the ones after it (one run shows every failure).
 //!
 //! `--no-linux` skips steps 3–4 and the Linux tests' tools; `-- ARGS` go to
 //! `cargo test` (with `-p`, only the packages named).
@@ -282,14 +283,19 @@ pub fn test_env_var(name: &str) -> Option<&'static str> {
 
 /// The arguments of the `cargo test` that `cargo xtask test -- ARGS` runs:
 /// the whole workspace, unless ARGS pick packages (`cargo test --workspace
-/// -p X` would still test every package).
+/// -p X` would still test every package), and every test binary even after
+/// one fails (`--no-fail-fast`, unless ARGS have it already).
 pub fn cargo_test_args(args: &[String]) -> Vec<String> {
-    let picks_packages = args.iter().take_while(|a| *a != "--").any(|a| {
+    let cargo_args = || args.iter().take_while(|a| *a != "--");
+    let picks_packages = cargo_args().any(|a| {
         a == "-p" || a == "--package" || a.starts_with("--package=") || (a.starts_with("-p") && a.len() > 2)
     });
     let mut v = vec!["test".to_string()];
     if !picks_packages {
         v.push("--workspace".into());
+    }
+    if !cargo_args().any(|a| a == "--no-fail-fast") {
+        v.push("--no-fail-fast".into());
     }
     v.extend(args.iter().cloned());
     v
@@ -419,17 +425,25 @@ mod tests {
     #[test]
     fn cargo_test_covers_the_workspace_unless_packages_are_picked() {
         let args = |v: &[&str]| cargo_test_args(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
-        assert_eq!(args(&[]), ["test", "--workspace"]);
+        assert_eq!(args(&[]), ["test", "--workspace", "--no-fail-fast"]);
         assert_eq!(
             args(&["--", "--nocapture"]),
-            ["test", "--workspace", "--", "--nocapture"]
+            ["test", "--workspace", "--no-fail-fast", "--", "--nocapture"]
         );
-        assert_eq!(args(&["-p", "xtask"]), ["test", "-p", "xtask"]);
-        assert_eq!(args(&["--", "-p"]), ["test", "--workspace", "--", "-p"]);
-        assert_eq!(args(&["-pkeel"]), ["test", "-pkeel"]);
+        assert_eq!(args(&["-p", "xtask"]), ["test", "--no-fail-fast", "-p", "xtask"]);
+        assert_eq!(
+            args(&["--", "-p"]),
+            ["test", "--workspace", "--no-fail-fast", "--", "-p"]
+        );
+        assert_eq!(args(&["-pkeel"]), ["test", "--no-fail-fast", "-pkeel"]);
         assert_eq!(
             args(&["--package=keel", "--test", "linux_e2e"]),
-            ["test", "--package=keel", "--test", "linux_e2e"]
+            ["test", "--no-fail-fast", "--package=keel", "--test", "linux_e2e"]
+        );
+        // Given already, it is not given twice (cargo refuses a repeat).
+        assert_eq!(
+            args(&["--no-fail-fast"]),
+            ["test", "--workspace", "--no-fail-fast"]
         );
     }
 

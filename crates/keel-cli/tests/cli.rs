@@ -207,8 +207,10 @@ fn a_net_fd_that_is_not_a_tap_is_one_clear_error() {
 fn thread_filters(pid: u32) -> Vec<(String, String)> {
     let mut threads = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let task = task.unwrap().path();
-        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        // A thread that ended since the listing is no longer there to look at.
+        let Ok(status) = task.and_then(|t| std::fs::read_to_string(t.path().join("status"))) else {
+            continue;
+        };
         let field = |name: &str| {
             status
                 .lines()
