@@ -159,8 +159,8 @@ impl Cgroup {
     pub(crate) fn remove(&self) {
         for dir in &self.dirs {
             // A group is removable a moment after its last process is
-            // reaped.
-            for _ in 0..50 {
+            // reaped; on a loaded host that moment can be long. Up to 5 s.
+            for _ in 0..500 {
                 if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
                     break;
                 }
