@@ -518,7 +518,7 @@ fn a_snapshot_taken_over_the_api_continues_in_new_processes_through_the_api_and_
     a.ok(
         "PUT",
         "/boot-source",
-        &format!(r#"{{"kernel_image_path": "keel:built-in-guest", "boot_args": "snapshot-seq steps={STEPS} delay-ms=2"}}"#),
+        &format!(r#"{{"kernel_image_path": "keel:built-in-guest", "boot_args": "snapshot-seq steps={STEPS} delay-ms=5"}}"#),
     );
     a.ok(
         "PUT",
@@ -539,6 +539,14 @@ fn a_snapshot_taken_over_the_api_continues_in_new_processes_through_the_api_and_
         "the VM has not been started",
     );
     a.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let create = format!(
+        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
+        state.display(),
+        memory.display()
+    );
+    a.fault("PUT", "/snapshot/create", Some(&create), "pause it first");
+    // The guest has 260 steps of 5 ms left after step 40: time to pause
+    // it on a loaded host.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&a.stdout)
         .unwrap()
@@ -548,12 +556,6 @@ fn a_snapshot_taken_over_the_api_continues_in_new_processes_through_the_api_and_
         assert!(Instant::now() < deadline, "the guest never reached step 40");
         std::thread::sleep(Duration::from_millis(2));
     }
-    let create = format!(
-        r#"{{"snapshot_type": "Full", "snapshot_path": "{}", "mem_file_path": "{}"}}"#,
-        state.display(),
-        memory.display()
-    );
-    a.fault("PUT", "/snapshot/create", Some(&create), "pause it first");
     a.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     a.fault(
         "PUT",
@@ -658,7 +660,7 @@ fn a_diff_snapshot_over_the_api_merged_with_keel_merge_diff_restores_with_keel_r
     a.ok(
         "PUT",
         "/boot-source",
-        &format!(r#"{{"kernel_image_path": "keel:built-in-guest", "boot_args": "snapshot-seq steps={STEPS} delay-ms=2"}}"#),
+        &format!(r#"{{"kernel_image_path": "keel:built-in-guest", "boot_args": "snapshot-seq steps={STEPS} delay-ms=5"}}"#),
     );
     a.ok(
         "PUT",

@@ -1315,7 +1315,9 @@ fn linux_snapshotted_after_its_devices_probed_continues_in_another_process_to_ru
         "PUT",
         "/boot-source",
         &format!(
-            r#"{{"kernel_image_path": "{}", "boot_args": "{SERIAL_CMDLINE} root=/dev/vda rw rootfstype=ext4 init=/init"}}"#,
+            // rootdelay: between the probe of vda and init, 3 s for the
+            // test to pause it in, where a host runs guest ring 0 natively.
+            r#"{{"kernel_image_path": "{}", "boot_args": "{SERIAL_CMDLINE} root=/dev/vda rw rootfstype=ext4 init=/init rootdelay=3"}}"#,
             guest.vmlinux.display()
         ),
     );

@@ -216,19 +216,33 @@ fn log_level_lets_the_call_through_and_the_kernel_logs_it() {
         assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
     }
     // The kernel's record, where this process may read the kernel log: an
-    // audit line for syscall 41 (socket) from this binary. With an audit
-    // daemon running the record goes to it instead of the kernel log.
+    // audit line for syscall 41 (socket) from this binary. The kernel's
+    // audit thread prints it a moment later. With an audit daemon running
+    // the record goes to it instead of the kernel log.
     if auditd_running() {
         eprintln!("the kernel log check is left out: auditd receives the seccomp records");
-    } else if let Ok(log) = Command::new("dmesg").output() {
-        if log.status.success() {
-            let text = String::from_utf8_lossy(&log.stdout);
-            assert!(
-                text.lines()
-                    .any(|l| l.contains("type=1326") && l.contains(" syscall=41 ")),
-                "no seccomp audit line for socket in the kernel log"
-            );
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let Ok(log) = Command::new("dmesg").output() else {
+            return;
+        };
+        if !log.status.success() {
+            return; // This process may not read the kernel log.
         }
+        let text = String::from_utf8_lossy(&log.stdout);
+        if text
+            .lines()
+            .any(|l| l.contains("type=1326") && l.contains(" syscall=41 "))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no seccomp audit line for socket in the kernel log"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
     }
 }
 

@@ -48,7 +48,8 @@ fn steps(text: &str) -> Vec<u64> {
 const STEPS: u64 = 300;
 
 fn seq_config(disk: &Path, irqchip: IrqchipChoice) -> VmConfig {
-    seq_config_of(disk, irqchip, STEPS, 2)
+    // 260 steps of 5 ms after step 40: time to pause it on a loaded host.
+    seq_config_of(disk, irqchip, STEPS, 5)
 }
 
 fn seq_config_of(disk: &Path, irqchip: IrqchipChoice, steps: u64, delay_ms: u64) -> VmConfig {
@@ -73,6 +74,11 @@ fn disk(dir: &Path) -> PathBuf {
 /// Runs the sequence, snapshots it after `seq: step 40` (paused mid-run,
 /// a disk write likely in flight), stops it; returns its output.
 fn run_and_snapshot(config: VmConfig, dir: &Path) -> String {
+    run_and_snapshot_at(config, dir, 40)
+}
+
+/// [`run_and_snapshot`] after `seq: step {step}`.
+fn run_and_snapshot_at(config: VmConfig, dir: &Path, step: u64) -> String {
     let serial = Serial::default();
     let handle = VmBuilder::new(config)
         .unwrap()
@@ -81,7 +87,7 @@ fn run_and_snapshot(config: VmConfig, dir: &Path) -> String {
         .unwrap()
         .start()
         .unwrap();
-    wait_for_text(&serial, "seq: step 40\n");
+    wait_for_text(&serial, &format!("seq: step {step}\n"));
     handle.pause().unwrap();
     let info = handle.controller().snapshot_to_dir(dir).unwrap();
     assert!(info.state_bytes > 0);
@@ -389,13 +395,19 @@ fn fifty_clones_of_one_snapshot_run_at_once_each_on_its_own_overlay() {
         return;
     }
     const CLONES: usize = 50;
-    const CLONE_STEPS: u64 = 60;
+    // Snapshotted after step 10, the original has 89 steps of 3 ms left:
+    // time to pause it on a loaded host, and little for 50 clones to spin.
+    const CLONE_STEPS: u64 = 100;
     let dir = temp_dir("clones");
     let base = disk(&dir);
     let snap = dir.join("snap");
     // The original writes the base image up to the snapshot, then stops:
     // the base is the disk as the snapshot saw it.
-    run_and_snapshot(seq_config_of(&base, IrqchipChoice::Split, CLONE_STEPS, 1), &snap);
+    run_and_snapshot_at(
+        seq_config_of(&base, IrqchipChoice::Split, CLONE_STEPS, 3),
+        &snap,
+        10,
+    );
     let base_before = std::fs::read(&base).unwrap();
     let snapshot = Snapshot::load_dir(&snap).unwrap();
     let started = Instant::now();

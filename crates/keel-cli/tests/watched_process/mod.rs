@@ -161,8 +161,8 @@ impl WatchedProcess {
                 .try_wait()
                 .map_err(|e| p.failure(&format!("cannot be waited for ({e})")))?;
             if exited.is_some() {
-                p.stdout.drain(Duration::from_secs(2));
-                p.stderr.drain(Duration::from_secs(2));
+                p.stdout.drain(Duration::from_secs(10));
+                p.stderr.drain(Duration::from_secs(10));
             }
             let found = match ready {
                 Ready::StdoutPrefix(prefix) => p
@@ -191,8 +191,8 @@ impl WatchedProcess {
             if start.elapsed() > within {
                 let _ = p.child.kill();
                 let _ = p.child.wait();
-                p.stdout.drain(Duration::from_secs(2));
-                p.stderr.drain(Duration::from_secs(2));
+                p.stdout.drain(Duration::from_secs(10));
+                p.stderr.drain(Duration::from_secs(10));
                 return Err(p.failure(&format!(
                     "was not ready within {within:?} (waiting for {waiting_for}); killed"
                 )));
@@ -218,8 +218,8 @@ impl WatchedProcess {
             (None, _) => Ok(()),
             (Some(s), Lifetime::ExitsZeroWhenDone) if s.success() => Ok(()),
             (Some(s), _) => {
-                self.stdout.drain(Duration::from_secs(2));
-                self.stderr.drain(Duration::from_secs(2));
+                self.stdout.drain(Duration::from_secs(10));
+                self.stderr.drain(Duration::from_secs(10));
                 Err(self.failure(&format!("exited ({s}) while the test still needed it")))
             }
         }
@@ -240,8 +240,8 @@ impl WatchedProcess {
                 }
             }
         };
-        self.stdout.drain(Duration::from_secs(2));
-        self.stderr.drain(Duration::from_secs(2));
+        self.stdout.drain(Duration::from_secs(10));
+        self.stderr.drain(Duration::from_secs(10));
         ProcessEnd {
             code,
             stdout: self.stdout.text(),

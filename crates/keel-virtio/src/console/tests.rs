@@ -389,7 +389,7 @@ fn a_client_that_stops_reading_loses_output_instead_of_stalling_the_vm() {
     for _ in 0..64 {
         backend.write_output(&chunk).unwrap();
     }
-    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(start.elapsed() < Duration::from_secs(4));
 }
 
 #[test]
@@ -518,7 +518,7 @@ fn repeated_heads_of_huge_chains_cost_at_most_the_request_cap_each_and_a_pass_ca
         last = output.bytes();
         assert!(pass <= MAX_OUTPUT_PASS_BYTES, "{pass} bytes in one pass");
         assert!(
-            started.elapsed() < Duration::from_secs(1),
+            started.elapsed() < Duration::from_secs(4),
             "a pass held the device for {:?}",
             started.elapsed()
         );
@@ -544,6 +544,9 @@ fn an_output_limit_paces_a_flooding_guest_by_its_timer_without_polling() {
     let mem = memory().unwrap();
     // 1 MiB/s with 256 KiB bursts.
     let limit = BucketConfig::new(256 * 1024, 250);
+    // The bucket starts filling when the device is made: the setup's own
+    // event-loop pass may already send some of it.
+    let limited_since = std::time::Instant::now();
     let (console, output, tx_notify, mut event_loop) = amplification_guest(&mem, Some(limit));
     tx_notify.write(1).unwrap();
     let started = std::time::Instant::now();
@@ -554,9 +557,10 @@ fn an_output_limit_paces_a_flooding_guest_by_its_timer_without_polling() {
         event_loop.run_with_timeout(50).unwrap();
         rounds += 1;
     }
-    let elapsed = started.elapsed().as_secs_f64();
+    let elapsed = limited_since.elapsed().as_secs_f64();
     let bytes = output.bytes() as f64;
-    // The burst (256 KiB) plus 1 MiB/s, and one request of slack.
+    // The burst (256 KiB) plus 1 MiB/s since the bucket began, and one
+    // request of slack.
     let allowed = 256.0 * 1024.0 + elapsed * 1024.0 * 1024.0 + MAX_OUTPUT_REQUEST_BYTES as f64;
     assert!(
         bytes <= allowed,

@@ -2,7 +2,7 @@
 
 use std::sync::mpsc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use event_manager::{EventManager, SubscriberOps};
 use keel_irq::RecordingLine;
@@ -788,12 +788,18 @@ fn reset_mid_io_waits_for_the_request_in_flight_and_starts_no_other() {
     entered_rx.recv_timeout(Duration::from_secs(10)).unwrap();
 
     // A vCPU resets the device while the first write is in the backend.
+    let stop = transport.lock().unwrap().state.stop.clone();
     let vcpu_transport = transport.clone();
     let reset_thread = thread::spawn(move || {
         write(&mut vcpu_transport.lock().unwrap(), reg::STATUS, 0);
     });
-    // Wait until the vCPU is inside the transport, waiting for the device.
-    while transport.try_lock().is_ok() {
+    // Wait until the reset has asked the device to stop and waits for it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stop.is_raised() {
+        assert!(
+            Instant::now() < deadline,
+            "the reset never raised the stop signal"
+        );
         thread::sleep(Duration::from_millis(1));
     }
     thread::sleep(Duration::from_millis(50));

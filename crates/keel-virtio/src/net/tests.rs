@@ -796,7 +796,7 @@ fn rx_with_a_driver_racing_its_available_index_never_holds_the_device() {
         h.rx_notify.write(1).unwrap();
         h.event_loop.run_with_timeout(10).unwrap();
         assert!(
-            pass.elapsed() < std::time::Duration::from_secs(1),
+            pass.elapsed() < std::time::Duration::from_secs(4),
             "one rx pass held the device for {:?}",
             pass.elapsed()
         );
@@ -882,7 +882,8 @@ mod rate_limiting {
             .update_tx_rate_limiter(BucketUpdate::Keep, BucketUpdate::Disable);
         let waited = run_until(&mut h, |h| h.tx.used().len() == 4);
         assert_eq!(h.backend.sent().len(), 4);
-        assert!(waited < Duration::from_secs(1), "the update woke the device");
+        // Not woken, the frames would wait for the old 60 s refill.
+        assert!(waited < Duration::from_secs(4), "the update woke the device");
     }
 
     #[test]
@@ -941,7 +942,7 @@ mod rate_limiting {
             .unwrap()
             .update_rx_rate_limiter(BucketUpdate::Keep, BucketUpdate::Disable);
         let waited = run_until(&mut h, |h| h.rx.used().len() == 2);
-        assert!(waited < Duration::from_secs(1), "{waited:?}");
+        assert!(waited < Duration::from_secs(4), "{waited:?}");
         let net = h.net.lock().unwrap();
         assert!(!net.rx_rate_limiter().is_limiting());
         assert!(net.is_watching_backend());
