@@ -829,6 +829,59 @@ fn reset_mid_io_waits_for_the_request_in_flight_and_starts_no_other() {
 }
 
 #[test]
+fn a_driver_reads_the_capacity_while_a_request_is_stuck_in_the_backend() {
+    let mem = crate::guest_driver::memory().unwrap();
+    let mut driver = DriverQueue::new(&mem, 16).unwrap();
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel();
+    let disk = GatedDisk {
+        disk: MemoryBackend::new(64 * 1024),
+        entered: entered_tx,
+        release: release_rx,
+        writes: Arc::new(Mutex::new(0)),
+    };
+    let block = Arc::new(Mutex::new(Block::new(disk, BlockOptions::default()).unwrap()));
+    let transport = Arc::new(Mutex::new(
+        MmioTransport::new(block.clone(), mem.clone(), Arc::new(RecordingLine::new()), SLOT).unwrap(),
+    ));
+    let mut event_loop = EventManager::new().unwrap();
+    event_loop.add_subscriber(block);
+    activate_block(&mut transport.lock().unwrap(), &driver);
+    event_loop.run_with_timeout(100).unwrap();
+    add_write(&mem, &mut driver, 0, 0);
+    write(&mut transport.lock().unwrap(), reg::QUEUE_NOTIFY, 0);
+
+    // The event loop serves the write and stops inside the backend, holding
+    // the device's lock.
+    let io_thread = thread::spawn(move || {
+        event_loop.run_with_timeout(1000).unwrap();
+    });
+    entered_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    // A vCPU reading the capacity (config offset 0) gets it now, not when
+    // the backend returns.
+    let (read_tx, read_rx) = mpsc::channel();
+    let vcpu_transport = transport.clone();
+    let reader = thread::spawn(move || {
+        let mut capacity = [0u8; 8];
+        vcpu_transport
+            .lock()
+            .unwrap()
+            .mmio_read(MmioAddress(SLOT.base), CONFIG_SPACE_OFFSET, &mut capacity);
+        let _ = read_tx.send(u64::from_le_bytes(capacity));
+    });
+    let capacity = read_rx.recv_timeout(Duration::from_secs(5));
+    release_tx.send(()).unwrap();
+    io_thread.join().unwrap();
+    reader.join().unwrap();
+    assert_eq!(
+        capacity,
+        Ok(64 * 1024 / 512),
+        "the config read waited for the stuck request"
+    );
+    assert_eq!(driver.used().len(), 1, "the write completed once released");
+}
+
+#[test]
 fn reset_before_the_event_loop_runs_drops_pending_requests() {
     let mem = crate::guest_driver::memory().unwrap();
     let mut driver = DriverQueue::new(&mem, 16).unwrap();
