@@ -188,18 +188,18 @@ impl<B: BlockBackend> Block<B> {
 
         // `size` is at least 4 (checked above).
         let seg_max = u32::from(size).saturating_sub(2);
-        let mut config = [0u8; CONFIG_SPACE_SIZE];
-        put(&mut config, 0, &capacity_sectors.to_le_bytes());
-        put(&mut config, 8, &options.max_segment_size.to_le_bytes());
-        put(&mut config, 12, &seg_max.to_le_bytes());
-        put(&mut config, 20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
-        put(&mut config, 34, &1u16.to_le_bytes()); // num_queues
-        put(&mut config, 36, &MAX_DISCARD_SECTORS.to_le_bytes());
-        put(&mut config, 40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
-        put(&mut config, 44, &DISCARD_SECTOR_ALIGNMENT.to_le_bytes());
-        put(&mut config, 48, &MAX_DISCARD_SECTORS.to_le_bytes());
-        put(&mut config, 52, &MAX_DISCARD_SEGMENTS.to_le_bytes());
-        config[56] = 1; // write_zeroes_may_unmap
+        let config = SharedConfig::new(vec![0; CONFIG_SPACE_SIZE]);
+        config.write(0, &capacity_sectors.to_le_bytes());
+        config.write(8, &options.max_segment_size.to_le_bytes());
+        config.write(12, &seg_max.to_le_bytes());
+        config.write(20, &(SECTOR_SIZE as u32).to_le_bytes()); // blk_size
+        config.write(34, &1u16.to_le_bytes()); // num_queues
+        config.write(36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        config.write(40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        config.write(44, &DISCARD_SECTOR_ALIGNMENT.to_le_bytes());
+        config.write(48, &MAX_DISCARD_SECTORS.to_le_bytes());
+        config.write(52, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        config.write(56, &[1]); // write_zeroes_may_unmap
 
         Ok(Self {
             disk: Disk {
@@ -214,7 +214,7 @@ impl<B: BlockBackend> Block<B> {
             activation: ActivationState::new("virtio-blk")?,
             features,
             queue_sizes: [size],
-            config: SharedConfig::new(config.to_vec()),
+            config,
             limiter: RateLimiter::unlimited().map_err(Error::CreateEventFd)?,
             throttled: 0,
         })
@@ -324,17 +324,6 @@ fn transfer_len(mem: &GuestMemoryMmap, buffers: &RequestBuffers) -> u64 {
 
 /// The header after its 4-byte request type.
 const HEADER_REST: u64 = (HEADER_SIZE - 4) as u64;
-
-/// Writes `bytes` at `offset` of the configuration space; `new` calls it
-/// with constant offsets inside the space.
-fn put(config: &mut [u8], offset: usize, bytes: &[u8]) {
-    let field = config
-        .get_mut(offset..)
-        .and_then(|rest| rest.get_mut(..bytes.len()));
-    if let Some(field) = field {
-        field.copy_from_slice(bytes);
-    }
-}
 
 impl<B: BlockBackend> VirtioDevice for Block<B> {
     fn device_type(&self) -> u32 {
