@@ -358,9 +358,7 @@ impl SnapshotParts {
             record,
         })
     }
-}
 
-impl SnapshotParts {
     /// Writes the snapshot of a paused VM whose vCPU threads saved
     /// `vcpus`: the memory file (all of it, or for a diff the pages
     /// written since the last snapshot), then the state file, each
@@ -417,8 +415,8 @@ impl SnapshotParts {
 /// place, after checking that the VM has the same devices in the same
 /// places; a PCI function's BARs are then routed where the guest had them.
 pub(crate) fn restore_virtio(
-    transports: &[(String, crate::snapshot::WiredTransport)],
-    saved: &[crate::snapshot::SavedVirtioDevice],
+    transports: &[(String, WiredTransport)],
+    saved: &[SavedVirtioDevice],
     pci_bus: &keel_pci::PciBus,
 ) -> Result<()> {
     if transports.len() != saved.len() {
